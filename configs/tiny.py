@@ -1,0 +1,110 @@
+"""The tiny byte-level MoE that drives `moeqjax demo` and the tests (2-core CPU, minutes).
+
+Launch:  moeqjax demo --config configs/tiny.py --workdir ./moeqjax_runs/demo
+Override any field:  --config.pretrain.steps=100 --config.model.dispatch=dense
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=256,  # byte-level tokens
+      d_model=64,  # residual width D
+      num_layers=2,
+      num_heads=4,  # query heads
+      num_kv_heads=2,  # grouped-query attention
+      head_dim=16,
+      d_ff=128,  # hidden size F of each routed expert
+      num_experts=8,  # E
+      top_k=2,  # k experts per token
+      norm_topk_prob=True,  # renormalise top-k gates (Mixtral style)
+      shared_d_ff=0,  # no shared expert
+      shared_expert_gate=False,
+      rope_theta=10000.0,
+      norm_eps=1e-6,
+      qk_norm="none",
+      attn_bias=False,
+      clip_qkv=0.0,
+      tie_embeddings=False,
+      dispatch="ragged",  # dropless grouped matmul (jax.lax.ragged_dot); "dense" is the oracle
+      max_seq_len=128,
+      dtype="float32",
+      param_dtype="float32",
+  ))
+
+  c.quant = ml_collections.ConfigDict(dict(
+      expert_code=1,  # default expert code in QAT: 1 ternary, 2/3/4/8 intN
+      attn_code=0,  # attention stays full precision
+      shared_code=0,
+      router_code=0,  # the router stays full precision
+      lm_head_code=0,
+      act_bits=0,  # weights only
+      granularity="channel",  # one scale per output channel of each expert matrix
+      group_size=32,
+      symmetric=True,
+      ternary_method="absmean",  # BitNet b1.58
+      learn_clip=False,
+      ternary_packing="2bit",
+      scale_bytes=2,  # fp16 scales
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      path="",  # "" = the embedded Python-stdlib corpus; or a text file, folder or .jsonl
+      valid_fraction=0.05,  # share of files (or records) held out for evaluation
+      text_field="text",  # field read from .jsonl records
+  ))
+
+  # Full-precision pretraining of the teacher.
+  c.pretrain = ml_collections.ConfigDict(dict(
+      steps=300,
+      batch_size=16,
+      seq_len=64,
+      learning_rate=3e-3,
+      warmup_steps=30,
+      end_lr_fraction=0.1,
+      weight_decay=0.1,
+      grad_clip=1.0,
+      seed=0,
+      log_every=10,
+      ckpt_every=100,
+  ))
+
+  # Quantization-aware fine-tuning from the pretrained model (student = teacher at step 0).
+  c.qat = ml_collections.ConfigDict(dict(
+      steps=120,
+      batch_size=16,
+      seq_len=64,
+      learning_rate=1e-3,
+      warmup_steps=10,
+      end_lr_fraction=0.1,
+      weight_decay=0.0,
+      grad_clip=1.0,
+      seed=1,
+      log_every=10,
+      ckpt_every=60,
+  ))
+
+  # The joint QAT objective (METHODS.md section 3); a zero weight switches a term off.
+  c.loss = ml_collections.ConfigDict(dict(
+      task=1.0,  # next-token cross-entropy
+      rec=1.0,  # MSE of each MoE block output vs the teacher
+      kd=1.0,  # KL of final logits vs the teacher
+      value=0.1,  # KL of router distributions (routing value alignment)
+      struct=0.1,  # top-k boundary hinge (routing structure alignment)
+      lb=0.01,  # load balancing
+      z=0.001,  # router z-loss
+      kd_temperature=1.0,
+      value_temperature=1.0,
+      struct_margin=0.5,
+      struct_rank_weight=0.0,
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      seq_len=128,  # window length for held-out bits per byte
+      num_windows=64,  # windows spread evenly over the validation split
+      batch_size=16,
+  ))
+  return c

@@ -1,0 +1,1 @@
+"""moeqjax: quantization-aware fine-tuning of MoE language models in JAX."""

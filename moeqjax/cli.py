@@ -1,0 +1,160 @@
+"""The `moeqjax` command line: thin subcommands over the library."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+
+DEFAULT_WORKDIRS = {"demo": "./moeqjax_runs/demo", "pretrain": "./moeqjax_runs/pretrain",
+                    "qat": "./moeqjax_runs/qat", "eval": None}
+
+
+class UserError(Exception):
+  """Bad input from the user: printed as one line, no traceback."""
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="moeqjax",
+      description="Quantization-aware fine-tuning of MoE language models (ternary / low-bit).",
+      epilog="Any config field can be overridden with --config.<section>.<key>=<value>.")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  def common(p, workdir_help):
+    p.add_argument("--config", default=None, help="configs/<name>.py (default: configs/tiny.py)")
+    p.add_argument("--workdir", default=None, help=workdir_help)
+    p.add_argument("--data", default=None,
+                   help="text file, folder of text files, or .jsonl with a 'text' field "
+                        "(default: the embedded Python-stdlib corpus)")
+
+  p = sub.add_parser("demo", help="pretrain, quantize (RTN and QAT), evaluate, write a report")
+  common(p, f"output folder (default {DEFAULT_WORKDIRS['demo']})")
+
+  p = sub.add_parser("pretrain", help="train the full-precision model (the teacher)")
+  common(p, f"output folder (default {DEFAULT_WORKDIRS['pretrain']})")
+  p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+
+  p = sub.add_parser("qat", help="quantization-aware fine-tuning from a pretrained teacher")
+  common(p, f"output folder (default {DEFAULT_WORKDIRS['qat']})")
+  p.add_argument("--teacher", required=True, help="workdir of a finished `moeqjax pretrain`")
+  p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+
+  p = sub.add_parser("eval", help="evaluate a QAT run against its full-precision teacher")
+  common(p, "workdir of a finished `moeqjax qat`")
+  p.add_argument("--teacher", required=True, help="workdir of the teacher's `moeqjax pretrain`")
+  return parser
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+  rest, overrides = [], {}
+  it = iter(argv)
+  for arg in it:
+    if arg.startswith("--config."):
+      key, eq, value = arg[len("--config."):].partition("=")
+      if not eq:
+        value = next(it, None)
+        if value is None:
+          raise UserError(f"{arg} needs a value: --config.{key}=<value>")
+      overrides[key] = value
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+def _writable_workdir(path: str) -> pathlib.Path:
+  workdir = pathlib.Path(path)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create --workdir {workdir}: {e.strerror}; choose a writable folder")
+  if not os.access(workdir, os.W_OK):
+    raise UserError(f"--workdir {workdir} is not writable; choose a writable folder")
+  return workdir
+
+
+def _finished_pretrain_params(config, teacher_dir: pathlib.Path):
+  from moeqjax import runs
+  import jax
+  from moeqjax import config_io
+  from moeqjax.model import init_model
+  from moeqjax.train import create_state, make_optimizer
+  cfg = config_io.model_config(config)
+  loop, optim = config_io.phase_configs(config.pretrain, "pretrain")
+  if not (teacher_dir / "ckpt").is_dir():
+    raise UserError(f"--teacher {teacher_dir} has no checkpoint; run `moeqjax pretrain "
+                    f"--workdir {teacher_dir}` first")
+  tx = make_optimizer(optim)
+  template = jax.eval_shape(
+      lambda: create_state(init_model(cfg, jax.random.key(0))[1], tx, cfg.num_layers))
+  state = runs.finished_state(teacher_dir, template, loop.steps)
+  if state is None:
+    raise UserError(f"--teacher {teacher_dir} has not finished its {loop.steps} pretraining "
+                    f"steps; finish it with `moeqjax pretrain --workdir {teacher_dir} --resume`")
+  return state.params
+
+
+def run(argv: list[str]) -> int:
+  argv, overrides = _split_overrides(argv)
+  args = _parser().parse_args(argv)
+  # Heavy imports after argument parsing so that --help is instant.
+  from moeqjax import config_io, runs
+  config = config_io.load_config(args.config)
+  if args.data is not None:
+    overrides["data.path"] = args.data
+  config_io.apply_overrides(config, overrides)
+  config_io.model_config(config)  # validate the model section before any work
+  workdir = _writable_workdir(args.workdir or DEFAULT_WORKDIRS[args.command] or ".")
+
+  if args.command == "demo":
+    from moeqjax.demo import run_demo
+    metrics = run_demo(config, workdir)
+    _print_summary(metrics, workdir)
+  elif args.command == "pretrain":
+    corpus = runs.load_data(config)
+    state = runs.pretrain(config, workdir, corpus, resume=args.resume)
+    print(f"pretrained {int(state.step)} steps; checkpoint in {workdir / 'ckpt'}")
+  elif args.command == "qat":
+    params = _finished_pretrain_params(config, pathlib.Path(args.teacher))
+    corpus = runs.load_data(config)
+    state = runs.qat(config, workdir, corpus, params, expert_codes_LxE=None, resume=args.resume)
+    print(f"QAT finished at step {int(state.step)}; checkpoint in {workdir / 'ckpt'}")
+  elif args.command == "eval":
+    from moeqjax.evaluate_run import evaluate_qat_run
+    metrics = evaluate_qat_run(config, workdir, _finished_pretrain_params(
+        config, pathlib.Path(args.teacher)))
+    _print_summary({"variants": metrics, "unit": "token"}, workdir)
+  return 0
+
+
+def _print_summary(metrics: dict, workdir: pathlib.Path):
+  unit = metrics.get("unit", "token")
+  print(f"\n{'variant':16s} {'bits/' + unit:>12s} {'expert b/w':>10s} {'top-k agree':>11s} "
+        f"{'top-1 agree':>11s}")
+  for name, r in metrics["variants"].items():
+    print(f"{name:16s} {r['bits_per_token']:12.4f} {r['expert_bits_per_weight']:10.3f} "
+          f"{r['topk_agree']:11.3f} {r['top1_agree']:11.3f}")
+  print(f"\nresults in {workdir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+  from moeqjax.config_io import ConfigError
+  from moeqjax.data import DataError
+  from moeqjax.train import TrainingStopped
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    return run(argv)
+  except (UserError, ConfigError, DataError) as e:
+    print(f"moeqjax: error: {e}", file=sys.stderr)
+    return 2
+  except TrainingStopped as e:
+    print(f"moeqjax: {e}", file=sys.stderr)
+    return 130 if "SIG" in str(e) else 1
+  except KeyboardInterrupt:
+    print("moeqjax: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

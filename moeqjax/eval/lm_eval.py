@@ -1,0 +1,59 @@
+"""Held-out loss (bits per token/byte) and routing decisions over fixed evaluation windows."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moeqjax.model import ModelConfig, MoETransformer, forward_with_aux
+from moeqjax.objectives import token_nll
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_fn(cfg: ModelConfig):
+  """One compiled eval function per model config; the variables are arguments, so every
+  variant (full precision or any bit allocation) of a config reuses it."""
+  model = MoETransformer(cfg)
+
+  @jax.jit
+  def fn(variables, batch):
+    logits, aux = forward_with_aux(model, variables, batch[:, :-1])
+    return jnp.sum(token_nll(logits, batch[:, 1:]), axis=1), aux["expert_idx"]
+
+  return fn
+
+
+def evaluate_lm(cfg: ModelConfig, variables: dict, windows_NxS1: np.ndarray,
+                batch_size: int) -> dict:
+  """Scores next-token prediction on fixed windows.
+
+  Args:
+    cfg: the model config.
+    variables: {"params": ...} (full precision) or with "quant" codes (fake-quantized).
+    windows_NxS1: token windows [N, S+1]; a last partial batch is padded, and the padding
+      rows are dropped from every result.
+    batch_size: windows per forward pass.
+
+  Returns:
+    {"nll": nats per token, "bits_per_token": nll / ln 2, "tokens": count,
+     "expert_idx": np.ndarray [L, N*S, K] routing decisions in window order}.
+  """
+  fn = _eval_fn(cfg)
+  n, seq = windows_NxS1.shape[0], windows_NxS1.shape[1] - 1
+  total, idx_parts = 0.0, []
+  for start in range(0, n, batch_size):
+    batch = windows_NxS1[start:start + batch_size]
+    real = batch.shape[0]
+    if real < batch_size:  # pad to keep one compiled shape
+      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
+    nll_B, idx = fn(variables, jnp.asarray(batch))
+    total += float(np.sum(np.asarray(nll_B)[:real]))
+    idx_parts.append(np.asarray(idx)[:, :real * seq])
+  tokens = n * seq
+  nll = total / tokens
+  return {"nll": nll, "bits_per_token": nll / math.log(2), "tokens": tokens,
+          "expert_idx": np.concatenate(idx_parts, axis=1)}

@@ -1,0 +1,48 @@
+"""Routing consistency against the full-precision model, and expert load."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _membership(idx_LxTxK: np.ndarray, num_experts: int) -> np.ndarray:
+  """[L, T, E] 0/1: whether each expert is in the token's top-k set."""
+  member = np.zeros(idx_LxTxK.shape[:2] + (num_experts,), dtype=np.int32)
+  np.put_along_axis(member, idx_LxTxK, 1, axis=-1)
+  return member
+
+
+def routing_agreement(ref_idx_LxTxK: np.ndarray, idx_LxTxK: np.ndarray, num_experts: int) -> dict:
+  """Per-layer agreement of a model's routing with the reference (full-precision) routing.
+
+  Expert ids must be ordered by gate, as lax.top_k returns them, so column 0 is top-1.
+
+  Returns:
+    {"topk_agree": [L], "top1_agree": [L], "changed_frac": [L]}: the mean over tokens of
+    |T_k ∩ T̂_k| / k, of [top-1 equal], and of [T̂_k != T_k].
+  """
+  ref_idx_LxTxK, idx_LxTxK = np.asarray(ref_idx_LxTxK), np.asarray(idx_LxTxK)
+  if ref_idx_LxTxK.shape != idx_LxTxK.shape:
+    raise ValueError(f"routing shapes differ: {ref_idx_LxTxK.shape} vs {idx_LxTxK.shape}")
+  k = ref_idx_LxTxK.shape[-1]
+  overlap_LxT = np.sum(_membership(ref_idx_LxTxK, num_experts) *
+                       _membership(idx_LxTxK, num_experts), axis=-1)
+  return {
+      "topk_agree": np.mean(overlap_LxT / k, axis=1),
+      "top1_agree": np.mean(ref_idx_LxTxK[..., 0] == idx_LxTxK[..., 0], axis=1),
+      "changed_frac": np.mean(overlap_LxT < k, axis=1),
+  }
+
+
+def expert_load(idx_LxTxK: np.ndarray, num_experts: int) -> np.ndarray:
+  """Fraction of top-k assignments each expert receives, [L, E] (rows sum to 1)."""
+  counts = np.sum(_membership(np.asarray(idx_LxTxK), num_experts), axis=1).astype(np.float64)
+  return counts / counts.sum(axis=-1, keepdims=True)
+
+
+def load_drift_kl(ref_load_LxE: np.ndarray, load_LxE: np.ndarray, eps: float = 1e-9) -> np.ndarray:
+  """KL(ref load || load) per layer, in nats; eps keeps empty experts finite."""
+  p = np.asarray(ref_load_LxE) + eps
+  q = np.asarray(load_LxE) + eps
+  p, q = p / p.sum(-1, keepdims=True), q / q.sum(-1, keepdims=True)
+  return np.sum(p * np.log(p / q), axis=-1)

@@ -1,0 +1,56 @@
+"""Evaluates model variants side by side against the full-precision reference."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moeqjax.eval.lm_eval import evaluate_lm
+from moeqjax.eval.memory_report import model_memory
+from moeqjax.eval.routing_metrics import expert_load, load_drift_kl, routing_agreement
+from moeqjax.model import ModelConfig
+
+REFERENCE = "full_precision"
+
+
+def evaluate_variants(cfg: ModelConfig, variants: dict, windows_NxS1: np.ndarray,
+                      batch_size: int) -> dict:
+  """Held-out loss, routing consistency, expert load and true memory of every variant.
+
+  Args:
+    cfg: the model config shared by all variants.
+    variants: name -> variables ({"params"} or {"params", "quant"}); must contain
+      "full_precision", the routing reference.
+    windows_NxS1: evaluation windows.
+    batch_size: windows per forward pass.
+
+  Returns:
+    name -> metrics dict (floats and per-layer lists; JSON-ready).
+  """
+  if REFERENCE not in variants:
+    raise ValueError(f"variants must include {REFERENCE!r} as the routing reference")
+  order = [REFERENCE] + [n for n in variants if n != REFERENCE]
+  raw = {name: evaluate_lm(cfg, variants[name], windows_NxS1, batch_size) for name in order}
+  ref_idx = raw[REFERENCE]["expert_idx"]
+  ref_load = expert_load(ref_idx, cfg.num_experts)
+  results = {}
+  for name in order:
+    ev = raw[name]
+    agree = routing_agreement(ref_idx, ev["expert_idx"], cfg.num_experts)
+    load = expert_load(ev["expert_idx"], cfg.num_experts)
+    variables = variants[name]
+    memory = model_memory(cfg, variables["params"], variables.get("quant"))
+    results[name] = {
+        "nll": ev["nll"],
+        "bits_per_token": ev["bits_per_token"],
+        "eval_tokens": ev["tokens"],
+        "topk_agree": float(np.mean(agree["topk_agree"])),
+        "top1_agree": float(np.mean(agree["top1_agree"])),
+        "changed_frac": float(np.mean(agree["changed_frac"])),
+        "topk_agree_per_layer": agree["topk_agree"].tolist(),
+        "top1_agree_per_layer": agree["top1_agree"].tolist(),
+        "changed_frac_per_layer": agree["changed_frac"].tolist(),
+        "load_kl": float(np.mean(load_drift_kl(ref_load, load))),
+        "expert_load": load.tolist(),
+        **memory,
+    }
+  return results

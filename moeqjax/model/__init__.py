@@ -1,0 +1,8 @@
+"""Flax linen MoE language model: config, layers, routing, experts and the transformer."""
+
+from moeqjax.model.config import ModelConfig, QuantRules
+from moeqjax.model.transformer import (AUX_KEYS, MoETransformer, forward_with_aux, init_model,
+                                       param_axes, routing_aux)
+
+__all__ = ["ModelConfig", "QuantRules", "MoETransformer", "AUX_KEYS", "forward_with_aux",
+           "init_model", "param_axes", "routing_aux"]

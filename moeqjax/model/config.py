@@ -1,0 +1,118 @@
+"""Model and quantization-rule configuration dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+
+# One-letter dims used in tensor names across the package:
+#   B batch, S sequence, T tokens (B*S flattened), D d_model, F expert hidden,
+#   E experts, K top-k, V vocab, H query heads, G kv heads, A head_dim, L layers.
+
+QK_NORM_CHOICES = ("none", "head", "full")
+DISPATCH_CHOICES = ("ragged", "dense")
+DTYPE_CHOICES = ("float32", "bfloat16")
+EXPERT_CODE_CHOICES = (1, 2, 3, 4, 8)
+OPTIONAL_CODE_CHOICES = (0, 1, 2, 3, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRules:
+  """What is quantized and how. Codes: 0 full precision, 1 ternary, 2/3/4/8 intN.
+
+  The codes here are the *defaults* written into the `quant` variable collection at init.
+  The collection holds the live codes as traced int32 arrays, so an allocation changes
+  them without a recompile. A rule of 0 means the tensor never gets a quantizer at all.
+  """
+
+  expert_code: int = 4  # default code of every routed expert (experts are always quantized)
+  attn_code: int = 0  # q/k/v/o projections; 0 keeps attention full precision
+  shared_code: int = 0  # shared expert(s); 0 keeps them full precision
+  router_code: int = 0  # router stays full precision by default (routing decisions are fragile)
+  lm_head_code: int = 0  # output projection; embeddings and norms are never quantized
+  act_bits: int = 0  # 0 = weights only; 8 = W*A8 (int8 absmax per token on quantized matmul inputs)
+  granularity: str = "channel"  # "tensor" | "channel" | "group"
+  group_size: int = 32  # input weights per scale when granularity == "group"
+  symmetric: bool = True  # False adds a zero point per group (intN only)
+  ternary_method: str = "absmean"  # "absmean" (BitNet b1.58) | "twn"
+  learn_clip: bool = False  # learnable clipping ratio per expert output channel (intN only)
+  ternary_packing: str = "2bit"  # storage of ternary weights: "2bit" or "base3" (1.6 bits)
+  scale_bytes: int = 2  # bytes per stored scale (fp16)
+
+  def __post_init__(self):
+    if self.expert_code not in EXPERT_CODE_CHOICES:
+      raise ValueError(
+          f"quant.expert_code={self.expert_code} is unsupported; choose from {EXPERT_CODE_CHOICES}"
+          " (1 = ternary)")
+    for name in ("attn_code", "shared_code", "router_code", "lm_head_code"):
+      code = getattr(self, name)
+      if code not in OPTIONAL_CODE_CHOICES:
+        raise ValueError(
+            f"quant.{name}={code} is unsupported; choose from {OPTIONAL_CODE_CHOICES}"
+            " (0 = full precision, 1 = ternary)")
+    if self.act_bits not in (0, 8):
+      raise ValueError(f"quant.act_bits={self.act_bits} is unsupported; use 0 (off) or 8")
+
+  def spec(self):
+    """The array-level quantizer spec (moeqjax.quant.QuantSpec) for these rules."""
+    from moeqjax.quant import QuantSpec  # local: keeps config importable without jax
+    return QuantSpec(
+        granularity=self.granularity,
+        group_size=self.group_size,
+        symmetric=self.symmetric,
+        ternary_method=self.ternary_method,
+        learn_clip=self.learn_clip,
+        ternary_packing=self.ternary_packing,
+        scale_bytes=self.scale_bytes,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only MoE transformer. Family differences are fields, never name checks."""
+
+  vocab_size: int = 256
+  d_model: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2  # grouped-query attention; must divide num_heads
+  head_dim: int = 16
+  d_ff: int = 128  # hidden size of one routed expert
+  num_experts: int = 8
+  top_k: int = 2
+  norm_topk_prob: bool = True  # renormalise the top-k gates to sum to 1 (Mixtral: True, OLMoE: False)
+  shared_d_ff: int = 0  # hidden size of the shared expert(s), 0 = none (Qwen2-MoE uses one)
+  shared_expert_gate: bool = False  # sigmoid gate on the shared expert output (Qwen2-MoE)
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  qk_norm: str = "none"  # "none" | "head" (RMSNorm per head, Qwen3) | "full" (over all heads, OLMoE)
+  attn_bias: bool = False  # bias on q/k/v projections (Qwen2)
+  clip_qkv: float = 0.0  # clamp q/k/v projections to [-c, c] when > 0 (OLMoE option)
+  tie_embeddings: bool = False
+  dispatch: str = "ragged"  # "ragged" (dropless grouped matmul) | "dense" (masked, test oracle)
+  max_seq_len: int = 128
+  dtype: str = "float32"  # activation dtype
+  param_dtype: str = "float32"
+  quant: QuantRules = dataclasses.field(default_factory=QuantRules)
+
+  def __post_init__(self):
+    if self.top_k < 1 or self.top_k > self.num_experts:
+      raise ValueError(
+          f"model.top_k={self.top_k} must be between 1 and model.num_experts={self.num_experts}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
+    if self.qk_norm not in QK_NORM_CHOICES:
+      raise ValueError(f"model.qk_norm={self.qk_norm!r}; choose from {QK_NORM_CHOICES}")
+    if self.dispatch not in DISPATCH_CHOICES:
+      raise ValueError(f"model.dispatch={self.dispatch!r}; choose from {DISPATCH_CHOICES}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPE_CHOICES:
+        raise ValueError(f"model.{name}={getattr(self, name)!r}; choose from {DTYPE_CHOICES}")
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "num_experts"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)

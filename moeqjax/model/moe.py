@@ -1,0 +1,102 @@
+"""The MoE feed-forward block: linear router, top-k gating, SwiGLU experts, optional shared expert."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moeqjax import quant as q
+from moeqjax.model.config import ModelConfig
+from moeqjax.model.dispatch import DISPATCH, swiglu
+from moeqjax.model.layers import QDense, maybe_quant_act, quant_codes
+from moeqjax.model.routing import load_balance_loss, router_z_loss, topk_gates
+
+_expert_init = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+
+class SharedExpert(nn.Module):
+  """A dense SwiGLU FFN every token passes through, optionally scaled by a sigmoid gate."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_TxD):
+    cfg, rules = self.cfg, self.cfg.quant
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+    def dense(name, feats, axes):
+      return QDense(feats, axes, rules, rules.shared_code, dtype=dtype, param_dtype=pdtype,
+                    name=name)
+
+    h = swiglu(dense("gate_proj", cfg.shared_d_ff, ("embed", "mlp"))(x_TxD),
+               dense("up_proj", cfg.shared_d_ff, ("embed", "mlp"))(x_TxD))
+    y = dense("down_proj", cfg.d_model, ("mlp", "embed"))(h)
+    if cfg.shared_expert_gate:
+      gate = QDense(1, ("embed", None), rules, 0, dtype=dtype, param_dtype=pdtype,
+                    name="gate")(x_TxD)
+      y = jax.nn.sigmoid(gate.astype(jnp.float32)).astype(y.dtype) * y
+    return y
+
+
+class MoE(nn.Module):
+  """Routed experts stacked as w_in/w_gate [E, D, F] and w_out [E, F, D].
+
+  Returns the block output and a dict of routing tensors (router logits, expert ids,
+  gates, auxiliary losses) that the objectives and router statistics consume.
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxSxD):
+    cfg, rules = self.cfg, self.cfg.quant
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    b, s, d = x_BxSxD.shape
+    e, f = cfg.num_experts, cfg.d_ff
+    x_TxD = x_BxSxD.reshape(b * s, d)
+
+    logits_TxE = QDense(e, ("embed", "expert"), rules, rules.router_code, dtype=jnp.float32,
+                        param_dtype=pdtype, name="router")(x_TxD)
+    probs_TxE, gates_TxK, idx_TxK = topk_gates(logits_TxE, cfg.top_k, cfg.norm_topk_prob)
+
+    def expert_param(name, shape, axes):
+      return self.param(name, nn.with_logical_partitioning(_expert_init, axes), shape, pdtype)
+
+    w_in = expert_param("w_in", (e, d, f), ("expert", "embed", "mlp"))
+    w_gate = expert_param("w_gate", (e, d, f), ("expert", "embed", "mlp"))
+    w_out = expert_param("w_out", (e, f, d), ("expert", "mlp", "embed"))
+
+    codes_E = quant_codes(self, "expert_bits",
+                          lambda: jnp.full((e,), rules.expert_code, jnp.int32))
+    x_in = x_TxD
+    if codes_E is not None:
+      clip = self._clip_ratios(e, d, f, pdtype) if rules.learn_clip else (None, None, None)
+      spec = rules.spec()
+      w_in = q.fake_quant(w_in, codes_E, spec, clip[0])
+      w_gate = q.fake_quant(w_gate, codes_E, spec, clip[1])
+      w_out = q.fake_quant(w_out, codes_E, spec, clip[2])
+      x_in = maybe_quant_act(x_TxD, rules, codes_E)
+
+    y_TxD = DISPATCH[cfg.dispatch](x_in.astype(dtype), w_in.astype(dtype), w_gate.astype(dtype),
+                                   w_out.astype(dtype), gates_TxK, idx_TxK)
+    if cfg.shared_d_ff:
+      y_TxD = y_TxD + SharedExpert(cfg, name="shared_expert")(x_TxD)
+
+    y_BxSxD = y_TxD.reshape(b, s, d).astype(dtype)
+    aux = {
+        "router_logits": logits_TxE,
+        "expert_idx": idx_TxK,
+        "gates": gates_TxK,
+        "lb_loss": load_balance_loss(probs_TxE, idx_TxK),
+        "z_loss": router_z_loss(logits_TxE),
+        "moe_out": y_BxSxD,
+    }
+    return y_BxSxD, aux
+
+  def _clip_ratios(self, e, d, f, pdtype):
+    """Learnable clipping ratios, one per expert output channel, initialised at 1 (no clip)."""
+    def ratio(name, shape):
+      return self.param(name, nn.initializers.ones, shape, pdtype)
+    return (ratio("w_in_clip", (e, 1, f)), ratio("w_gate_clip", (e, 1, f)),
+            ratio("w_out_clip", (e, 1, d)))

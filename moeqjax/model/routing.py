@@ -1,0 +1,44 @@
+"""Top-k gating from router logits, and the router's auxiliary losses."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def topk_gates(logits_TxE: jax.Array, top_k: int, norm_topk_prob: bool):
+  """Softmax over experts, then the top-k experts per token.
+
+  Mixtral's "top-k on logits, then softmax over the k" equals softmax-then-top-k with
+  renormalisation, so one rule with a flag covers Mixtral, Qwen-MoE, OLMoE and Switch (k=1).
+
+  Args:
+    logits_TxE: router logits.
+    top_k: experts per token.
+    norm_topk_prob: renormalise the k gate values to sum to one.
+
+  Returns:
+    (probs_TxE, gates_TxK, idx_TxK): full routing probabilities, gate weights and expert ids.
+  """
+  probs = jax.nn.softmax(logits_TxE.astype(jnp.float32), axis=-1)
+  gates, idx = jax.lax.top_k(probs, top_k)
+  if norm_topk_prob:
+    gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+  return probs, gates, idx
+
+
+def load_balance_loss(probs_TxE: jax.Array, idx_TxK: jax.Array) -> jax.Array:
+  """Switch-Transformer balance loss E * sum_s f_s * P_s (1.0 when perfectly balanced).
+
+  f_s is the fraction of the T*k assignments that went to expert s, P_s the mean
+  routing probability of s.
+  """
+  num_experts = probs_TxE.shape[-1]
+  counts = jnp.sum(jax.nn.one_hot(idx_TxK, num_experts, dtype=jnp.float32), axis=(0, 1))
+  frac = counts / idx_TxK.size
+  return num_experts * jnp.sum(frac * jnp.mean(probs_TxE, axis=0))
+
+
+def router_z_loss(logits_TxE: jax.Array) -> jax.Array:
+  """ST-MoE router z-loss: mean squared log-partition of the router logits."""
+  return jnp.mean(jnp.square(jax.nn.logsumexp(logits_TxE.astype(jnp.float32), axis=-1)))

@@ -1,0 +1,98 @@
+"""The decoder-only MoE language model."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moeqjax.model.attention import Attention
+from moeqjax.model.config import ModelConfig
+from moeqjax.model.layers import QDense, RMSNorm
+from moeqjax.model.moe import MoE
+
+# Routing tensors every forward pass sows into the `intermediates` collection, stacked over layers.
+AUX_KEYS = ("router_logits", "expert_idx", "gates", "lb_loss", "z_loss", "moe_out")
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: attention then MoE FFN."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxSxD, positions_BxS):
+    cfg = self.cfg
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    h = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=pdtype, name="attn_norm")(x_BxSxD)
+    x_BxSxD = x_BxSxD + Attention(cfg, name="attn")(h, positions_BxS)
+    h = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=pdtype, name="mlp_norm")(x_BxSxD)
+    y, aux = MoE(cfg, name="moe")(h)
+    return x_BxSxD + y, aux
+
+
+class MoETransformer(nn.Module):
+  """tokens [B, S] -> logits [B, S, V] (float32).
+
+  Apply with `{"params": p}` for full precision, or `{"params": p, "quant": codes}` for the
+  fake-quantized student. Pass `mutable=["intermediates"]` to also get the per-layer routing
+  tensors (see AUX_KEYS), each stacked over layers as [L, ...].
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxS, positions_BxS=None):
+    cfg = self.cfg
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    if positions_BxS is None:
+      positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
+    embedding_VxD = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.d_model), pdtype)
+    x = jnp.take(embedding_VxD, tokens_BxS, axis=0).astype(dtype)
+    per_layer = []
+    for i in range(cfg.num_layers):
+      x, aux = Block(cfg, name=f"layers_{i}")(x, positions_BxS)
+      per_layer.append(aux)
+    x = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
+    if cfg.tie_embeddings:
+      logits = jnp.dot(x, embedding_VxD.T.astype(dtype))
+    else:
+      logits = QDense(cfg.vocab_size, ("embed", "vocab"), cfg.quant, cfg.quant.lm_head_code,
+                      dtype=dtype, param_dtype=pdtype, name="lm_head")(x)
+    for key in AUX_KEYS:
+      self.sow("intermediates", key, jnp.stack([a[key] for a in per_layer]))
+    return logits.astype(jnp.float32)
+
+
+def routing_aux(intermediates) -> dict:
+  """Unpacks sown routing tensors: {key: array stacked over layers [L, ...]}."""
+  return {key: intermediates[key][0] for key in AUX_KEYS}
+
+
+def forward_with_aux(model: MoETransformer, variables, tokens_BxS):
+  """Logits and routing tensors in one pass: (logits [B, S, V], aux dict)."""
+  logits, state = model.apply(variables, tokens_BxS, mutable=["intermediates"])
+  return logits, routing_aux(state["intermediates"])
+
+
+def init_model(cfg: ModelConfig, rng: jax.Array):
+  """Initialises parameters and default quant codes.
+
+  Returns:
+    (model, params, quant): unboxed params and the `quant` collection (bit codes as
+    int32 arrays, mirroring the module tree).
+  """
+  model = MoETransformer(cfg)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  variables = model.init(rng, tokens)
+  variables = nn.meta.unbox(variables)
+  return model, variables["params"], variables["quant"]
+
+
+def param_axes(cfg: ModelConfig):
+  """Logical axis names of every parameter (a pytree of PartitionSpec of logical names)."""
+  model = MoETransformer(cfg)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  return nn.get_partition_spec(abstract)["params"]

@@ -1,0 +1,167 @@
+"""Training phases as library calls: full-precision pretraining and QAT from a pretrained teacher."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from moeqjax import config_io
+from moeqjax.data import TextCorpus, load_corpus
+from moeqjax.model import MoETransformer, init_model
+from moeqjax.objectives import LossWeights
+from moeqjax.quant import validate_codes
+from moeqjax.train import (Checkpointer, TrainState, create_state, jit_train_step, make_optimizer,
+                           run_training)
+
+_CONFIG_RECORD = "config.json"
+
+
+class StaleWorkdir(config_io.ConfigError):
+  """A workdir made with a different config than the one now given."""
+
+
+def load_data(config) -> TextCorpus:
+  return load_corpus(config.data.path or None, config.data.valid_fraction,
+                     config.data.text_field)
+
+
+def record_config(workdir: pathlib.Path, section: dict):
+  """Writes the config a phase ran with, or checks it matches the one recorded before."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / _CONFIG_RECORD
+  text = json.dumps(section, indent=2, sort_keys=True, default=str)
+  if path.exists():
+    before = json.loads(path.read_text())
+    now = json.loads(text)
+    if before != now:
+      changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+      raise StaleWorkdir(
+          f"{workdir} was made with a different config (sections differ: {', '.join(changed)}); "
+          "choose another --workdir or delete this one")
+    return
+  path.write_text(text + "\n")
+
+
+def finished_state(workdir: pathlib.Path, template: TrainState, steps: int):
+  """The final state of a phase that already ran to `steps`, or None."""
+  ckpt = Checkpointer(workdir / "ckpt", every=0)
+  try:
+    if ckpt.latest_step() == steps:
+      return ckpt.restore(template, steps)
+    return None
+  finally:
+    ckpt.close()
+
+
+def pretrain(config, workdir: str | pathlib.Path, corpus: TextCorpus, *,
+             resume: bool) -> TrainState:
+  """Trains the full-precision model (the teacher); reuses a finished run in `workdir`."""
+  workdir = pathlib.Path(workdir)
+  cfg = config_io.model_config(config)
+  loop, optim = config_io.phase_configs(config.pretrain, "pretrain")
+  record_config(workdir, {k: config[k].to_dict() for k in ("model", "data", "pretrain")})
+  model, params, _ = init_model(cfg, jax.random.key(loop.seed))
+  tx = make_optimizer(optim)
+  state = create_state(params, tx, cfg.num_layers)
+  done = finished_state(workdir, state, loop.steps)
+  if done is not None:
+    return done
+  step_fn = jit_train_step(model, tx, LossWeights(rec=0, kd=0, value=0, struct=0,
+                                                  lb=config.loss.lb, z=config.loss.z))
+  return run_training(state, step_fn, corpus.train, loop, workdir, resume=resume,
+                      desc="pretrain")
+
+
+def qat(config, workdir: str | pathlib.Path, corpus: TextCorpus, teacher_params, *,
+        expert_codes_LxE: np.ndarray | None, resume: bool) -> TrainState:
+  """Quantization-aware fine-tuning of a student initialised from `teacher_params`.
+
+  Args:
+    config: the experiment ConfigDict (model, quant, qat, loss sections are used).
+    workdir: this run's folder (checkpoints, metrics.jsonl, config.json).
+    corpus: the data; QAT trains on corpus.train.
+    teacher_params: the frozen full-precision params (also the student's starting point).
+    expert_codes_LxE: per-layer, per-expert bit codes; None uses quant.expert_code everywhere.
+    resume: continue a killed run from its latest checkpoint.
+
+  Returns:
+    The final state; its `quant` holds the codes and `params` the fine-tuned student.
+  """
+  workdir = pathlib.Path(workdir)
+  cfg = config_io.model_config(config)
+  loop, optim = config_io.phase_configs(config.qat, "qat")
+  weights = config_io.loss_weights(config)
+  record = {k: config[k].to_dict() for k in ("model", "quant", "data", "qat", "loss")}
+  record["expert_codes"] = None if expert_codes_LxE is None else np.asarray(expert_codes_LxE).tolist()
+  record_config(workdir, record)
+  model = MoETransformer(cfg)
+  quant = default_quant(cfg)
+  if expert_codes_LxE is not None:
+    quant = set_expert_codes(quant, expert_codes_LxE)
+  tx = make_optimizer(optim)
+  student = jax.tree.map(jnp.copy, teacher_params)  # separate buffers: the state is donated
+  state = create_state(student, tx, cfg.num_layers, quant=quant,
+                       teacher_params=jax.tree.map(jnp.copy, teacher_params))
+  done = finished_state(workdir, state, loop.steps)
+  if done is not None:
+    return done
+  step_fn = jit_train_step(model, tx, weights)
+  return run_training(state, step_fn, corpus.train, loop, workdir, resume=resume,
+                      desc=f"qat {workdir.name}")
+
+
+def default_quant(cfg):
+  """The `quant` collection with every code at the rules' defaults (no params allocated)."""
+  model = MoETransformer(cfg)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  shapes = nn.meta.unbox(abstract)["quant"]
+  return _fill_codes(shapes, cfg.quant)
+
+
+def _fill_codes(shapes, rules):
+  # The collection mirrors the module tree; leaf names tell which rule a code belongs to.
+
+  def fill(path, leaf):
+    names = [p.key for p in path]
+    if names[-1] == "expert_bits":
+      code = rules.expert_code
+    elif "attn" in names:
+      code = rules.attn_code
+    elif "shared_expert" in names:
+      code = rules.shared_code
+    elif "router" in names:
+      code = rules.router_code
+    elif "lm_head" in names:
+      code = rules.lm_head_code
+    else:
+      raise ValueError(f"no quantization rule for {'/'.join(names)}")
+    return jnp.full(leaf.shape, code, jnp.int32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def expert_codes(quant, num_layers: int) -> np.ndarray:
+  """The expert bit codes [L, E] held in a `quant` collection."""
+  return np.stack([np.asarray(quant[f"layers_{i}"]["moe"]["expert_bits"])
+                   for i in range(num_layers)])
+
+
+def set_expert_codes(quant, codes_LxE) -> dict:
+  """A copy of `quant` with the expert codes replaced (shapes checked)."""
+  codes_LxE = validate_codes(np.asarray(codes_LxE))
+  num_layers = len([k for k in quant if k.startswith("layers_")])
+  current = expert_codes(quant, num_layers)
+  if codes_LxE.shape != current.shape:
+    raise ValueError(f"allocation has shape {codes_LxE.shape}; this model needs "
+                     f"[num_layers, num_experts] = {list(current.shape)}")
+  new = jax.tree.map(lambda x: x, quant)
+  for i in range(num_layers):
+    new[f"layers_{i}"] = dict(new[f"layers_{i}"])
+    new[f"layers_{i}"]["moe"] = dict(new[f"layers_{i}"]["moe"])
+    new[f"layers_{i}"]["moe"]["expert_bits"] = jnp.asarray(codes_LxE[i], jnp.int32)
+  return new

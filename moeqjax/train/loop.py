@@ -1,0 +1,144 @@
+"""The training loop: deterministic batches, progress bar, JSON-lines metrics, checkpoints, resume, signals."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import signal
+from typing import Callable
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from moeqjax.data import sample_batch
+from moeqjax.train.checkpoint import Checkpointer
+from moeqjax.train.metrics_log import MetricsLog, to_python
+from moeqjax.train.state import TrainState
+
+
+class TrainingStopped(Exception):
+  """A run ended early; the message says where its last checkpoint is."""
+
+
+class NonFiniteLoss(TrainingStopped):
+  pass
+
+
+class Interrupted(TrainingStopped):
+  pass
+
+
+class CheckpointExists(TrainingStopped):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """How long to train and how often to log and checkpoint."""
+
+  steps: int
+  batch_size: int
+  seq_len: int
+  seed: int  # batches and rngs are functions of (seed, step), so a resumed run matches
+  log_every: int
+  ckpt_every: int  # 0 = only at the end (and on interrupt)
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "seq_len", "log_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+
+class _SignalFlag:
+  """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.received = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop: LoopConfig,
+                 workdir: str | pathlib.Path, *, resume: bool, desc: str,
+                 on_step: Callable[[int, dict], None] | None = None) -> TrainState:
+  """Runs `step_fn` from the state's step (or the latest checkpoint) to `loop.steps`.
+
+  Args:
+    state: the initial state (also the restore template).
+    step_fn: jitted (state, batch, rng) -> (state, metrics).
+    tokens: the training token stream, 1-D.
+    loop: step count, batch shape, seed, logging and checkpoint cadence.
+    workdir: gets `ckpt/` and `metrics.jsonl`.
+    resume: continue from the latest checkpoint in workdir; without it, an existing
+      checkpoint is an error rather than silently overwritten.
+    desc: progress bar label.
+    on_step: called as on_step(step, metrics) after every step (tests, plots).
+
+  Returns:
+    The final state (checkpointed).
+
+  Raises:
+    NonFiniteLoss: the loss became NaN/inf; the last good checkpoint is kept.
+    Interrupted: SIGINT/SIGTERM arrived; a checkpoint of the current step was saved.
+    CheckpointExists: a checkpoint exists and resume is False.
+  """
+  workdir = pathlib.Path(workdir)
+  ckpt = Checkpointer(workdir / "ckpt", loop.ckpt_every)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    if not resume:
+      raise CheckpointExists(
+          f"{workdir} already holds a checkpoint at step {latest}; pass --resume to continue it "
+          "or choose another --workdir")
+    state = ckpt.restore(state, latest)
+  start = int(state.step)
+  log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
+  base_rng = jax.random.key(loop.seed)
+  try:
+    with _SignalFlag() as flag, tqdm(total=loop.steps, initial=start, desc=desc,
+                                     dynamic_ncols=True, leave=True) as bar:
+      for step in range(start, loop.steps):
+        batch = sample_batch(tokens, loop.batch_size, loop.seq_len, loop.seed, step)
+        state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+        metrics = to_python(jax.device_get(metrics))
+        loss = metrics["train/loss"]
+        if not math.isfinite(loss):
+          last = ckpt.latest_step()
+          raise NonFiniteLoss(
+              f"{desc}: loss became {loss} at step {step + 1}; stopped without saving. The last "
+              f"good checkpoint (step {last}) is kept in {ckpt.directory}. Lower the learning "
+              "rate or raise grad_clip, then rerun with --resume.")
+        done = step + 1
+        if done % loop.log_every == 0 or done == loop.steps:
+          log.write(done, metrics)
+        if on_step is not None:
+          on_step(done, metrics)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        bar.update(1)
+        ckpt.save(state)
+        if flag.received:
+          ckpt.save(state, force=True)
+          raise Interrupted(
+              f"{desc}: {flag.received} at step {done}; checkpoint saved in {ckpt.directory}. "
+              "Rerun the same command with --resume to continue.")
+    ckpt.save(state, force=True)
+  finally:
+    ckpt.close()
+  return state

@@ -1,0 +1,46 @@
+"""AdamW with linear warmup, cosine decay and global-norm clipping."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimizer hyper-parameters of one training phase."""
+
+  learning_rate: float  # peak learning rate after warmup
+  warmup_steps: int
+  total_steps: int  # cosine decays over this many steps
+  end_lr_fraction: float  # final lr = learning_rate * end_lr_fraction
+  weight_decay: float  # decoupled, on matrices only (norm scales and biases are not decayed)
+  grad_clip: float  # global-norm clip
+  b1: float = 0.9
+  b2: float = 0.95
+
+  def __post_init__(self):
+    if self.learning_rate <= 0:
+      raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+    if self.total_steps < 1:
+      raise ValueError(f"steps={self.total_steps} must be >= 1")
+    if not 0 <= self.warmup_steps <= self.total_steps:
+      raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.total_steps}]")
+
+
+def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+      decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1),
+      end_value=cfg.learning_rate * cfg.end_lr_fraction)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                  mask=decay_mask),
+  )

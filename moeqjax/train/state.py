@@ -1,0 +1,48 @@
+"""The train state: params, optimizer state, quant codes, frozen teacher and router statistics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from moeqjax.train.router_stats import init_router_stats
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; all of it is checkpointed.
+
+  `quant` and `teacher_params` are None in full-precision training. In QAT, `quant`
+  holds the student's bit codes (traced int32 data, so a new allocation reuses the
+  compiled step) and `teacher_params` the frozen full-precision weights.
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  quant: Any
+  teacher_params: Any
+  stats: dict
+
+
+def create_state(params, tx: optax.GradientTransformation, num_layers: int, quant=None,
+                 teacher_params=None) -> TrainState:
+  """A fresh state at step 0; router statistics start from these params' router norms."""
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      quant=quant,
+      teacher_params=teacher_params,
+      stats=init_router_stats(params, num_layers),
+  )
+
+
+def with_quant(state: TrainState, quant) -> TrainState:
+  """The same state with new bit codes (same shapes and dtypes, so no recompile)."""
+  new = jax.tree.map(lambda old, v: jnp.asarray(v, old.dtype), state.quant, quant)
+  return state.replace(quant=new)

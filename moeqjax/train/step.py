@@ -1,0 +1,57 @@
+"""The one jitted train step, used for full-precision training and for QAT alike."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from moeqjax.model import MoETransformer, forward_with_aux
+from moeqjax.objectives import LossWeights, loss_terms, total_loss
+from moeqjax.train.router_stats import update_router_stats
+from moeqjax.train.state import TrainState
+
+
+def _loss_fn(params, state: TrainState, inputs, targets, model: MoETransformer,
+             weights: LossWeights):
+  variables = {"params": params}
+  if state.quant is not None:
+    variables["quant"] = state.quant
+  logits, aux = forward_with_aux(model, variables, inputs)
+  teacher_logits = teacher_aux = None
+  if state.teacher_params is not None and weights.needs_teacher:
+    teacher = jax.lax.stop_gradient(state.teacher_params)
+    teacher_logits, teacher_aux = forward_with_aux(model, {"params": teacher}, inputs)
+  terms = loss_terms(weights, model.cfg.top_k, logits, aux, targets, teacher_logits, teacher_aux)
+  return total_loss(weights, terms), (terms, aux)
+
+
+def train_step(state: TrainState, batch, rng, *, model: MoETransformer,
+               tx: optax.GradientTransformation, weights: LossWeights):
+  """One optimizer step: (state, batch [B, S+1] int32, rng) -> (state, metrics).
+
+  In QAT the student (params + quant codes) and the frozen teacher run in this same
+  function; router statistics are updated from the gradients and routing already at hand.
+  `rng` is unused by the current model (no dropout) but kept so that the signature is stable.
+  """
+  del rng
+  inputs, targets = batch[:, :-1], batch[:, 1:]
+  grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+  (loss, (terms, aux)), grads = grad_fn(state.params, state, inputs, targets, model, weights)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  stats = update_router_stats(state.stats, grads, aux["expert_idx"], aux["gates"],
+                              model.cfg.num_layers)
+  metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads)}
+  metrics.update({f"train/{name}": value for name, value in terms.items()})
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
+  return new_state, metrics
+
+
+def jit_train_step(model: MoETransformer, tx: optax.GradientTransformation,
+                   weights: LossWeights):
+  """train_step compiled once for this model/optimizer/objective, with the state donated."""
+  return jax.jit(functools.partial(train_step, model=model, tx=tx, weights=weights),
+                 donate_argnums=0)
