@@ -59,7 +59,7 @@ def get_config():
 
   # Full-precision pretraining of the teacher.
   c.pretrain = ml_collections.ConfigDict(dict(
-      steps=300,
+      steps=600,
       batch_size=16,
       seq_len=64,
       learning_rate=3e-3,
@@ -69,12 +69,12 @@ def get_config():
       grad_clip=1.0,
       seed=0,
       log_every=10,
-      ckpt_every=100,
+      ckpt_every=200,
   ))
 
   # Quantization-aware fine-tuning from the pretrained model (student = teacher at step 0).
   c.qat = ml_collections.ConfigDict(dict(
-      steps=120,
+      steps=150,
       batch_size=16,
       seq_len=64,
       learning_rate=1e-3,
@@ -84,7 +84,7 @@ def get_config():
       grad_clip=1.0,
       seed=1,
       log_every=10,
-      ckpt_every=60,
+      ckpt_every=50,
   ))
 
   # The joint QAT objective (METHODS.md section 3); a zero weight switches a term off.

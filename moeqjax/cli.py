@@ -40,11 +40,70 @@ def _parser() -> argparse.ArgumentParser:
   common(p, f"output folder (default {DEFAULT_WORKDIRS['qat']})")
   p.add_argument("--teacher", required=True, help="workdir of a finished `moeqjax pretrain`")
   p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+  p.add_argument("--allocation", default=None,
+                 help="allocation.json from `moeqjax allocate` (default: quant.expert_code everywhere)")
 
   p = sub.add_parser("eval", help="evaluate a QAT run against its full-precision teacher")
   common(p, "workdir of a finished `moeqjax qat`")
   p.add_argument("--teacher", required=True, help="workdir of the teacher's `moeqjax pretrain`")
+
+  p = sub.add_parser("import-hf", help="import a local Hugging Face MoE checkpoint (Mixtral, "
+                     "Qwen2-MoE, Qwen3-MoE, OLMoE) as a teacher folder for `moeqjax qat`")
+  p.add_argument("--hf-dir", required=True, help="folder with config.json and *.safetensors")
+  p.add_argument("--out", required=True, help="output folder: params, config.py, hf_config.json")
+  p.add_argument("--config", default=None,
+                 help="config whose non-model sections (quant, qat, ...) the written config.py "
+                      "starts from (default: configs/tiny.py)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--allow-unknown-config", action="store_true",
+                 help="ignore config.json keys moeqjax does not know (default: error)")
+
+  p = sub.add_parser("export", help="write a QAT student (dequantized) in its HF family layout")
+  p.add_argument("--workdir", required=True,
+                 help="a finished `moeqjax qat` workdir (or an `import-hf` folder)")
+  p.add_argument("--format", default="hf", choices=("hf",))
+  p.add_argument("--out", required=True, help="output folder for config.json + safetensors")
+  p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+  p.add_argument("--hf-config", default=None,
+                 help="the original config.json (or its folder); default: the workdir's "
+                      "hf_config.json, else one built from the model config")
+  p.add_argument("--model-type", default=None,
+                 help="HF family to write (mixtral, qwen2_moe, qwen3_moe, olmoe); default: "
+                      "from --hf-config, else inferred")
+
+  p = sub.add_parser("plan", help="parameter counts, weight bytes and QAT memory, no allocation")
+  p.add_argument("--config", default=None, help="configs/<name>.py (default: configs/tiny.py)")
+
+  from moeqjax.study import commands as study_commands
+  study_commands.add_parsers(sub)
   return parser
+
+
+_NO_CONFIG_COMMANDS = ("import-hf", "export", "plan")
+
+
+def run_convert(args, overrides: dict[str, str]) -> int:
+  """import-hf / export / plan: thin wrappers over moeqjax.convert."""
+  from moeqjax import config_io
+  if args.command == "import-hf":
+    from moeqjax.convert.workdir import import_checkpoint
+    base = config_io.load_config(args.config)
+    config_io.apply_overrides(base, overrides)
+    out = import_checkpoint(args.hf_dir, args.out, base, args.config or "configs/tiny.py",
+                            args.dtype, args.allow_unknown_config)
+    print(f"imported {args.hf_dir} into {out}\nnext: moeqjax qat --config {out}/config.py "
+          f"--teacher {out} --workdir <qat workdir>")
+  elif args.command == "export":
+    from moeqjax.convert.workdir import export_workdir
+    out = export_workdir(args.workdir, args.out, args.dtype, args.hf_config, args.model_type)
+    print(f"exported {args.workdir} as {args.dtype} Hugging Face weights to {out}")
+  elif args.command == "plan":
+    from moeqjax.convert.plan import format_plan, plan
+    config = config_io.load_config(args.config)
+    config_io.apply_overrides(config, overrides)
+    cfg = config_io.model_config(config)
+    print(format_plan(cfg, plan(cfg, config.qat.batch_size, config.qat.seq_len)))
+  return 0
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -81,6 +140,9 @@ def _finished_pretrain_params(config, teacher_dir: pathlib.Path):
   from moeqjax.model import init_model
   from moeqjax.train import create_state, make_optimizer
   cfg = config_io.model_config(config)
+  from moeqjax.convert import workdir as convert_workdir
+  if convert_workdir.is_imported(teacher_dir):  # a folder written by `moeqjax import-hf`
+    return convert_workdir.load_imported_params(teacher_dir, cfg)
   loop, optim = config_io.phase_configs(config.pretrain, "pretrain")
   if not (teacher_dir / "ckpt").is_dir():
     raise UserError(f"--teacher {teacher_dir} has no checkpoint; run `moeqjax pretrain "
@@ -98,6 +160,11 @@ def _finished_pretrain_params(config, teacher_dir: pathlib.Path):
 def run(argv: list[str]) -> int:
   argv, overrides = _split_overrides(argv)
   args = _parser().parse_args(argv)
+  if args.command in _NO_CONFIG_COMMANDS:
+    return run_convert(args, overrides)
+  from moeqjax.study import commands as study_commands
+  if args.command in study_commands.COMMANDS:
+    return study_commands.run_command(args, overrides)
   # Heavy imports after argument parsing so that --help is instant.
   from moeqjax import config_io, runs
   config = config_io.load_config(args.config)
@@ -118,7 +185,16 @@ def run(argv: list[str]) -> int:
   elif args.command == "qat":
     params = _finished_pretrain_params(config, pathlib.Path(args.teacher))
     corpus = runs.load_data(config)
-    state = runs.qat(config, workdir, corpus, params, expert_codes_LxE=None, resume=args.resume)
+    codes = None
+    if args.allocation is not None:
+      from moeqjax.study.allocation import read_allocation
+      cfg = config_io.model_config(config)
+      codes = read_allocation(args.allocation, cfg.num_layers, cfg.num_experts)
+    from moeqjax.study.progressive import realloc_from_config
+    state = runs.qat(config, workdir, corpus, params, expert_codes_LxE=codes, resume=args.resume,
+                     realloc=realloc_from_config(config))
+    from moeqjax.convert import workdir as convert_workdir
+    convert_workdir.keep_hf_config(pathlib.Path(args.teacher), workdir)
     print(f"QAT finished at step {int(state.step)}; checkpoint in {workdir / 'ckpt'}")
   elif args.command == "eval":
     from moeqjax.evaluate_run import evaluate_qat_run
@@ -140,12 +216,13 @@ def _print_summary(metrics: dict, workdir: pathlib.Path):
 
 def main(argv: list[str] | None = None) -> int:
   from moeqjax.config_io import ConfigError
+  from moeqjax.convert.errors import ConvertError
   from moeqjax.data import DataError
   from moeqjax.train import TrainingStopped
   argv = sys.argv[1:] if argv is None else argv
   try:
     return run(argv)
-  except (UserError, ConfigError, DataError) as e:
+  except (UserError, ConfigError, DataError, ConvertError) as e:
     print(f"moeqjax: error: {e}", file=sys.stderr)
     return 2
   except TrainingStopped as e:

@@ -17,6 +17,8 @@ from moeqjax.train.metrics_log import read_metrics
 # keys of metrics.json["variants"] (documented in the README).
 DEMO_VARIANTS = {
     "full_precision": (0, False, "the pretrained model, no quantization (the teacher)"),
+    "fp_continued": (0, True, "control: the same QAT recipe and steps with no quantization "
+                     "(code 0), so extra training is not mistaken for a quantization gain"),
     "rtn_int4": (4, False, "round-to-nearest int4 experts, per-channel scales, no training"),
     "rtn_ternary": (1, False, "round-to-nearest ternary experts (BitNet absmean), no training"),
     "qat_ternary": (1, True, "ternary experts after QAT with the joint objective "
@@ -50,7 +52,7 @@ def run_demo(config, workdir: str | pathlib.Path) -> dict:
       workdir / "pretrain" / "metrics.jsonl")}
   for name, (code, trained, text) in DEMO_VARIANTS.items():
     descriptions[name] = text
-    if code == 0:
+    if not trained and code == 0:
       variants[name] = {"params": params}
     elif not trained:
       variants[name] = {"params": params,
@@ -75,6 +77,9 @@ def run_demo(config, workdir: str | pathlib.Path) -> dict:
       f"Pretraining: {config.pretrain.steps} steps of {config.pretrain.batch_size}x"
       f"{config.pretrain.seq_len} tokens; QAT: {config.qat.steps} steps of "
       f"{config.qat.batch_size}x{config.qat.seq_len} on the same training split.",
+      "QAT continues training on the pretraining data, so compare QAT rows with "
+      "`fp_continued` (same steps, no quantization) to read the cost of quantization alone; "
+      "`full_precision` is the teacher the RTN rows start from.",
       "Reused phases (already finished in this workdir) count ~0 s of wall time.",
   ]
   return write_report(workdir, results, descriptions=descriptions, baseline=baseline,

@@ -8,6 +8,7 @@ from moeqjax.alloc.baselines import random_alloc
 from moeqjax.alloc.baselines import uniform
 from moeqjax.alloc.budget import budget_from_bits
 from moeqjax.alloc.budget import bytes_table
+from moeqjax.alloc.budget import num_expert_weights
 from moeqjax.alloc.paper import NOMINAL_BITS
 from moeqjax.alloc.paper import allocate_by_order
 from moeqjax.alloc.paper import allocate_layers
@@ -41,6 +42,7 @@ __all__ = [
     "mc_moe_importance",
     "mean_bits",
     "neuron_variance",
+    "num_expert_weights",
     "random_alloc",
     "router_norm_change",
     "router_row_norms",

@@ -4,70 +4,60 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from moeqjax.quant import formats
+from moeqjax.quant import memory
 
 
-def _exact_bits(code: int, ternary_packing: str) -> Fraction:
-  # Exact rational bits per weight (1.6 -> 8/5) so that byte counts are exact integers, never a
-  # float that rounds a byte short.
-  return Fraction(formats.storage_bits(code, ternary_packing)).limit_denominator(64)
+def bytes_table(expert_shapes: Mapping[str, Sequence[int]], num_layers: int, num_experts: int,
+                choices: Sequence[int], spec: formats.QuantSpec) -> np.ndarray:
+  """Bytes that one expert takes under each choice, from the same accounting as the memory report.
 
-
-def bytes_table(n_weights_LxE, choices: Sequence[int], group_size: int, scale_bytes: int = 2,
-                ternary_packing: str = "2bit") -> np.ndarray:
-  """Bytes that each expert takes under each choice, scales included.
-
-  A quantized choice stores ceil(n * bits / 8) bytes of packed weights (bits from
-  formats.storage_bits: ternary 2.0 with "2bit", 1.6 with "base3") plus one symmetric scale of
-  `scale_bytes` per `group_size` weights, ceil(n / group_size) * scale_bytes. Full precision (code 0)
-  stores bf16 weights and no scales. Zero points (asymmetric intN) are not counted.
+  Every entry is quant.memory.weight_bytes summed over the expert's tensors (packed values, scales
+  and, for asymmetric intN, zero points), so a budget met here is met in eval's memory numbers.
+  Routed experts share one shape per model, so every [l, e] row is the same.
 
   Args:
-    n_weights_LxE: [L, E] number of weights of each expert (all its matrices together).
+    expert_shapes: weight name (e.g. "w_in", "w_gate", "w_out") -> ONE expert's [in, out] shape.
+    num_layers: L.
+    num_experts: E.
     choices: C bit codes, e.g. (1, 2, 3, 4, 8).
-    group_size: weights per scale; use the input dim for per-channel scales.
-    scale_bytes: bytes per scale, 2 (fp16) or 4 (fp32).
-    ternary_packing: "2bit" or "base3".
+    spec: the quantization spec (granularity, group size, packing, scale bytes, symmetry).
 
   Returns:
     [L, E, C] int64 bytes.
   """
-  n = np.asarray(n_weights_LxE)
-  if n.ndim != 2:
-    raise ValueError(f"n_weights_LxE has shape {n.shape} but must be [L, E]")
-  if n.dtype.kind not in "iu" or np.any(n < 0):
-    raise ValueError(
-        "n_weights_LxE must hold non-negative integer weight counts, e.g. 3 * D * F per expert")
-  if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size <= 0:
-    raise ValueError(f"group_size={group_size!r} must be a positive int, e.g. 32, 64 or 128")
-  if scale_bytes not in formats.SCALE_BYTES:
-    raise ValueError(f"scale_bytes={scale_bytes!r} is unsupported; choose from {formats.SCALE_BYTES}")
+  if not expert_shapes:
+    raise ValueError("expert_shapes is empty; pass e.g. {'w_in': (D, F), 'w_out': (F, D)}")
+  for name, v in (("num_layers", num_layers), ("num_experts", num_experts)):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+      raise ValueError(f"{name}={v!r} must be a non-negative int")
   codes = [int(c) for c in formats.validate_codes(np.asarray(choices)).ravel()]
-  n = n.astype(np.int64)
-  out = np.empty(n.shape + (len(codes),), dtype=np.int64)
-  for c, code in enumerate(codes):
-    bits = _exact_bits(code, ternary_packing)
-    # ceil(n * p / q) in integer arithmetic: -(-a // b).
-    packed = -(-(n * bits.numerator) // (8 * bits.denominator))
-    scales = 0 if code == formats.FP else -(-n // group_size) * scale_bytes
-    out[..., c] = packed + scales
-  return out
+  per_choice = [sum(memory.weight_bytes(shape, code, spec) for shape in expert_shapes.values())
+                for code in codes]
+  return np.tile(np.asarray(per_choice, dtype=np.int64), (num_layers, num_experts, 1))
+
+
+def num_expert_weights(expert_shapes: Mapping[str, Sequence[int]], num_layers: int,
+                       num_experts: int) -> int:
+  """Number of routed-expert weights in the model: L * E * sum of the tensor sizes of one expert."""
+  return num_layers * num_experts * sum(math.prod(shape) for shape in expert_shapes.values())
 
 
 def budget_from_bits(avg_bits: float, n_weights_total) -> int:
   """Converts an average bits-per-weight budget into whole bytes, rounding down.
 
   The bits cover whatever the byte table counts (with bytes_table: packed weights plus scales), so
-  e.g. 2.25 means "2.25 bits per expert weight, scales included".
+  e.g. 2.25 means "2.25 bits per expert weight, scales included", the same quantity as the memory
+  report's bits_per_weight.
 
   Args:
     avg_bits: bits per weight, > 0, e.g. 2.25.
-    n_weights_total: total number of expert weights, an int or an array of counts that is summed
-      (e.g. the [L, E] table passed to bytes_table).
+    n_weights_total: total number of expert weights (see num_expert_weights), an int or an array
+      of counts that is summed.
 
   Returns:
     floor(avg_bits * n_weights_total / 8) bytes, computed exactly from avg_bits' decimal form.

@@ -8,10 +8,13 @@ import pathlib
 from moeqjax.eval import plots
 from moeqjax.eval.variants import REFERENCE
 
+CONTROL = "fp_continued"  # full precision trained as long as the QAT runs (absent: the reference)
+
 # Columns of the report table: (header, metrics key, format).
 TABLE = (
     ("bits/{unit}", "bits_per_token", "{:.4f}"),
     ("Δ vs FP", "delta_vs_fp", "{:+.4f}"),
+    ("Δ vs FP-continued", "delta_vs_fp_continued", "{:+.4f}"),
     ("avg expert bits (codes)", "expert_code_bits", "{:.2f}"),
     ("expert bits/weight (+scales)", "expert_bits_per_weight", "{:.3f}"),
     ("expert weight bytes", "expert_bytes", "{:,}"),
@@ -42,8 +45,10 @@ def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, ba
   plot_dir = workdir / "plots"
   plot_dir.mkdir(parents=True, exist_ok=True)
   ref = results[REFERENCE]["bits_per_token"]
+  control = results.get(CONTROL, results[REFERENCE])["bits_per_token"]
   for r in results.values():
     r["delta_vs_fp"] = r["bits_per_token"] - ref
+    r["delta_vs_fp_continued"] = r["bits_per_token"] - control
   metrics = {
       "unit": unit,
       "unigram_bits_per_token": baseline,

@@ -29,11 +29,11 @@ class Attention(nn.Module):
     q = proj("q_proj", h * a, ("embed", "heads"), cfg.attn_bias)(x_BxSxD)
     k = proj("k_proj", g * a, ("embed", "kv"), cfg.attn_bias)(x_BxSxD)
     v = proj("v_proj", g * a, ("embed", "kv"), cfg.attn_bias)(x_BxSxD)
-    if cfg.clip_qkv > 0:
-      q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
     if cfg.qk_norm == "full":  # OLMoE: one norm over all heads' dims
       q = RMSNorm(cfg.norm_eps, "heads", dtype, pdtype, name="q_norm")(q)
       k = RMSNorm(cfg.norm_eps, "kv", dtype, pdtype, name="k_norm")(k)
+    if cfg.clip_qkv > 0:  # after the full q/k norm, as OLMoE does
+      q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
     q = q.reshape(b, s, h, a)
     k = k.reshape(b, s, g, a)
     v = v.reshape(b, s, g, a)
@@ -44,7 +44,7 @@ class Attention(nn.Module):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = causal_gqa(q, k, v)
     out = out.reshape(b, s, h * a)
-    return proj("o_proj", cfg.d_model, ("heads", "embed"), False)(out)
+    return proj("o_proj", cfg.d_model, ("heads", "embed"), cfg.attn_out_bias)(out)
 
 
 def causal_gqa(q_BxSxHxA, k_BxSxGxA, v_BxSxGxA):

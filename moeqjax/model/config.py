@@ -86,7 +86,8 @@ class ModelConfig:
   norm_eps: float = 1e-6
   qk_norm: str = "none"  # "none" | "head" (RMSNorm per head, Qwen3) | "full" (over all heads, OLMoE)
   attn_bias: bool = False  # bias on q/k/v projections (Qwen2)
-  clip_qkv: float = 0.0  # clamp q/k/v projections to [-c, c] when > 0 (OLMoE option)
+  attn_out_bias: bool = False  # bias on the o projection too (HF `attention_bias` of Qwen3-MoE / OLMoE)
+  clip_qkv: float = 0.0  # clamp q/k/v to [-c, c] when > 0, after a "full" q/k norm (OLMoE option)
   tie_embeddings: bool = False
   dispatch: str = "ragged"  # "ragged" (dropless grouped matmul) | "dense" (masked, test oracle)
   max_seq_len: int = 128

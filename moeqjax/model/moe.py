@@ -97,6 +97,7 @@ class MoE(nn.Module):
   def _clip_ratios(self, e, d, f, pdtype):
     """Learnable clipping ratios, one per expert output channel, initialised at 1 (no clip)."""
     def ratio(name, shape):
-      return self.param(name, nn.initializers.ones, shape, pdtype)
+      # Clamped so that the optimizer cannot push a scale to zero or past the absmax.
+      return jnp.clip(self.param(name, nn.initializers.ones, shape, pdtype), 0.05, 1.0)
     return (ratio("w_in_clip", (e, 1, f)), ratio("w_gate_clip", (e, 1, f)),
             ratio("w_out_clip", (e, 1, d)))

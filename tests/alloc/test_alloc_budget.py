@@ -2,38 +2,36 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from moeqjax.alloc import budget
+from moeqjax.alloc import solver
+from moeqjax.quant import memory
+from moeqjax.quant.formats import QuantSpec
+
+SHAPES = {"w_in": (64, 128), "w_gate": (64, 128), "w_out": (128, 64)}  # 3 * 8192 = 24576 weights
+GROUP64 = QuantSpec(granularity="group", group_size=64)
 
 
 def test_bytes_table_hand_worked():
-  # 1000 weights, group 64 -> ceil(1000 / 64) = 16 fp16 scales = 32 bytes on every quantized choice.
-  #   fp: 2000 bytes (bf16, no scales); ternary "2bit": 250 + 32; int2: 250 + 32; int3: 375 + 32;
-  #   int4: 500 + 32; int8: 1000 + 32.
-  # 1001 weights: packed bytes round up (ceil(2002 / 8) = 251) and still 16 scales.
-  table = budget.bytes_table(np.array([[1000, 1001]]), (0, 1, 2, 3, 4, 8), group_size=64)
-  np.testing.assert_array_equal(table[0, 0], [2000, 282, 282, 407, 532, 1032])
-  np.testing.assert_array_equal(table[0, 1], [2002, 283, 283, 408, 533, 1033])
-  assert table.dtype == np.int64
+  # One expert, group 64: 24576 weights -> 384 fp16 scales = 768 bytes on every quantized choice.
+  #   fp: 2 * 24576 = 49152 (no scales); ternary "2bit": 24576 / 4 = 6144 + 768 = 6912;
+  #   int2 the same; int3: 9216 + 768 = 9984; int4: 12288 + 768 = 13056; int8: 24576 + 768 = 25344.
+  table = budget.bytes_table(SHAPES, 2, 3, (0, 1, 2, 3, 4, 8), GROUP64)
+  assert table.shape == (2, 3, 6) and table.dtype == np.int64
+  np.testing.assert_array_equal(table[1, 2], [49152, 6912, 6912, 9984, 13056, 25344])
+  # base3 packs 5 trits per byte and each tensor is its own stream: 3 * ceil(8192 / 5) = 3 * 1639.
+  base3 = budget.bytes_table(SHAPES, 1, 1, (1,), QuantSpec("group", 64, ternary_packing="base3"))
+  assert int(base3[0, 0, 0]) == 3 * 1639 + 768
 
 
-def test_bytes_table_base3_and_fp32_scales():
-  # base3 packs 5 trits per byte: ceil(1000 / 5) = 200, ceil(1001 / 5) = 201; 8 fp32 scales = 32.
-  table = budget.bytes_table(np.array([[1000], [1001]]), (1,), group_size=128, scale_bytes=4,
-                             ternary_packing="base3")
-  np.testing.assert_array_equal(table[:, 0, 0], [232, 233])
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.integers(0, 10**9), st.sampled_from([1, 2, 3, 4, 8]), st.sampled_from([32, 64, 128]))
-def test_bytes_table_covers_every_bit(n, code, group):
-  got = int(budget.bytes_table(np.array([[n]]), (code,), group_size=group)[0, 0, 0])
-  bits = 2 if code == 1 else code
-  scales = 2 * ((n + group - 1) // group)
-  # Never a byte short of the packed bits, never a whole byte over.
-  assert 8 * (got - scales) >= n * bits > 8 * (got - scales - 1)
+@pytest.mark.parametrize("spec", [GROUP64, QuantSpec(), QuantSpec("group", 32, symmetric=False)])
+def test_bytes_table_agrees_with_memory_report(spec):
+  choices = (0, 1, 2, 3, 4, 8)
+  table = budget.bytes_table(SHAPES, 2, 4, choices, spec)
+  rng = np.random.default_rng(0)
+  codes = rng.choice(choices, size=(2, 4))
+  _, total = solver.allocation_totals(codes, np.zeros(table.shape), table, choices)
+  assert total == memory.expert_bytes(SHAPES, codes, spec)["total_bytes"]
 
 
 def test_budget_from_bits_is_exact_in_decimal():
@@ -44,11 +42,14 @@ def test_budget_from_bits_is_exact_in_decimal():
   assert budget.budget_from_bits(2.0, np.array([[40, 40], [100, 20]])) == 50
 
 
-def test_budget_and_table_agree_on_uniform_allocation():
+def test_budget_matches_memory_bits_per_weight():
   # 2.25 bits per weight with group-64 fp16 scales is exactly int2 plus its scales.
-  n = np.full((2, 4), 64 * 100)
-  table = budget.bytes_table(n, (1, 2, 4), group_size=64)
+  n = budget.num_expert_weights(SHAPES, 2, 4)
+  assert n == 2 * 4 * 24576
+  table = budget.bytes_table(SHAPES, 2, 4, (1, 2, 4), GROUP64)
   assert budget.budget_from_bits(2.25, n) == int(table[..., 1].sum())
+  report = memory.expert_bytes(SHAPES, np.full((2, 4), 2), GROUP64)
+  assert report["bits_per_weight"] == pytest.approx(2.25)
 
 
 def test_budget_inputs_are_checked():
@@ -56,9 +57,9 @@ def test_budget_inputs_are_checked():
     budget.budget_from_bits(0.0, 10)
   with pytest.raises(ValueError, match="non-negative integer"):
     budget.budget_from_bits(2.0, 10.5)
-  with pytest.raises(ValueError, match="group_size"):
-    budget.bytes_table(np.array([[10]]), (2,), group_size=0)
-  with pytest.raises(ValueError, match="scale_bytes"):
-    budget.bytes_table(np.array([[10]]), (2,), group_size=32, scale_bytes=3)
+  with pytest.raises(ValueError, match="expert_shapes is empty"):
+    budget.bytes_table({}, 1, 1, (2,), GROUP64)
+  with pytest.raises(ValueError, match="num_layers"):
+    budget.bytes_table(SHAPES, -1, 1, (2,), GROUP64)
   with pytest.raises(ValueError, match="unsupported bit code 5"):
-    budget.bytes_table(np.array([[10]]), (5,), group_size=32)
+    budget.bytes_table(SHAPES, 1, 1, (5,), GROUP64)

@@ -1,0 +1,102 @@
+"""`moeqjax stats`: the router statistics of a pretrain or QAT workdir as a table and router_stats.json."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+
+from moeqjax import config_io, runs
+from moeqjax.model import init_model
+from moeqjax.study.allocation import expert_stats
+from moeqjax.train import Checkpointer, create_state, make_optimizer
+
+_SECTIONS = ("model", "quant", "data", "pretrain", "qat", "loss")
+COLUMNS = ("lambda", "grad_norm_sum", "grad_norm_ema", "count", "mean_gate", "neuron_variance",
+           "router_norm_start", "router_norm_now")
+
+
+class NoRun(config_io.ConfigError):
+  """The workdir holds no run that can be restored."""
+
+
+def workdir_config(config, workdir: pathlib.Path):
+  """`config` with the sections recorded in workdir/config.json; and the phase, "pretrain" or "qat"."""
+  record_path = workdir / "config.json"
+  if not record_path.is_file() or not (workdir / "ckpt").is_dir():
+    raise NoRun(f"{workdir} holds no pretrain or QAT run (no config.json and ckpt/); pass the "
+                "--workdir of a `moeqjax pretrain` or `moeqjax qat` run")
+  record = json.loads(record_path.read_text())
+  config = ml_collections.ConfigDict(config.to_dict())
+  for name in _SECTIONS:
+    if name in record:
+      config[name] = ml_collections.ConfigDict(record[name])
+  return config, ("qat" if "qat" in record else "pretrain")
+
+
+def restore_latest(config, workdir: str | pathlib.Path):
+  """(config, phase, state) of the latest checkpoint in a pretrain or QAT workdir (finished or not)."""
+  workdir = pathlib.Path(workdir)
+  config, phase = workdir_config(config, workdir)
+  cfg = config_io.model_config(config)
+  _, optim = config_io.phase_configs(config[phase], phase)
+  tx = make_optimizer(optim)
+
+  def build():
+    params = init_model(cfg, jax.random.key(0))[1]
+    if phase == "qat":
+      return create_state(params, tx, cfg.num_layers, quant=runs.default_quant(cfg),
+                          teacher_params=params)
+    return create_state(params, tx, cfg.num_layers)
+
+  ckpt = Checkpointer(workdir / "ckpt", every=0)
+  try:
+    if ckpt.latest_step() is None:
+      raise NoRun(f"{workdir}/ckpt holds no checkpoint yet; let the run save one first")
+    state = ckpt.restore(jax.eval_shape(build))
+  finally:
+    ckpt.close()
+  return config, phase, state
+
+
+def stats_record(config, phase: str, state) -> dict:
+  """JSON-ready per-layer, per-expert statistics ([L][E] lists) of a restored state."""
+  cfg = config_io.model_config(config)
+  s = expert_stats(state.params, state.stats, cfg.num_layers)
+  record = {"phase": phase, "step": int(state.step), "stats_steps": s.pop("steps"),
+            "num_layers": cfg.num_layers, "num_experts": cfg.num_experts,
+            "definitions": {
+                "lambda": "||w_s(T)||_2 - ||w_s(0)||_2 of the router row, 0 = start of this run "
+                          "(smaller = more sensitive, gets more bits)",
+                "grad_norm_sum": "sum over steps of ||dL/dw_s||_2",
+                "grad_norm_ema": "EMA (decay 0.99, no bias correction) of ||dL/dw_s||_2",
+                "count": "top-k assignments of expert s",
+                "mean_gate": "gate_sum / max(count, 1): mean gate weight over routed tokens",
+                "neuron_variance": "V_s = max_i Var_j(W_in[s][j, i])"}}
+  for key, value in s.items():
+    record[key] = np.asarray(value).tolist()
+  if state.quant is not None:
+    record["expert_codes"] = runs.expert_codes(state.quant, cfg.num_layers).tolist()
+  return record
+
+
+def format_table(record: dict) -> str:
+  head = f"{'layer':>5s} {'expert':>6s} " + " ".join(f"{c:>17s}" for c in COLUMNS)
+  lines = [f"{record['phase']} state at step {record['step']} ({record['stats_steps']} steps of "
+           "statistics)", head]
+  for l in range(record["num_layers"]):
+    for e in range(record["num_experts"]):
+      lines.append(f"{l:5d} {e:6d} " + " ".join(f"{record[c][l][e]:17.6g}" for c in COLUMNS))
+  return "\n".join(lines)
+
+
+def write_stats(config, workdir: str | pathlib.Path) -> dict:
+  """Restores the latest state of `workdir`, writes workdir/router_stats.json, returns the record."""
+  workdir = pathlib.Path(workdir)
+  config, phase, state = restore_latest(config, workdir)
+  record = stats_record(config, phase, state)
+  (workdir / "router_stats.json").write_text(json.dumps(record, indent=2) + "\n")
+  return record

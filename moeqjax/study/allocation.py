@@ -1,0 +1,299 @@
+"""Per-expert bit allocation from a train state's router statistics, under a byte budget, to/from allocation.json."""
+
+# Budgets are always enforced in true bytes (quant.memory accounting, scales included), so every method
+# is compared at equal (or, for the exact solvers, at most equal) expert weight bytes.
+#
+# Units of a budget value:
+#   "bits"      average bits per expert weight, scales included (alloc.budget_from_bits);
+#   "code_bits" average stored bits per expert weight, scales excluded (the paper's "bits"); the fixed
+#               per-expert scale bytes are added on top;
+#   "bytes"     total expert weight bytes.
+#
+# Rule-based methods (paper_combined, paper_router, frequency, gate_weight, random) apply the paper's
+# two-level rule in bytes: per layer, the two choices whose all-expert bytes bracket the layer's share of
+# the budget are the levels, and n_high = floor((B_layer - E*bytes_lo) / (bytes_hi - bytes_lo)) experts
+# (the first in the method's order) get the high level. floor (not round) means it never overshoots, and
+# every rule-based method of one budget has exactly the same bytes.
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+
+import jax
+import numpy as np
+
+from moeqjax import alloc, config_io
+from moeqjax.quant import formats, granularity, memory, quantize_dequantize
+
+METHODS = ("paper_combined", "paper_router", "exact", "frequency", "gate_weight", "mc_moe",
+           "uniform", "random")
+BUDGET_UNITS = ("bits", "code_bits", "bytes")
+DEFAULT_CHOICES = (1, 2, 3, 4, 8)
+ZETA = 3.0  # the paper's promotion ratio in the combined order
+_EXPERT_PARAMS = ("w_in", "w_gate", "w_out")
+
+
+class AllocationError(config_io.ConfigError):
+  """An infeasible budget or an unusable allocation; the message says how to fix it."""
+
+
+def expert_shapes(cfg) -> dict:
+  d, f = cfg.d_model, cfg.d_ff
+  return {"w_in": (d, f), "w_gate": (d, f), "w_out": (f, d)}
+
+
+def _scale_bytes_per_expert(cfg) -> int:
+  """Bytes one expert spends on scales; the same for every quantized code (symmetric grids)."""
+  spec = cfg.quant.spec()
+  return sum(granularity.num_groups(s, spec) * spec.scale_bytes for s in expert_shapes(cfg).values())
+
+
+def budget_bytes(cfg, value: float, unit: str) -> int:
+  """A budget in `unit` as whole expert weight bytes (rounded down)."""
+  if unit not in BUDGET_UNITS:
+    raise AllocationError(f"budget unit {unit!r} is unknown; use one of {', '.join(BUDGET_UNITS)}")
+  if not (np.isfinite(value) and value > 0):
+    raise AllocationError(f"budget {value} must be a positive number")
+  shapes = expert_shapes(cfg)
+  n = alloc.num_expert_weights(shapes, cfg.num_layers, cfg.num_experts)
+  if unit == "bytes":
+    return int(math.floor(value))
+  base = alloc.budget_from_bits(value, n)
+  if unit == "code_bits":
+    base += cfg.num_layers * cfg.num_experts * _scale_bytes_per_expert(cfg)
+  return int(base)
+
+
+def bytes_table(cfg, choices=DEFAULT_CHOICES) -> np.ndarray:
+  return alloc.bytes_table(expert_shapes(cfg), cfg.num_layers, cfg.num_experts, choices,
+                           cfg.quant.spec())
+
+
+def achieved(cfg, codes_LxE) -> dict:
+  """Bytes and bits of an allocation, from the memory report's accounting."""
+  mem = memory.expert_bytes(expert_shapes(cfg), np.asarray(codes_LxE), cfg.quant.spec())
+  return {"bytes": mem["total_bytes"], "bits_per_weight": mem["bits_per_weight"],
+          "code_bits": mem["avg_code_bits"]}
+
+
+def expert_stats(params, stats: dict, num_layers: int) -> dict:
+  """Per-layer, per-expert statistics as float64 numpy [L, E] arrays (plus `steps`).
+
+  lambda = ||w_s(now)|| - ||w_s(start)|| (the paper's Lambda, start = the start of the run that
+  collected the statistics), mean_gate = gate_sum / max(count, 1) (mean gate over routed tokens),
+  neuron_variance = V_s of w_in.
+  """
+  stats = jax.device_get(stats)
+  kernels = np.stack([np.asarray(params[f"layers_{i}"]["moe"]["router"]["kernel"])
+                      for i in range(num_layers)])
+  norm_now = alloc.router_row_norms(kernels)
+  w_in = np.stack([np.asarray(params[f"layers_{i}"]["moe"]["w_in"])
+                   for i in range(num_layers)])
+  start = np.asarray(stats["router_norm_start"], np.float64)
+  count = np.asarray(stats["count"], np.float64)
+  return {
+      "lambda": alloc.router_norm_change(start, norm_now),
+      "router_norm_start": start,
+      "router_norm_now": norm_now,
+      "grad_norm_sum": np.asarray(stats["grad_norm_sum"], np.float64),
+      "grad_norm_ema": np.asarray(stats["grad_norm_ema"], np.float64),
+      "count": count,
+      "gate_sum": np.asarray(stats["gate_sum"], np.float64),
+      "mean_gate": np.asarray(stats["gate_sum"], np.float64) / np.maximum(count, 1.0),
+      "neuron_variance": alloc.neuron_variance(w_in),
+      "steps": int(np.asarray(stats["steps"])),
+  }
+
+
+def quant_error_table(params, cfg, choices=DEFAULT_CHOICES) -> np.ndarray:
+  """[L, E, C] relative quantization error of each expert at each choice.
+
+  err = mean over w_in, w_gate, w_out of ||Q(w) - w||_F^2 / ||w||_F^2, with Q the model's own
+  quantize_dequantize (same granularity, ternary method and scales as QAT).
+  """
+  spec = cfg.quant.spec()
+  out = np.zeros((cfg.num_layers, cfg.num_experts, len(choices)))
+  for l in range(cfg.num_layers):
+    experts = params[f"layers_{l}"]["moe"]
+    for c_idx, code in enumerate(choices):
+      codes = np.full((cfg.num_experts,), code, np.int32)
+      errs = []
+      for name in _EXPERT_PARAMS:
+        w = np.asarray(experts[name], np.float32)
+        wq = np.asarray(quantize_dequantize(w, codes, spec))
+        num = np.sum((wq - w) ** 2, axis=(1, 2))
+        errs.append(num / np.maximum(np.sum(w * w, axis=(1, 2)), 1e-30))
+      out[l, :, c_idx] = np.mean(errs, axis=0)
+  return out
+
+
+def lambda_weight(lam_LxE) -> np.ndarray:
+  """Sensitivity weight from Lambda: rank-based per layer, most sensitive (smallest Lambda) = 1,
+  least sensitive = 1/E, linear in between: w = (E - rank) / E, rank 0 = most sensitive."""
+  order = alloc.sensitivity_order(lam_LxE)
+  num_experts = order.shape[1]
+  rank = np.argsort(order, axis=1)
+  return (num_experts - rank) / num_experts
+
+
+def _levels_for(bytes_per_choice: np.ndarray, choices, layer_budget: int, num_experts: int):
+  """(lo_idx, hi_idx, n_high) of the paper's two-level rule in bytes, never above layer_budget."""
+  order = np.argsort(bytes_per_choice, kind="stable")
+  b = bytes_per_choice[order]
+  if num_experts * b[0] > layer_budget:
+    return None
+  if num_experts * b[-1] <= layer_budget:
+    return order[-1], order[-1], num_experts
+  for i in range(len(b) - 1):
+    lo, hi = b[i], b[i + 1]
+    if num_experts * lo <= layer_budget < num_experts * hi:
+      n_high = int((layer_budget - num_experts * lo) // (hi - lo))
+      return order[i], order[i + 1], n_high
+  raise AssertionError("unreachable")
+
+
+def _rule(order_LxE, table_LxExC, choices, budget: int):
+  num_layers, num_experts = order_LxE.shape
+  layer_budget = budget // num_layers
+  codes = np.empty((num_layers, num_experts), np.int32)
+  for l in range(num_layers):
+    lv = _levels_for(table_LxExC[l, 0], choices, layer_budget, num_experts)
+    if lv is None:
+      raise AssertionError("feasibility is checked before")
+    lo, hi, n_high = lv
+    codes[l] = choices[lo]
+    codes[l, order_LxE[l, :n_high]] = choices[hi]
+  return codes
+
+
+@dataclasses.dataclass
+class Allocation:
+  method: str
+  codes_LxE: np.ndarray
+  budget_value: float
+  budget_unit: str
+  budget_bytes: int
+  achieved: dict
+  note: str
+
+  def to_json(self, cfg=None, sensitivity: dict | None = None) -> dict:
+    codes = np.asarray(self.codes_LxE)
+    out = {
+        "method": self.method,
+        "budget": {"value": self.budget_value, "unit": self.budget_unit,
+                   "bytes": self.budget_bytes},
+        "achieved": self.achieved,
+        "within_budget": bool(self.achieved["bytes"] <= self.budget_bytes),
+        "note": self.note,
+        "codes": {str(l): {str(e): int(codes[l, e]) for e in range(codes.shape[1])}
+                  for l in range(codes.shape[0])},
+        "code_names": {str(l): {str(e): formats.code_name(int(codes[l, e]))
+                                for e in range(codes.shape[1])} for l in range(codes.shape[0])},
+        "codes_LxE": codes.tolist(),
+    }
+    if sensitivity is not None:
+      out["sensitivity"] = sensitivity
+    return out
+
+
+def allocate(method: str, cfg, params, stats: dict, budget_value: float, budget_unit: str, *,
+             choices=DEFAULT_CHOICES, seed: int = 0, err_LxExC: np.ndarray | None = None) -> Allocation:
+  """Allocates expert codes with `method` within the budget.
+
+  Args:
+    method: one of METHODS.
+    cfg: the ModelConfig.
+    params: model params (router, w_in for V_s and the quantization errors).
+    stats: the train state's router statistics (`state.stats`).
+    budget_value, budget_unit: the budget, see the module comment.
+    choices: candidate codes (1 = ternary, 2/3/4/8 = intN).
+    seed: for "random".
+    err_LxExC: precomputed quant_error_table(params, cfg, choices) (saves time in loops).
+
+  Returns:
+    The Allocation; its achieved bytes never exceed the budget.
+
+  Raises:
+    AllocationError: unknown method, or a budget below every expert at the cheapest choice.
+  """
+  if method not in METHODS:
+    raise AllocationError(f"allocation method {method!r} is unknown; use one of {', '.join(METHODS)}")
+  choices = tuple(int(c) for c in choices)
+  budget = budget_bytes(cfg, budget_value, budget_unit)
+  table = bytes_table(cfg, choices)
+  num_layers, num_experts = cfg.num_layers, cfg.num_experts
+  cheapest = int(table[..., :].min(axis=-1).sum())
+  if budget < cheapest:
+    lo = choices[int(np.argmin(table[0, 0]))]
+    raise AllocationError(
+        f"budget {budget_value:g} {budget_unit} ({budget} bytes) is infeasible: every expert at "
+        f"{formats.code_name(lo)} already takes {cheapest} bytes "
+        f"({achieved(cfg, np.full((num_layers, num_experts), lo))['code_bits']:.3g} code bits, "
+        f"{8 * cheapest / alloc.num_expert_weights(expert_shapes(cfg), num_layers, num_experts):.3g}"
+        " bits per weight with scales); raise the budget")
+  s = expert_stats(params, stats, num_layers)
+  note = ""
+  if method == "uniform":
+    per = table[0, 0]
+    fits = [i for i in range(len(choices)) if per[i] * num_layers * num_experts <= budget]
+    best = max(fits, key=lambda i: per[i])
+    codes = alloc.uniform(num_layers, num_experts, choices[best])
+    note = "uniform: the largest single code within the budget (fewer bytes than the budget)"
+  elif method in ("exact", "mc_moe"):
+    err = quant_error_table(params, cfg, choices) if err_LxExC is None else err_LxExC
+    if method == "exact":
+      cost = lambda_weight(s["lambda"])[..., None] * err
+      codes = alloc.solve_exact(cost, table, budget, choices)
+      note = ("exact: multiple-choice knapsack, cost = rank weight of Lambda ((E - rank)/E, most "
+              "sensitive = 1) x relative weight MSE of the expert at the choice")
+    else:
+      codes = alloc.mc_moe(s["count"], s["mean_gate"], err, table, budget, choices)
+      note = "mc_moe: frequency^1 x mean gate^1.5 x relative weight MSE, exact integer program"
+  else:
+    if method == "paper_combined":
+      order = alloc.combined_order_layers(s["lambda"], s["neuron_variance"], ZETA)
+    elif method == "paper_router":
+      order = alloc.sensitivity_order(s["lambda"])
+    elif method == "frequency":
+      order = np.argsort(-s["count"], axis=1, kind="stable")
+    elif method == "gate_weight":
+      order = np.argsort(-s["mean_gate"], axis=1, kind="stable")
+    else:  # random
+      rng = np.random.default_rng(seed)
+      order = np.stack([rng.permutation(num_experts) for _ in range(num_layers)])
+    codes = _rule(order, table, choices, budget)
+    note = (f"{method}: paper two-level rule in bytes (levels bracket the budget; n_high rounded "
+            "down, so the rule never exceeds the budget)")
+  codes = np.asarray(codes, np.int32)
+  result = Allocation(method, codes, float(budget_value), budget_unit, budget,
+                      achieved(cfg, codes), note)
+  if result.achieved["bytes"] > budget:
+    raise AssertionError(f"{method} exceeded its budget: {result.achieved['bytes']} > {budget}")
+  return result
+
+
+def write_allocation(path, allocation: Allocation, sensitivity: dict | None = None) -> dict:
+  record = allocation.to_json(sensitivity=sensitivity)
+  pathlib.Path(path).write_text(json.dumps(record, indent=2) + "\n")
+  return record
+
+
+def read_allocation(path, num_layers: int, num_experts: int) -> np.ndarray:
+  """codes [L, E] from an allocation.json (the `codes` layer -> expert -> code mapping)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise AllocationError(f"allocation file {path} does not exist; write one with `moeqjax allocate`")
+  try:
+    record = json.loads(path.read_text())
+    table = record["codes"]
+    codes = np.array([[int(table[str(l)][str(e)]) for e in range(num_experts)]
+                      for l in range(num_layers)], np.int32)
+  except (KeyError, ValueError, TypeError) as e:
+    raise AllocationError(
+        f"{path} is not an allocation for {num_layers} layers x {num_experts} experts ({e!r}); "
+        "write it with `moeqjax allocate` for this model") from None
+  formats.validate_codes(codes)
+  return codes

@@ -1,0 +1,31 @@
+"""Shared tiny shapes for tests (D=16, E=4, k=2)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moeqjax.model import ModelConfig, QuantRules
+
+
+def tiny_model_config(**changes) -> ModelConfig:
+  base = dict(vocab_size=64, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8,
+              d_ff=32, num_experts=4, top_k=2, max_seq_len=32,
+              quant=QuantRules(expert_code=1, granularity="channel"))
+  base.update(changes)
+  return ModelConfig(**base)
+
+
+@pytest.fixture
+def tiny_cfg():
+  return tiny_model_config()
+
+
+@pytest.fixture
+def tokens():
+  return jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, 12)), jnp.int32)
+
+
+@pytest.fixture
+def rng():
+  return jax.random.key(0)
