@@ -63,7 +63,9 @@ def run_demo(config, workdir: str | pathlib.Path) -> dict:
                        expert_codes_LxE=np.full(shape, code), resume=True)
       timings[name] = time.perf_counter() - t
       variants[name] = {"params": state.params, "quant": state.quant}
-      curves[name] = read_metrics(workdir / name / "metrics.jsonl")
+      # QAT continues from the end of pretraining: plot it there.
+      curves[name] = [dict(r, step=r["step"] + config.pretrain.steps)
+                      for r in read_metrics(workdir / name / "metrics.jsonl")]
 
   t = time.perf_counter()
   windows = eval_windows(corpus.valid, config.eval.seq_len, config.eval.num_windows)

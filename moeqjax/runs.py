@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -78,7 +79,7 @@ def pretrain(config, workdir: str | pathlib.Path, corpus: TextCorpus, *,
 
 
 def qat(config, workdir: str | pathlib.Path, corpus: TextCorpus, teacher_params, *,
-        expert_codes_LxE: np.ndarray | None, resume: bool) -> TrainState:
+        expert_codes_LxE: np.ndarray | None, resume: bool, realloc=None) -> TrainState:
   """Quantization-aware fine-tuning of a student initialised from `teacher_params`.
 
   Args:
@@ -88,6 +89,8 @@ def qat(config, workdir: str | pathlib.Path, corpus: TextCorpus, teacher_params,
     teacher_params: the frozen full-precision params (also the student's starting point).
     expert_codes_LxE: per-layer, per-expert bit codes; None uses quant.expert_code everywhere.
     resume: continue a killed run from its latest checkpoint.
+    realloc: optional moeqjax.study.progressive.ReallocConfig: re-allocate the expert codes every
+      `realloc.every` steps from the statistics gathered so far (progressive QAT, no recompile).
 
   Returns:
     The final state; its `quant` holds the codes and `params` the fine-tuned student.
@@ -98,6 +101,8 @@ def qat(config, workdir: str | pathlib.Path, corpus: TextCorpus, teacher_params,
   weights = config_io.loss_weights(config)
   record = {k: config[k].to_dict() for k in ("model", "quant", "data", "qat", "loss")}
   record["expert_codes"] = None if expert_codes_LxE is None else np.asarray(expert_codes_LxE).tolist()
+  if realloc is not None:
+    record["realloc"] = dataclasses.asdict(realloc)
   record_config(workdir, record)
   model = MoETransformer(cfg)
   quant = default_quant(cfg)
@@ -111,6 +116,9 @@ def qat(config, workdir: str | pathlib.Path, corpus: TextCorpus, teacher_params,
   if done is not None:
     return done
   step_fn = jit_train_step(model, tx, weights)
+  if realloc is not None:
+    from moeqjax.study.progressive import progressive_step  # pylint: disable=import-outside-toplevel
+    step_fn = progressive_step(step_fn, cfg, realloc)
   return run_training(state, step_fn, corpus.train, loop, workdir, resume=resume,
                       desc=f"qat {workdir.name}")
 

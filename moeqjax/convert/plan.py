@@ -115,12 +115,12 @@ def format_plan(cfg: ModelConfig, p: dict) -> str:
       f"{cfg.num_experts} experts)",
       "weight bytes:",
       f"  {cfg.param_dtype:22s} {b(p['fp_bytes']):>12s}",
-      f"  {'bfloat16':22s} {b(p['bf16_bytes']):>12s}",
+  ] + ([f"  {'bfloat16':22s} {b(p['bf16_bytes']):>12s}"] if cfg.param_dtype != "bfloat16" else []) + [
       f"  {'quantized (expert code ' + str(cfg.quant.expert_code) + ')':22s} "
       f"{b(p['quantized_bytes']):>12s}  ({p['bf16_bytes'] / p['quantized_bytes']:.1f}x vs bf16)",
       f"estimated accelerator memory for QAT (batch {p['batch_size']} x {p['seq_len']}):",
       f"  {'teacher+student+grad+Adam':26s} {b(p['qat_weights_state_bytes']):>12s}",
-      f"  {'activations (rough)':26s} {b(p['qat_activation_bytes']):>12s}",
+      f"  {'activations (rough, no remat)':26s} {b(p['qat_activation_bytes']):>12s}",
       f"  {'total':26s} {b(p['qat_total_bytes']):>12s}  (before sharding over devices)",
   ]
   return "\n".join(lines)

@@ -19,7 +19,7 @@ def plot_training_curves(curves: dict, path: pathlib.Path, unit: str):
     vals = [r["train/task"] / math.log(2) for r in records if "train/task" in r]
     if steps:
       ax.plot(steps, vals, label=label)
-  ax.set_xlabel("step (of each phase)")
+  ax.set_xlabel("step (QAT runs start where pretraining ended)")
   ax.set_ylabel(f"train loss (bits per {unit})")
   ax.set_title("Training curves: pretraining and QAT")
   ax.grid(alpha=0.3)

@@ -29,12 +29,13 @@ def _loss_fn(params, state: TrainState, inputs, targets, model: MoETransformer,
 
 
 def train_step(state: TrainState, batch, rng, *, model: MoETransformer,
-               tx: optax.GradientTransformation, weights: LossWeights):
+               tx: optax.GradientTransformation, weights: LossWeights, collect_stats: bool = True):
   """One optimizer step: (state, batch [B, S+1] int32, rng) -> (state, metrics).
 
   In QAT the student (params + quant codes) and the frozen teacher run in this same
   function; router statistics are updated from the gradients and routing already at hand.
   `rng` is unused by the current model (no dropout) but kept so that the signature is stable.
+  `collect_stats=False` leaves the statistics untouched (only for benchmarks/stats_overhead.py).
   """
   del rng
   inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -42,16 +43,19 @@ def train_step(state: TrainState, batch, rng, *, model: MoETransformer,
   (loss, (terms, aux)), grads = grad_fn(state.params, state, inputs, targets, model, weights)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  stats = update_router_stats(state.stats, grads, aux["expert_idx"], aux["gates"],
-                              model.cfg.num_layers)
-  metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads)}
+  stats = state.stats
+  if collect_stats:
+    stats = update_router_stats(stats, grads, aux["expert_idx"], aux["gates"],
+                                model.cfg.num_layers)
+  metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads)}
   metrics.update({f"train/{name}": value for name, value in terms.items()})
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
   return new_state, metrics
 
 
 def jit_train_step(model: MoETransformer, tx: optax.GradientTransformation,
-                   weights: LossWeights):
+                   weights: LossWeights, collect_stats: bool = True):
   """train_step compiled once for this model/optimizer/objective, with the state donated."""
-  return jax.jit(functools.partial(train_step, model=model, tx=tx, weights=weights),
+  return jax.jit(functools.partial(train_step, model=model, tx=tx, weights=weights,
+                                   collect_stats=collect_stats),
                  donate_argnums=0)

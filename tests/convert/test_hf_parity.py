@@ -10,7 +10,7 @@ pytest.importorskip("transformers", reason="HF parity tests need transformers (.
 
 import moeqjax
 from moeqjax.model import forward_with_aux
-from conftest import build_hf_model, hf_logits_and_routing, save_hf_model, tokens
+from hf_models import build_hf_model, hf_logits_and_routing, save_hf_model, tokens
 
 # (family, num_experts, top_k, norm_topk_prob, extra HF config fields)
 CASES = [

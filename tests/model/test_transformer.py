@@ -70,3 +70,19 @@ def test_attention_quant_and_shared_expert_paths(tokens):
   assert int(quant["layers_1"]["moe"]["shared_expert"]["up_proj"]["bits"]) == 4
   out = model.apply({"params": params, "quant": quant}, tokens)
   assert np.isfinite(np.asarray(out)).all()
+
+
+def test_learnable_clip_ratio_gets_gradient(tokens):
+  cfg = tiny_model_config(quant=QuantRules(expert_code=4, learn_clip=True))
+  model, params, quant = init_model(cfg, jax.random.key(2))
+  clip = params["layers_0"]["moe"]["w_in_clip"]
+  assert clip.shape == (4, 1, 32) and np.all(np.asarray(clip) == 1.0)
+
+  def loss(p):
+    return jnp.mean(model.apply({"params": p, "quant": quant}, tokens) ** 2)
+
+  grads = jax.grad(loss)(params)
+  assert float(jnp.abs(grads["layers_0"]["moe"]["w_in_clip"]).sum()) > 0
+  # the teacher path ignores the clip parameters entirely
+  fp_grads = jax.grad(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2))(params)
+  assert float(jnp.abs(fp_grads["layers_0"]["moe"]["w_in_clip"]).sum()) == 0

@@ -1,0 +1,107 @@
+"""Mixtral-8x7B (46.7B params, 12.9B active per token): QAT of its 8 experts per layer.
+
+Real shapes of mistralai/Mixtral-8x7B-v0.1. Launch (see `moeqjax plan` for the memory it needs):
+  moeqjax plan --config configs/mixtral_8x7b.py
+  moeqjax import-hf --hf-dir /data/Mixtral-8x7B-v0.1 --out ./imported/mixtral_8x7b --config configs/mixtral_8x7b.py --dtype bfloat16
+  moeqjax qat --config ./imported/mixtral_8x7b/config.py --teacher ./imported/mixtral_8x7b --workdir ./moeqjax_runs/mixtral_8x7b_qat --data /data/text
+  moeqjax export --workdir ./moeqjax_runs/mixtral_8x7b_qat --format hf --out ./mixtral_8x7b_quantized_hf
+Until a subword tokenizer is wired into the data pipeline, --data is read as bytes (ids 0..255).
+"""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+
+  # Real shapes of the released checkpoint; `moeqjax import-hf` writes the same values.
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=32000,  # SentencePiece vocabulary
+      d_model=4096,  # hidden_size
+      num_layers=32,
+      num_heads=32,  # query heads
+      num_kv_heads=8,  # grouped-query attention
+      head_dim=128,
+      d_ff=14336,  # intermediate_size of one expert
+      num_experts=8,  # num_local_experts
+      top_k=2,
+      norm_topk_prob=True,  # Mixtral renormalises the top-2 gates
+      shared_d_ff=0,  # no shared expert
+      shared_expert_gate=False,
+      rope_theta=1000000.0,
+      norm_eps=1e-05,  # rms_norm_eps
+      qk_norm='none',
+      attn_bias=False,
+      attn_out_bias=False,
+      clip_qkv=0.0,
+      tie_embeddings=False,
+      max_seq_len=32768,  # max_position_embeddings
+      dispatch="ragged",  # dropless grouped matmul (jax.lax.ragged_dot)
+      dtype="bfloat16",  # activation dtype
+      param_dtype="bfloat16",  # teacher and student weights; float32 doubles weight memory
+  ))
+
+  c.quant = ml_collections.ConfigDict(dict(
+      expert_code=2,  # default expert code: 1 ternary, 2/3/4/8 intN; the allocator moves it per expert
+      attn_code=0,  # attention stays full precision (a small share of the weights)
+      shared_code=0,  # shared expert(s), if any, stay full precision
+      router_code=0,  # the router stays full precision (routing decisions are fragile)
+      lm_head_code=0,
+      act_bits=0,  # weights only
+      granularity="group",  # one scale per group of input weights: needed at 2 bits
+      group_size=128,  # input weights per scale
+      symmetric=True,
+      ternary_method="absmean",  # BitNet b1.58, for experts the allocator sets to ternary
+      learn_clip=False,
+      ternary_packing="2bit",
+      scale_bytes=2,  # fp16 scales
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      path="",  # your fine-tuning text: a text file, folder or .jsonl ("" = the stdlib corpus)
+      valid_fraction=0.01,  # share of documents held out for evaluation
+      text_field="text",  # field read from .jsonl records
+  ))
+
+  # Unused for imported checkpoints (`moeqjax import-hf` replaces pretraining); every section is
+  # declared so the config validates.
+  c.pretrain = ml_collections.ConfigDict(dict(
+      steps=1, batch_size=1, seq_len=128, learning_rate=1e-4, warmup_steps=0,
+      end_lr_fraction=0.1, weight_decay=0.0, grad_clip=1.0, seed=0, log_every=1, ckpt_every=0,
+  ))
+
+  # Quantization-aware fine-tuning; the student starts at the released weights.
+  c.qat = ml_collections.ConfigDict(dict(
+      steps=500,  # a short fine-tune: the teacher is already trained
+      batch_size=8,  # global batch (sequences), sharded over the device mesh
+      seq_len=2048,
+      learning_rate=1e-05,  # small: large steps destroy the pretrained weights
+      warmup_steps=50,
+      end_lr_fraction=0.1,
+      weight_decay=0.0,
+      grad_clip=1.0,
+      seed=1,
+      log_every=10,
+      ckpt_every=200,  # checkpoints are large; resume with --resume
+  ))
+
+  # The joint QAT objective (METHODS.md section 3); a zero weight switches a term off.
+  c.loss = ml_collections.ConfigDict(dict(
+      task=1.0,  # next-token cross-entropy
+      rec=1.0,  # MSE of each MoE block output vs the teacher
+      kd=1.0,  # KL of final logits vs the teacher
+      value=0.1,  # KL of router distributions (routing value alignment)
+      struct=0.1,  # top-k boundary hinge (routing structure alignment)
+      lb=0.0,  # no load-balancing pressure: keep the released routing
+      z=0.0,
+      kd_temperature=1.0,
+      value_temperature=1.0,
+      struct_margin=0.5,
+      struct_rank_weight=0.0,
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      seq_len=2048,  # window length for held-out perplexity
+      num_windows=64,
+      batch_size=8,
+  ))
+  return c

@@ -1,0 +1,319 @@
+"""`moeqjax study`: allocation method x QAT objective grid at equal expert weight bytes, with seeds and a Pareto sweep."""
+
+# Protocol (written into study.md):
+#   1. pretrain the full-precision model on the pretraining slice (cached in WORKDIR/pretrain);
+#   2. fine-tune it in full precision on the task slice; the jitted step collects router statistics
+#      (Lambda = router norm change over this fine-tune, counts, gates, V_s) (cached in WORKDIR/finetune_N);
+#   3. allocate with every method at each budget from those statistics (random: one order per seed);
+#   4. QAT on the task slice from the fine-tuned model (the frozen teacher) for every cell, one compiled
+#      step per objective, reused across methods and seeds by swapping the codes (they are data);
+#   5. evaluate on the task slice's held-out files: bits per byte, routing agreement vs the teacher.
+# Every finished cell is stored in WORKDIR/study.json at once, so a killed study resumes where it was.
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from moeqjax import config_io, runs
+from moeqjax.data import TextCorpus, eval_windows, sample_batch, stdlib_files, stdlib_root
+from moeqjax.data.corpus import _corpus_from_documents  # pylint: disable=protected-access
+from moeqjax.eval import evaluate_variants
+from moeqjax.model import MoETransformer, init_model
+from moeqjax.study import allocation as alloc_mod
+from moeqjax.train import LoopConfig, create_state, jit_train_step, make_optimizer, run_training
+from moeqjax.train.state import with_quant
+
+TOP_LEVEL = "<top-level>"
+METHOD_LABELS = {"paper_combined": "paper combined (Lambda + V_s)",
+                 "paper_router": "paper router-only (Lambda)", "exact": "exact solver (ours)",
+                 "frequency": "activation frequency", "gate_weight": "mean gate weight",
+                 "mc_moe": "MC-MoE style", "uniform": "uniform", "random": "random order"}
+# Two-sided 95% t critical values by degrees of freedom (paired test over seeds).
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def slice_corpus(packages, valid_fraction: float) -> TextCorpus:
+  """The stdlib files under `packages` (top-level folder names; TOP_LEVEL = files with no folder)."""
+  root = stdlib_root()
+  wanted = set(packages)
+  paths = [p for p in stdlib_files(root)
+           if (("/" not in p and TOP_LEVEL in wanted) or p.split("/")[0] in wanted)]
+  if not paths:
+    raise config_io.ConfigError(f"no stdlib files under {sorted(wanted)}; check data.*_packages")
+  docs = [(p, (root / p).read_bytes()) for p in paths]
+  return _corpus_from_documents(docs, valid_fraction, f"stdlib slice {','.join(packages)}")
+
+
+def _settings(config, quick: bool) -> dict:
+  s = config.study.to_dict()
+  out = {"methods": tuple(s["methods"]), "objectives": dict(s["objectives"]),
+         "seeds": int(s["seeds"]), "budget_unit": s["budget_unit"],
+         "main_budget": float(s["main_budget"]),
+         "pareto_budgets": tuple(float(b) for b in s["pareto_budgets"]),
+         "choices": tuple(int(c) for c in s["choices"]), "qat_steps": int(config.qat.steps),
+         "finetune_steps": int(s["finetune_steps"]), "peers": bool(s["peers"]), "quick": quick}
+  if quick:
+    q = s["quick"]
+    out.update(seeds=int(q["seeds"]), pareto_budgets=tuple(float(b) for b in q["pareto_budgets"]),
+               qat_steps=int(q["qat_steps"]), finetune_steps=int(q["finetune_steps"]),
+               peers=bool(q["peers"]))
+    out["objectives"] = {k: out["objectives"][k] for k in q["objectives"]}
+  return out
+
+
+def _cell_key(objective, method, budget, seed) -> str:
+  return f"{objective}|{method}|{budget:g}|{seed}"
+
+
+class _Store:
+  """study.json, rewritten atomically after every finished cell."""
+
+  def __init__(self, path: pathlib.Path, meta: dict):
+    self.path = path
+    self.data = {"meta": meta, "cells": {}, "peers": {}}
+    if path.exists():
+      old = json.loads(path.read_text())
+      if old.get("meta", {}).get("fingerprint") == meta["fingerprint"]:
+        self.data["cells"] = old.get("cells", {})
+        self.data["peers"] = old.get("peers", {})
+      self.data.update({k: v for k, v in old.items() if k not in ("meta", "cells", "peers")})
+
+  def save(self):
+    tmp = self.path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+    os.replace(tmp, self.path)
+
+
+def _finetune(config, workdir: pathlib.Path, corpus: TextCorpus, params, steps: int):
+  """Full-precision fine-tune on the task slice; the state's stats are the allocation's input."""
+  cfg = config_io.model_config(config)
+  _, optim = config_io.phase_configs(config.qat, "qat")
+  optim = dataclasses.replace(optim, learning_rate=float(config.study.finetune_learning_rate))
+  loop = LoopConfig(steps=steps, batch_size=config.qat.batch_size, seq_len=config.qat.seq_len,
+                    seed=config.qat.seed + 1000, log_every=config.qat.log_every, ckpt_every=0)
+  runs.record_config(workdir, {"model": config.model.to_dict(), "data": config.data.to_dict(),
+                               "pretrain": config.pretrain.to_dict(), "qat": config.qat.to_dict(),
+                               "finetune": {"steps": steps, "lr": optim.learning_rate}})
+  tx = make_optimizer(optim)
+  state = create_state(jax.tree.map(jnp.copy, params), tx, cfg.num_layers)
+  done = runs.finished_state(workdir, state, steps)
+  if done is not None:
+    return done
+  model = MoETransformer(cfg)
+  weights = config_io.loss_weights(config)
+  weights = dataclasses.replace(weights, rec=0, kd=0, value=0, struct=0)
+  step_fn = jit_train_step(model, tx, weights)
+  return run_training(state, step_fn, corpus.train, loop, workdir, resume=True,
+                      desc="fine-tune (fp, stats)")
+
+
+def _qat_cell(step_fn, tx, cfg, teacher, quant, codes, tokens, steps, batch_size, seq_len, seed):
+  state = create_state(jax.tree.map(jnp.copy, teacher), tx, cfg.num_layers,
+                       quant=runs.set_expert_codes(quant, codes),
+                       teacher_params=jax.tree.map(jnp.copy, teacher))
+  rng = jax.random.key(seed)
+  loss = float("nan")
+  for step in range(steps):
+    batch = jnp.asarray(sample_batch(tokens, batch_size, seq_len, seed, step))
+    state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
+  loss = float(metrics["train/loss"])
+  return state, loss
+
+
+def _summ(values) -> dict:
+  arr = np.asarray(values, np.float64)
+  return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
+          "n": int(arr.size)}
+
+
+def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = "") -> dict:
+  """Runs (or resumes) the study into `workdir`; returns the study.json dict."""
+  t_start = time.perf_counter()
+  workdir.mkdir(parents=True, exist_ok=True)
+  st = _settings(config, quick)
+  cfg = config_io.model_config(config)
+  qat_cfg = config_io.phase_configs(config.qat, "qat")
+  for m in st["methods"]:
+    if m not in alloc_mod.METHODS:
+      raise config_io.ConfigError(f"study.methods has {m!r}; use {', '.join(alloc_mod.METHODS)}")
+
+  pre_corpus = slice_corpus(config.data.pretrain_packages, config.data.valid_fraction)
+  task = slice_corpus(config.data.task_packages, config.data.valid_fraction)
+  teacher0 = runs.pretrain(config, workdir / "pretrain", pre_corpus, resume=True).params
+  ft = _finetune(config, workdir / f"finetune_{st['finetune_steps']}", task, teacher0,
+                 st["finetune_steps"])
+  teacher = ft.params
+  stats = jax.device_get(ft.stats)
+  s = alloc_mod.expert_stats(teacher, stats, cfg.num_layers)
+  err = alloc_mod.quant_error_table(teacher, cfg, st["choices"])
+  windows = eval_windows(task.valid, config.eval.seq_len, config.eval.num_windows)
+
+  fingerprint = json.dumps({k: config[k].to_dict() for k in ("model", "quant", "data", "pretrain",
+                                                              "qat", "loss", "eval")},
+                           sort_keys=True, default=str) + json.dumps(st, sort_keys=True, default=str)
+  meta = {"fingerprint": fingerprint, "settings": st, "config_path": config_path,
+          "pretrain_slice": list(config.data.pretrain_packages),
+          "task_slice": list(config.data.task_packages),
+          "pretrain_corpus": pre_corpus.fingerprint, "task_corpus": task.fingerprint,
+          "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                     f"{platform.platform()}, jax {jax.__version__}, {jax.devices()[0].platform}"}
+  store = _Store(workdir / "study.json", meta)
+  cells_before = len(store.data["cells"])
+  store.data["command"] = ("moeqjax study --config " + (config_path or "configs/study_tiny.py")
+                           + (" --quick" if quick else ""))
+  # Reference (no quantization) and the statistics the allocations used.
+  ref = evaluate_variants(cfg, {"full_precision": {"params": teacher}}, windows,
+                          config.eval.batch_size)["full_precision"]
+  pre_ref = evaluate_variants(cfg, {"full_precision": {"params": teacher0}}, windows,
+                              config.eval.batch_size)["full_precision"]
+  store.data["reference"] = {"finetuned_fp_bits_per_byte": ref["bits_per_token"],
+                             "pretrained_fp_bits_per_byte": pre_ref["bits_per_token"],
+                             "eval_tokens": ref["eval_tokens"]}
+  store.data["stats"] = {k: (np.asarray(v).tolist() if not isinstance(v, int) else v)
+                         for k, v in s.items()}
+  store.data["quant_error"] = {"choices": list(st["choices"]), "err_LxExC": err.tolist()}
+
+  # Allocations (deterministic; recomputed on resume).
+  budgets = sorted(set((st["main_budget"],) + st["pareto_budgets"]))
+  allocs = {}
+  for b in budgets:
+    for m in st["methods"]:
+      for seed in range(st["seeds"]):
+        if m != "random" and seed > 0:
+          allocs[(m, b, seed)] = allocs[(m, b, 0)]
+          continue
+        allocs[(m, b, seed)] = alloc_mod.allocate(m, cfg, teacher, stats, b, st["budget_unit"],
+                                                  choices=st["choices"], seed=seed, err_LxExC=err)
+  store.data["allocations"] = {f"{m}|{b:g}|{seed}": {"codes_LxE": a.codes_LxE.tolist(),
+                                                      **a.achieved, "budget_bytes": a.budget_bytes}
+                               for (m, b, seed), a in allocs.items()}
+  store.save()
+
+  base_weights = config_io.loss_weights(config)
+  loop, optim = qat_cfg
+  tx = make_optimizer(optim)
+  model = MoETransformer(cfg)
+  quant = runs.default_quant(cfg)
+
+  def run_cells(objective, cells, desc):
+    todo = [c for c in cells if _cell_key(objective, *c) not in store.data["cells"]]
+    if not todo:
+      return
+    weights = dataclasses.replace(base_weights, **st["objectives"][objective])
+    step_fn = jit_train_step(model, tx, weights)  # one compile per objective, reused for all cells
+    for method, budget, seed in tqdm(todo, desc=desc, dynamic_ncols=True):
+      a = allocs[(method, budget, seed)]
+      t = time.perf_counter()
+      state, loss = _qat_cell(step_fn, tx, cfg, teacher, quant, a.codes_LxE, task.train,
+                              st["qat_steps"], loop.batch_size, loop.seq_len,
+                              config.qat.seed + 100 * seed)
+      r = evaluate_variants(cfg, {"full_precision": {"params": teacher},
+                                  "student": {"params": state.params, "quant": state.quant}},
+                            windows, config.eval.batch_size)["student"]
+      store.data["cells"][_cell_key(objective, method, budget, seed)] = {
+          "objective": objective, "method": method, "budget": budget, "seed": seed,
+          "bits_per_byte": r["bits_per_token"], "topk_agree": r["topk_agree"],
+          "top1_agree": r["top1_agree"], "changed_frac": r["changed_frac"],
+          "topk_agree_per_layer": r["topk_agree_per_layer"], "load_kl": r["load_kl"],
+          "expert_bytes": r["expert_bytes"], "expert_bits_per_weight": r["expert_bits_per_weight"],
+          "expert_code_bits": r["expert_code_bits"], "final_train_loss": loss,
+          "seconds": time.perf_counter() - t}
+      store.save()
+
+  main = st["main_budget"]
+  grid = [(m, main, seed) for m in st["methods"] for seed in range(st["seeds"])]
+  for objective in st["objectives"]:
+    run_cells(objective, grid, f"grid {objective} @ {main:g}")
+  summary = summarize(store.data)
+  best_obj = summary["best_objective_at_main"]
+  pareto = [(m, b, seed) for b in st["pareto_budgets"] for m in st["methods"]
+            for seed in range(st["seeds"])]
+  run_cells(best_obj, pareto, f"pareto {best_obj}")
+
+  if st["peers"]:
+    from moeqjax.study import peers  # pylint: disable=import-outside-toplevel
+    peers.run_peer_rows(store, config, cfg, teacher, task, windows, st)
+
+  store.data["summary"] = summarize(store.data)
+  store.data["wall_seconds_this_invocation"] = time.perf_counter() - t_start
+  store.data.setdefault("invocations", []).append(
+      {"seconds": store.data["wall_seconds_this_invocation"],
+       "new_cells": len(store.data["cells"]) - cells_before})
+  store.save()
+  from moeqjax.study import report  # pylint: disable=import-outside-toplevel
+  report.write_outputs(workdir, store.data)
+  return store.data
+
+
+def summarize(data: dict) -> dict:
+  """Mean +- std over seeds per (objective, method, budget), winners and paired noise tests."""
+  st = data["meta"]["settings"]
+  groups: dict = {}
+  for c in data["cells"].values():
+    groups.setdefault((c["objective"], c["method"], c["budget"]), []).append(c)
+  table = {}
+  for (o, m, b), cells in groups.items():
+    cells = sorted(cells, key=lambda c: c["seed"])
+    table[f"{o}|{m}|{b:g}"] = {
+        "objective": o, "method": m, "budget": b, "seeds": [c["seed"] for c in cells],
+        "bits_per_byte": _summ([c["bits_per_byte"] for c in cells]),
+        "bpb_by_seed": [c["bits_per_byte"] for c in cells],
+        "topk_agree": _summ([c["topk_agree"] for c in cells]),
+        "top1_agree": _summ([c["top1_agree"] for c in cells]),
+        "topk_agree_per_layer": np.mean([c["topk_agree_per_layer"] for c in cells], 0).tolist(),
+        "expert_bits_per_weight": _summ([c["expert_bits_per_weight"] for c in cells]),
+        "expert_code_bits": _summ([c["expert_code_bits"] for c in cells]),
+        "expert_bytes": _summ([c["expert_bytes"] for c in cells])}
+  main = st["main_budget"]
+  at_main = [r for r in table.values() if r["budget"] == main]
+  obj_means = {}
+  for o in st["objectives"]:
+    rows = [r["bits_per_byte"]["mean"] for r in at_main if r["objective"] == o]
+    if rows:
+      obj_means[o] = float(np.mean(rows))
+  best_obj = min(obj_means, key=obj_means.get) if obj_means else None
+  winners = {}
+  for o in st["objectives"]:
+    for b in sorted({r["budget"] for r in table.values() if r["objective"] == o}):
+      rows = sorted([r for r in table.values() if r["objective"] == o and r["budget"] == b],
+                    key=lambda r: r["bits_per_byte"]["mean"])
+      if len(rows) < 2:
+        continue
+      w = {"objective": o, "budget": b, "ranking": [r["method"] for r in rows],
+           "best": rows[0]["method"], "best_bpb": rows[0]["bits_per_byte"]["mean"]}
+      for other_name, other in (("second", rows[1]),
+                                ("uniform", next((r for r in rows if r["method"] == "uniform"), None))):
+        if other is None or other is rows[0]:
+          continue
+        w[f"vs_{other_name}"] = _paired(rows[0], other)
+      winners[f"{o}|{b:g}"] = w
+  return {"table": table, "objective_mean_bpb_at_main": obj_means,
+          "best_objective_at_main": best_obj, "winners": winners}
+
+
+def _paired(a: dict, b: dict) -> dict:
+  """Paired (same seeds = same batches) difference b - a in bits per byte, and whether |t| > t95."""
+  seeds = sorted(set(a["seeds"]) & set(b["seeds"]))
+  da = dict(zip(a["seeds"], a["bpb_by_seed"]))
+  db = dict(zip(b["seeds"], b["bpb_by_seed"]))
+  d = np.array([db[s] - da[s] for s in seeds])
+  out = {"method": b["method"], "margin_bpb": float(d.mean()) if d.size else math.nan,
+         "n": int(d.size)}
+  if d.size >= 2:
+    sd = float(d.std(ddof=1))
+    t = float(d.mean() / (sd / math.sqrt(d.size))) if sd > 0 else math.inf
+    out.update(sd=sd, t=t, t95=_T95.get(d.size - 1, 2.0), beats_noise=bool(abs(t) > _T95.get(d.size - 1, 2.0)))
+  else:
+    out.update(beats_noise=False)
+  return out

@@ -1,0 +1,260 @@
+"""study.md and the study's PNG plots (matplotlib Agg) from the study.json dict."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from moeqjax.study.grid import METHOD_LABELS  # noqa: E402
+
+
+def _fmt(s: dict, digits: int = 4) -> str:
+  return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def plot_pareto(data: dict, path: pathlib.Path):
+  summ = data["summary"]
+  obj = summ["best_objective_at_main"]
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for m in data["meta"]["settings"]["methods"]:
+    rows = sorted([r for r in summ["table"].values() if r["objective"] == obj and r["method"] == m],
+                  key=lambda r: r["budget"])
+    if not rows:
+      continue
+    x = [r["expert_code_bits"]["mean"] for r in rows]
+    y = [r["bits_per_byte"]["mean"] for r in rows]
+    e = [r["bits_per_byte"]["std"] for r in rows]
+    ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=METHOD_LABELS.get(m, m))
+  for name, peer in data.get("peers", {}).items():
+    if "bits_per_byte" in peer:
+      ax.errorbar([peer["expert_code_bits"]], [peer["bits_per_byte"]["mean"]],
+                  yerr=[peer["bits_per_byte"]["std"]], marker="s", color="k", capsize=3,
+                  linestyle="none")
+      ax.annotate(name, (peer["expert_code_bits"], peer["bits_per_byte"]["mean"]), fontsize=7)
+  ref = data["reference"]["finetuned_fp_bits_per_byte"]
+  ax.axhline(ref, color="gray", linestyle="--", label="full precision (fine-tuned)")
+  ax.set_xlabel("average expert code bits per weight (scales excluded)")
+  ax.set_ylabel("held-out bits per byte (task slice)")
+  ax.set_title(f"Pareto over budgets, objective '{obj}' (mean ± std over seeds)")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_routing(data: dict, path: pathlib.Path):
+  summ = data["summary"]
+  st = data["meta"]["settings"]
+  main, obj = st["main_budget"], summ["best_objective_at_main"]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, (key, names, title) in zip(axes, (
+      ("method", st["methods"], f"methods, objective '{obj}'"),
+      ("objective", list(st["objectives"]), "objectives, method 'paper_combined'"))):
+    rows = []
+    for n in names:
+      want = (lambda r: r["objective"] == obj and r["method"] == n) if key == "method" else (
+          lambda r: r["objective"] == n and r["method"] == "paper_combined")
+      r = next((r for r in summ["table"].values() if r["budget"] == main and want(r)), None)
+      if r is not None:
+        rows.append((n, r["topk_agree_per_layer"]))
+    if not rows:
+      continue
+    num_layers = len(rows[0][1])
+    width = 0.8 / len(rows)
+    for i, (n, per_layer) in enumerate(rows):
+      ax.bar(np.arange(num_layers) + i * width, per_layer, width, label=n)
+    ax.set_xticks(np.arange(num_layers) + 0.4 - width / 2)
+    ax.set_xticklabels([f"layer {l}" for l in range(num_layers)])
+    lo = min(min(p) for _, p in rows)
+    ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+    ax.set_ylabel("top-k agreement with full precision")
+    ax.set_title(f"{title} @ {main:g} code bits", fontsize=9)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_bits_vs_sensitivity(data: dict, path: pathlib.Path):
+  st = data["meta"]["settings"]
+  main = st["main_budget"]
+  lam = np.asarray(data["stats"]["lambda"])
+  methods = [m for m in st["methods"] if m != "uniform"]
+  cols = min(3, len(methods))
+  rows_n = -(-len(methods) // cols)
+  fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3.2 * rows_n), squeeze=False)
+  bits = {1: 1.6, 2: 2, 3: 3, 4: 4, 8: 8, 0: 16}
+  for ax, m in zip(axes.ravel(), methods):
+    a = data["allocations"].get(f"{m}|{main:g}|0")
+    if a is None:
+      continue
+    codes = np.asarray(a["codes_LxE"])
+    for l in range(codes.shape[0]):
+      ax.scatter(lam[l], [bits[int(c)] for c in codes[l]], label=f"layer {l}", alpha=0.7)
+    ax.set_title(METHOD_LABELS.get(m, m), fontsize=9)
+    ax.set_xlabel("Lambda = router norm change (smaller = more sensitive)", fontsize=7)
+    ax.set_ylabel("expert bits")
+  for ax in axes.ravel()[len(methods):]:
+    ax.axis("off")
+  axes.ravel()[0].legend(fontsize=7)
+  fig.suptitle(f"allocated bits vs sensitivity per expert @ {main:g} code bits (seed 0)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _noise_text(v: dict) -> str:
+  if "t" not in v:
+    return "one seed: no noise estimate"
+  verdict = "beats seed noise" if v["beats_noise"] else "within seed noise"
+  return (f"margin {v['margin_bpb']:+.4f} bits/byte over {v['method']} (paired over {v['n']} "
+          f"seeds, t = {v['t']:.2f}, 95% threshold {v['t95']:.2f}: {verdict})")
+
+
+def write_markdown(workdir: pathlib.Path, data: dict) -> str:
+  st = data["meta"]["settings"]
+  summ = data["summary"]
+  ref = data["reference"]
+  main = st["main_budget"]
+  obj_best = summ["best_objective_at_main"]
+  lines = [f"# Allocation x objective study ({'QUICK grid' if st['quick'] else 'default grid'})", ""]
+  if st["quick"]:
+    lines += ["**This is the `--quick` grid** (fewer seeds, objectives, budgets and QAT steps), not the "
+              "default grid.", ""]
+  cmd = data.get("command", "moeqjax study --config configs/study_tiny.py"
+                 + (" --quick" if st["quick"] else ""))
+  lines += [f"Command: `{cmd}`  ", f"Machine: {data['meta']['machine']}  ",
+            "Wall time per invocation (cached phases and finished cells are reused on reruns): "
+            + ", ".join(f"{i['seconds'] / 60:.1f} min ({i['new_cells']} new cells)"
+                        for i in data.get("invocations", [])), ""]
+  tc, pc = data["meta"]["task_corpus"], data["meta"]["pretrain_corpus"]
+  lines += ["## Protocol", "",
+            f"- Pretraining slice: stdlib {', '.join(data['meta']['pretrain_slice'])} "
+            f"({pc['train_files']} train files, {pc['train_bytes']:,} bytes).",
+            f"- Fine-tuning task: a DIFFERENT slice, stdlib packages "
+            f"{', '.join(data['meta']['task_slice'])} ({tc['train_files']} train / {tc['valid_files']} "
+            f"held-out files, {tc['train_bytes']:,} / {tc['valid_bytes']:,} bytes).",
+            f"- Router statistics: a {st['finetune_steps']}-step full-precision fine-tune of the "
+            "pretrained model on the task slice; the jitted train step accumulates them (no extra "
+            "pass). Lambda_s = ||w_s(T)|| - ||w_s(0)|| over this fine-tune (T = its end).",
+            "- Allocation from those statistics at equal expert weight bytes. Rule-based methods "
+            "(paper combined/router-only, frequency, random) use the paper's two-level rule "
+            "in bytes with the two codes that bracket the budget, n_high rounded down, so all of "
+            "them have EXACTLY the same bytes. The exact solver (multiple-choice knapsack over "
+            f"codes {list(st['choices'])}; cost = rank weight of Lambda, (E - rank)/E with the most "
+            "sensitive = 1, times the relative weight MSE of the expert at that code) and MC-MoE "
+            "(frequency x gate^1.5 x MSE, same solver) never exceed the same byte budget. Uniform "
+            "is the largest single code within it (fewer bytes: not like for like).",
+            f"- QAT: {st['qat_steps']} steps on the task slice from the fine-tuned model (the frozen "
+            "teacher), one compiled step per objective, the codes swapped as data across methods "
+            "and seeds. Seeds change the QAT batches (and the random order).",
+            f"- Evaluation: {ref['eval_tokens']:,} held-out bytes of the task slice; bits per byte; "
+            "top-k agreement of routing with the fine-tuned full-precision model.",
+            f"- Budgets are average expert code bits per weight ({st['budget_unit']}: scales "
+            "excluded; the tables also give bits with scales). Integer budgets (2/3/4) would make "
+            "every rule-based method identical to uniform, and 1.6 is below all-ternary once "
+            "packing rounds up, so the sweep uses "
+            f"{', '.join(f'{b:g}' for b in st['pareto_budgets'])}.", "",
+            f"Full precision: pretrained {ref['pretrained_fp_bits_per_byte']:.4f}, fine-tuned "
+            f"{ref['finetuned_fp_bits_per_byte']:.4f} bits per byte on the task's held-out files.", ""]
+
+  # Winners in plain words.
+  lines += ["## Who won", ""]
+  for o in st["objectives"]:
+    w = summ["winners"].get(f"{o}|{main:g}")
+    if w:
+      text = f"- Budget {main:g}, objective **{o}**: best **{w['best']}** ({w['best_bpb']:.4f} bits/byte)"
+      if "vs_second" in w:
+        text += "; " + _noise_text(w["vs_second"])
+      if "vs_uniform" in w:
+        text += "; vs uniform: " + _noise_text(w["vs_uniform"])
+      lines.append(text + ".")
+  om = summ["objective_mean_bpb_at_main"]
+  lines += ["", "Objectives averaged over methods at the main budget: " + ", ".join(
+      f"{o} {v:.4f}" for o, v in sorted(om.items(), key=lambda kv: kv[1]))
+      + f" bits/byte; best: **{obj_best}**.", ""]
+  for b in st["pareto_budgets"]:
+    w = summ["winners"].get(f"{obj_best}|{b:g}")
+    if w and b != main:
+      text = f"- Budget {b:g}, objective {obj_best}: best **{w['best']}** ({w['best_bpb']:.4f})"
+      if "vs_second" in w:
+        text += "; " + _noise_text(w["vs_second"])
+      if "vs_uniform" in w:
+        text += "; vs uniform: " + _noise_text(w["vs_uniform"])
+      lines.append(text + ".")
+  lines.append("")
+
+  # Main grid table.
+  lines += [f"## Method x objective at {main:g} code bits (mean ± std over {st['seeds']} seeds)", "",
+            "| method | " + " | ".join(st["objectives"]) + " | expert bytes | bits/w (with scales) |",
+            "|---|" + "---|" * (len(st["objectives"]) + 2)]
+  for m in st["methods"]:
+    cells, extra = [], None
+    for o in st["objectives"]:
+      r = summ["table"].get(f"{o}|{m}|{main:g}")
+      cells.append(_fmt(r["bits_per_byte"]) if r else "-")
+      extra = r or extra
+    note = " (fewer bytes: not like for like)" if m == "uniform" else ""
+    lines.append(f"| {m}{note} | " + " | ".join(cells) + " | "
+                 + (f"{extra['expert_bytes']['mean']:.0f} | {extra['expert_bits_per_weight']['mean']:.3f}"
+                    if extra else "- | -") + " |")
+  lines += ["", "Cells are held-out bits per byte (lower is better).", ""]
+  lines += [f"### Top-k routing agreement at {main:g} code bits", "",
+            "| method | " + " | ".join(st["objectives"]) + " |", "|---|" + "---|" * len(st["objectives"])]
+  for m in st["methods"]:
+    cells = []
+    for o in st["objectives"]:
+      r = summ["table"].get(f"{o}|{m}|{main:g}")
+      cells.append(_fmt(r["topk_agree"], 3) if r else "-")
+    lines.append(f"| {m} | " + " | ".join(cells) + " |")
+  lines.append("")
+
+  # Pareto table.
+  lines += [f"## Budget sweep, objective '{obj_best}'", "",
+            "| method | " + " | ".join(f"{b:g}" for b in st["pareto_budgets"]) + " |",
+            "|---|" + "---|" * len(st["pareto_budgets"])]
+  for m in st["methods"]:
+    cells = []
+    for b in st["pareto_budgets"]:
+      r = summ["table"].get(f"{obj_best}|{m}|{b:g}")
+      cells.append(f"{_fmt(r['bits_per_byte'])} @ {r['expert_code_bits']['mean']:.2f}b/"
+                   f"{r['expert_bytes']['mean']:.0f}B" if r else "-")
+    lines.append(f"| {m} | " + " | ".join(cells) + " |")
+  lines += ["", "Each cell: bits per byte @ achieved code bits / expert bytes.", ""]
+
+  peers = data.get("peers", {})
+  lines += ["## Peer rows: Qwix QAT", ""]
+  if peers:
+    lines += ["| row | bits/byte | expert code bits | like for like? |", "|---|---|---|---|"]
+    for name, p in peers.items():
+      if "error" in p:
+        lines.append(f"| {name} | not run: {p['error']} | - | - |")
+      else:
+        lines.append(f"| {name} | {_fmt(p['bits_per_byte'])} | {p['expert_code_bits']:.2f} | "
+                     f"{p['like_for_like']} |")
+  else:
+    lines.append("Not run in this grid (study.peers off, or qwix not installed).")
+  lines += ["", "## Plots", "", "![pareto](pareto.png)", "", "![routing](routing_per_layer.png)", "",
+            "![bits vs sensitivity](bits_vs_sensitivity.png)", ""]
+  text = "\n".join(lines) + "\n"
+  (workdir / "study.md").write_text(text)
+  return text
+
+
+def write_outputs(workdir: pathlib.Path, data: dict):
+  plot_pareto(data, workdir / "pareto.png")
+  plot_routing(data, workdir / "routing_per_layer.png")
+  plot_bits_vs_sensitivity(data, workdir / "bits_vs_sensitivity.png")
+  write_markdown(workdir, data)
+
+
+if __name__ == "__main__":  # re-render from an existing study.json
+  import sys
+  d = pathlib.Path(sys.argv[1])
+  write_outputs(d, json.loads((d / "study.json").read_text()))

@@ -1,0 +1,37 @@
+"""pretrain -> qat -> eval through the CLI on a tiny config and a small text file."""
+
+import json
+
+from moeqjax.cli import main
+
+TINY = ["--config.model.d_model=16", "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
+        "--config.model.head_dim=8", "--config.model.d_ff=32", "--config.model.num_experts=4",
+        "--config.eval.num_windows=4", "--config.eval.seq_len=32", "--config.eval.batch_size=4"]
+PHASES = ["--config.pretrain.steps=6", "--config.pretrain.warmup_steps=1",
+          "--config.pretrain.batch_size=4", "--config.pretrain.seq_len=32",
+          "--config.qat.steps=4", "--config.qat.warmup_steps=1", "--config.qat.batch_size=4",
+          "--config.qat.seq_len=32"]
+
+
+def test_pretrain_qat_eval(tmp_path, capsys):
+  data = tmp_path / "corpus.txt"
+  data.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n"
+                          for i in range(400)))
+  args = ["--data", str(data), *TINY, *PHASES]
+  assert main(["pretrain", "--workdir", str(tmp_path / "fp"), *args]) == 0
+  assert main(["qat", "--workdir", str(tmp_path / "q"), "--teacher", str(tmp_path / "fp"),
+               *args]) == 0
+  assert main(["eval", "--workdir", str(tmp_path / "q"), "--teacher", str(tmp_path / "fp"),
+               *args]) == 0
+  results = json.loads((tmp_path / "q" / "eval.json").read_text())
+  assert set(results) == {"full_precision", "student"}
+  student = results["student"]
+  assert 0.0 <= student["topk_agree"] <= 1.0
+  assert student["expert_code_bits"] == 2.0  # ternary, 2-bit packing
+  # 2 layers x 4 experts x (w_in, w_gate [16,32]: 512/4 packed + 32 fp16 scales = 192 bytes each;
+  # w_out [32,16]: 128 + 16 * 2 = 160 bytes)
+  assert student["expert_bytes"] == 2 * 4 * (192 + 192 + 160)
+  assert results["full_precision"]["expert_bytes"] == 2 * 4 * 3 * 512 * 2
+  # rerunning pretrain without --resume must not overwrite the finished run silently
+  assert main(["pretrain", "--workdir", str(tmp_path / "fp"), *args]) == 0  # finished: reused
+  assert "pretrained 6 steps" in capsys.readouterr().out
