@@ -59,7 +59,8 @@ def get_config():
   c.data = ml_collections.ConfigDict(dict(
       path="",  # your fine-tuning text: a text file, folder or .jsonl ("" = the stdlib corpus)
       valid_fraction=0.01,  # share of documents held out for evaluation
-      text_field="text",  # field read from .jsonl records
+      text_field="text",  # field (.jsonl) or column (.parquet/.arrow/.feather) that holds the text
+      tokenizer="",  # "" = UTF-8 bytes (vocab 256); or a folder with a HF tokenizer.json (--tokenizer)
   ))
 
   # Unused for imported checkpoints (`moeqjax import-hf` replaces pretraining); every section is

@@ -61,6 +61,7 @@ def get_config():
       path="",  # the embedded stdlib corpus, sliced below
       valid_fraction=0.05,
       text_field="text",
+      tokenizer="",  # "" = bytes; or a folder with a HF tokenizer.json
       # Pretraining: the stdlib's top-level modules (files with no folder), ~4.7 MB.
       pretrain_packages=("<top-level>",),
       # The fine-tuning task: a different slice, four packages (~1.2 MB).

@@ -52,9 +52,10 @@ def get_config():
   ))
 
   c.data = ml_collections.ConfigDict(dict(
-      path="",  # "" = the embedded Python-stdlib corpus; or a text file, folder or .jsonl
+      path="",  # "" = the embedded Python-stdlib corpus; or a text file, folder, .jsonl, .parquet, .arrow
       valid_fraction=0.05,  # share of files (or records) held out for evaluation
-      text_field="text",  # field read from .jsonl records
+      text_field="text",  # field (.jsonl) or column (.parquet/.arrow/.feather) that holds the text
+      tokenizer="",  # "" = UTF-8 bytes (vocab 256); or a folder with a HF tokenizer.json (--tokenizer)
   ))
 
   # Full-precision pretraining of the teacher.

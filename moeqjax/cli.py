@@ -26,11 +26,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="configs/<name>.py (default: configs/tiny.py)")
     p.add_argument("--workdir", default=None, help=workdir_help)
     p.add_argument("--data", default=None,
-                   help="text file, folder of text files, or .jsonl with a 'text' field "
-                        "(default: the embedded Python-stdlib corpus)")
+                   help="text file, folder of text files, .jsonl with a 'text' field, or "
+                        ".parquet/.arrow/.feather with a 'text' column (data.text_field; needs "
+                        "the `data` extra) (default: the embedded Python-stdlib corpus)")
+    p.add_argument("--tokenizer", default=None,
+                   help="folder with a Hugging Face tokenizer.json (or the file) to tokenize "
+                        "--data with; sets data.tokenizer (default: UTF-8 bytes; needs the "
+                        "`data` extra)")
 
   p = sub.add_parser("demo", help="pretrain, quantize (RTN and QAT), evaluate, write a report")
   common(p, f"output folder (default {DEFAULT_WORKDIRS['demo']})")
+  p.add_argument("--hf-dir", default=None,
+                 help="start from this local HF MoE checkpoint (Mixtral, Qwen2/3-MoE, OLMoE) "
+                      "instead of pretraining; its model config is used, and its tokenizer.json "
+                      "unless --tokenizer is given")
 
   p = sub.add_parser("pretrain", help="train the full-precision model (the teacher)")
   common(p, f"output folder (default {DEFAULT_WORKDIRS['pretrain']})")
@@ -170,13 +179,15 @@ def run(argv: list[str]) -> int:
   config = config_io.load_config(args.config)
   if args.data is not None:
     overrides["data.path"] = args.data
+  if getattr(args, "tokenizer", None) is not None:
+    overrides["data.tokenizer"] = args.tokenizer
   config_io.apply_overrides(config, overrides)
   config_io.model_config(config)  # validate the model section before any work
   workdir = _writable_workdir(args.workdir or DEFAULT_WORKDIRS[args.command] or ".")
 
   if args.command == "demo":
     from moeqjax.demo import run_demo
-    metrics = run_demo(config, workdir)
+    metrics = run_demo(config, workdir, hf_dir=args.hf_dir)
     _print_summary(metrics, workdir)
   elif args.command == "pretrain":
     corpus = runs.load_data(config)

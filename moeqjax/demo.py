@@ -1,10 +1,12 @@
-"""`moeqjax demo`: pretrain (cached), round-to-nearest baselines, QAT variants, evaluation and report."""
+"""`moeqjax demo`: pretrain (cached) or import a HF checkpoint, RTN baselines, QAT variants, evaluation and report."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 
+import ml_collections
 import numpy as np
 
 from moeqjax import config_io, runs
@@ -27,29 +29,77 @@ DEMO_VARIANTS = {
 }
 
 
-def run_demo(config, workdir: str | pathlib.Path) -> dict:
+HF_IMPORT_DIR = "hf_import"  # the demo workdir's subfolder holding an imported checkpoint
+
+
+def import_teacher(config, hf_dir: str | pathlib.Path, out: pathlib.Path):
+  """Imports `hf_dir` into `out` once (reused after) and points `config` at the checkpoint.
+
+  Sets config.model to the checkpoint's model section (user model overrides do not apply) and,
+  when config.data.tokenizer is "" and hf_dir holds a tokenizer.json, config.data.tokenizer to
+  hf_dir, since the checkpoint's embeddings only make sense with its own tokenizer.
+
+  Returns:
+    The imported params.
+  """
+  from moeqjax.convert import workdir as convert_workdir  # pylint: disable=import-outside-toplevel
+  hf_dir = pathlib.Path(hf_dir).expanduser()
+  if not (hf_dir / "config.json").is_file():
+    raise config_io.ConfigError(f"--hf-dir {hf_dir} has no config.json; pass a Hugging Face "
+                                "checkpoint folder (config.json + *.safetensors)")
+  if convert_workdir.is_imported(out):
+    record = json.loads((out / convert_workdir.IMPORT_MARKER).read_text())
+    if record["hf_dir"] != str(hf_dir.absolute()):
+      raise config_io.ConfigError(
+          f"{out} holds an import of {record['hf_dir']}, not {hf_dir.absolute()}; choose another "
+          "--workdir or delete this one")
+  else:
+    dtype = config.model.param_dtype if config.model.param_dtype in ("float32", "bfloat16") else "float32"
+    convert_workdir.import_checkpoint(hf_dir, out, config, "the demo config", dtype)
+    record = json.loads((out / convert_workdir.IMPORT_MARKER).read_text())
+  with config.unlocked():
+    config.model = ml_collections.ConfigDict(record["model"])
+  if not config.data.tokenizer and (hf_dir / "tokenizer.json").is_file():
+    config.data.tokenizer = str(hf_dir.absolute())
+  return convert_workdir.load_imported_params(out, config_io.model_config(config))
+
+
+def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | None = None) -> dict:
   """Runs the whole pipeline into `workdir`; finished phases are reused, killed ones resumed.
+
+  Args:
+    config: the experiment config (changed in place when hf_dir is given: see import_teacher).
+    workdir: output folder.
+    hf_dir: a local HF MoE checkpoint folder to start from instead of pretraining; its
+      tokenizer.json is used when config.data.tokenizer is "".
 
   Returns:
     The metrics dict also written to workdir/metrics.json.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  cfg = config_io.model_config(config)
   timings = {}
   start = time.perf_counter()
-  corpus = runs.load_data(config)
-  timings["data"] = time.perf_counter() - start
-
+  if hf_dir is not None:
+    params = import_teacher(config, hf_dir, workdir / HF_IMPORT_DIR)
+    timings["import"] = time.perf_counter() - start
+  cfg = config_io.model_config(config)
   t = time.perf_counter()
-  teacher = runs.pretrain(config, workdir / "pretrain", corpus, resume=True)
-  timings["pretrain"] = time.perf_counter() - t
-  params = teacher.params
+  corpus = runs.load_data(config)
+  timings["data"] = time.perf_counter() - t
+
+  curves = {}
+  if hf_dir is None:
+    t = time.perf_counter()
+    teacher = runs.pretrain(config, workdir / "pretrain", corpus, resume=True)
+    timings["pretrain"] = time.perf_counter() - t
+    params = teacher.params
+    curves["pretrain"] = read_metrics(workdir / "pretrain" / "metrics.jsonl")
+  qat_offset = 0 if hf_dir is not None else config.pretrain.steps
 
   quant = runs.default_quant(cfg)
   shape = (cfg.num_layers, cfg.num_experts)
-  variants, descriptions, curves = {}, {}, {"pretrain": read_metrics(
-      workdir / "pretrain" / "metrics.jsonl")}
+  variants, descriptions = {}, {}
   for name, (code, trained, text) in DEMO_VARIANTS.items():
     descriptions[name] = text
     if not trained and code == 0:
@@ -64,7 +114,7 @@ def run_demo(config, workdir: str | pathlib.Path) -> dict:
       timings[name] = time.perf_counter() - t
       variants[name] = {"params": state.params, "quant": state.quant}
       # QAT continues from the end of pretraining: plot it there.
-      curves[name] = [dict(r, step=r["step"] + config.pretrain.steps)
+      curves[name] = [dict(r, step=r["step"] + qat_offset)
                       for r in read_metrics(workdir / name / "metrics.jsonl")]
 
   t = time.perf_counter()
@@ -73,17 +123,25 @@ def run_demo(config, workdir: str | pathlib.Path) -> dict:
   baseline = unigram_bits_per_token(corpus.train, corpus.valid, cfg.vocab_size)
   timings["eval"] = time.perf_counter() - t
   timings["total"] = time.perf_counter() - start
+  if hf_dir is None:
+    teacher_note = (f"Pretraining: {config.pretrain.steps} steps of {config.pretrain.batch_size}x"
+                    f"{config.pretrain.seq_len} tokens; QAT: {config.qat.steps} steps of "
+                    f"{config.qat.batch_size}x{config.qat.seq_len} on the same training split.")
+  else:
+    teacher_note = (f"Teacher: the Hugging Face checkpoint {pathlib.Path(hf_dir).absolute()} "
+                    f"(imported into {HF_IMPORT_DIR}/, no pretraining); QAT: {config.qat.steps} "
+                    f"steps of {config.qat.batch_size}x{config.qat.seq_len} on the training split.")
   notes = [
-      f"Evaluation: {results[REFERENCE]['eval_tokens']:,} held-out tokens in "
+      f"Evaluation: {results[REFERENCE]['eval_tokens']:,} held-out {corpus.unit}s in "
       f"{windows.shape[0]} windows of {windows.shape[1] - 1}.",
-      f"Pretraining: {config.pretrain.steps} steps of {config.pretrain.batch_size}x"
-      f"{config.pretrain.seq_len} tokens; QAT: {config.qat.steps} steps of "
-      f"{config.qat.batch_size}x{config.qat.seq_len} on the same training split.",
+      f"Tokenizer: {corpus.fingerprint['tokenizer']} (vocab {corpus.vocab_size}); metrics are "
+      f"per {corpus.unit}.",
+      teacher_note,
       "QAT continues training on the pretraining data, so compare QAT rows with "
       "`fp_continued` (same steps, no quantization) to read the cost of quantization alone; "
       "`full_precision` is the teacher the RTN rows start from.",
       "Reused phases (already finished in this workdir) count ~0 s of wall time.",
   ]
   return write_report(workdir, results, descriptions=descriptions, baseline=baseline,
-                      fingerprint=corpus.fingerprint, unit="byte", curves=curves,
+                      fingerprint=corpus.fingerprint, unit=corpus.unit, curves=curves,
                       timings=timings, notes=notes, config_text=config_io.config_json(config))

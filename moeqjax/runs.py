@@ -12,7 +12,7 @@ import numpy as np
 from flax import linen as nn
 
 from moeqjax import config_io
-from moeqjax.data import TextCorpus, load_corpus
+from moeqjax.data import TokenCorpus, check_vocab, encode_corpus, load_corpus, make_tokenizer
 from moeqjax.model import MoETransformer, init_model
 from moeqjax.objectives import LossWeights
 from moeqjax.quant import validate_codes
@@ -26,9 +26,32 @@ class StaleWorkdir(config_io.ConfigError):
   """A workdir made with a different config than the one now given."""
 
 
-def load_data(config) -> TextCorpus:
-  return load_corpus(config.data.path or None, config.data.valid_fraction,
-                     config.data.text_field)
+def load_data(config, process_index: int | None = None,
+              process_count: int | None = None) -> TokenCorpus:
+  """Loads `config.data` and tokenizes it for `config.model`.
+
+  Args:
+    config: the experiment config; uses data.path, data.valid_fraction, data.text_field,
+      data.tokenizer ("" = bytes, else a folder with tokenizer.json) and model.vocab_size.
+    process_index, process_count: this host's shard of the train documents (see
+      moeqjax.data.load_corpus); None means jax.process_index() / jax.process_count(), which
+      is (0, 1) on a single host, where nothing changes.
+
+  Returns:
+    The train / validation token streams; `.unit` is "byte" or "token" for reports.
+  """
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  tokenizer = make_tokenizer(config.data.tokenizer)
+  # Check the vocab before reading (and tokenizing) a possibly large corpus.
+  vocab_size = config_io.model_config(config).vocab_size
+  check_vocab(tokenizer, vocab_size)
+  corpus = load_corpus(config.data.path or None, config.data.valid_fraction,
+                       config.data.text_field, process_index=process_index,
+                       process_count=process_count)
+  return encode_corpus(corpus, tokenizer, vocab_size)
 
 
 def record_config(workdir: pathlib.Path, section: dict):
@@ -59,7 +82,7 @@ def finished_state(workdir: pathlib.Path, template: TrainState, steps: int):
     ckpt.close()
 
 
-def pretrain(config, workdir: str | pathlib.Path, corpus: TextCorpus, *,
+def pretrain(config, workdir: str | pathlib.Path, corpus: TokenCorpus, *,
              resume: bool) -> TrainState:
   """Trains the full-precision model (the teacher); reuses a finished run in `workdir`."""
   workdir = pathlib.Path(workdir)
@@ -78,7 +101,7 @@ def pretrain(config, workdir: str | pathlib.Path, corpus: TextCorpus, *,
                       desc="pretrain")
 
 
-def qat(config, workdir: str | pathlib.Path, corpus: TextCorpus, teacher_params, *,
+def qat(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher_params, *,
         expert_codes_LxE: np.ndarray | None, resume: bool, realloc=None) -> TrainState:
   """Quantization-aware fine-tuning of a student initialised from `teacher_params`.
 

@@ -24,7 +24,8 @@ class NoRun(config_io.ConfigError):
 
 
 def workdir_config(config, workdir: pathlib.Path):
-  """`config` with the sections recorded in workdir/config.json; and the phase, "pretrain" or "qat"."""
+  """`config` with the sections recorded in workdir/config.json, and the phase: "pretrain", "qat" or
+  "finetune" (the study's full-precision fine-tune, optimizer of the qat section at its own lr)."""
   record_path = workdir / "config.json"
   if not record_path.is_file() or not (workdir / "ckpt").is_dir():
     raise NoRun(f"{workdir} holds no pretrain or QAT run (no config.json and ckpt/); pass the "
@@ -34,7 +35,13 @@ def workdir_config(config, workdir: pathlib.Path):
   for name in _SECTIONS:
     if name in record:
       config[name] = ml_collections.ConfigDict(record[name])
-  return config, ("qat" if "qat" in record else "pretrain")
+  if "expert_codes" in record:  # runs.qat records the codes it started from
+    return config, "qat"
+  if "finetune" in record:
+    with config.qat.unlocked():
+      config.qat.learning_rate = record["finetune"]["lr"]
+    return config, "finetune"
+  return config, "pretrain"
 
 
 def restore_latest(config, workdir: str | pathlib.Path):
@@ -42,7 +49,8 @@ def restore_latest(config, workdir: str | pathlib.Path):
   workdir = pathlib.Path(workdir)
   config, phase = workdir_config(config, workdir)
   cfg = config_io.model_config(config)
-  _, optim = config_io.phase_configs(config[phase], phase)
+  section = "qat" if phase == "finetune" else phase
+  _, optim = config_io.phase_configs(config[section], section)
   tx = make_optimizer(optim)
 
   def build():

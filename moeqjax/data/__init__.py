@@ -1,4 +1,4 @@
-"""Data: the embedded corpus, local text/jsonl readers, tokenizers and batching."""
+"""Data: the embedded corpus, local text/jsonl/parquet/arrow readers, tokenizers and batching."""
 
 from moeqjax.data.batching import eval_windows, sample_batch, unigram_bits_per_token
 from moeqjax.data.corpus import (
@@ -6,24 +6,31 @@ from moeqjax.data.corpus import (
     TextCorpus,
     load_corpus,
     load_stdlib_corpus,
+    shard_bytes,
     split_paths,
     stdlib_files,
     stdlib_root,
 )
 from moeqjax.data.errors import DataError
-from moeqjax.data.tokenizer import ByteTokenizer, Tokenizer, make_tokenizer
+from moeqjax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, make_tokenizer
+from moeqjax.data.tokens import TokenCorpus, check_vocab, encode_corpus
 
 __all__ = [
     "DOC_SEPARATOR",
     "ByteTokenizer",
     "DataError",
+    "HFTokenizer",
     "TextCorpus",
+    "TokenCorpus",
     "Tokenizer",
+    "check_vocab",
+    "encode_corpus",
     "eval_windows",
     "load_corpus",
     "load_stdlib_corpus",
     "make_tokenizer",
     "sample_batch",
+    "shard_bytes",
     "split_paths",
     "stdlib_files",
     "stdlib_root",

@@ -22,11 +22,18 @@ def _check_tokens(tokens: np.ndarray, seq_len: int, what: str) -> np.ndarray:
     return tokens
 
 
-def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int) -> np.ndarray:
+def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int,
+                 process_index: int = 0, process_count: int = 1) -> np.ndarray:
     """Samples random windows, a pure function of (seed, step).
 
     The generator is seeded with [seed, step] alone, not carried between calls, so a run resumed
     at step s sees exactly the batches an uninterrupted run would have seen.
+
+    Multi-host (batch sharding): with process_count P > 1 every host draws the same global batch
+    and keeps its rows [i * B / P, (i + 1) * B / P), so the hosts' rows are disjoint, together
+    the global batch, and the global batch does not depend on P. This needs the whole token
+    stream on every host; the alternative is document sharding in load_corpus (each host holds
+    its own documents, then calls this with P = 1 and its local batch size). Use one, not both.
 
     Args:
       tokens: integer token ids, shape [T], T >= seq_len + 1.
@@ -34,18 +41,29 @@ def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, s
       seq_len: L, model sequence length.
       seed: non-negative data seed.
       step: non-negative training step.
+      process_index: this host, in [0, P).
+      process_count: P, the number of hosts; must divide batch_size.
 
     Returns:
-      int32 array, shape [B, L + 1]; row b is tokens[s_b : s_b + L + 1] for a uniform start s_b.
+      int32 array, shape [B / P, L + 1]; row b is tokens[s_b : s_b + L + 1] for a uniform start s_b.
     """
     tokens = _check_tokens(tokens, seq_len, "the token array")
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     if seed < 0 or step < 0:
         raise DataError(f"seed and step must be non-negative, got seed={seed}, step={step}")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise DataError(f"need 0 <= process_index < process_count, got {process_index} and {process_count}")
+    if batch_size % process_count:
+        raise DataError(
+            f"batch_size {batch_size} is not divisible by process_count {process_count}; "
+            "use a global batch size that is a multiple of the number of hosts"
+        )
     rng = np.random.default_rng([seed, step])
     # High is exclusive: the last valid start is T - (L + 1).
     starts_B = rng.integers(0, tokens.size - seq_len, size=batch_size)
+    local = batch_size // process_count
+    starts_B = starts_B[process_index * local:(process_index + 1) * local]
     return tokens[starts_B[:, None] + np.arange(seq_len + 1)].astype(np.int32)
 
 

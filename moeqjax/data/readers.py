@@ -145,3 +145,88 @@ def read_jsonl(path: pathlib.Path, text_field: str) -> list[Document]:
     if not any(content for _, content in docs):
         raise DataError(f"file {path} has no text in field {text_field!r}; add records with text")
     return docs
+
+
+ARROW_SUFFIXES = (".parquet", ".arrow", ".feather")
+
+
+def _import_pyarrow(path: pathlib.Path):
+    try:
+        import pyarrow as pa  # pylint: disable=import-outside-toplevel
+        import pyarrow.ipc  # pylint: disable=import-outside-toplevel,unused-import
+        import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise DataError(
+            f"reading {path.name} needs pyarrow; install the optional extra: pip install 'moeqjax[data]' "
+            "(or pip install pyarrow), or convert the file to .jsonl"
+        ) from e
+    return pa, pq
+
+
+def _batches(pa, pq, path: pathlib.Path, text_field: str):
+    """Yields (record batch, column names) of a .parquet, .arrow or .feather file, in file order.
+
+    When text_field is not a column, yields (None, column names) once.
+    """
+    try:
+        if path.suffix == ".parquet":
+            pfile = pq.ParquetFile(path)
+            names = pfile.schema_arrow.names
+            if text_field in names:
+                # Only the text column is read, a row group at a time.
+                for batch in pfile.iter_batches(batch_size=4096, columns=[text_field]):
+                    yield batch, names
+            else:
+                yield None, names
+            return
+        # .arrow is the IPC file format (Feather v2) or, as HF `datasets` writes it, the stream format.
+        try:
+            reader = pa.ipc.open_file(path)
+            names = reader.schema.names
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:
+            reader = pa.ipc.open_stream(path)
+            names = reader.schema.names
+            batches = iter(reader)
+        if text_field not in names:
+            yield None, names
+            return
+        for batch in batches:
+            yield batch, names
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"cannot read {path} as {path.suffix[1:]}: {e}") from e
+
+
+def read_arrow_table(path: pathlib.Path, text_field: str) -> list[Document]:
+    """Reads the text column of a .parquet, .arrow (IPC file or stream) or .feather file.
+
+    Record batches are read one at a time and only the text column is decoded, so files with
+    large other columns stay cheap. Null texts count as empty records.
+
+    Args:
+      path: an existing file.
+      text_field: the column that holds each record's text (a string column).
+
+    Returns:
+      Documents in file order keyed by record index ("0", "1", ...), as for .jsonl.
+    """
+    pa, pq = _import_pyarrow(path)
+    docs = []
+    for batch, names in _batches(pa, pq, path, text_field):
+        if batch is None:
+            listed = ", ".join(repr(n) for n in names) or "none"
+            raise DataError(
+                f"{path} has no column {text_field!r} (columns present: {listed}); "
+                "set --config.data.text_field to the column that holds the text"
+            )
+        column = batch.column(batch.schema.get_field_index(text_field))
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise DataError(
+                f"{path} column {text_field!r} has type {column.type}, not string; "
+                "set --config.data.text_field to a text column"
+            )
+        for text in column.to_pylist():
+            docs.append((str(len(docs)), (text or "").encode("utf-8", errors="replace")))
+    if not any(content for _, content in docs):
+        raise DataError(f"file {path} has no text in column {text_field!r}; add records with text")
+    return docs

@@ -13,6 +13,7 @@ CONTROL = "fp_continued"  # full precision trained as long as the QAT runs (abse
 # Columns of the report table: (header, metrics key, format).
 TABLE = (
     ("bits/{unit}", "bits_per_token", "{:.4f}"),
+    ("perplexity", "perplexity", "{:.2f}"),  # shown for unit "token" only (see _columns)
     ("Δ vs FP", "delta_vs_fp", "{:+.4f}"),
     ("Δ vs FP-continued", "delta_vs_fp_continued", "{:+.4f}"),
     ("avg expert bits (codes)", "expert_code_bits", "{:.2f}"),
@@ -26,11 +27,18 @@ TABLE = (
 )
 
 
+def _columns(unit: str) -> tuple:
+  # Perplexity per byte is a number nobody compares against; per token it is the usual LM metric.
+  # metrics.json always has the key.
+  return tuple(c for c in TABLE if unit == "token" or c[1] != "perplexity")
+
+
 def _table(results: dict, unit: str, descriptions: dict) -> str:
-  head = ["variant"] + [h.format(unit=unit) for h, _, _ in TABLE]
+  columns = _columns(unit)
+  head = ["variant"] + [h.format(unit=unit) for h, _, _ in columns]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in results.items():
-    cells = [f"`{name}`"] + [fmt.format(r[key]) for _, key, fmt in TABLE]
+    cells = [f"`{name}`"] + [fmt.format(r[key]) for _, key, fmt in columns]
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
   lines += [f"- `{name}`: {text}" for name, text in descriptions.items()]
@@ -67,7 +75,9 @@ def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, ba
       f"Held-out data: {data_line}.",
       "",
       f"Unigram {unit} model (train unigram, Laplace smoothing) on the held-out split: "
-      f"**{baseline:.4f} bits/{unit}**. Full-precision MoE: **{ref:.4f} bits/{unit}**.",
+      f"**{baseline:.4f} bits/{unit}**. Full-precision MoE: **{ref:.4f} bits/{unit}**"
+      + (f" (perplexity {results[REFERENCE]['perplexity']:.2f} per token)." if unit == "token"
+         else "."),
       "",
       _table(results, unit, descriptions),
       "",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from moeqjax.eval.lm_eval import evaluate_lm
@@ -42,6 +44,8 @@ def evaluate_variants(cfg: ModelConfig, variants: dict, windows_NxS1: np.ndarray
     results[name] = {
         "nll": ev["nll"],
         "bits_per_token": ev["bits_per_token"],
+        # exp(nats per token): per byte for byte-level data, per token with a tokenizer.
+        "perplexity": math.exp(min(ev["nll"], 700.0)),  # capped: exp overflows a float past ~709
         "eval_tokens": ev["tokens"],
         "topk_agree": float(np.mean(agree["topk_agree"])),
         "top1_agree": float(np.mean(agree["top1_agree"])),

@@ -120,7 +120,7 @@ def _finetune(config, workdir: pathlib.Path, corpus: TextCorpus, params, steps: 
 
 def _qat_cell(step_fn, tx, cfg, teacher, quant, codes, tokens, steps, batch_size, seq_len, seed):
   state = create_state(jax.tree.map(jnp.copy, teacher), tx, cfg.num_layers,
-                       quant=runs.set_expert_codes(quant, codes),
+                       quant=jax.tree.map(jnp.copy, runs.set_expert_codes(quant, codes)),
                        teacher_params=jax.tree.map(jnp.copy, teacher))
   rng = jax.random.key(seed)
   loss = float("nan")
@@ -241,6 +241,25 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
             for seed in range(st["seeds"])]
   run_cells(best_obj, pareto, f"pareto {best_obj}")
 
+  if "fp_continued" not in store.data.get("controls", {}):
+    # Control: the teacher trained on in full precision for the same QAT steps (CE), so that the
+    # extra task training QAT receives is not mistaken for a quantization gain.
+    weights = dataclasses.replace(base_weights, rec=0, kd=0, value=0, struct=0)
+    step_fn = jit_train_step(model, tx, weights)
+    values = []
+    for seed in tqdm(range(st["seeds"]), desc="control fp_continued", dynamic_ncols=True):
+      state = create_state(jax.tree.map(jnp.copy, teacher), tx, cfg.num_layers)
+      for step in range(st["qat_steps"]):
+        batch = jnp.asarray(sample_batch(task.train, loop.batch_size, loop.seq_len,
+                                         config.qat.seed + 100 * seed, step))
+        state, _ = step_fn(state, batch, jax.random.key(step))
+      values.append(evaluate_variants(cfg, {"full_precision": {"params": state.params}}, windows,
+                                      config.eval.batch_size)["full_precision"]["bits_per_token"])
+    store.data.setdefault("controls", {})["fp_continued"] = {
+        "bits_per_byte": _summ(values), "by_seed": values,
+        "what": f"full precision, {st['qat_steps']} more CE steps on the task (same batches as QAT)"}
+    store.save()
+
   if st["peers"]:
     from moeqjax.study import peers  # pylint: disable=import-outside-toplevel
     peers.run_peer_rows(store, config, cfg, teacher, task, windows, st)
@@ -312,7 +331,10 @@ def _paired(a: dict, b: dict) -> dict:
          "n": int(d.size)}
   if d.size >= 2:
     sd = float(d.std(ddof=1))
-    t = float(d.mean() / (sd / math.sqrt(d.size))) if sd > 0 else math.inf
+    if sd > 0:
+      t = float(d.mean() / (sd / math.sqrt(d.size)))
+    else:  # identical allocations give identical runs: no difference at all
+      t = 0.0 if d.mean() == 0 else math.copysign(math.inf, d.mean())
     out.update(sd=sd, t=t, t95=_T95.get(d.size - 1, 2.0), beats_noise=bool(abs(t) > _T95.get(d.size - 1, 2.0)))
   else:
     out.update(beats_noise=False)

@@ -31,12 +31,11 @@ def plot_pareto(data: dict, path: pathlib.Path):
     y = [r["bits_per_byte"]["mean"] for r in rows]
     e = [r["bits_per_byte"]["std"] for r in rows]
     ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=METHOD_LABELS.get(m, m))
-  for name, peer in data.get("peers", {}).items():
-    if "bits_per_byte" in peer:
-      ax.errorbar([peer["expert_code_bits"]], [peer["bits_per_byte"]["mean"]],
-                  yerr=[peer["bits_per_byte"]["std"]], marker="s", color="k", capsize=3,
-                  linestyle="none")
-      ax.annotate(name, (peer["expert_code_bits"], peer["bits_per_byte"]["mean"]), fontsize=7)
+  # Peer rows (Qwix, CE only) are not on this plot: another objective, not like for like.
+  ctrl = data.get("controls", {}).get("fp_continued")
+  if ctrl:
+    ax.axhline(ctrl["bits_per_byte"]["mean"], color="k", linestyle=":",
+               label="full precision, continued for the QAT steps (control)")
   ref = data["reference"]["finetuned_fp_bits_per_byte"]
   ax.axhline(ref, color="gray", linestyle="--", label="full precision (fine-tuned)")
   ax.set_xlabel("average expert code bits per weight (scales excluded)")
@@ -112,8 +111,10 @@ def plot_bits_vs_sensitivity(data: dict, path: pathlib.Path):
 def _noise_text(v: dict) -> str:
   if "t" not in v:
     return "one seed: no noise estimate"
+  if v["margin_bpb"] == 0 and v["t"] == 0:
+    return f"tied with {v['method']} (identical allocation)"
   verdict = "beats seed noise" if v["beats_noise"] else "within seed noise"
-  return (f"margin {v['margin_bpb']:+.4f} bits/byte over {v['method']} (paired over {v['n']} "
+  return (f"ahead of {v['method']} by {v['margin_bpb']:.4f} bits/byte (paired over {v['n']} "
           f"seeds, t = {v['t']:.2f}, 95% threshold {v['t95']:.2f}: {verdict})")
 
 
@@ -162,7 +163,14 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
             "packing rounds up, so the sweep uses "
             f"{', '.join(f'{b:g}' for b in st['pareto_budgets'])}.", "",
             f"Full precision: pretrained {ref['pretrained_fp_bits_per_byte']:.4f}, fine-tuned "
-            f"{ref['finetuned_fp_bits_per_byte']:.4f} bits per byte on the task's held-out files.", ""]
+            f"{ref['finetuned_fp_bits_per_byte']:.4f} bits per byte on the task's held-out files."]
+  ctrl = data.get("controls", {}).get("fp_continued")
+  if ctrl:
+    lines.append(f"Control: the fine-tuned model trained on in full precision for the same "
+                 f"{st['qat_steps']} steps (CE, same batches as QAT): "
+                 f"{_fmt(ctrl['bits_per_byte'])} bits per byte. QAT runs also train on the task "
+                 "for those steps, so compare them with this control, not with the teacher.")
+  lines.append("")
 
   # Winners in plain words.
   lines += ["## Who won", ""]
@@ -173,7 +181,7 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
       if "vs_second" in w:
         text += "; " + _noise_text(w["vs_second"])
       if "vs_uniform" in w:
-        text += "; vs uniform: " + _noise_text(w["vs_uniform"])
+        text += "; " + _noise_text(w["vs_uniform"]) + " (uniform spends fewer bytes)"
       lines.append(text + ".")
   om = summ["objective_mean_bpb_at_main"]
   lines += ["", "Objectives averaged over methods at the main budget: " + ", ".join(
@@ -186,7 +194,7 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
       if "vs_second" in w:
         text += "; " + _noise_text(w["vs_second"])
       if "vs_uniform" in w:
-        text += "; vs uniform: " + _noise_text(w["vs_uniform"])
+        text += "; " + _noise_text(w["vs_uniform"]) + " (uniform spends fewer bytes)"
       lines.append(text + ".")
   lines.append("")
 
@@ -256,5 +264,8 @@ def write_outputs(workdir: pathlib.Path, data: dict):
 
 if __name__ == "__main__":  # re-render from an existing study.json
   import sys
+  from moeqjax.study.grid import summarize  # noqa: E402
   d = pathlib.Path(sys.argv[1])
-  write_outputs(d, json.loads((d / "study.json").read_text()))
+  loaded = json.loads((d / "study.json").read_text())
+  loaded["summary"] = summarize(loaded)
+  write_outputs(d, loaded)

@@ -75,6 +75,15 @@ class _SignalFlag:
       signal.signal(sig, handler)
 
 
+def commit_to_device(state: TrainState) -> TrainState:
+  """Commits every leaf to the default device before the first step.
+
+  Orbax-restored leaves are committed to a device and freshly created ones are not; jit keys its
+  cache on that, so a mixed state would compile the step twice (once more after step one).
+  """
+  return jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+
 def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop: LoopConfig,
                  workdir: str | pathlib.Path, *, resume: bool, desc: str,
                  on_step: Callable[[int, dict], None] | None = None) -> TrainState:
@@ -108,6 +117,7 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop:
           f"{workdir} already holds a checkpoint at step {latest}; pass --resume to continue it "
           "or choose another --workdir")
     state = ckpt.restore(state, latest)
+  state = commit_to_device(state)
   start = int(state.step)
   log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
   base_rng = jax.random.key(loop.seed)

@@ -15,10 +15,14 @@ from moeqjax.train.metrics_log import read_metrics
 LOOP = LoopConfig(steps=6, batch_size=4, seq_len=16, seed=0, log_every=1, ckpt_every=2)
 
 
-def _run(workdir, resume, on_step=None):
+def _run(workdir, resume, on_step=None, compiled=None):
   _, model, tx, state = make_states(qat=True, steps=LOOP.steps)
-  return run_training(state, jit_train_step(model, tx, JOINT), synthetic_tokens(), LOOP, workdir,
-                      resume=resume, desc="test", on_step=on_step)
+  step_fn = jit_train_step(model, tx, JOINT)
+  final = run_training(state, step_fn, synthetic_tokens(), LOOP, workdir, resume=resume,
+                       desc="test", on_step=on_step)
+  if compiled is not None:
+    compiled.append(step_fn._cache_size())
+  return final
 
 
 def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
@@ -32,7 +36,10 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
     _run(tmp_path / "killed", resume=False, on_step=kill_at_3)
   with pytest.raises(CheckpointExists, match="--resume"):
     _run(tmp_path / "killed", resume=False)
-  resumed = _run(tmp_path / "killed", resume=True)
+  compiled = []
+  resumed = _run(tmp_path / "killed", resume=True, compiled=compiled)
+  # restored (committed) and fresh leaves must not make the step compile a second time
+  assert compiled == [1]
 
   full_log = read_metrics(tmp_path / "full" / "metrics.jsonl")
   resumed_log = read_metrics(tmp_path / "killed" / "metrics.jsonl")
@@ -59,3 +66,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     run_training(state, poisoned, synthetic_tokens(), LOOP, tmp_path, resume=False, desc="nan")
   steps = sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())
   assert steps[-1] == 4
+
+
+def test_state_mixing_restored_and_fresh_leaves_compiles_once(tmp_path):
+  """QAT from a restored teacher: committed (restored) params next to fresh optimizer leaves."""
+  _, model, tx, state = make_states(qat=True, steps=LOOP.steps)
+  committed = jax.device_put(state.teacher_params, jax.devices()[0])  # as orbax restores them
+  state = state.replace(teacher_params=committed)
+  step_fn = jit_train_step(model, tx, JOINT)
+  loop = LoopConfig(steps=3, batch_size=4, seq_len=16, seed=0, log_every=1, ckpt_every=0)
+  run_training(state, step_fn, synthetic_tokens(), loop, tmp_path, resume=False, desc="mixed")
+  assert step_fn._cache_size() == 1

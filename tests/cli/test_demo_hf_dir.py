@@ -1,0 +1,74 @@
+"""`moeqjax demo --hf-dir`: a tiny saved Mixtral replaces pretraining; the rest of the pipeline runs."""
+
+import json
+
+import pytest
+
+from moeqjax.cli import main
+
+# One QAT step: each QAT variant costs one train_step compile (~15 s on a busy 2-core CPU).
+STEPS = ["--config.qat.steps=1", "--config.qat.warmup_steps=1", "--config.qat.batch_size=2",
+         "--config.qat.seq_len=16", "--config.qat.log_every=1", "--config.eval.num_windows=2",
+         "--config.eval.seq_len=16", "--config.eval.batch_size=2"]
+WORDS = "the quick brown fox jumps over lazy dog line".split()
+
+
+def _tiny_mixtral(path, vocab_size):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  cfg = transformers.MixtralConfig(
+      vocab_size=vocab_size, hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+      num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+      max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+  torch.manual_seed(0)
+  transformers.AutoModelForCausalLM.from_config(cfg).float().save_pretrained(path)
+  return path
+
+
+def _word_tokenizer(folder):
+  tokenizers = pytest.importorskip("tokenizers")
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.train_from_iterator([" ".join(WORDS) + " 0 1 2 3 4 5 6 7 8 9 :"],
+                          trainer=tokenizers.trainers.WordLevelTrainer(
+                              special_tokens=["[UNK]", "<|endoftext|>"]))
+  tok.save(str(folder / "tokenizer.json"))
+
+
+def test_demo_from_hf_checkpoint(tmp_path, capsys):
+  """With the checkpoint's tokenizer.json (picked up since --tokenizer is not given).
+
+  The byte path (vocab >= 256) shares all of this code but the tokenizer choice, which
+  tests/data/test_hf_tokenizer.py covers; a second demo run would double this test's time.
+  """
+  from moeqjax.data import make_tokenizer
+  hf_dir = _tiny_mixtral(tmp_path / "hf", vocab_size=32)
+  _word_tokenizer(hf_dir)
+  data = tmp_path / "corpus.txt"
+  data.write_text("".join(f"line {i % 10} : the quick brown fox jumps over the lazy dog\n"
+                          for i in range(300)))
+  work = tmp_path / "demo"
+  args = ["demo", "--hf-dir", str(hf_dir), "--data", str(data), "--workdir", str(work), *STEPS]
+  assert main(args) == 0
+  metrics = json.loads((work / "metrics.json").read_text())
+  assert set(metrics["variants"]) == {"full_precision", "fp_continued", "rtn_int4", "rtn_ternary",
+                                      "qat_ternary", "qat_int2"}
+  assert metrics["unit"] == "token"
+  assert metrics["data"]["vocab_size"] == make_tokenizer(str(hf_dir)).vocab_size == 22
+  assert metrics["data"]["tokenizer"] == str((hf_dir / "tokenizer.json").resolve())
+  for r in metrics["variants"].values():
+    assert r["perplexity"] == pytest.approx(2.718281828 ** r["nll"], rel=1e-6)
+  assert not (work / "pretrain").exists() and (work / "hf_import" / "hf_import.json").is_file()
+  assert "import" in metrics["timings_s"] and "pretrain" not in metrics["timings_s"]
+  report = (work / "report.md").read_text()
+  assert "bits/token" in report
+  assert "| perplexity |" in report  # the column is shown for tokens (not for bytes)
+  assert "bits/token" in capsys.readouterr().out
+  qat_record = json.loads((work / "qat_ternary" / "config.json").read_text())
+  assert qat_record["model"]["vocab_size"] == 32  # the checkpoint's model config, not tiny.py's
+  assert qat_record["data"]["tokenizer"] == str(hf_dir.absolute())
+
+
+def test_demo_hf_dir_errors(tmp_path, capsys):
+  assert main(["demo", "--hf-dir", str(tmp_path), "--workdir", str(tmp_path / "w")]) == 2
+  assert "has no config.json" in capsys.readouterr().err
