@@ -48,7 +48,9 @@ def main():
 
   variants = {}
   for name, collect in (("with", True), ("without", False)):
-    state = create_state(jax.tree.map(jnp.copy, params), tx, cfg.num_layers, quant=quant,
+    # Fresh buffers per variant: the jitted step donates the whole state.
+    state = create_state(jax.tree.map(jnp.copy, params), tx, cfg.num_layers,
+                         quant=None if quant is None else jax.tree.map(jnp.copy, quant),
                          teacher_params=jax.tree.map(jnp.copy, params) if args.qat else None)
     fn = jit_train_step(model, tx, weights, collect_stats=collect)
     state, m = fn(state, batches[0], rng)  # compile
