@@ -142,30 +142,6 @@ def _writable_workdir(path: str) -> pathlib.Path:
   return workdir
 
 
-def _finished_pretrain_params(config, teacher_dir: pathlib.Path):
-  from moeqjax import runs
-  import jax
-  from moeqjax import config_io
-  from moeqjax.model import init_model
-  from moeqjax.train import create_state, make_optimizer
-  cfg = config_io.model_config(config)
-  from moeqjax.convert import workdir as convert_workdir
-  if convert_workdir.is_imported(teacher_dir):  # a folder written by `moeqjax import-hf`
-    return convert_workdir.load_imported_params(teacher_dir, cfg)
-  loop, optim = config_io.phase_configs(config.pretrain, "pretrain")
-  if not (teacher_dir / "ckpt").is_dir():
-    raise UserError(f"--teacher {teacher_dir} has no checkpoint; run `moeqjax pretrain "
-                    f"--workdir {teacher_dir}` first")
-  tx = make_optimizer(optim)
-  template = jax.eval_shape(
-      lambda: create_state(init_model(cfg, jax.random.key(0))[1], tx, cfg.num_layers))
-  state = runs.finished_state(teacher_dir, template, loop.steps)
-  if state is None:
-    raise UserError(f"--teacher {teacher_dir} has not finished its {loop.steps} pretraining "
-                    f"steps; finish it with `moeqjax pretrain --workdir {teacher_dir} --resume`")
-  return state.params
-
-
 def run(argv: list[str]) -> int:
   argv, overrides = _split_overrides(argv)
   args = _parser().parse_args(argv)
@@ -194,7 +170,7 @@ def run(argv: list[str]) -> int:
     state = runs.pretrain(config, workdir, corpus, resume=args.resume)
     print(f"pretrained {int(state.step)} steps; checkpoint in {workdir / 'ckpt'}")
   elif args.command == "qat":
-    params = _finished_pretrain_params(config, pathlib.Path(args.teacher))
+    params = runs.teacher_params(config, pathlib.Path(args.teacher))
     corpus = runs.load_data(config)
     codes = None
     if args.allocation is not None:
@@ -209,7 +185,7 @@ def run(argv: list[str]) -> int:
     print(f"QAT finished at step {int(state.step)}; checkpoint in {workdir / 'ckpt'}")
   elif args.command == "eval":
     from moeqjax.evaluate_run import evaluate_qat_run
-    metrics = evaluate_qat_run(config, workdir, _finished_pretrain_params(
+    metrics = evaluate_qat_run(config, workdir, runs.teacher_params(
         config, pathlib.Path(args.teacher)))
     _print_summary({"variants": metrics, "unit": "token"}, workdir)
   return 0

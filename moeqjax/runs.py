@@ -82,6 +82,34 @@ def finished_state(workdir: pathlib.Path, template: TrainState, steps: int):
     ckpt.close()
 
 
+class MissingTeacher(config_io.ConfigError):
+  """--teacher does not point at a finished pretraining run or an imported checkpoint."""
+
+
+def teacher_params(config, teacher_dir: pathlib.Path):
+  """The params of a finished `moeqjax pretrain` workdir or an `moeqjax import-hf` folder.
+
+  Nothing is initialised: the restore template comes from jax.eval_shape.
+  """
+  from moeqjax.convert import workdir as convert_workdir  # local: convert imports runs
+  cfg = config_io.model_config(config)
+  if convert_workdir.is_imported(teacher_dir):
+    return convert_workdir.load_imported_params(teacher_dir, cfg)
+  loop, optim = config_io.phase_configs(config.pretrain, "pretrain")
+  if not (teacher_dir / "ckpt").is_dir():
+    raise MissingTeacher(f"--teacher {teacher_dir} has no checkpoint; run `moeqjax pretrain "
+                         f"--workdir {teacher_dir}` first")
+  tx = make_optimizer(optim)
+  template = jax.eval_shape(
+      lambda: create_state(init_model(cfg, jax.random.key(0))[1], tx, cfg.num_layers))
+  state = finished_state(teacher_dir, template, loop.steps)
+  if state is None:
+    raise MissingTeacher(
+        f"--teacher {teacher_dir} has not finished its {loop.steps} pretraining steps; finish it "
+        f"with `moeqjax pretrain --workdir {teacher_dir} --resume`")
+  return state.params
+
+
 def pretrain(config, workdir: str | pathlib.Path, corpus: TokenCorpus, *,
              resume: bool) -> TrainState:
   """Trains the full-precision model (the teacher); reuses a finished run in `workdir`."""

@@ -1,9 +1,17 @@
 """Shared tiny shapes for tests (D=16, E=4, k=2)."""
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import os
+
+# Tests run tiny shapes, so XLA compile time dominates their cost: LLVM optimization level 0
+# cuts the suite's time by about a third on 2 CPU cores. Set before jax is imported.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 from moeqjax.model import ModelConfig, QuantRules
 
