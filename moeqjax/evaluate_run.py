@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 import pathlib
 
-import jax
 
 from moeqjax import config_io, runs
 from moeqjax.data import eval_windows
 from moeqjax.eval import evaluate_variants
-from moeqjax.model import init_model
-from moeqjax.train import create_state, make_optimizer
 
 
 class UnfinishedRun(config_io.ConfigError):
@@ -20,18 +17,10 @@ class UnfinishedRun(config_io.ConfigError):
 
 def restore_qat_state(config, workdir: pathlib.Path):
   """The final state of a finished QAT run in `workdir` (no params are initialised)."""
-  cfg = config_io.model_config(config)
-  loop, optim = config_io.phase_configs(config.qat, "qat")
-  tx = make_optimizer(optim)
-
-  def build():
-    params = init_model(cfg, jax.random.key(0))[1]
-    return create_state(params, tx, cfg.num_layers, quant=runs.default_quant(cfg),
-                        teacher_params=params)
-
-  state = runs.finished_state(workdir, jax.eval_shape(build), loop.steps)
+  steps = config.qat.steps
+  state = runs.finished_state(workdir, runs.state_template(config, "qat"), steps)
   if state is None:
-    raise UnfinishedRun(f"{workdir} holds no finished QAT run of {loop.steps} steps; finish it "
+    raise UnfinishedRun(f"{workdir} holds no finished QAT run of {steps} steps; finish it "
                         f"with `moeqjax qat --workdir {workdir} --resume ...`")
   return state
 

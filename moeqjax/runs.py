@@ -82,6 +82,25 @@ def finished_state(workdir: pathlib.Path, template: TrainState, steps: int):
     ckpt.close()
 
 
+def state_template(config, phase: str) -> TrainState:
+  """The abstract (shape-only) train state of a "pretrain" or "qat" run, to restore into.
+
+  Nothing is allocated (jax.eval_shape).
+  """
+  cfg = config_io.model_config(config)
+  _, optim = config_io.phase_configs(config[phase], phase)
+  tx = make_optimizer(optim)
+
+  def build():
+    params = init_model(cfg, jax.random.key(0))[1]
+    if phase == "qat":
+      return create_state(params, tx, cfg.num_layers, quant=default_quant(cfg),
+                          teacher_params=params)
+    return create_state(params, tx, cfg.num_layers)
+
+  return jax.eval_shape(build)
+
+
 class MissingTeacher(config_io.ConfigError):
   """--teacher does not point at a finished pretraining run or an imported checkpoint."""
 
@@ -95,17 +114,14 @@ def teacher_params(config, teacher_dir: pathlib.Path):
   cfg = config_io.model_config(config)
   if convert_workdir.is_imported(teacher_dir):
     return convert_workdir.load_imported_params(teacher_dir, cfg)
-  loop, optim = config_io.phase_configs(config.pretrain, "pretrain")
+  steps = config.pretrain.steps
   if not (teacher_dir / "ckpt").is_dir():
     raise MissingTeacher(f"--teacher {teacher_dir} has no checkpoint; run `moeqjax pretrain "
                          f"--workdir {teacher_dir}` first")
-  tx = make_optimizer(optim)
-  template = jax.eval_shape(
-      lambda: create_state(init_model(cfg, jax.random.key(0))[1], tx, cfg.num_layers))
-  state = finished_state(teacher_dir, template, loop.steps)
+  state = finished_state(teacher_dir, state_template(config, "pretrain"), steps)
   if state is None:
     raise MissingTeacher(
-        f"--teacher {teacher_dir} has not finished its {loop.steps} pretraining steps; finish it "
+        f"--teacher {teacher_dir} has not finished its {steps} pretraining steps; finish it "
         f"with `moeqjax pretrain --workdir {teacher_dir} --resume`")
   return state.params
 

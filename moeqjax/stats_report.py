@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import pathlib
 
-import jax
 import ml_collections
 import numpy as np
 
 from moeqjax import config_io, runs
-from moeqjax.model import init_model
 from moeqjax.study.allocation import expert_stats
-from moeqjax.train import Checkpointer, create_state, make_optimizer
+from moeqjax.train import Checkpointer
 
 _SECTIONS = ("model", "quant", "data", "pretrain", "qat", "loss")
 COLUMNS = ("lambda", "grad_norm_sum", "grad_norm_ema", "count", "mean_gate", "neuron_variance",
@@ -48,23 +46,14 @@ def restore_latest(config, workdir: str | pathlib.Path):
   """(config, phase, state) of the latest checkpoint in a pretrain or QAT workdir (finished or not)."""
   workdir = pathlib.Path(workdir)
   config, phase = workdir_config(config, workdir)
-  cfg = config_io.model_config(config)
-  section = "qat" if phase == "finetune" else phase
-  _, optim = config_io.phase_configs(config[section], section)
-  tx = make_optimizer(optim)
-
-  def build():
-    params = init_model(cfg, jax.random.key(0))[1]
-    if phase == "qat":
-      return create_state(params, tx, cfg.num_layers, quant=runs.default_quant(cfg),
-                          teacher_params=params)
-    return create_state(params, tx, cfg.num_layers)
-
+  # A fine-tune's state has no quant codes and no teacher: it restores like a pretrain state (the
+  # optimizer state's structure does not depend on its hyper-parameters).
+  template = runs.state_template(config, "qat" if phase == "qat" else "pretrain")
   ckpt = Checkpointer(workdir / "ckpt", every=0)
   try:
     if ckpt.latest_step() is None:
       raise NoRun(f"{workdir}/ckpt holds no checkpoint yet; let the run save one first")
-    state = ckpt.restore(jax.eval_shape(build))
+    state = ckpt.restore(template)
   finally:
     ckpt.close()
   return config, phase, state

@@ -102,8 +102,7 @@ def export_workdir(workdir, out, dtype: str = "bfloat16", hf_config_path=None,
                    model_type: str | None = None) -> pathlib.Path:
   """Exports the final student of a `moeqjax qat` workdir (or an imported folder) to HF layout."""
   from moeqjax import config_io, runs
-  from moeqjax.model import init_model
-  from moeqjax.train import Checkpointer, create_state, make_optimizer
+  from moeqjax.train import Checkpointer
   workdir = pathlib.Path(workdir).absolute()
   template_json = None
   for cand in ([pathlib.Path(hf_config_path)] if hf_config_path else [workdir / HF_CONFIG]):
@@ -130,21 +129,13 @@ def export_workdir(workdir, out, dtype: str = "bfloat16", hf_config_path=None,
                        "qat section)")
   config = ml_collections.ConfigDict({k: record[k] for k in ("model", "quant", "qat")})
   cfg = config_io.model_config(config)
-  _, optim = config_io.phase_configs(config.qat, "qat")
-  quant = runs.default_quant(cfg)
-  if record.get("expert_codes") is not None:
-    quant = runs.set_expert_codes(quant, record["expert_codes"])
-  tx = make_optimizer(optim)
-
-  def template():
-    params = init_model(cfg, jax.random.key(0))[1]
-    return create_state(params, tx, cfg.num_layers, quant=quant, teacher_params=params)
-
+  # Shapes only: the restore brings the recorded codes and the trained student.
+  template = runs.state_template(config, "qat")
   ckpt = Checkpointer(workdir / "ckpt", every=0)
   try:
     if ckpt.latest_step() is None:
       raise ConvertError(f"--workdir {workdir} has no checkpoint yet")
-    state = ckpt.restore(jax.eval_shape(template))
+    state = ckpt.restore(template)
   finally:
     ckpt.close()
   return export_hf(cfg, state.params, state.quant, out, template_json, dtype,

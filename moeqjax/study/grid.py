@@ -29,10 +29,9 @@ from moeqjax import config_io, runs
 from moeqjax.data import TextCorpus, eval_windows, sample_batch, stdlib_files, stdlib_root
 from moeqjax.data.corpus import _corpus_from_documents  # pylint: disable=protected-access
 from moeqjax.eval import evaluate_variants
-from moeqjax.model import MoETransformer, init_model
+from moeqjax.model import MoETransformer
 from moeqjax.study import allocation as alloc_mod
 from moeqjax.train import LoopConfig, create_state, jit_train_step, make_optimizer, run_training
-from moeqjax.train.state import with_quant
 
 TOP_LEVEL = "<top-level>"
 METHOD_LABELS = {"paper_combined": "paper combined (Lambda + V_s)",

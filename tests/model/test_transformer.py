@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model_config
-from moeqjax.model import ModelConfig, MoETransformer, QuantRules, forward_with_aux, init_model, param_axes
+from moeqjax.model import QuantRules, forward_with_aux, init_model, param_axes
 
 
 def test_shapes_and_aux(tiny_cfg, tokens):

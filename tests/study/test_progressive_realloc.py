@@ -6,7 +6,7 @@ import numpy as np
 
 from moeqjax import runs
 from moeqjax.data import sample_batch
-from moeqjax.model import MoETransformer, init_model
+from moeqjax.model import init_model
 from moeqjax.objectives import LossWeights
 from moeqjax.study.allocation import budget_bytes, achieved
 from moeqjax.study.progressive import ReallocConfig, progressive_step

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from moeqjax import cli, config_io, runs
+from moeqjax import cli, config_io
 from moeqjax.model import init_model
 from moeqjax.study import allocation as alloc_mod
 from moeqjax.train import Checkpointer, create_state, make_optimizer

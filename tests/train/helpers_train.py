@@ -6,7 +6,7 @@ import numpy as np
 
 from conftest import tiny_model_config
 from moeqjax import runs
-from moeqjax.model import MoETransformer, init_model
+from moeqjax.model import init_model
 from moeqjax.objectives import LossWeights
 from moeqjax.train import OptimConfig, create_state, make_optimizer
 
