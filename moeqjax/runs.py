@@ -71,15 +71,22 @@ def record_config(workdir: pathlib.Path, section: dict):
   path.write_text(text + "\n")
 
 
-def finished_state(workdir: pathlib.Path, template: TrainState, steps: int):
-  """The final state of a phase that already ran to `steps`, or None."""
-  ckpt = Checkpointer(workdir / "ckpt", every=0)
+def latest_state(workdir: pathlib.Path, template: TrainState, steps: int | None = None):
+  """The latest state in workdir/ckpt restored into `template`, or None when there is none
+  (or, with `steps`, when the latest checkpoint is not at that step)."""
+  ckpt = Checkpointer(pathlib.Path(workdir) / "ckpt", every=0)
   try:
-    if ckpt.latest_step() == steps:
-      return ckpt.restore(template, steps)
-    return None
+    latest = ckpt.latest_step()
+    if latest is None or (steps is not None and latest != steps):
+      return None
+    return ckpt.restore(template, latest)
   finally:
     ckpt.close()
+
+
+def finished_state(workdir: pathlib.Path, template: TrainState, steps: int):
+  """The final state of a phase that already ran to `steps`, or None."""
+  return latest_state(workdir, template, steps)
 
 
 def state_template(config, phase: str) -> TrainState:

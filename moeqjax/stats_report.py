@@ -10,7 +10,6 @@ import numpy as np
 
 from moeqjax import config_io, runs
 from moeqjax.study.allocation import expert_stats
-from moeqjax.train import Checkpointer
 
 _SECTIONS = ("model", "quant", "data", "pretrain", "qat", "loss")
 COLUMNS = ("lambda", "grad_norm_sum", "grad_norm_ema", "count", "mean_gate", "neuron_variance",
@@ -49,13 +48,9 @@ def restore_latest(config, workdir: str | pathlib.Path):
   # A fine-tune's state has no quant codes and no teacher: it restores like a pretrain state (the
   # optimizer state's structure does not depend on its hyper-parameters).
   template = runs.state_template(config, "qat" if phase == "qat" else "pretrain")
-  ckpt = Checkpointer(workdir / "ckpt", every=0)
-  try:
-    if ckpt.latest_step() is None:
-      raise NoRun(f"{workdir}/ckpt holds no checkpoint yet; let the run save one first")
-    state = ckpt.restore(template)
-  finally:
-    ckpt.close()
+  state = runs.latest_state(workdir, template)
+  if state is None:
+    raise NoRun(f"{workdir}/ckpt holds no checkpoint yet; let the run save one first")
   return config, phase, state
 
 

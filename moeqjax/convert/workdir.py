@@ -102,7 +102,6 @@ def export_workdir(workdir, out, dtype: str = "bfloat16", hf_config_path=None,
                    model_type: str | None = None) -> pathlib.Path:
   """Exports the final student of a `moeqjax qat` workdir (or an imported folder) to HF layout."""
   from moeqjax import config_io, runs
-  from moeqjax.train import Checkpointer
   workdir = pathlib.Path(workdir).absolute()
   template_json = None
   for cand in ([pathlib.Path(hf_config_path)] if hf_config_path else [workdir / HF_CONFIG]):
@@ -131,13 +130,9 @@ def export_workdir(workdir, out, dtype: str = "bfloat16", hf_config_path=None,
   cfg = config_io.model_config(config)
   # Shapes only: the restore brings the recorded codes and the trained student.
   template = runs.state_template(config, "qat")
-  ckpt = Checkpointer(workdir / "ckpt", every=0)
-  try:
-    if ckpt.latest_step() is None:
-      raise ConvertError(f"--workdir {workdir} has no checkpoint yet")
-    state = ckpt.restore(template)
-  finally:
-    ckpt.close()
+  state = runs.latest_state(workdir, template)
+  if state is None:
+    raise ConvertError(f"--workdir {workdir} has no checkpoint yet")
   return export_hf(cfg, state.params, state.quant, out, template_json, dtype,
                    model_type=model_type)
 

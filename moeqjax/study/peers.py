@@ -69,6 +69,17 @@ def _summ(values):
           "n": int(arr.size), "by_seed": arr.tolist()}
 
 
+
+def _peer_row(cfg, code: int, results: list[dict], started: float, like_for_like: str) -> dict:
+  """One peer-table row: mean ± std over seeds, the bits it stores, and what it compares with."""
+  acc = achieved(cfg, np.full((cfg.num_layers, cfg.num_experts), code))
+  return {"bits_per_byte": _summ([r["bits_per_byte"] for r in results]),
+          "topk_agree": _summ([r["topk_agree"] for r in results]),
+          "expert_code_bits": float(code),
+          "expert_bits_per_weight": acc["bits_per_weight"],
+          "like_for_like": like_for_like,
+          "seconds": time.perf_counter() - started}
+
 def run_peer_rows(store, config, cfg, teacher, task, windows, st):
   """Adds `peers` rows to the study store: qwix int4/int8 QAT and moeqjax uniform int4/int8 (CE only)."""
   peers = store.data.setdefault("peers", {})
@@ -98,16 +109,11 @@ def run_peer_rows(store, config, cfg, teacher, task, windows, st):
                        loop.batch_size, loop.seq_len, config.qat.seed + 100 * seed)
         results.append(_eval_qwix(model, dense_cfg, state.params, windows, config.eval.batch_size,
                                   ref_idx))
-      acc = achieved(cfg, np.full((cfg.num_layers, cfg.num_experts), code))
-      peers[row] = {"bits_per_byte": _summ([r["bits_per_byte"] for r in results]),
-                    "topk_agree": _summ([r["topk_agree"] for r in results]),
-                    "expert_code_bits": float(code),
-                    "expert_bits_per_weight": acc["bits_per_weight"],
-                    "like_for_like": f"only with 'moeqjax uniform {name} (CE only)': same model, "
-                                     "steps, seeds and data; Qwix's own absmax per-channel "
-                                     "int grid, dense expert path; NOT with the allocation grid "
-                                     "(different objective and bytes)",
-                    "seconds": time.perf_counter() - t}
+      peers[row] = _peer_row(cfg, code, results, t,
+                             f"only with 'moeqjax uniform {name} (CE only)': same model, steps, "
+                             "seeds and data; Qwix's own absmax per-channel int grid, dense "
+                             "expert path; NOT with the allocation grid (different objective "
+                             "and bytes)")
       store.save()
     row = f"moeqjax uniform {name} (CE only)"
     if row not in peers:
@@ -122,12 +128,6 @@ def run_peer_rows(store, config, cfg, teacher, task, windows, st):
                                     "student": {"params": state.params, "quant": state.quant}},
                               windows, config.eval.batch_size)["student"]
         results.append({"bits_per_byte": r["bits_per_token"], "topk_agree": r["topk_agree"]})
-      acc = achieved(cfg, np.full((cfg.num_layers, cfg.num_experts), code))
-      peers[row] = {"bits_per_byte": _summ([r["bits_per_byte"] for r in results]),
-                    "topk_agree": _summ([r["topk_agree"] for r in results]),
-                    "expert_code_bits": float(code),
-                    "expert_bits_per_weight": acc["bits_per_weight"],
-                    "like_for_like": f"reference for the qwix {name} row (same objective, steps, "
-                                     "seeds)",
-                    "seconds": time.perf_counter() - t}
+      peers[row] = _peer_row(cfg, code, results, t,
+                             f"reference for the qwix {name} row (same objective, steps, seeds)")
       store.save()

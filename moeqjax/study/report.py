@@ -108,6 +108,16 @@ def plot_bits_vs_sensitivity(data: dict, path: pathlib.Path):
   plt.close(fig)
 
 
+def _winner_line(head: str, w: dict) -> str:
+  """A "who won" bullet: the head, then the margins over the runner-up and over uniform."""
+  text = head
+  if "vs_second" in w:
+    text += "; " + _noise_text(w["vs_second"])
+  if "vs_uniform" in w:
+    text += "; " + _noise_text(w["vs_uniform"]) + " (uniform spends fewer bytes)"
+  return text + "."
+
+
 def _noise_text(v: dict) -> str:
   if "t" not in v:
     return "one seed: no noise estimate"
@@ -177,12 +187,9 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
   for o in st["objectives"]:
     w = summ["winners"].get(f"{o}|{main:g}")
     if w:
-      text = f"- Budget {main:g}, objective **{o}**: best **{w['best']}** ({w['best_bpb']:.4f} bits/byte)"
-      if "vs_second" in w:
-        text += "; " + _noise_text(w["vs_second"])
-      if "vs_uniform" in w:
-        text += "; " + _noise_text(w["vs_uniform"]) + " (uniform spends fewer bytes)"
-      lines.append(text + ".")
+      lines.append(_winner_line(
+          f"- Budget {main:g}, objective **{o}**: best **{w['best']}** ({w['best_bpb']:.4f} "
+          "bits/byte)", w))
   om = summ["objective_mean_bpb_at_main"]
   lines += ["", "Objectives averaged over methods at the main budget: " + ", ".join(
       f"{o} {v:.4f}" for o, v in sorted(om.items(), key=lambda kv: kv[1]))
@@ -190,12 +197,8 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
   for b in st["pareto_budgets"]:
     w = summ["winners"].get(f"{obj_best}|{b:g}")
     if w and b != main:
-      text = f"- Budget {b:g}, objective {obj_best}: best **{w['best']}** ({w['best_bpb']:.4f})"
-      if "vs_second" in w:
-        text += "; " + _noise_text(w["vs_second"])
-      if "vs_uniform" in w:
-        text += "; " + _noise_text(w["vs_uniform"]) + " (uniform spends fewer bytes)"
-      lines.append(text + ".")
+      lines.append(_winner_line(
+          f"- Budget {b:g}, objective {obj_best}: best **{w['best']}** ({w['best_bpb']:.4f})", w))
   lines.append("")
 
   # Main grid table.
