@@ -19,6 +19,7 @@ from moeqjax.quant.formats import QuantSpec
 
 _ABSMEAN_EPS = 1e-8  # BitNet b1.58: W / (gamma + eps) stays finite for an all-zero group
 _TWN_DELTA_RATIO = 0.7  # TWN threshold delta = 0.7 * mean|W| (the official code uses 0.75)
+_FP16_MAX = 65504.0
 
 
 class _Grid(NamedTuple):
@@ -70,6 +71,19 @@ def _codes_to_groups(codes, shape) -> jax.Array:
   return jnp.broadcast_to(codes, tuple(shape[:-2]))[..., None, None, None]
 
 
+def storable_scale(scale, spec: QuantSpec):
+  """The scale as it is stored: rounded to float16 when `spec.scale_bytes == 2`, else unchanged.
+
+  The student dequantizes with the stored scale, so a packed checkpoint or an export that keeps our
+  codes and fp16 scales reproduces the fake-quant weight exactly (METHODS.md section 7). Scales above
+  the float16 range are capped at its maximum rather than becoming inf.
+  """
+  if spec.scale_bytes == 4:
+    return scale
+  capped = jnp.minimum(scale, _FP16_MAX)
+  return capped.astype(jnp.float16).astype(scale.dtype)
+
+
 def _int_grid(w_g, code_g, spec: QuantSpec, clip_g):
   """The intN path at the traced width `code_g` (codes below 2 compute at 8 bits and are discarded)."""
   bits = jnp.where(code_g >= 2, code_g, 8)
@@ -89,7 +103,7 @@ def _int_grid(w_g, code_g, spec: QuantSpec, clip_g):
     base = (w_max - w_min) / levels
     zero_point = jnp.round(-w_min / jnp.where(base > 0, base, 1.0))
     lo, hi = jnp.zeros_like(levels), levels
-  scale = base if clip_g is None else base * clip_g
+  scale = storable_scale(base if clip_g is None else base * clip_g, spec)
   # An all-zero group has scale 0: divide by 1 instead so q = zero_point and Q = 0.
   scaled = w_g / jnp.where(scale > 0, scale, 1.0)
   rounded = jnp.round(scaled)
@@ -105,12 +119,12 @@ def _ternary_grid(w_g, spec: QuantSpec):
   mean_abs = gran.reduce_groups(abs_w, jnp.mean)
   if spec.ternary_method == "absmean":
     q = jnp.clip(jnp.round(w_g / (mean_abs + _ABSMEAN_EPS)), -1.0, 1.0)
-    return q, mean_abs
+    return q, storable_scale(mean_abs, spec)
   kept = abs_w > _TWN_DELTA_RATIO * mean_abs
   count = gran.reduce_groups(kept.astype(w_g.dtype), jnp.sum)
   # An all-zero group keeps nothing; max(count, 1) avoids 0/0 and gives alpha = 0.
   alpha = gran.reduce_groups(jnp.where(kept, abs_w, 0.0), jnp.sum) / jnp.maximum(count, 1.0)
-  return jnp.sign(w_g) * kept, alpha
+  return jnp.sign(w_g) * kept, storable_scale(alpha, spec)
 
 
 def _grid(w_g, code_g, spec: QuantSpec, clip_g) -> _Grid:

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers", reason="HF export tests need 
 import moeqjax
 from moeqjax import runs
 from moeqjax.convert import export_hf, read_hf_config
-from moeqjax.model import MoETransformer, QuantRules
+from moeqjax.model import MoETransformer, QuantRules, forward_with_aux
 from hf_models import build_hf_model, hf_logits_and_routing, save_hf_model, tokens
 
 
@@ -40,9 +40,18 @@ def test_quantized_export_matches_our_forward(tmp_path, family, e, k, norm):
   out16 = export_hf(cfg, params, quant, tmp_path / "out16", read_hf_config(src), "bfloat16")
   assert json.loads((out16 / "config.json").read_text())["dtype"] == "bfloat16"
   hf16 = transformers.AutoModelForCausalLM.from_pretrained(out16, attn_implementation="eager")
-  theirs16, _ = hf_logits_and_routing(hf16.float().eval(), toks)
-  # bf16 rounding can flip a near-tied routing decision, so compare on average, not at the max
-  assert np.abs(ours - theirs16).mean() < 0.05 * np.abs(ours).mean()
+  theirs16, idx16 = hf_logits_and_routing(hf16.float().eval(), toks)
+  # bf16 rounding can flip a near-tied routing decision; a flip changes that token and, through
+  # attention, every later one. So compare each sequence up to its first flip, and require the
+  # flips to be rare.
+  _, aux = forward_with_aux(MoETransformer(cfg), {"params": params, "quant": quant},
+                            jnp.asarray(toks))
+  ours_idx = np.sort(np.asarray(aux["expert_idx"]), axis=-1)  # [L, B*S, K]
+  same_BxS = np.all(ours_idx == idx16, axis=(0, 2)).reshape(toks.shape)
+  before_flip = np.cumprod(same_BxS, axis=1).astype(bool)
+  assert before_flip.mean() >= 0.5, same_BxS
+  per_token = np.abs(ours - theirs16).mean(axis=-1)
+  assert np.all(per_token[before_flip] < 0.05 * np.abs(ours).mean()), per_token
 
 
 def test_export_without_template_and_sharded(tmp_path):

@@ -35,6 +35,12 @@ def _groups(w2d, spec):
           for k in range(d_in // spec.group_size) for o in range(d_out)]
 
 
+def _stored(scale, spec):
+  """A scale as the spec stores it: float16 for scale_bytes=2, float32 for 4 (METHODS.md 7)."""
+  scale = np.float32(scale)
+  return np.float32(np.float16(scale)) if spec.scale_bytes == 2 else scale
+
+
 def _ref_group(x, code, spec, clip=1.0):
   """Reference fake quantization of one group (float32 numpy), straight from the formulas."""
   x = x.astype(np.float32)
@@ -44,13 +50,13 @@ def _ref_group(x, code, spec, clip=1.0):
   if code == 1:
     mean_abs = np.mean(np.abs(x), dtype=np.float32)
     if spec.ternary_method == "absmean":
-      return np.clip(np.round(x / (mean_abs + np.float32(1e-8))), -1, 1) * mean_abs
+      return np.clip(np.round(x / (mean_abs + np.float32(1e-8))), -1, 1) * _stored(mean_abs, spec)
     kept = np.abs(x) > np.float32(0.7) * mean_abs
     alpha = np.abs(x[kept]).mean(dtype=np.float32) if kept.any() else np.float32(0)
-    return alpha * np.sign(x) * kept
+    return _stored(alpha, spec) * np.sign(x) * kept
   if spec.symmetric:
     qmax = np.float32(2 ** (code - 1) - 1)
-    scale = np.max(np.abs(x)) / qmax * clip
+    scale = _stored(np.max(np.abs(x)) / qmax * clip, spec)
     if scale == 0:
       return np.zeros_like(x)
     return np.clip(np.round(x / scale), -qmax - 1, qmax) * scale
@@ -60,7 +66,7 @@ def _ref_group(x, code, spec, clip=1.0):
   if base == 0:
     return np.zeros_like(x)
   zp = np.round(-lo / base)
-  scale = base * clip
+  scale = _stored(base * clip, spec)
   return (np.clip(np.round(x / scale) + zp, 0, levels) - zp) * scale
 
 
@@ -73,10 +79,12 @@ def _ref_qdq(w, codes, spec, clip_E=None):
   return out
 
 
-@pytest.mark.parametrize("granularity,symmetric,method", list(itertools.product(
-    GRANULARITIES, (True, False), ("absmean", "twn"))))
-def test_quantize_dequantize_matches_reference_for_mixed_codes(granularity, symmetric, method):
-  spec = QuantSpec(granularity=granularity, group_size=G, symmetric=symmetric, ternary_method=method)
+@pytest.mark.parametrize("granularity,symmetric,method,scale_bytes", list(itertools.product(
+    GRANULARITIES, (True, False), ("absmean", "twn"), (2, 4))))
+def test_quantize_dequantize_matches_reference_for_mixed_codes(granularity, symmetric, method,
+                                                               scale_bytes):
+  spec = QuantSpec(granularity=granularity, group_size=G, symmetric=symmetric, ternary_method=method,
+                   scale_bytes=scale_bytes)
   w = _weights()
   got = np.asarray(quantize_dequantize(jnp.asarray(w), jnp.asarray(MIXED_CODES), spec))
   np.testing.assert_allclose(got, _ref_qdq(w, MIXED_CODES, spec), rtol=1e-5, atol=1e-6)
@@ -104,8 +112,28 @@ def test_levels_per_group_are_bounded_by_the_code():
       assert n_levels >= 3  # a real grid, not a collapsed one
   # Ternary absmean values are exactly {-gamma, 0, +gamma} of the group.
   block = w[1, :32, 0]
-  gamma = np.abs(block).mean(dtype=np.float32)
+  gamma = np.float16(np.abs(block).mean(dtype=np.float32))  # stored as a float16 scale
   np.testing.assert_allclose(np.unique(np.abs(got[1, :32, 0])), [0.0, gamma], rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale_bytes", (2, 4))
+def test_scales_are_exactly_the_stored_dtype(scale_bytes):
+  """The student dequantizes with the scale that gets stored, so packing loses nothing."""
+  spec = QuantSpec(granularity="group", group_size=G, symmetric=False, scale_bytes=scale_bytes)
+  w = _weights(5)[1:] * np.float32(0.0371)  # scales that are not float16 numbers
+  _, scales, _ = quantize_to_ints(w, MIXED_CODES[1:], spec)
+  as_fp16 = scales.astype(np.float16).astype(np.float32)
+  if scale_bytes == 2:
+    np.testing.assert_array_equal(scales, as_fp16)
+  else:  # float32 scales are kept as computed, and most are not float16 numbers
+    assert np.mean(scales != as_fp16) > 0.5
+
+
+def test_huge_scales_are_capped_at_the_float16_range():
+  spec = QuantSpec(granularity="tensor")  # fp16 scales
+  w = np.array([[-1e7, 1e5]], np.float32)  # absmax / 127 = 78740 > 65504
+  got = np.asarray(quantize_dequantize(w, 8, spec))
+  np.testing.assert_array_equal(got, [[-128 * 65504.0, 2 * 65504.0]])
 
 
 def test_symmetric_int2_uses_levels_minus_two_to_one():
@@ -206,7 +234,7 @@ def _ref_clip_grads(w, codes, spec, clip_groups, cot):
         xmin, xmax = min(x.min(), np.float32(0)), max(x.max(), np.float32(0))
         base = (xmax - xmin) / hi
         zp = np.round(-xmin / base)
-      s = base * r
+      s = _stored(base * r, spec)  # d(stored s)/dr is taken straight through as base
       v = np.round(x / s) + zp
       inside = (v >= lo) & (v <= hi)
       dq_ds = np.where(inside, np.round(x / s) - x / s, np.clip(v, lo, hi) - zp).astype(np.float64)
@@ -237,7 +265,9 @@ def test_clipped_ste_and_lsq_clip_gradient_match_the_oracle(granularity, symmetr
 def test_clip_gradient_of_clipped_weights_matches_finite_differences():
   # Clipped weights are Q = level * clip * base, linear in the clip ratio, so the LSQ gradient of a
   # loss that only looks at clipped weights must equal the finite difference exactly (up to float).
-  spec = QuantSpec(granularity="channel")
+  # float32 scales: a float16-stored scale is a staircase in the clip ratio at the 2^-11 level,
+  # which a finite difference would see and the straight-through gradient does not.
+  spec = QuantSpec(granularity="channel", scale_bytes=4)
   w = _weights(11, (1, D_IN, D_OUT))
   codes = np.array([3], np.int32)
   clip = np.float32(0.5)
