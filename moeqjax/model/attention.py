@@ -16,7 +16,13 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxSxD, positions_BxS):
+  def __call__(self, x_BxSxD, positions_BxS, decode: bool = False):
+    """Self-attention over x; with `decode`, over the `cache` collection's keys and values too.
+
+    In decode mode this call's keys and values are written into the cache at its index, and the
+    queries attend to every cached position up to their own. A decode-mode `init` creates a cache
+    as long as the init input (see moeqjax.serve.init_cache).
+    """
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     b, s, _ = x_BxSxD.shape
@@ -42,23 +48,52 @@ class Attention(nn.Module):
       k = RMSNorm(cfg.norm_eps, "head_dim", dtype, pdtype, name="k_norm")(k)
     cos, sin = rope_tables(positions_BxS, a, cfg.rope_theta)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = causal_gqa(q, k, v)
+    mask_SxK = None
+    if decode:
+      k, v, mask_SxK = self._cached(k, v)
+    out = causal_gqa(q, k, v, mask_SxK)
     out = out.reshape(b, s, h * a)
     return proj("o_proj", cfg.d_model, ("heads", "embed"), cfg.attn_out_bias)(out)
 
 
-def causal_gqa(q_BxSxHxA, k_BxSxGxA, v_BxSxGxA):
-  """Softmax attention with a causal mask; query heads are grouped over kv heads.
+  def _cached(self, k_BxSxGxA, v_BxSxGxA):
+    """Writes this call's keys/values at the cache index; returns the whole cache and its mask."""
+    initialized = self.has_variable("cache", "cached_key")
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BxSxGxA.shape, k_BxSxGxA.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BxSxGxA.shape,
+                             v_BxSxGxA.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    s = k_BxSxGxA.shape[1]
+    if not initialized:  # init only sizes the cache
+      return k_BxSxGxA, v_BxSxGxA, None
+    start = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(
+        cached_k.value, k_BxSxGxA.astype(cached_k.value.dtype), (0, start, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(
+        cached_v.value, v_BxSxGxA.astype(cached_v.value.dtype), (0, start, 0, 0))
+    index.value = start + s
+    length = cached_k.value.shape[1]
+    # Slot j holds position j: a query at start + i sees the slots up to its own position.
+    mask_SxK = jnp.arange(length)[None, :] <= (start + jnp.arange(s))[:, None]
+    return cached_k.value, cached_v.value, mask_SxK
+
+
+def causal_gqa(q_BxSxHxA, k_BxKxGxA, v_BxKxGxA, mask_SxK=None):
+  """Softmax attention; query heads are grouped over kv heads.
 
   Written with einsums rather than jax.nn.dot_product_attention so that the math is the
   same on every backend (the HF parity tests compare at 1e-4).
+
+  Args:
+    q_BxSxHxA, k_BxKxGxA, v_BxKxGxA: queries, keys and values (K key positions).
+    mask_SxK: which keys each query sees; None is the causal mask of a full sequence (K == S).
   """
   b, s, h, a = q_BxSxHxA.shape
-  g = k_BxSxGxA.shape[2]
+  g = k_BxKxGxA.shape[2]
   q = q_BxSxHxA.reshape(b, s, g, h // g, a).astype(jnp.float32)
-  scores = jnp.einsum("bqgra,bkga->bgrqk", q, k_BxSxGxA.astype(jnp.float32)) / jnp.sqrt(a)
-  mask = jnp.tril(jnp.ones((s, s), dtype=bool))
+  scores = jnp.einsum("bqgra,bkga->bgrqk", q, k_BxKxGxA.astype(jnp.float32)) / jnp.sqrt(a)
+  mask = jnp.tril(jnp.ones((s, s), dtype=bool)) if mask_SxK is None else mask_SxK
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bgrqk,bkga->bqgra", probs, v_BxSxGxA.astype(jnp.float32))
+  out = jnp.einsum("bgrqk,bkga->bqgra", probs, v_BxKxGxA.astype(jnp.float32))
   return out.reshape(b, s, h, a).astype(q_BxSxHxA.dtype)

@@ -45,4 +45,18 @@ def ragged_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_
   return jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype))
 
 
+def gathered_experts(x_TxD, w_in_MxDxF, w_gate_MxDxF, w_out_MxFxD, gates_TxK):
+  """Each (token, slot) pair with its own gathered expert weights, M = T*k pairs in token order.
+
+  The decode path of packed serving: with fewer pairs than experts, reading only the selected
+  experts' weights moves fewer bytes than any grouped matmul over all experts.
+  """
+  t, k = gates_TxK.shape
+  x_MxD = jnp.repeat(x_TxD, k, axis=0)
+  h = swiglu(jnp.einsum("md,mdf->mf", x_MxD, w_gate_MxDxF),
+             jnp.einsum("md,mdf->mf", x_MxD, w_in_MxDxF))
+  y_TxKxD = jnp.einsum("mf,mfd->md", h, w_out_MxFxD).reshape(t, k, -1)
+  return jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype))
+
+
 DISPATCH = {"ragged": ragged_experts, "dense": dense_experts}

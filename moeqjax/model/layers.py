@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from moeqjax import quant as q
+from moeqjax.model import packed_weights
 from moeqjax.model.config import QuantRules
 
 Initializer = Callable[..., jax.Array]
@@ -83,15 +84,21 @@ class QDense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param(
-        "kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-        (x.shape[-1], self.features), self.param_dtype)
-    codes = None
-    if self.code:
-      codes = quant_codes(self, "bits", lambda: jnp.asarray(self.code, jnp.int32))
-    if codes is not None:
-      kernel = q.fake_quant(kernel, codes, self.rules.spec())
-      x = maybe_quant_act(x, self.rules, codes)
+    shape = (x.shape[-1], self.features)
+    if self.has_variable(packed_weights.COLLECTION, "kernel"):  # serving from packed weights
+      node = self.get_variable(packed_weights.COLLECTION, "kernel")
+      kernel = packed_weights.matrix(node, shape, self.rules.spec())
+      x = maybe_quant_act(x, self.rules, packed_weights.code_of_matrix(node))
+    else:
+      kernel = self.param(
+          "kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes), shape,
+          self.param_dtype)
+      codes = None
+      if self.code:
+        codes = quant_codes(self, "bits", lambda: jnp.asarray(self.code, jnp.int32))
+      if codes is not None:
+        kernel = q.fake_quant(kernel, codes, self.rules.spec())
+        x = maybe_quant_act(x, self.rules, codes)
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param(

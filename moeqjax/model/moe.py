@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 from moeqjax import quant as q
 from moeqjax.model.config import ModelConfig
-from moeqjax.model.dispatch import DISPATCH, swiglu
+from moeqjax.model import packed_weights
+from moeqjax.model.dispatch import DISPATCH, gathered_experts, swiglu
 from moeqjax.model.layers import QDense, maybe_quant_act, quant_codes
 from moeqjax.model.routing import load_balance_loss, router_z_loss, topk_gates
 
@@ -53,12 +54,36 @@ class MoE(nn.Module):
     cfg, rules = self.cfg, self.cfg.quant
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     b, s, d = x_BxSxD.shape
-    e, f = cfg.num_experts, cfg.d_ff
+    e = cfg.num_experts
     x_TxD = x_BxSxD.reshape(b * s, d)
 
     logits_TxE = QDense(e, ("embed", "expert"), rules, rules.router_code, dtype=jnp.float32,
                         param_dtype=pdtype, name="router")(x_TxD)
     probs_TxE, gates_TxK, idx_TxK = topk_gates(logits_TxE, cfg.top_k, cfg.norm_topk_prob)
+
+    if self.has_variable(packed_weights.COLLECTION, "w_in"):
+      y_TxD = self._packed_experts(x_TxD, gates_TxK, idx_TxK)
+    else:
+      y_TxD = self._float_experts(x_TxD, gates_TxK, idx_TxK)
+    if cfg.shared_d_ff:
+      y_TxD = y_TxD + SharedExpert(cfg, name="shared_expert")(x_TxD)
+
+    y_BxSxD = y_TxD.reshape(b, s, d).astype(dtype)
+    aux = {
+        "router_logits": logits_TxE,
+        "expert_idx": idx_TxK,
+        "gates": gates_TxK,
+        "lb_loss": load_balance_loss(probs_TxE, idx_TxK),
+        "z_loss": router_z_loss(logits_TxE),
+        "moe_out": y_BxSxD,
+    }
+    return y_BxSxD, aux
+
+  def _float_experts(self, x_TxD, gates_TxK, idx_TxK):
+    """Experts from float params: full precision, or fake-quantized at the `quant` codes."""
+    cfg, rules = self.cfg, self.cfg.quant
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
 
     def expert_param(name, shape, axes):
       return self.param(name, nn.with_logical_partitioning(_expert_init, axes), shape, pdtype)
@@ -77,22 +102,29 @@ class MoE(nn.Module):
       w_gate = q.fake_quant(w_gate, codes_E, spec, clip[1])
       w_out = q.fake_quant(w_out, codes_E, spec, clip[2])
       x_in = maybe_quant_act(x_TxD, rules, codes_E)
+    return DISPATCH[cfg.dispatch](x_in.astype(dtype), w_in.astype(dtype), w_gate.astype(dtype),
+                                  w_out.astype(dtype), gates_TxK, idx_TxK)
 
-    y_TxD = DISPATCH[cfg.dispatch](x_in.astype(dtype), w_in.astype(dtype), w_gate.astype(dtype),
-                                   w_out.astype(dtype), gates_TxK, idx_TxK)
-    if cfg.shared_d_ff:
-      y_TxD = y_TxD + SharedExpert(cfg, name="shared_expert")(x_TxD)
+  def _packed_experts(self, x_TxD, gates_TxK, idx_TxK):
+    """Experts from the `packed` collection, dequantized inside the computation.
 
-    y_BxSxD = y_TxD.reshape(b, s, d).astype(dtype)
-    aux = {
-        "router_logits": logits_TxE,
-        "expert_idx": idx_TxK,
-        "gates": gates_TxK,
-        "lb_loss": load_balance_loss(probs_TxE, idx_TxK),
-        "z_loss": router_z_loss(logits_TxE),
-        "moe_out": y_BxSxD,
-    }
-    return y_BxSxD, aux
+    When fewer (token, expert) pairs than experts are routed (decode), only the selected experts
+    are read and dequantized; otherwise every expert is dequantized once and dispatched as usual.
+    """
+    cfg, rules = self.cfg, self.cfg.quant
+    dtype, spec = jnp.dtype(cfg.dtype), rules.spec()
+    e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
+    shapes = {"w_in": (d, f), "w_gate": (d, f), "w_out": (f, d)}
+    nodes = {name: self.get_variable(packed_weights.COLLECTION, name) for name in shapes}
+    # Packed experts are all quantized (pack refuses code 0), as the student's were.
+    x_in = maybe_quant_act(x_TxD, rules, True).astype(dtype)
+    pairs = idx_TxK.size
+    idx = idx_TxK.reshape(-1) if pairs < e else jnp.arange(e)
+    w = {name: packed_weights.experts(nodes[name], idx, shape, spec).astype(dtype)
+         for name, shape in shapes.items()}
+    if pairs < e:
+      return gathered_experts(x_in, w["w_in"], w["w_gate"], w["w_out"], gates_TxK)
+    return DISPATCH[cfg.dispatch](x_in, w["w_in"], w["w_gate"], w["w_out"], gates_TxK, idx_TxK)
 
   def _clip_ratios(self, e, d, f, pdtype):
     """Learnable clipping ratios, one per expert output channel, initialised at 1 (no clip)."""

@@ -21,11 +21,11 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxSxD, positions_BxS):
+  def __call__(self, x_BxSxD, positions_BxS, decode: bool = False):
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     h = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=pdtype, name="attn_norm")(x_BxSxD)
-    x_BxSxD = x_BxSxD + Attention(cfg, name="attn")(h, positions_BxS)
+    x_BxSxD = x_BxSxD + Attention(cfg, name="attn")(h, positions_BxS, decode)
     h = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=pdtype, name="mlp_norm")(x_BxSxD)
     y, aux = MoE(cfg, name="moe")(h)
     return x_BxSxD + y, aux
@@ -36,16 +36,21 @@ class MoETransformer(nn.Module):
 
   Apply with `{"params": p}` for full precision, or `{"params": p, "quant": codes}` for the
   fake-quantized student. Pass `mutable=["intermediates"]` to also get the per-layer routing
-  tensors (see AUX_KEYS), each stacked over layers as [L, ...].
+  tensors (see AUX_KEYS), each stacked over layers as [L, ...]. With a `packed` collection
+  (moeqjax.serve.load_packed) the quantized weights come packed and are dequantized inside
+  the computation. `decode=True` reads and extends the `cache` collection (a KV cache; pass
+  `mutable=["cache"]` and the positions of the tokens).
   """
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxS, positions_BxS=None):
+  def __call__(self, tokens_BxS, positions_BxS=None, decode: bool = False):
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if positions_BxS is None:
+      if decode and not self.is_initializing():
+        raise ValueError("decode=True needs the positions of the tokens (positions_BxS)")
       positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
     embedding_VxD = self.param(
         "embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
@@ -53,7 +58,7 @@ class MoETransformer(nn.Module):
     x = jnp.take(embedding_VxD, tokens_BxS, axis=0).astype(dtype)
     per_layer = []
     for i in range(cfg.num_layers):
-      x, aux = Block(cfg, name=f"layers_{i}")(x, positions_BxS)
+      x, aux = Block(cfg, name=f"layers_{i}")(x, positions_BxS, decode)
       per_layer.append(aux)
     x = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
     if cfg.tie_embeddings:

@@ -1,0 +1,400 @@
+"""Packed checkpoints: a student's integer codes and scales in safetensors, with a checked manifest."""
+
+# A packed checkpoint folder holds
+#   model.safetensors   every tensor: packed values (uint8), scales (float16 or float32), zero points
+#                       (uint8), and the unquantized weights at `fp_dtype`;
+#   manifest.json       format version, model config, tokenizer, per-expert codes, and per tensor its
+#                       shape, dtype, byte length and sha256;
+#   tokenizer.json      when the model uses one (byte-level models need none).
+# Names are param paths joined by "." then the code and the role, e.g. `layers_0.moe.w_in.int3.values`.
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import linen as nn
+
+from moeqjax import quant as q
+from moeqjax.convert.safetensors_io import (SINGLE_FILE, StreamingWriter, dtype_name, read_header,
+                                            read_tensor)
+from moeqjax.eval.memory_report import expert_shapes
+from moeqjax.model import MoETransformer, ModelConfig, QuantRules
+from moeqjax.model.packed_weights import COLLECTION
+from moeqjax.quant import packed_tensor as pt
+from moeqjax.quant.clip import effective_clip_ratio
+
+FORMAT = "moeqjax-packed"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+FP_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+_EXPERT_PARAMS = ("w_in", "w_gate", "w_out")
+_CLIP_SUFFIX = "_clip"
+
+
+class PackedCheckpointError(ValueError):
+  """A packed checkpoint that cannot be written or loaded as asked; the message names the file."""
+
+
+def _flatten(tree, prefix=()):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flatten(value, prefix + (key,))
+    else:
+      yield prefix + (key,), value
+
+
+def _get(tree, path):
+  for key in path:
+    if not isinstance(tree, dict) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
+def _packed_arrays(cfg: ModelConfig, params, quant):
+  """(param path, packed node or None, float array or None, codes) for every param, in tree order."""
+  spec = cfg.quant.spec()
+  for path, w in _flatten(params):
+    name = path[-1]
+    where = "/".join(path)
+    if cfg.quant.learn_clip and name.endswith(_CLIP_SUFFIX) and name[:-len(_CLIP_SUFFIX)] in _EXPERT_PARAMS:
+      continue  # folded into the stored scales of its weight
+    w = np.asarray(jax.device_get(w), np.float32)
+    if name in _EXPERT_PARAMS:
+      codes = _get(quant, path[:-1] + ("expert_bits",))
+      if codes is None:
+        raise PackedCheckpointError(f"{where} has no expert codes in the quant collection; pack a "
+                                    "QAT student (params and its quant codes)")
+      codes = np.asarray(jax.device_get(codes)).reshape(-1)
+      if np.any(codes == q.FP):
+        raise PackedCheckpointError(
+            f"{where}: expert(s) {np.flatnonzero(codes == q.FP).tolist()} have code 0 (full "
+            "precision), which packing cannot store; give every expert a quantized code (1, 2, 3, 4, 8)")
+      clip = None
+      if cfg.quant.learn_clip:
+        clip = effective_clip_ratio(np.asarray(jax.device_get(
+            _get(params, path[:-1] + (name + _CLIP_SUFFIX,))), np.float32))
+      yield path, pt.pack_experts(w, codes, spec, clip), None, codes
+      continue
+    code = _get(quant, path[:-1] + ("bits",)) if name == "kernel" else None
+    if code is not None:
+      code = int(np.asarray(jax.device_get(code)))
+      if code == q.FP:
+        raise PackedCheckpointError(
+            f"{where} has code 0 (full precision) although its rule quantizes it; packing stores "
+            "quantized tensors packed, so set the code back or set its rule to 0")
+      yield path, pt.pack_matrix(w, code, spec), None, code
+      continue
+    yield path, None, w, None
+
+
+def _tensor_name(path, *rest) -> str:
+  return ".".join(path + rest)
+
+
+def _sha256(a: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _model_config_record(cfg: ModelConfig) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def model_config_from_record(record: dict) -> ModelConfig:
+  """The ModelConfig of a manifest's `model_config` (the inverse of dataclasses.asdict)."""
+  record = dict(record)
+  rules = QuantRules(**record.pop("quant"))
+  return ModelConfig(**record, quant=rules)
+
+
+def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "bfloat16",
+         tokenizer: str | pathlib.Path | None = None, eos_id: int | None = None,
+         overwrite: bool = False, source: str = "") -> dict:
+  """Writes a packed checkpoint of a quantized student.
+
+  Expert weights are stored packed at each expert's own code (one buffer per code present in a
+  layer), quantized attention / shared expert / router / lm_head matrices at their code, and every
+  other weight at `fp_dtype`. Learned clip ratios are folded into the stored scales. The folder is
+  written under a temporary name and renamed at the end, so a killed pack leaves nothing that loads.
+
+  Args:
+    cfg: the student's model config (its quant rules give the spec).
+    params: the student's params.
+    quant: the student's `quant` collection (codes); every expert must have a quantized code.
+    out_dir: the folder to create.
+    fp_dtype: "bfloat16" (default) or "float32" for unquantized weights.
+    tokenizer: a tokenizer.json (or its folder) to copy along, or None for byte-level models.
+    eos_id: the end-of-text id generation stops at (None: never stops early).
+    overwrite: replace an existing out_dir.
+    source: where the student came from (recorded in the manifest).
+
+  Returns:
+    The manifest (also written to out_dir/manifest.json), whose "bytes" section states the expert
+    tensor bytes on disk next to `expert_bytes` from the memory accounting (they are equal).
+  """
+  out_dir = pathlib.Path(out_dir)
+  if fp_dtype not in FP_DTYPES:
+    raise PackedCheckpointError(f"fp_dtype={fp_dtype!r}; choose from {sorted(FP_DTYPES)}")
+  if out_dir.exists() and not overwrite:
+    raise PackedCheckpointError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+  tok_file = None
+  if tokenizer:
+    tok_file = pathlib.Path(tokenizer)
+    tok_file = tok_file / TOKENIZER_FILE if tok_file.is_dir() else tok_file
+    if not tok_file.is_file():
+      raise PackedCheckpointError(f"tokenizer {tok_file} does not exist")
+
+  tensors, records, expert_codes = [], {}, {}
+  expert_tensor_bytes = 0
+  for path, node, w, codes in _packed_arrays(cfg, params, quant):
+    param = "/".join(path)
+    if node is None:
+      arr = w.astype(FP_DTYPES[fp_dtype])
+      tensors.append((_tensor_name(path), arr))
+      records[_tensor_name(path)] = {"param": param, "role": "float"}
+      continue
+    if path[-1] in _EXPERT_PARAMS:
+      expert_codes[param] = codes.tolist()
+    for key, bufs in node.items():
+      if key in (pt.EXPERT_CODES, pt.EXPERT_SLOT):
+        continue
+      for role, arr in bufs.items():
+        name = _tensor_name(path, key, role)
+        tensors.append((name, arr))
+        records[name] = {"param": param, "role": role, "code": pt.code_of_key(key)}
+        if path[-1] in _EXPERT_PARAMS:
+          expert_tensor_bytes += arr.nbytes
+
+  codes_LxE = np.asarray([expert_codes[f"layers_{i}/moe/w_in"] for i in range(cfg.num_layers)])
+  accounting = q.expert_bytes(expert_shapes(cfg), codes_LxE, cfg.quant.spec())
+  if accounting["total_bytes"] != expert_tensor_bytes:  # the packers and the formula must agree
+    raise AssertionError(f"packed expert bytes {expert_tensor_bytes} != accounted "
+                         f"{accounting['total_bytes']}; a packing/accounting bug")
+  for name, arr in tensors:
+    records[name].update({"shape": list(arr.shape), "dtype": dtype_name(arr.dtype),
+                          "nbytes": int(arr.nbytes), "sha256": _sha256(arr), "file": SINGLE_FILE})
+  total = sum(int(a.nbytes) for _, a in tensors)
+  manifest = {
+      "format": FORMAT,
+      "format_version": FORMAT_VERSION,
+      "source": source,
+      "model_config": _model_config_record(cfg),
+      "fp_dtype": fp_dtype,
+      "scale_dtype": np.dtype(pt.SCALE_DTYPES[cfg.quant.scale_bytes]).name,
+      "tokenizer": TOKENIZER_FILE if tok_file else "bytes",
+      "eos_id": eos_id,
+      "expert_codes": codes_LxE.tolist(),
+      "bytes": {
+          "expert_tensors_on_disk": expert_tensor_bytes,
+          "expert_bytes_accounted": accounting["total_bytes"],
+          "expert_bits_per_weight": accounting["bits_per_weight"],
+          "expert_code_bits": accounting["avg_code_bits"],
+          "other_tensors": total - expert_tensor_bytes,
+          "all_tensors": total,
+      },
+      "tensors": records,
+  }
+  tmp = out_dir.parent / f".{out_dir.name}.packing-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  try:
+    writer = StreamingWriter(tmp / SINGLE_FILE, [(n, a.shape, a.dtype) for n, a in tensors],
+                             metadata={"format": FORMAT})
+    try:
+      for name, arr in tensors:
+        writer.write(name, arr)
+    finally:
+      writer.close()
+    if tok_file:
+      shutil.copyfile(tok_file, tmp / TOKENIZER_FILE)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    if out_dir.exists():
+      shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return manifest
+
+
+@dataclasses.dataclass
+class PackedModel:
+  """A packed checkpoint in device memory: apply `model` to `variables` (params + packed)."""
+
+  cfg: ModelConfig
+  model: MoETransformer
+  variables: dict
+  manifest: dict
+  folder: pathlib.Path
+
+  @property
+  def tokenizer_path(self) -> str:
+    """"" for bytes, else the checkpoint's tokenizer.json."""
+    tok = self.manifest["tokenizer"]
+    return "" if tok == "bytes" else str(self.folder / tok)
+
+
+def _read_manifest(folder: pathlib.Path) -> dict:
+  path = folder / MANIFEST
+  if not path.is_file():
+    raise PackedCheckpointError(f"{folder} is not a packed checkpoint (no {MANIFEST}); make one "
+                                "with `moeqjax pack`")
+  try:
+    manifest = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise PackedCheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+  if manifest.get("format") != FORMAT:
+    raise PackedCheckpointError(f"{path} is not a {FORMAT} manifest (format={manifest.get('format')!r})")
+  if manifest.get("format_version") != FORMAT_VERSION:
+    raise PackedCheckpointError(
+        f"{path} has format_version {manifest.get('format_version')!r}; this moeqjax reads version "
+        f"{FORMAT_VERSION}; re-pack the student with this version (`moeqjax pack`)")
+  return manifest
+
+
+def _expected_shapes(cfg: ModelConfig, manifest: dict) -> dict:
+  """The shape every tensor of the manifest must have, derived from the config alone."""
+  spec = cfg.quant.spec()
+  model = MoETransformer(cfg)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  shapes = {"/".join(p): tuple(v.shape) for p, v in _flatten(nn.meta.unbox(abstract["params"]))}
+  one_expert = expert_shapes(cfg)
+  codes = manifest["expert_codes"]
+  if np.shape(codes) != (cfg.num_layers, cfg.num_experts):
+    raise PackedCheckpointError(
+        f"manifest expert_codes has shape {list(np.shape(codes))}, the model config needs "
+        f"[num_layers, num_experts] = {[cfg.num_layers, cfg.num_experts]}")
+  stored = {(rec["param"], rec["role"], rec.get("code")) for rec in manifest["tensors"].values()}
+  for param in shapes:
+    if cfg.quant.learn_clip and param.endswith(_CLIP_SUFFIX):
+      continue  # folded into the scales
+    leaf = param.split("/")[-1]
+    if leaf in one_expert:
+      layer = int(param.split("/")[0].split("_")[1])
+      needed = [(param, role, c) for c in set(codes[layer]) for role in ("values", "scales")]
+    elif any(p == param for p, _, _ in stored):
+      continue
+    else:
+      needed = [(param, "float", None)]
+    missing = [n for n in needed if n not in stored]
+    if missing:
+      raise PackedCheckpointError(
+          f"the manifest has no {missing[0][1]} tensor for {param}"
+          + (f" at code {missing[0][2]}" if missing[0][2] is not None else "")
+          + "; the checkpoint is incomplete, re-pack it")
+  want = {}
+  for name, rec in manifest["tensors"].items():
+    param = rec["param"]
+    if param not in shapes:
+      raise PackedCheckpointError(f"tensor {name}: this model config has no param {param}")
+    full = shapes[param]
+    if rec["role"] == "float":
+      want[name] = full
+      continue
+    code = rec["code"]
+    if param.split("/")[-1] in one_expert:
+      layer = int(param.split("/")[0].split("_")[1])
+      n = sum(1 for c in codes[layer] if c == code)
+      matrix, lead = full[1:], (n,)
+    else:
+      matrix, lead = full, ()
+    count = matrix[0] * matrix[1]
+    if rec["role"] == "values":
+      if code == q.TERNARY:
+        per = 4 if spec.ternary_packing == "2bit" else 5
+        nbytes = -(-count // per)
+      else:
+        nbytes = q.packed_int_bytes(count, code)
+      want[name] = lead + (nbytes,)
+    else:
+      want[name] = lead + tuple(q.scale_shape(matrix, spec))
+  return want
+
+
+def load_packed(folder, *, verify: bool = True) -> PackedModel:
+  """Loads a packed checkpoint, keeping quantized weights packed in device memory.
+
+  Every tensor is checked against the manifest (present, shape, dtype, bytes and, with `verify`,
+  sha256) and against the shapes its model config implies.
+
+  Args:
+    folder: a folder written by `pack`.
+    verify: check each tensor's sha256 (reads every byte once more; on by default).
+
+  Returns:
+    A PackedModel; `model.apply(variables, tokens)` runs the packed student.
+
+  Raises:
+    PackedCheckpointError: naming the file or tensor, for any mismatch.
+  """
+  folder = pathlib.Path(folder)
+  manifest = _read_manifest(folder)
+  try:
+    cfg = model_config_from_record(manifest["model_config"])
+  except (TypeError, ValueError, KeyError) as e:
+    raise PackedCheckpointError(f"{folder / MANIFEST}: bad model_config ({e})") from None
+  want = _expected_shapes(cfg, manifest)
+  headers = {}
+  params, packed = {}, {}
+  for name, rec in manifest["tensors"].items():
+    file = folder / rec["file"]
+    if rec["file"] not in headers:
+      if not file.is_file():
+        raise PackedCheckpointError(f"{file} is missing; the manifest lists tensors in it")
+      try:
+        headers[rec["file"]] = read_header(file)
+      except ValueError as e:
+        raise PackedCheckpointError(f"{file}: {e}") from None
+    info = headers[rec["file"]].get(name)
+    if info is None:
+      raise PackedCheckpointError(f"tensor {name} is missing from {file.name}")
+    if (list(info.shape) != rec["shape"] or dtype_name(info.dtype) != rec["dtype"]
+        or info.nbytes != rec["nbytes"]):
+      raise PackedCheckpointError(
+          f"tensor {name} in {file.name} is {dtype_name(info.dtype)}{list(info.shape)}, the manifest "
+          f"says {rec['dtype']}{rec['shape']}")
+    if tuple(rec["shape"]) != want[name]:
+      raise PackedCheckpointError(
+          f"tensor {name} has shape {rec['shape']}, but the manifest's model config implies "
+          f"{list(want[name])}; the manifest and the tensors disagree")
+    try:
+      arr = read_tensor(info)
+    except ValueError as e:
+      raise PackedCheckpointError(f"tensor {name}: {e}") from None
+    if verify and _sha256(arr) != rec["sha256"]:
+      raise PackedCheckpointError(f"tensor {name} in {file.name} fails its sha256 check (corrupted "
+                                  "file); re-pack or re-copy the checkpoint")
+    path = tuple(rec["param"].split("/"))
+    if rec["role"] == "float":
+      _set(params, path, jax.device_put(arr))
+    else:
+      _set(packed, path + (pt.code_key(rec["code"]), rec["role"]), jax.device_put(arr))
+  for i, row in enumerate(manifest["expert_codes"]):
+    codes = np.asarray(row, np.int32)
+    slot = np.zeros_like(codes)
+    for c in set(row):
+      slot[codes == c] = np.arange(int(np.sum(codes == c)))
+    for w in _EXPERT_PARAMS:
+      node = _get(packed, (f"layers_{i}", "moe", w))
+      if node is None:
+        raise PackedCheckpointError(f"layers_{i}/moe/{w} has no packed tensors in {folder}")
+      node[pt.EXPERT_CODES] = jax.device_put(codes)
+      node[pt.EXPERT_SLOT] = jax.device_put(slot)
+  return PackedModel(cfg, MoETransformer(cfg), {"params": params, COLLECTION: packed}, manifest,
+                     folder)
+
+
+def _set(tree, path, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value

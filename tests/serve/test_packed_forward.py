@@ -1,0 +1,90 @@
+"""Packed inference against the fake-quant student (the oracle): logits within 1e-5 in float32."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_model_config
+from moeqjax import runs
+from moeqjax.model import MoETransformer, QuantRules, init_model
+from moeqjax.serve import load_packed, pack
+
+MIXED = [[1, 2, 3, 4], [8, 1, 1, 4]]  # every code, mixed within a layer
+
+
+def _student(rules, codes=MIXED, seed=0, **model):
+  cfg = tiny_model_config(quant=rules, **model)
+  _, params, _ = init_model(cfg, jax.random.key(seed))
+  quant = runs.set_expert_codes(runs.default_quant(cfg), codes)
+  return cfg, params, quant
+
+
+def _tokens(batch, seq, seed=1):
+  return jnp.asarray(np.random.RandomState(seed).randint(0, 64, (batch, seq)), jnp.int32)
+
+
+def _check_packed_equals_fake_quant(tmp_path, cfg, params, quant):
+  out = tmp_path / "packed"
+  pack(cfg, params, quant, out, fp_dtype="float32")
+  served = load_packed(out)
+  student = MoETransformer(cfg)
+  # [2, 12]: 48 (token, expert) pairs >= E, every expert dequantized; [1, 1]: 2 pairs < E, the
+  # selected experts gathered from their packed buffers.
+  for toks in (_tokens(2, 12), _tokens(1, 1)):
+    want = np.asarray(student.apply({"params": params, "quant": quant}, toks))
+    got = np.asarray(served.model.apply(served.variables, toks))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    fp = np.asarray(student.apply({"params": params}, toks))
+    assert np.abs(fp - want).max() > 1e-3  # the codes matter, so equality is not vacuous
+  return served
+
+
+@pytest.mark.parametrize("granularity,symmetric,method", [
+    ("channel", True, "absmean"), ("group", True, "twn"), ("channel", False, "twn"),
+    ("group", False, "absmean")])
+def test_packed_logits_equal_fake_quant(tmp_path, granularity, symmetric, method):
+  rules = QuantRules(expert_code=4, granularity=granularity, group_size=8, symmetric=symmetric,
+                     ternary_method=method)
+  cfg, params, quant = _student(rules)
+  _check_packed_equals_fake_quant(tmp_path, cfg, params, quant)
+
+
+def test_one_code_per_layer_packed_logits_equal_fake_quant(tmp_path):
+  codes = [[1] * 4, [3] * 4]  # one buffer per layer: no per-expert selection between codes
+  cfg, params, quant = _student(QuantRules(expert_code=1), codes=codes)
+  served = _check_packed_equals_fake_quant(tmp_path, cfg, params, quant)
+  assert served.manifest["expert_codes"] == codes
+  assert set(served.variables["packed"]["layers_1"]["moe"]["w_out"]) == {
+      "int3", "expert_codes", "expert_slot"}
+
+
+def test_quantized_attention_router_lm_head_and_shared_expert(tmp_path):
+  rules = QuantRules(expert_code=4, attn_code=8, shared_code=3, router_code=8, lm_head_code=4,
+                     granularity="group", group_size=8, symmetric=False)
+  cfg, params, quant = _student(rules, shared_d_ff=24, shared_expert_gate=True, attn_bias=True)
+  served = _check_packed_equals_fake_quant(tmp_path, cfg, params, quant)
+  packed = served.variables["packed"]["layers_0"]
+  assert set(packed["attn"]["q_proj"]["kernel"]) == {"int8"}
+  assert set(packed["moe"]["shared_expert"]["down_proj"]["kernel"]) == {"int3"}
+  assert "kernel" not in served.variables["params"]["layers_0"]["attn"]["q_proj"]
+  assert "bias" in served.variables["params"]["layers_0"]["attn"]["q_proj"]
+
+
+def test_base3_ternary_and_float32_scales(tmp_path):
+  rules = QuantRules(expert_code=1, ternary_packing="base3", scale_bytes=4)
+  cfg, params, quant = _student(rules, codes=[[1, 1, 2, 1], [1, 4, 1, 1]])
+  served = _check_packed_equals_fake_quant(tmp_path, cfg, params, quant)
+  assert served.manifest["scale_dtype"] == "float32"
+
+
+def test_learned_clip_ratios_are_folded_into_the_scales(tmp_path):
+  rules = QuantRules(expert_code=3, learn_clip=True)
+  cfg, params, quant = _student(rules, codes=[[3, 2, 4, 8], [2, 2, 3, 1]])
+  rng = np.random.RandomState(3)
+  for i in range(cfg.num_layers):
+    moe = params[f"layers_{i}"]["moe"]
+    for name in ("w_in_clip", "w_gate_clip", "w_out_clip"):
+      moe[name] = jnp.asarray(rng.uniform(0.5, 1.2, moe[name].shape), jnp.float32)  # some > 1
+  served = _check_packed_equals_fake_quant(tmp_path, cfg, params, quant)
+  assert not any("clip" in name for name in served.manifest["tensors"])
