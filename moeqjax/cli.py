@@ -80,6 +80,30 @@ def _parser() -> argparse.ArgumentParser:
                  help="HF family to write (mixtral, qwen2_moe, qwen3_moe, olmoe); default: "
                       "from --hf-config, else inferred")
 
+  p = sub.add_parser("pack", help="write a finished QAT student as a packed low-bit checkpoint "
+                     "(per-expert codes kept) for `moeqjax generate --packed`")
+  p.add_argument("--workdir", required=True, help="a finished `moeqjax qat` workdir")
+  p.add_argument("--out", required=True, help="output folder (model.safetensors, manifest.json)")
+  p.add_argument("--fp-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                 help="dtype of the weights that stay unquantized (norms, embeddings, ...)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+  p = sub.add_parser("generate", help="generate text from a packed checkpoint, a QAT student "
+                     "(fake quant) or a full-precision run, with a KV cache")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--packed", default=None, help="a folder written by `moeqjax pack`")
+  src.add_argument("--workdir", default=None,
+                   help="a finished `moeqjax qat` (fake quant) or `moeqjax pretrain` workdir, or "
+                        "an `import-hf` folder")
+  text = p.add_mutually_exclusive_group(required=True)
+  text.add_argument("--prompt", default=None, help="the prompt text")
+  text.add_argument("--prompt-file", default=None, help="a UTF-8 file holding the prompt")
+  p.add_argument("--max-new-tokens", type=int, default=128)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+  p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+  p.add_argument("--seed", type=int, default=0)
+
   p = sub.add_parser("plan", help="parameter counts, weight bytes and QAT memory, no allocation")
   p.add_argument("--config", default=None, help="configs/<name>.py (default: configs/tiny.py)")
 
@@ -89,6 +113,46 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _NO_CONFIG_COMMANDS = ("import-hf", "export", "plan")
+_SERVE_COMMANDS = ("pack", "generate")
+
+
+def run_serve(args) -> int:
+  """pack / generate: thin wrappers over moeqjax.serve_run."""
+  from moeqjax import serve_run
+  if args.command == "pack":
+    manifest = serve_run.pack_workdir(args.workdir, args.out, fp_dtype=args.fp_dtype,
+                                      overwrite=args.overwrite)
+    b = manifest["bytes"]
+    print(f"packed {args.workdir} into {args.out}: expert tensors {b['expert_tensors_on_disk']:,} "
+          f"bytes on disk (memory accounting: {b['expert_bytes_accounted']:,}; "
+          f"{b['expert_bits_per_weight']:.3f} bits/weight with scales, {b['expert_code_bits']:.2f} "
+          f"code bits), all tensors {b['all_tensors']:,} bytes ({manifest['fp_dtype']} for the "
+          f"unquantized ones, {manifest['scale_dtype']} scales)")
+    return 0
+  from moeqjax.serve import SamplingConfig
+  if args.prompt_file is not None:
+    try:
+      prompt = pathlib.Path(args.prompt_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+      raise UserError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
+  else:
+    prompt = args.prompt
+  try:
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+  except ValueError as e:
+    raise UserError(str(e).replace("temperature=", "--temperature ").replace(
+        "top_k=", "--top-k ").replace("top_p=", "--top-p ")) from None
+  if args.max_new_tokens < 1:
+    raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+  model, variables, tokenizer, eos_id, label = serve_run.model_for_generation(args.packed,
+                                                                              args.workdir)
+  gen = serve_run.generate_text(model, variables, tokenizer, eos_id, prompt, args.max_new_tokens,
+                               sampling, args.seed)
+  note = " (stopped at the model's context)" if gen.clamped_to_context else ""
+  print(f"[{label}] {int(gen.lengths[0])} tokens{note}; prefill {gen.prefill_tokens_per_s:,.0f} "
+        f"tok/s, decode {gen.decode_tokens_per_s:,.1f} tok/s (compile {gen.compile_s:.1f} s)",
+        file=sys.stderr)
+  return 0
 
 
 def run_convert(args, overrides: dict[str, str]) -> int:
@@ -147,6 +211,11 @@ def run(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
   if args.command in _NO_CONFIG_COMMANDS:
     return run_convert(args, overrides)
+  if args.command in _SERVE_COMMANDS:
+    if overrides:
+      raise UserError(f"`moeqjax {args.command}` takes its config from the run it reads; drop "
+                      f"{', '.join('--config.' + k for k in overrides)}")
+    return run_serve(args)
   from moeqjax.study import commands as study_commands
   if args.command in study_commands.COMMANDS:
     return study_commands.run_command(args, overrides)
@@ -205,11 +274,12 @@ def main(argv: list[str] | None = None) -> int:
   from moeqjax.config_io import ConfigError
   from moeqjax.convert.errors import ConvertError
   from moeqjax.data import DataError
+  from moeqjax.serve import PackedCheckpointError
   from moeqjax.train import TrainingStopped
   argv = sys.argv[1:] if argv is None else argv
   try:
     return run(argv)
-  except (UserError, ConfigError, DataError, ConvertError) as e:
+  except (UserError, ConfigError, DataError, ConvertError, PackedCheckpointError) as e:
     print(f"moeqjax: error: {e}", file=sys.stderr)
     return 2
   except TrainingStopped as e:

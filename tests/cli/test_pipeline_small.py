@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from moeqjax.cli import main
 
 TINY = ["--config.model.d_model=16", "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
@@ -13,7 +15,10 @@ PHASES = ["--config.pretrain.steps=6", "--config.pretrain.warmup_steps=1",
           "--config.qat.seq_len=32"]
 
 
-def test_pretrain_qat_eval(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+  """A finished pretrain (fp/) and QAT (q/) workdir, made through the CLI once for this module."""
+  tmp_path = tmp_path_factory.mktemp("runs")
   data = tmp_path / "corpus.txt"
   data.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n"
                           for i in range(400)))
@@ -21,6 +26,11 @@ def test_pretrain_qat_eval(tmp_path, capsys):
   assert main(["pretrain", "--workdir", str(tmp_path / "fp"), *args]) == 0
   assert main(["qat", "--workdir", str(tmp_path / "q"), "--teacher", str(tmp_path / "fp"),
                *args]) == 0
+  return tmp_path, args
+
+
+def test_pretrain_qat_eval(finished_runs, capsys):
+  tmp_path, args = finished_runs
   assert main(["eval", "--workdir", str(tmp_path / "q"), "--teacher", str(tmp_path / "fp"),
                *args]) == 0
   results = json.loads((tmp_path / "q" / "eval.json").read_text())

@@ -1,0 +1,132 @@
+"""`moeqjax pack` and `moeqjax generate` as pipeline phases: workdirs in, packed folders and text out."""
+
+from __future__ import annotations
+
+import codecs
+import json
+import pathlib
+import sys
+
+import ml_collections
+
+from moeqjax import config_io, runs
+from moeqjax.data import DOC_SEPARATOR, make_tokenizer
+from moeqjax.evaluate_run import UnfinishedRun
+from moeqjax.model import MoETransformer
+from moeqjax.serve import SamplingConfig, generate, load_packed, pack
+from moeqjax.serve.decode import check_request
+
+
+class NotARun(config_io.ConfigError):
+  """A folder that is not the kind of run a command needs."""
+
+
+def _record(workdir: pathlib.Path) -> dict:
+  path = workdir / runs._CONFIG_RECORD  # pylint: disable=protected-access
+  if not path.is_file():
+    raise NotARun(f"{workdir} is not a moeqjax run (no {runs._CONFIG_RECORD}); pass a finished "  # pylint: disable=protected-access
+                  "`moeqjax qat` or `moeqjax pretrain` workdir")
+  return json.loads(path.read_text())
+
+
+def _eos_id(tokenizer) -> int | None:
+  """The id that ends a document: the byte separator, or the tokenizer's end-of-text id."""
+  if tokenizer.name == "bytes":
+    return DOC_SEPARATOR[0]
+  return getattr(tokenizer, "separator_id", None)
+
+
+def finished_student(workdir: pathlib.Path):
+  """(config, state) of a finished `moeqjax qat` workdir, or a one-line error."""
+  record = _record(workdir)
+  if "qat" not in record:
+    raise NotARun(f"{workdir} is not a `moeqjax qat` run (its {runs._CONFIG_RECORD} has no qat "  # pylint: disable=protected-access
+                  "section); pack a QAT student")
+  config = ml_collections.ConfigDict({k: record[k] for k in ("model", "quant", "data", "qat")})
+  state = runs.finished_state(workdir, runs.state_template(config, "qat"), config.qat.steps)
+  if state is None:
+    raise UnfinishedRun(f"{workdir} holds no finished QAT run of {config.qat.steps} steps; finish "
+                        f"it with `moeqjax qat --workdir {workdir} --resume ...` before packing")
+  return config, state
+
+
+def pack_workdir(workdir, out, *, fp_dtype: str = "bfloat16", overwrite: bool = False) -> dict:
+  """Packs the student of a finished QAT workdir into `out`; returns the manifest."""
+  workdir = pathlib.Path(workdir)
+  config, state = finished_student(workdir)
+  tokenizer = make_tokenizer(config.data.tokenizer)
+  return pack(config_io.model_config(config), state.params, state.quant, out, fp_dtype=fp_dtype,
+              tokenizer=config.data.tokenizer or None, eos_id=_eos_id(tokenizer),
+              overwrite=overwrite, source=str(workdir.absolute()))
+
+
+def model_for_generation(packed: str | None, workdir: str | None):
+  """(model, variables, tokenizer, eos_id, label) from a packed folder or a run's workdir."""
+  if packed:
+    served = load_packed(packed)
+    tokenizer = make_tokenizer(served.tokenizer_path)
+    return served.model, served.variables, tokenizer, served.manifest["eos_id"], "packed"
+  workdir = pathlib.Path(workdir)
+  from moeqjax.convert import workdir as convert_workdir  # pylint: disable=import-outside-toplevel
+  if convert_workdir.is_imported(workdir):
+    config = config_io.load_config(workdir / convert_workdir.CONFIG_PY)
+    params = convert_workdir.load_imported_params(workdir, config_io.model_config(config))
+    variables, label = {"params": params}, "imported full precision"
+  elif "qat" in _record(workdir):
+    config, state = finished_student(workdir)
+    variables, label = {"params": state.params, "quant": state.quant}, "fake-quant student"
+  else:
+    config = ml_collections.ConfigDict(_record(workdir))
+    with config.unlocked():  # a pretrain run records no quant section; its model needs none
+      config.quant = config_io.load_config(None).quant
+    state = runs.finished_state(workdir, runs.state_template(config, "pretrain"),
+                                config.pretrain.steps)
+    if state is None:
+      raise UnfinishedRun(f"{workdir} holds no finished pretraining run; finish it with "
+                          f"`moeqjax pretrain --workdir {workdir} --resume`")
+    variables, label = {"params": state.params}, "full precision"
+  tokenizer = make_tokenizer(config.data.tokenizer)
+  model = MoETransformer(config_io.model_config(config))
+  return model, variables, tokenizer, _eos_id(tokenizer), label
+
+
+class _Streamer:
+  """Writes generated text as it arrives (bytes through an incremental UTF-8 decoder)."""
+
+  def __init__(self, tokenizer, eos_id, out):
+    self.tokenizer, self.eos_id, self.out, self.ids, self.shown = tokenizer, eos_id, out, [], ""
+    self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+  def __call__(self, ids_B):
+    token = int(ids_B[0])
+    if token == self.eos_id:
+      return
+    if self.tokenizer.name == "bytes":
+      self.out.write(self._utf8.decode(bytes([token])))
+    else:
+      self.ids.append(token)
+      text = self.tokenizer.decode(self.ids)
+      self.out.write(text[len(self.shown):])
+      self.shown = text
+    self.out.flush()
+
+
+class BadRequest(config_io.ConfigError):
+  """A generation request the model cannot serve (e.g. a prompt longer than its context)."""
+
+
+def generate_text(model, variables, tokenizer, eos_id, prompt: str, max_new_tokens: int,
+                  sampling: SamplingConfig, seed: int, stream=None):
+  """Streams the continuation of `prompt` to `stream` (default stdout); returns the Generation."""
+  stream = sys.stdout if stream is None else stream
+  ids = tokenizer.encode(prompt)[None, :]
+  try:
+    check_request(ids.shape[1], max_new_tokens, model.cfg.max_seq_len)
+  except ValueError as e:
+    raise BadRequest(str(e)) from None
+  stream.write(prompt)
+  stream.flush()
+  gen = generate(model, variables, ids, max_new_tokens, sampling=sampling, seed=seed,
+                 eos_id=eos_id, on_tokens=_Streamer(tokenizer, eos_id, stream))
+  stream.write("\n")
+  return gen
