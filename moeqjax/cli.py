@@ -267,6 +267,15 @@ def _print_summary(metrics: dict, workdir: pathlib.Path):
   for name, r in metrics["variants"].items():
     print(f"{name:16s} {r['bits_per_token']:12.4f} {r['expert_bits_per_weight']:10.3f} "
           f"{r['topk_agree']:11.3f} {r['top1_agree']:11.3f}")
+  serving = metrics.get("serving")
+  if serving:
+    print()
+    for name, r in serving["packed"].items():
+      print(f"packed {name:12s} {r['tensor_bytes']:>12,} bytes ({r['fp_bf16_over_packed']:.2f}x "
+            f"smaller than the {r['fp_bf16_model_bytes']:,}-byte bf16 model) in {r['folder']}")
+    s = serving["sample"]
+    print(f"\npacked {s['variant']}, greedy continuation of a held-out prompt:\n"
+          f"{s['prompt']}\u2502{s['continuation']}")
   print(f"\nresults in {workdir}")
 
 

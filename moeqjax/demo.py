@@ -122,6 +122,11 @@ def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | N
   results = evaluate_variants(cfg, variants, windows, config.eval.batch_size)
   baseline = unigram_bits_per_token(corpus.train, corpus.valid, cfg.vocab_size)
   timings["eval"] = time.perf_counter() - t
+  t = time.perf_counter()
+  from moeqjax.serve_run import DEMO_PROMPT_TOKENS, demo_serving  # pylint: disable=import-outside-toplevel
+  serving = demo_serving(cfg, workdir, variants, np.asarray(corpus.valid[:DEMO_PROMPT_TOKENS]),
+                         config.data.tokenizer, results[REFERENCE]["model_bytes"])
+  timings["serve"] = time.perf_counter() - t
   timings["total"] = time.perf_counter() - start
   if hf_dir is None:
     teacher_note = (f"Pretraining: {config.pretrain.steps} steps of {config.pretrain.batch_size}x"
@@ -144,4 +149,5 @@ def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | N
   ]
   return write_report(workdir, results, descriptions=descriptions, baseline=baseline,
                       fingerprint=corpus.fingerprint, unit=corpus.unit, curves=curves,
-                      timings=timings, notes=notes, config_text=config_io.config_json(config))
+                      timings=timings, notes=notes, config_text=config_io.config_json(config),
+                      serving=serving)

@@ -8,6 +8,7 @@ import pathlib
 import sys
 
 import ml_collections
+import numpy as np
 
 from moeqjax import config_io, runs
 from moeqjax.data import DOC_SEPARATOR, make_tokenizer
@@ -130,3 +131,55 @@ def generate_text(model, variables, tokenizer, eos_id, prompt: str, max_new_toke
                  eos_id=eos_id, on_tokens=_Streamer(tokenizer, eos_id, stream))
   stream.write("\n")
   return gen
+
+
+DEMO_PACKED = ("qat_ternary", "qat_int2")  # the demo's students that are packed and served
+DEMO_PROMPT_TOKENS = 64
+DEMO_NEW_TOKENS = 64
+
+
+def demo_serving(cfg, workdir: pathlib.Path, students: dict, prompt_ids, tokenizer_name: str,
+                 fp_model_bytes: int) -> dict:
+  """Packs the demo's QAT students, and continues a held-out prompt from the packed ternary one.
+
+  Args:
+    cfg: the model config.
+    workdir: the demo workdir; packed folders go to workdir/packed/<variant>.
+    students: variant name -> {"params", "quant"} for the names in DEMO_PACKED.
+    prompt_ids: int token ids [S] of a held-out prompt.
+    tokenizer_name: config.data.tokenizer ("" for bytes).
+    fp_model_bytes: bytes of the whole full-precision model at bf16, to compare with.
+
+  Returns:
+    {"packed": {variant: bytes...}, "sample": {prompt, continuation, speeds}} (JSON-ready).
+  """
+  tokenizer = make_tokenizer(tokenizer_name)
+  eos_id = _eos_id(tokenizer)
+  packed = {}
+  for name in DEMO_PACKED:
+    folder = workdir / "packed" / name
+    manifest = pack(cfg, students[name]["params"], students[name]["quant"], folder,
+                    tokenizer=tokenizer_name or None, eos_id=eos_id, overwrite=True,
+                    source=str((workdir / name).absolute()))
+    b = manifest["bytes"]
+    packed[name] = {
+        "folder": str(folder),
+        "tensor_bytes": b["all_tensors"],
+        "file_bytes": sum(f.stat().st_size for f in folder.iterdir()),
+        "expert_tensor_bytes": b["expert_tensors_on_disk"],
+        "expert_bytes_accounted": b["expert_bytes_accounted"],
+        "fp_bf16_model_bytes": fp_model_bytes,
+        "fp_bf16_over_packed": fp_model_bytes / b["all_tensors"],
+    }
+  served = load_packed(workdir / "packed" / DEMO_PACKED[0])
+  prompt_ids = np.asarray(prompt_ids)[:cfg.max_seq_len // 2]  # room to generate in any context
+  gen = generate(served.model, served.variables, np.asarray(prompt_ids)[None], DEMO_NEW_TOKENS,
+                 eos_id=eos_id)
+  new = gen.tokens[0, :int(gen.lengths[0])]
+  if eos_id is not None and new.size and new[-1] == eos_id:
+    new = new[:-1]
+  sample = {"variant": DEMO_PACKED[0], "prompt": tokenizer.decode(prompt_ids),
+            "continuation": tokenizer.decode(new),
+            "prefill_tokens_per_s": gen.prefill_tokens_per_s,
+            "decode_tokens_per_s": gen.decode_tokens_per_s}
+  return {"packed": packed, "sample": sample}

@@ -45,10 +45,32 @@ def _table(results: dict, unit: str, descriptions: dict) -> str:
   return "\n".join(lines)
 
 
+def _serving_section(serving: dict | None) -> list[str]:
+  if not serving:
+    return []
+  lines = ["## Serving from packed weights", "",
+           "| variant | packed tensors (bytes) | expert tensors on disk | expert bytes (accounting) "
+           "| full-precision bf16 model | bf16 / packed |", "|---|---|---|---|---|---|"]
+  for name, r in serving["packed"].items():
+    lines.append(f"| `{name}` | {r['tensor_bytes']:,} | {r['expert_tensor_bytes']:,} | "
+                 f"{r['expert_bytes_accounted']:,} | {r['fp_bf16_model_bytes']:,} | "
+                 f"{r['fp_bf16_over_packed']:.2f}x |")
+  s = serving["sample"]
+  lines += ["", f"Greedy continuation of a held-out prompt by the packed `{s['variant']}` model "
+            f"(KV cache; prefill {s['prefill_tokens_per_s']:,.0f} tok/s, decode "
+            f"{s['decode_tokens_per_s']:,.1f} tok/s on this machine):", "",
+            "```text", s["prompt"] + "│" + s["continuation"], "```",
+            "(│ marks where the prompt ends.)", ""]
+  return lines
+
+
 def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, baseline: float,
                  fingerprint: dict, unit: str, curves: dict, timings: dict, notes: list[str],
-                 config_text: str) -> dict:
-  """Writes report.md, metrics.json and plots/*.png into workdir; returns the metrics dict."""
+                 config_text: str, serving: dict | None = None) -> dict:
+  """Writes report.md, metrics.json and plots/*.png into workdir; returns the metrics dict.
+
+  `serving` (optional) is what moeqjax.serve_run.demo_serving returned: packed bytes and a sample.
+  """
   workdir = pathlib.Path(workdir)
   plot_dir = workdir / "plots"
   plot_dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +86,8 @@ def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, ba
       "variants": results,
       "timings_s": timings,
   }
+  if serving:
+    metrics["serving"] = serving
   (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
   plots.plot_training_curves(curves, plot_dir / "training_curves.png", unit)
   plots.plot_variants(results, baseline, plot_dir / "variants.png", unit)
@@ -87,6 +111,7 @@ def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, ba
       "",
       *[f"- {n}" for n in notes],
       "",
+      *_serving_section(serving),
       "## Wall time (s)",
       "",
       *[f"- {k}: {v:.1f}" for k, v in timings.items()],

@@ -63,7 +63,18 @@ def test_demo_from_hf_checkpoint(tmp_path, capsys):
   report = (work / "report.md").read_text()
   assert "bits/token" in report
   assert "| perplexity |" in report  # the column is shown for tokens (not for bytes)
-  assert "bits/token" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "bits/token" in out
+  # The demo ends by serving: both students packed, bytes as accounted, a continuation printed.
+  serving = metrics["serving"]
+  for name in ("qat_ternary", "qat_int2"):
+    packed = serving["packed"][name]
+    assert packed["expert_tensor_bytes"] == metrics["variants"][name]["expert_bytes"]
+    assert packed["fp_bf16_model_bytes"] == metrics["variants"]["full_precision"]["model_bytes"]
+    assert (work / "packed" / name / "tokenizer.json").is_file()
+    assert f"packed {name}" in out
+  assert serving["sample"]["variant"] == "qat_ternary" and serving["sample"]["prompt"]
+  assert "## Serving from packed weights" in report and "greedy continuation" in out
   qat_record = json.loads((work / "qat_ternary" / "config.json").read_text())
   assert qat_record["model"]["vocab_size"] == 32  # the checkpoint's model config, not tiny.py's
   assert qat_record["data"]["tokenizer"] == str(hf_dir.absolute())
