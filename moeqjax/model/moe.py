@@ -102,6 +102,12 @@ class MoE(nn.Module):
       w_gate = q.fake_quant(w_gate, codes_E, spec, clip[1])
       w_out = q.fake_quant(w_out, codes_E, spec, clip[2])
       x_in = maybe_quant_act(x_TxD, rules, codes_E)
+    elif idx_TxK.size < e:
+      # Full precision at decode size: read only the selected experts, as the packed path does.
+      idx_M = idx_TxK.reshape(-1)
+      w_in, w_gate, w_out = (jnp.take(w, idx_M, axis=0).astype(dtype)
+                             for w in (w_in, w_gate, w_out))
+      return gathered_experts(x_in.astype(dtype), w_in, w_gate, w_out, gates_TxK)
     return DISPATCH[cfg.dispatch](x_in.astype(dtype), w_in.astype(dtype), w_gate.astype(dtype),
                                   w_out.astype(dtype), gates_TxK, idx_TxK)
 
