@@ -95,9 +95,12 @@ class MoE(nn.Module):
     return y_BxSxD, aux
 
   def _clip_ratios(self, e, d, f, pdtype):
-    """Learnable clipping ratios, one per expert output channel, initialised at 1 (no clip)."""
+    """Learnable clipping ratios, one per expert output channel, initialised at 1 (no clip).
+
+    The train step projects the raw params into range after each update; the forward pass reads
+    them through q.effective_clip_ratio like export does, with a straight-through gradient.
+    """
     def ratio(name, shape):
-      # Clamped so that the optimizer cannot push a scale to zero or past the absmax.
-      return jnp.clip(self.param(name, nn.initializers.ones, shape, pdtype), 0.05, 1.0)
+      return q.effective_clip_ratio(self.param(name, nn.initializers.ones, shape, pdtype))
     return (ratio("w_in_clip", (e, 1, f)), ratio("w_gate_clip", (e, 1, f)),
             ratio("w_out_clip", (e, 1, d)))

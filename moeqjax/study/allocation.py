@@ -26,7 +26,8 @@ import jax
 import numpy as np
 
 from moeqjax import alloc, config_io
-from moeqjax.quant import formats, granularity, memory, quantize_dequantize
+from moeqjax.quant import effective_clip_ratio, formats, granularity, memory, quantize_dequantize
+from moeqjax.quant.clip import CLIP_SUFFIX
 
 METHODS = ("paper_combined", "paper_router", "exact", "frequency", "gate_weight", "mc_moe",
            "uniform", "random")
@@ -112,7 +113,8 @@ def quant_error_table(params, cfg, choices=DEFAULT_CHOICES) -> np.ndarray:
   """[L, E, C] relative quantization error of each expert at each choice.
 
   err = mean over w_in, w_gate, w_out of ||Q(w) - w||_F^2 / ||w||_F^2, with Q the model's own
-  quantize_dequantize (same granularity, ternary method and scales as QAT).
+  quantize_dequantize (same granularity, ternary method and scales as QAT, including the effective
+  learned clip ratios when the rules learn them and `params` holds them; ratio 1 otherwise).
   """
   spec = cfg.quant.spec()
   out = np.zeros((cfg.num_layers, cfg.num_experts, len(choices)))
@@ -123,7 +125,10 @@ def quant_error_table(params, cfg, choices=DEFAULT_CHOICES) -> np.ndarray:
       errs = []
       for name in _EXPERT_PARAMS:
         w = np.asarray(experts[name], np.float32)
-        wq = np.asarray(quantize_dequantize(w, codes, spec))
+        clip = experts.get(name + CLIP_SUFFIX) if cfg.quant.learn_clip else None
+        if clip is not None:
+          clip = effective_clip_ratio(np.asarray(clip, np.float32))
+        wq = np.asarray(quantize_dequantize(w, codes, spec, clip))
         num = np.sum((wq - w) ** 2, axis=(1, 2))
         errs.append(num / np.maximum(np.sum(w * w, axis=(1, 2)), 1e-30))
       out[l, :, c_idx] = np.mean(errs, axis=0)
