@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from moeqjax import quant as q
 from moeqjax.model.config import ModelConfig
 from moeqjax.model.dispatch import DISPATCH, swiglu
-from moeqjax.model.layers import QDense, maybe_quant_act, quant_codes
+from moeqjax.model.layers import QDense, expert_act_quant, quant_codes
 from moeqjax.model.routing import load_balance_loss, router_z_loss, topk_gates
 
 _expert_init = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
@@ -69,17 +69,18 @@ class MoE(nn.Module):
 
     codes_E = quant_codes(self, "expert_bits",
                           lambda: jnp.full((e,), rules.expert_code, jnp.int32))
-    x_in = x_TxD
+    x_q, act_quant_E = expert_act_quant(x_TxD, rules, codes_E)
     if codes_E is not None:
       clip = self._clip_ratios(e, d, f, pdtype) if rules.learn_clip else (None, None, None)
       spec = rules.spec()
       w_in = q.fake_quant(w_in, codes_E, spec, clip[0])
       w_gate = q.fake_quant(w_gate, codes_E, spec, clip[1])
       w_out = q.fake_quant(w_out, codes_E, spec, clip[2])
-      x_in = maybe_quant_act(x_TxD, rules, codes_E)
 
-    y_TxD = DISPATCH[cfg.dispatch](x_in.astype(dtype), w_in.astype(dtype), w_gate.astype(dtype),
-                                   w_out.astype(dtype), gates_TxK, idx_TxK)
+    y_TxD = DISPATCH[cfg.dispatch](
+        x_TxD.astype(dtype), w_in.astype(dtype), w_gate.astype(dtype), w_out.astype(dtype),
+        gates_TxK, idx_TxK, x_q_TxD=None if x_q is None else x_q.astype(dtype),
+        act_quant_E=act_quant_E)
     if cfg.shared_d_ff:
       y_TxD = y_TxD + SharedExpert(cfg, name="shared_expert")(x_TxD)
 

@@ -53,6 +53,8 @@ def test_stats_cli_equals_state_stats(pretrained, capsys):
   out = capsys.readouterr().out
   assert "lambda" in out and "router_stats.json" in out
   record = json.loads((pretrained / "router_stats.json").read_text())
+  # Issue 11 defect 5b: the gradient sums are reported as their own signal, not as Lambda's proxy.
+  assert "separate signal from lambda" in record["definitions"]["grad_norm_sum"]
   cfg, state = _restore(pretrained)
   stats = jax.device_get(state.stats)
   assert record["stats_steps"] == int(stats["steps"]) == 3
