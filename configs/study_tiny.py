@@ -89,7 +89,7 @@ def get_config():
 
   # Progressive QAT (re-allocation during QAT); off here: every = 0.
   c.realloc = ml_collections.ConfigDict(dict(every=0, method="paper_combined", budget=2.5,
-                                             budget_unit="code_bits", seed=0))
+                                             budget_unit="code_bits", seed=0, levels=()))
 
   c.study = ml_collections.ConfigDict(dict(
       finetune_steps=300,  # full-precision fine-tune on the task slice that collects the statistics
@@ -109,6 +109,9 @@ def get_config():
       main_budget=1.8,  # the method x objective grid (ternary/int2 mix for the rule-based methods)
       pareto_budgets=(1.8, 2.25, 2.5, 3.5, 4.5),  # for the best objective; see study.md on why not 2/3/4
       choices=(1, 2, 3, 4, 8),
+      # The paper's levels (bh, bl) for the rule-based methods, e.g. (3, 1); () = the two choices
+      # whose bytes bracket the budget (ternary/int2 at 1.8 here, since base3 ternary is cheaper).
+      levels=(),
       peers=True,  # Qwix QAT rows (int4 / int8 weights) when qwix is installed
       # --quick: 7 methods x {ce, all} x 2 seeds at 1.8, plus 7 x 2 seeds at 2.5 for the best objective.
       quick=dict(seeds=2, objectives=("ce", "all"), pareto_budgets=(1.8, 2.5), qat_steps=30,

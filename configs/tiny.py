@@ -95,7 +95,7 @@ def get_config():
       kd=1.0,  # KL of final logits vs the teacher
       value=0.1,  # KL of router distributions (routing value alignment)
       struct=0.1,  # top-k boundary hinge (routing structure alignment)
-      lb=0.01,  # load balancing
+      lb=0.01,  # load balancing; 1/top_k of HF's loss: lb = c is router_aux_loss_coef = c/top_k
       z=0.001,  # router z-loss
       kd_temperature=1.0,
       value_temperature=1.0,

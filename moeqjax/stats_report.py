@@ -63,7 +63,10 @@ def stats_record(config, phase: str, state) -> dict:
             "definitions": {
                 "lambda": "||w_s(T)||_2 - ||w_s(0)||_2 of the router row, 0 = start of this run "
                           "(smaller = more sensitive, gets more bits)",
-                "grad_norm_sum": "sum over steps of ||dL/dw_s||_2",
+                "grad_norm_sum": "sum over steps of ||dL/dw_s||_2 (a separate signal from "
+                                 "lambda: AdamW with clipping does not move a router row in "
+                                 "proportion to its gradient, so the two can rank experts "
+                                 "differently)",
                 "grad_norm_ema": "EMA (decay 0.99, no bias correction) of ||dL/dw_s||_2",
                 "count": "top-k assignments of expert s",
                 "mean_gate": "gate_sum / max(count, 1): mean gate weight over routed tokens",

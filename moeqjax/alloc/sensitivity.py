@@ -157,11 +157,17 @@ def grad_sensitivity(grad_norm_sum_LxE, counts_LxE=None, larger_is_more_sensitiv
 
   The returned score is order-compatible (ascending = most sensitive first), like Lambda.
 
+  This is a separate signal from Lambda, reported beside it, not a proxy for it. Under plain SGD the
+  norm change |Lambda_s| would be bounded by lr * sum_t ||dL/dw_s||. Under our optimizer (AdamW after
+  global-norm clipping) it is not: Adam normalises every coordinate's step by its own gradient scale,
+  clipping rescales all gradients together and decay shrinks rows regardless of the loss, so a row
+  with tiny gradients can move as far as one with large gradients, and the two can order experts
+  differently. Lambda (router_norm_change) stays the paper's default.
+
   Default direction (larger_is_more_sensitive=False): the score is the accumulated gradient norm
-  itself. METHODS.md calls the gradient accumulators "the same signal" as Lambda: the norm change
-  |Lambda_s| is bounded by lr * sum_t ||dL/dw_s||, so a router row that received little gradient
-  moved little, which the paper reads as a MORE sensitive expert. Setting the flag to True negates
-  the score for the opposite reading (a large gradient marks a sensitive expert), for ablations.
+  itself (a row that received little gradient is read, like a small Lambda, as a MORE sensitive
+  expert). Setting the flag to True negates the score for the opposite reading (a large gradient
+  marks a sensitive expert), for ablations.
 
   Args:
     grad_norm_sum_LxE: [L, E] accumulated router-gradient row norms, >= 0.

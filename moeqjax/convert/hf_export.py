@@ -14,9 +14,8 @@ from moeqjax.convert.hf_config import family_of, model_config_to_hf_config
 from moeqjax.convert.hf_import import NP_DTYPES
 from moeqjax.convert.safetensors_io import INDEX_FILE, SINGLE_FILE, StreamingWriter
 from moeqjax.model import ModelConfig
-from moeqjax.quant import quantize_dequantize
-
-_CLIP_NAMES = {"w_in": "w_in_clip", "w_gate": "w_gate_clip", "w_out": "w_out_clip"}
+from moeqjax.quant import effective_clip_ratio, quantize_dequantize
+from moeqjax.quant.clip import CLIP_SUFFIX
 
 
 def _get(tree, path):
@@ -33,7 +32,9 @@ def dequantized(cfg: ModelConfig, params, quant, path: tuple[str, ...]) -> np.nd
   if quant is not None and path[-1] in ("w_in", "w_gate", "w_out"):
     codes = _get(quant, path[:-1] + ("expert_bits",))
     if codes is not None:
-      clip = _get(params, path[:-1] + (_CLIP_NAMES[path[-1]],)) if cfg.quant.learn_clip else None
+      clip = _get(params, path[:-1] + (path[-1] + CLIP_SUFFIX,)) if cfg.quant.learn_clip else None
+      if clip is not None:  # the ratio the student's forward pass uses, not the raw param
+        clip = effective_clip_ratio(np.asarray(jax.device_get(clip)))
       w = quantize_dequantize(w, codes, cfg.quant.spec(), clip)
   elif quant is not None and path[-1] == "kernel":
     codes = _get(quant, path[:-1] + ("bits",))

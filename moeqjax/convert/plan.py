@@ -9,6 +9,7 @@ import numpy as np
 
 from moeqjax.model import ModelConfig
 from moeqjax.quant import weight_bytes
+from moeqjax.quant.clip import is_clip_param
 
 _GIB = 2**30
 
@@ -20,7 +21,7 @@ def _group(path: tuple[str, ...]) -> str:
     return "shared"
   if "router" in path:
     return "router"
-  if path[-1] in ("w_in", "w_gate", "w_out", "w_in_clip", "w_gate_clip", "w_out_clip"):
+  if path[-1] in ("w_in", "w_gate", "w_out") or is_clip_param(path[-1]):
     return "experts"
   if "attn" in path and path[-1] in ("kernel", "bias"):
     return "attn"
@@ -73,6 +74,8 @@ def plan(cfg: ModelConfig, batch_size: int, seq_len: int, expert_codes_LxE=None)
     if group == "experts" and path[-1] in ("w_in", "w_gate", "w_out"):
       layer = int(path[0].split("_")[1])
       q_bytes += sum(wbytes(leaf.shape[1:], c) for c in codes[layer])
+    elif is_clip_param(path[-1]):
+      pass  # learned clip ratios are folded into the stored scales: no bytes of their own
     elif len(leaf.shape) == 2 and path[-1] == "kernel":
       q_bytes += wbytes(leaf.shape, _code(cfg, path, group))
     else:

@@ -9,6 +9,7 @@ import numpy as np
 
 from moeqjax.model import ModelConfig
 from moeqjax.quant import expert_bytes, weight_bytes
+from moeqjax.quant.clip import is_clip_param
 
 _FP_BYTES = 2  # unquantized tensors are counted at bf16, the storage format of exports
 _EXPERT_PARAMS = ("w_in", "w_gate", "w_out")
@@ -34,7 +35,8 @@ def model_memory(cfg: ModelConfig, params, quant) -> dict:
 
   Args:
     cfg: the model config (shapes and the quantization spec).
-    params: the parameters (shapes only are read).
+    params: the parameters (shapes only are read; learned clip ratios are not counted, they are
+      folded into the expert scales).
     quant: the `quant` collection, or None for the full-precision model.
 
   Returns:
@@ -54,7 +56,8 @@ def model_memory(cfg: ModelConfig, params, quant) -> dict:
   other_bytes, other_weights = 0, 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     names = [p.key for p in path]
-    if names[-1] in _EXPERT_PARAMS:
+    # Learned clip ratios are folded into the stored scales: they are not weights of their own.
+    if names[-1] in _EXPERT_PARAMS or is_clip_param(names[-1]):
       continue
     size = math.prod(leaf.shape)
     other_weights += size

@@ -1,5 +1,9 @@
 """Expert computation: dropless grouped matmul (ragged_dot) and the dense masked oracle."""
 
+# Both paths take an optional second input: with W*A8 activation quantization, experts whose
+# act_quant_E flag is set read the int8 fake-quantized x_q_TxD and the others (full-precision experts)
+# read x_TxD. The choice is made per expert by selection, never by arithmetic, so it is exact.
+
 from __future__ import annotations
 
 import jax
@@ -10,14 +14,40 @@ def swiglu(h_gate, h_in):
   return jax.nn.silu(h_gate) * h_in
 
 
-def dense_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_TxK):
+def _check_alt_input(x_q_TxD, act_quant_E):
+  if (x_q_TxD is None) != (act_quant_E is None):
+    raise ValueError("pass x_q_TxD and act_quant_E together (the quantized input and which experts "
+                     "read it), or neither")
+
+
+def dense_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_TxK, *,
+                  x_q_TxD=None, act_quant_E=None):
   """Every expert on every token, combined with zero weight for unselected experts.
 
   E/k times the FLOPs of the grouped path; kept as the test oracle and for tiny E.
+
+  Args:
+    x_TxD: token inputs.
+    w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD: expert weights.
+    gates_TxK, idx_TxK: gate weights and expert ids of the top-k routing.
+    x_q_TxD: optional second input (the activation-quantized x), read by the experts in act_quant_E.
+    act_quant_E: optional bool [E]: True where an expert reads x_q_TxD instead of x_TxD.
+
+  Returns:
+    [T, D] combined expert outputs.
   """
+  _check_alt_input(x_q_TxD, act_quant_E)
   num_experts = w_in_ExDxF.shape[0]
-  h = swiglu(jnp.einsum("td,edf->tef", x_TxD, w_gate_ExDxF),
-             jnp.einsum("td,edf->tef", x_TxD, w_in_ExDxF))
+
+  def hidden(x):
+    return swiglu(jnp.einsum("td,edf->tef", x, w_gate_ExDxF),
+                  jnp.einsum("td,edf->tef", x, w_in_ExDxF))
+
+  h = hidden(x_TxD)
+  if x_q_TxD is not None:
+    # Twice the (oracle's) FLOPs, but each expert's hidden state is computed exactly as it would
+    # be with a single input, which a per-expert stacked input would not guarantee.
+    h = jnp.where(act_quant_E[None, :, None], hidden(x_q_TxD), h)
   y_TxExD = jnp.einsum("tef,efd->ted", h, w_out_ExFxD)
   combine_TxE = jnp.sum(
       jax.nn.one_hot(idx_TxK, num_experts, dtype=y_TxExD.dtype) * gates_TxK[..., None].astype(
@@ -25,17 +55,24 @@ def dense_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_T
   return jnp.einsum("ted,te->td", y_TxExD, combine_TxE)
 
 
-def ragged_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_TxK):
+def ragged_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_TxK, *,
+                   x_q_TxD=None, act_quant_E=None):
   """Dropless MoE: sort the T*k (token, expert) pairs by expert and run one grouped matmul.
 
   No capacity factor and no token dropping: group sizes are the exact per-expert counts.
+  Arguments and result as in dense_experts.
   """
+  _check_alt_input(x_q_TxD, act_quant_E)
   t, k = idx_TxK.shape
   num_experts = w_in_ExDxF.shape[0]
   flat_expert_M = idx_TxK.reshape(-1)
   order_M = jnp.argsort(flat_expert_M, stable=True)
   token_M = order_M // k
   x_MxD = jnp.take(x_TxD, token_M, axis=0)
+  if x_q_TxD is not None:
+    # Row m belongs to expert flat_expert_M[order_M[m]]; it reads x_q when that expert quantizes.
+    reads_q_M = act_quant_E[jnp.take(flat_expert_M, order_M)]
+    x_MxD = jnp.where(reads_q_M[:, None], jnp.take(x_q_TxD, token_M, axis=0), x_MxD)
   group_sizes_E = jnp.bincount(flat_expert_M, length=num_experts).astype(jnp.int32)
   h = swiglu(jax.lax.ragged_dot(x_MxD, w_gate_ExDxF, group_sizes_E),
              jax.lax.ragged_dot(x_MxD, w_in_ExDxF, group_sizes_E))

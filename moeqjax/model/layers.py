@@ -27,11 +27,32 @@ def quant_codes(module: nn.Module, name: str, default: Callable[[], jax.Array]):
   return None
 
 
-def maybe_quant_act(x: jax.Array, rules: QuantRules, codes) -> jax.Array:
-  """int8 per-token activation fake quantization on the input of a quantized matmul."""
-  if codes is None or rules.act_bits == 0:
+def maybe_quant_act(x: jax.Array, rules: QuantRules, code) -> jax.Array:
+  """int8 per-token activation fake quantization on the input of a quantized matmul.
+
+  Args:
+    x: the matmul input [..., D].
+    rules: the quant rules (act_bits 0 is off).
+    code: the matmul's one bit code (traced int32 scalar), or None in the teacher. Code 0 (full
+      precision) leaves x as it is. Per-expert codes go through expert_act_quant instead.
+
+  Returns:
+    x or its int8 fake quantization, same shape and dtype.
+  """
+  if code is None or rules.act_bits == 0:
     return x
-  return q.quantize_act_int8(x)
+  return jnp.where(jnp.asarray(code) != q.FP, q.quantize_act_int8(x), x)
+
+
+def expert_act_quant(x_TxD: jax.Array, rules: QuantRules, codes_E):
+  """The MoE dispatch's W*A8 inputs: (x_q_TxD, act_quant_E), or (None, None) when off.
+
+  Each routed expert reads x_q_TxD when its code is quantized and x_TxD when it is 0 (full
+  precision), so a full-precision expert is never fed quantized activations.
+  """
+  if codes_E is None or rules.act_bits == 0:
+    return None, None
+  return q.quantize_act_int8(x_TxD), codes_E != q.FP
 
 
 class RMSNorm(nn.Module):

@@ -10,7 +10,7 @@ from moeqjax import quant as q
 from moeqjax.model.config import ModelConfig
 from moeqjax.model import packed_weights
 from moeqjax.model.dispatch import DISPATCH, gathered_experts, swiglu
-from moeqjax.model.layers import QDense, maybe_quant_act, quant_codes
+from moeqjax.model.layers import QDense, expert_act_quant, maybe_quant_act, quant_codes
 from moeqjax.model.routing import load_balance_loss, router_z_loss, topk_gates
 
 _expert_init = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
@@ -94,22 +94,23 @@ class MoE(nn.Module):
 
     codes_E = quant_codes(self, "expert_bits",
                           lambda: jnp.full((e,), rules.expert_code, jnp.int32))
-    x_in = x_TxD
+    x_q, act_quant_E = expert_act_quant(x_TxD, rules, codes_E)
     if codes_E is not None:
       clip = self._clip_ratios(e, d, f, pdtype) if rules.learn_clip else (None, None, None)
       spec = rules.spec()
       w_in = q.fake_quant(w_in, codes_E, spec, clip[0])
       w_gate = q.fake_quant(w_gate, codes_E, spec, clip[1])
       w_out = q.fake_quant(w_out, codes_E, spec, clip[2])
-      x_in = maybe_quant_act(x_TxD, rules, codes_E)
     elif idx_TxK.size < e:
       # Full precision at decode size: read only the selected experts, as the packed path does.
       idx_M = idx_TxK.reshape(-1)
       w_in, w_gate, w_out = (jnp.take(w, idx_M, axis=0).astype(dtype)
                              for w in (w_in, w_gate, w_out))
-      return gathered_experts(x_in.astype(dtype), w_in, w_gate, w_out, gates_TxK)
-    return DISPATCH[cfg.dispatch](x_in.astype(dtype), w_in.astype(dtype), w_gate.astype(dtype),
-                                  w_out.astype(dtype), gates_TxK, idx_TxK)
+      return gathered_experts(x_TxD.astype(dtype), w_in, w_gate, w_out, gates_TxK)
+    return DISPATCH[cfg.dispatch](
+        x_TxD.astype(dtype), w_in.astype(dtype), w_gate.astype(dtype), w_out.astype(dtype),
+        gates_TxK, idx_TxK, x_q_TxD=None if x_q is None else x_q.astype(dtype),
+        act_quant_E=act_quant_E)
 
   def _packed_experts(self, x_TxD, gates_TxK, idx_TxK):
     """Experts from the `packed` collection, dequantized inside the computation.
@@ -133,9 +134,12 @@ class MoE(nn.Module):
     return DISPATCH[cfg.dispatch](x_in, w["w_in"], w["w_gate"], w["w_out"], gates_TxK, idx_TxK)
 
   def _clip_ratios(self, e, d, f, pdtype):
-    """Learnable clipping ratios, one per expert output channel, initialised at 1 (no clip)."""
+    """Learnable clipping ratios, one per expert output channel, initialised at 1 (no clip).
+
+    The train step projects the raw params into range after each update; the forward pass reads
+    them through q.effective_clip_ratio like export does, with a straight-through gradient.
+    """
     def ratio(name, shape):
-      # Clamped so that the optimizer cannot push a scale to zero or past the absmax.
-      return jnp.clip(self.param(name, nn.initializers.ones, shape, pdtype), 0.05, 1.0)
+      return q.effective_clip_ratio(self.param(name, nn.initializers.ones, shape, pdtype))
     return (ratio("w_in_clip", (e, 1, f)), ratio("w_gate_clip", (e, 1, f)),
             ratio("w_out_clip", (e, 1, d)))

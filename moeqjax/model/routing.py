@@ -32,6 +32,12 @@ def load_balance_loss(probs_TxE: jax.Array, idx_TxK: jax.Array) -> jax.Array:
 
   f_s is the fraction of the T*k assignments that went to expert s, P_s the mean
   routing probability of s.
+
+  Scale: this is 1/k of the Hugging Face convention (transformers' load_balancing_loss_func,
+  used with `router_aux_loss_coef` by Mixtral / Qwen-MoE / OLMoE), which divides the counts by
+  T instead of T*k, so its balanced value is k. HF also pools every layer's rows into one loss,
+  while the joint objective averages the per-layer values. So `loss.lb` = c matches an HF
+  `router_aux_loss_coef` of c / k (one layer; near balance for several).
   """
   num_experts = probs_TxE.shape[-1]
   counts = jnp.sum(jax.nn.one_hot(idx_TxK, num_experts, dtype=jnp.float32), axis=(0, 1))

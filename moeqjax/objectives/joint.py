@@ -20,7 +20,7 @@ class LossWeights:
   kd: float = 0.0  # KL of the final logits vs the teacher
   value: float = 0.0  # routing value alignment (KL of router distributions)
   struct: float = 0.0  # routing structure alignment (top-k boundary hinge)
-  lb: float = 0.01  # Switch load-balancing loss
+  lb: float = 0.01  # Switch balance loss, 1/k of HF's scale (model.routing.load_balance_loss)
   z: float = 0.001  # router z-loss
   kd_temperature: float = 1.0
   value_temperature: float = 1.0

@@ -1,5 +1,6 @@
 """Quantizers (ternary, intN, straight-through), granularity, bit packing and memory accounting."""
 
+from moeqjax.quant.clip import effective_clip_ratio
 from moeqjax.quant.formats import FP
 from moeqjax.quant.formats import INT_CODES
 from moeqjax.quant.formats import QUANT_CODES

@@ -4,16 +4,21 @@
 # is compared at equal (or, for the exact solvers, at most equal) expert weight bytes.
 #
 # Units of a budget value:
-#   "bits"      average bits per expert weight, scales included (alloc.budget_from_bits);
-#   "code_bits" average stored bits per expert weight, scales excluded (the paper's "bits"); the fixed
-#               per-expert scale bytes are added on top;
+#   "bits"      average bits per expert weight, scales and zero points included (alloc.budget_from_bits);
+#   "code_bits" average stored bits per expert weight, scales and zero points excluded (the paper's
+#               "bits"); the per-expert overhead of an intN expert (scales, and zero points for asymmetric
+#               specs) is added on top, so b code bits always hold uniform intb;
 #   "bytes"     total expert weight bytes.
 #
-# Rule-based methods (paper_combined, paper_router, frequency, gate_weight, random) apply the paper's
-# two-level rule in bytes: per layer, the two choices whose all-expert bytes bracket the layer's share of
-# the budget are the levels, and n_high = floor((B_layer - E*bytes_lo) / (bytes_hi - bytes_lo)) experts
-# (the first in the method's order) get the high level. floor (not round) means it never overshoots, and
-# every rule-based method of one budget has exactly the same bytes.
+# Rule-based methods (RULE_METHODS; the user-facing text is study.rules.rule_bytes_text) apply the
+# paper's two-level rule in bytes: per layer, with the layer's share B_layer of the budget,
+# n_high = floor((B_layer - E*bytes_lo) / (bytes_hi - bytes_lo)) experts (the first in the method's
+# order, clipped to [0, E]) get the high level, the rest the low one.
+# The levels are the user's (bh, bl) when given (METHODS.md's levels, e.g. 3,1), else the two choices
+# whose all-expert bytes bracket B_layer. floor (not round) means it never overshoots, and every
+# rule-based method of one budget has exactly the same bytes. When two choices cost the same bytes
+# (ternary and int2 under "2bit" ternary packing), the one with the lower mean relative weight error in
+# that layer stands for both (uniform: over all layers), so a byte tie never hides ternary.
 
 from __future__ import annotations
 
@@ -26,7 +31,9 @@ import jax
 import numpy as np
 
 from moeqjax import alloc, config_io
-from moeqjax.quant import formats, granularity, memory, quantize_dequantize
+from moeqjax.quant import effective_clip_ratio, formats, memory, quantize_dequantize
+from moeqjax.quant.clip import CLIP_SUFFIX
+from moeqjax.study.rules import RULE_METHODS
 
 METHODS = ("paper_combined", "paper_router", "exact", "frequency", "gate_weight", "mc_moe",
            "uniform", "random")
@@ -45,10 +52,14 @@ def expert_shapes(cfg) -> dict:
   return {"w_in": (d, f), "w_gate": (d, f), "w_out": (f, d)}
 
 
-def _scale_bytes_per_expert(cfg) -> int:
-  """Bytes one expert spends on scales; the same for every quantized code (symmetric grids)."""
+def _overhead_bytes_per_expert(cfg) -> int:
+  """Bytes one intN expert spends beside its codes: scales, plus zero points for asymmetric specs.
+
+  int8 packs exactly one byte per weight, so its bytes beyond the weight count are the overhead of
+  the same memory accounting that the report uses. Ternary stores no zero points: at most this much.
+  """
   spec = cfg.quant.spec()
-  return sum(granularity.num_groups(s, spec) * spec.scale_bytes for s in expert_shapes(cfg).values())
+  return sum(memory.weight_bytes(s, 8, spec) - math.prod(s) for s in expert_shapes(cfg).values())
 
 
 def budget_bytes(cfg, value: float, unit: str) -> int:
@@ -63,7 +74,7 @@ def budget_bytes(cfg, value: float, unit: str) -> int:
     return int(math.floor(value))
   base = alloc.budget_from_bits(value, n)
   if unit == "code_bits":
-    base += cfg.num_layers * cfg.num_experts * _scale_bytes_per_expert(cfg)
+    base += cfg.num_layers * cfg.num_experts * _overhead_bytes_per_expert(cfg)
   return int(base)
 
 
@@ -112,7 +123,8 @@ def quant_error_table(params, cfg, choices=DEFAULT_CHOICES) -> np.ndarray:
   """[L, E, C] relative quantization error of each expert at each choice.
 
   err = mean over w_in, w_gate, w_out of ||Q(w) - w||_F^2 / ||w||_F^2, with Q the model's own
-  quantize_dequantize (same granularity, ternary method and scales as QAT).
+  quantize_dequantize (same granularity, ternary method and scales as QAT, including the effective
+  learned clip ratios when the rules learn them and `params` holds them; ratio 1 otherwise).
   """
   spec = cfg.quant.spec()
   out = np.zeros((cfg.num_layers, cfg.num_experts, len(choices)))
@@ -123,7 +135,10 @@ def quant_error_table(params, cfg, choices=DEFAULT_CHOICES) -> np.ndarray:
       errs = []
       for name in _EXPERT_PARAMS:
         w = np.asarray(experts[name], np.float32)
-        wq = np.asarray(quantize_dequantize(w, codes, spec))
+        clip = experts.get(name + CLIP_SUFFIX) if cfg.quant.learn_clip else None
+        if clip is not None:
+          clip = effective_clip_ratio(np.asarray(clip, np.float32))
+        wq = np.asarray(quantize_dequantize(w, codes, spec, clip))
         num = np.sum((wq - w) ** 2, axis=(1, 2))
         errs.append(num / np.maximum(np.sum(w * w, axis=(1, 2)), 1e-30))
       out[l, :, c_idx] = np.mean(errs, axis=0)
@@ -139,7 +154,7 @@ def lambda_weight(lam_LxE) -> np.ndarray:
   return (num_experts - rank) / num_experts
 
 
-def _levels_for(bytes_per_choice: np.ndarray, choices, layer_budget: int, num_experts: int):
+def _levels_for(bytes_per_choice: np.ndarray, layer_budget: int, num_experts: int):
   """(lo_idx, hi_idx, n_high) of the paper's two-level rule in bytes, never above layer_budget."""
   order = np.argsort(bytes_per_choice, kind="stable")
   b = bytes_per_choice[order]
@@ -155,17 +170,57 @@ def _levels_for(bytes_per_choice: np.ndarray, choices, layer_budget: int, num_ex
   raise AssertionError("unreachable")
 
 
-def _rule(order_LxE, table_LxExC, choices, budget: int):
+def _break_byte_ties(bytes_C: np.ndarray, err_C: np.ndarray | None) -> np.ndarray:
+  """Indices of the choices that stay: of several choices with equal bytes, the lowest-error one."""
+  if err_C is None:
+    return np.arange(bytes_C.size)
+  keep = [min(np.flatnonzero(bytes_C == b), key=lambda i: (err_C[i], i))
+          for b in np.unique(bytes_C)]
+  return np.sort(np.asarray(keep))
+
+
+def _rule(order_LxE, table_LxExC, choices, budget: int, err_LxExC=None):
   num_layers, num_experts = order_LxE.shape
   layer_budget = budget // num_layers
   codes = np.empty((num_layers, num_experts), np.int32)
   for l in range(num_layers):
-    lv = _levels_for(table_LxExC[l, 0], choices, layer_budget, num_experts)
+    keep = _break_byte_ties(table_LxExC[l, 0],
+                            None if err_LxExC is None else err_LxExC[l].mean(axis=0))
+    lv = _levels_for(table_LxExC[l, 0, keep], layer_budget, num_experts)
     if lv is None:
       raise AssertionError("feasibility is checked before")
     lo, hi, n_high = lv
-    codes[l] = choices[lo]
-    codes[l, order_LxE[l, :n_high]] = choices[hi]
+    codes[l] = choices[keep[lo]]
+    codes[l, order_LxE[l, :n_high]] = choices[keep[hi]]
+  return codes
+
+
+def _has_byte_ties(table_LxExC) -> bool:
+  per = table_LxExC[0, 0]
+  return np.unique(per).size < per.size
+
+
+def check_levels(levels, method: str) -> tuple[int, int] | None:
+  """The paper's levels (bh, bl) as two codes, or None for "bracket the budget"; checked.
+
+  Args:
+    levels: None or () (bracket the budget with the choices), or two codes, high first, e.g. (3, 1).
+    method: the allocation method; levels apply to RULE_METHODS only.
+
+  Raises:
+    AllocationError: not two valid codes, or levels with a method that is not rule-based.
+  """
+  if levels is None or len(levels) == 0:
+    return None
+  if method not in RULE_METHODS:
+    raise AllocationError(f"levels {tuple(levels)} only apply to the rule-based methods "
+                          f"({', '.join(RULE_METHODS)}), not to {method}; drop the levels")
+  try:
+    codes = tuple(int(c) for c in formats.validate_codes(np.asarray(levels)).ravel())
+  except ValueError as e:
+    raise AllocationError(f"levels {tuple(levels)}: {e}") from None
+  if len(codes) != 2:
+    raise AllocationError(f"levels {codes} must be two codes, high then low (bh,bl), e.g. 3,1")
   return codes
 
 
@@ -200,7 +255,8 @@ class Allocation:
 
 
 def allocate(method: str, cfg, params, stats: dict, budget_value: float, budget_unit: str, *,
-             choices=DEFAULT_CHOICES, seed: int = 0, err_LxExC: np.ndarray | None = None) -> Allocation:
+             choices=DEFAULT_CHOICES, seed: int = 0, err_LxExC: np.ndarray | None = None,
+             levels=None) -> Allocation:
   """Allocates expert codes with `method` within the budget.
 
   Args:
@@ -212,22 +268,33 @@ def allocate(method: str, cfg, params, stats: dict, budget_value: float, budget_
     choices: candidate codes (1 = ternary, 2/3/4/8 = intN).
     seed: for "random".
     err_LxExC: precomputed quant_error_table(params, cfg, choices) (saves time in loops).
+    levels: for RULE_METHODS only: the paper's levels (bh, bl), e.g. (3, 1), instead of the two
+      choices that bracket the budget; None or () brackets.
 
   Returns:
     The Allocation; its achieved bytes never exceed the budget.
 
   Raises:
-    AllocationError: unknown method, or a budget below every expert at the cheapest choice.
+    AllocationError: unknown method, bad levels, or a budget below every expert at the cheapest
+      choice (at the low level when levels are given).
   """
   if method not in METHODS:
     raise AllocationError(f"allocation method {method!r} is unknown; use one of {', '.join(METHODS)}")
+  levels = check_levels(levels, method)
   choices = tuple(int(c) for c in choices)
   budget = budget_bytes(cfg, budget_value, budget_unit)
   table = bytes_table(cfg, choices)
   num_layers, num_experts = cfg.num_layers, cfg.num_experts
-  cheapest = int(table[..., :].min(axis=-1).sum())
+  if levels is not None:
+    level_table = bytes_table(cfg, levels[::-1])  # [..., (low, high)]
+    if level_table[0, 0, 1] <= level_table[0, 0, 0]:
+      raise AllocationError(
+          f"levels {levels[0]},{levels[1]}: the high level {formats.code_name(levels[0])} must take "
+          f"more bytes than the low level {formats.code_name(levels[1])} ({level_table[0, 0, 1]} vs "
+          f"{level_table[0, 0, 0]} per expert); pass bh,bl, e.g. 3,1")
+  lo = levels[1] if levels is not None else choices[int(np.argmin(table[0, 0]))]
+  cheapest = int(bytes_table(cfg, (lo,)).sum())
   if budget < cheapest:
-    lo = choices[int(np.argmin(table[0, 0]))]
     raise AllocationError(
         f"budget {budget_value:g} {budget_unit} ({budget} bytes) is infeasible: every expert at "
         f"{formats.code_name(lo)} already takes {cheapest} bytes "
@@ -235,15 +302,21 @@ def allocate(method: str, cfg, params, stats: dict, budget_value: float, budget_
         f"{8 * cheapest / alloc.num_expert_weights(expert_shapes(cfg), num_layers, num_experts):.3g}"
         " bits per weight with scales); raise the budget")
   s = expert_stats(params, stats, num_layers)
+  # The solvers weigh errors; the rules and uniform need them only to break byte ties.
+  ties = levels is None and _has_byte_ties(table)
+  if err_LxExC is None and (method in ("exact", "mc_moe") or ties):
+    err_LxExC = quant_error_table(params, cfg, choices)
   note = ""
   if method == "uniform":
     per = table[0, 0]
-    fits = [i for i in range(len(choices)) if per[i] * num_layers * num_experts <= budget]
+    keep = _break_byte_ties(per, None if err_LxExC is None else err_LxExC.mean(axis=(0, 1)))
+    fits = [i for i in keep if per[i] * num_layers * num_experts <= budget]
     best = max(fits, key=lambda i: per[i])
     codes = alloc.uniform(num_layers, num_experts, choices[best])
-    note = "uniform: the largest single code within the budget (fewer bytes than the budget)"
+    note = ("uniform: the largest single code within the budget (fewer bytes than the budget; of "
+            "codes with equal bytes, the lower weight error)")
   elif method in ("exact", "mc_moe"):
-    err = quant_error_table(params, cfg, choices) if err_LxExC is None else err_LxExC
+    err = err_LxExC
     if method == "exact":
       cost = lambda_weight(s["lambda"])[..., None] * err
       codes = alloc.solve_exact(cost, table, budget, choices)
@@ -264,9 +337,14 @@ def allocate(method: str, cfg, params, stats: dict, budget_value: float, budget_
     else:  # random
       rng = np.random.default_rng(seed)
       order = np.stack([rng.permutation(num_experts) for _ in range(num_layers)])
-    codes = _rule(order, table, choices, budget)
-    note = (f"{method}: paper two-level rule in bytes (levels bracket the budget; n_high rounded "
-            "down, so the rule never exceeds the budget)")
+    if levels is None:
+      codes = _rule(order, table, choices, budget, err_LxExC)
+      how = "levels bracket the budget, equal-byte codes by lower error"
+    else:
+      codes = _rule(order, level_table, levels[::-1], budget)
+      how = f"levels {levels[0]},{levels[1]}"
+    note = (f"{method}: paper two-level rule in bytes ({how}; n_high rounded down, so the rule "
+            "never exceeds the budget)")
   codes = np.asarray(codes, np.int32)
   result = Allocation(method, codes, float(budget_value), budget_unit, budget,
                       achieved(cfg, codes), note)

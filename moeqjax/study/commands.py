@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pathlib
 
+from moeqjax.study.rules import rule_bytes_text
+
 COMMANDS = ("stats", "allocate", "study")
 METHOD_NAMES = ("paper_combined", "paper_router", "exact", "frequency", "gate_weight", "mc_moe",
                 "uniform", "random")
@@ -16,8 +18,15 @@ def add_parsers(sub) -> None:
   p.add_argument("--config", default=None,
                  help="config for sections the workdir does not record (default: configs/tiny.py)")
 
-  p = sub.add_parser("allocate", help="per-expert bit allocation from a workdir's router "
-                     "statistics, within a budget; writes allocation.json")
+  p = sub.add_parser(
+      "allocate", help="per-expert bit allocation from a workdir's router statistics, within a "
+      "budget; writes allocation.json",
+      description="Per-expert bit allocation within a byte budget (scales and zero points "
+      "counted as the memory report counts them). " + rule_bytes_text(
+          "--levels BH,BL (METHODS.md's bh > bl) or else the two --choices whose bytes bracket "
+          "B") + " The exact solver and mc_moe "
+      "solve a multiple-choice knapsack over --choices that never exceeds the budget; uniform is "
+      "the largest single code within it.")
   p.add_argument("--workdir", required=True, help="a `moeqjax pretrain` or `moeqjax qat` workdir "
                  "(ideally a fine-tuning run: Lambda is the router norm change over it)")
   p.add_argument("--config", default=None,
@@ -26,10 +35,14 @@ def add_parsers(sub) -> None:
   p.add_argument("--budget", required=True, type=float,
                  help="average bits per expert weight (see --budget-unit), or bytes")
   p.add_argument("--budget-unit", default="bits", choices=("bits", "code_bits", "bytes"),
-                 help="bits: scales included (default); code_bits: scales excluded; bytes: total "
-                      "expert weight bytes")
+                 help="bits: scales and zero points included (default); code_bits: scales and "
+                      "zero points excluded (the overhead of an intN expert is added, so B code "
+                      "bits hold uniform intB); bytes: total expert weight bytes")
   p.add_argument("--choices", default="1,2,3,4,8",
                  help="candidate codes, comma-separated (1 = ternary, 2/3/4/8 = intN)")
+  p.add_argument("--levels", default=None, metavar="BH,BL",
+                 help="the paper's two levels for the rule-based methods, high then low, e.g. 3,1 "
+                      "(default: the two --choices whose bytes bracket the budget)")
   p.add_argument("--seed", type=int, default=0, help="seed of --method random")
   p.add_argument("--out", default=None, help="output file (default: WORKDIR/allocation.json)")
 
@@ -58,10 +71,17 @@ def run_command(args, overrides: dict[str, str]) -> int:
     except ValueError:
       raise AllocationError(f"--choices {args.choices!r} must be comma-separated codes, e.g. "
                             "1,2,3,4,8") from None
+    levels = None
+    if args.levels is not None:
+      try:
+        levels = tuple(int(c) for c in args.levels.split(","))
+      except ValueError:
+        raise AllocationError(f"--levels {args.levels!r} must be two comma-separated codes, high "
+                              "then low, e.g. 3,1") from None
     config, phase, state = restore_latest(config, pathlib.Path(args.workdir))
     cfg = config_io.model_config(config)
     result = allocate(args.method, cfg, state.params, state.stats, args.budget, args.budget_unit,
-                      choices=choices, seed=args.seed)
+                      choices=choices, seed=args.seed, levels=levels)
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "allocation.json"
     write_allocation(out, result)
     a = result.achieved

@@ -60,7 +60,8 @@ def _settings(config, quick: bool) -> dict:
          "seeds": int(s["seeds"]), "budget_unit": s["budget_unit"],
          "main_budget": float(s["main_budget"]),
          "pareto_budgets": tuple(float(b) for b in s["pareto_budgets"]),
-         "choices": tuple(int(c) for c in s["choices"]), "qat_steps": int(config.qat.steps),
+         "choices": tuple(int(c) for c in s["choices"]),
+         "levels": tuple(int(c) for c in s["levels"]), "qat_steps": int(config.qat.steps),
          "finetune_steps": int(s["finetune_steps"]), "peers": bool(s["peers"]), "quick": quick}
   if quick:
     q = s["quick"]
@@ -192,8 +193,10 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
         if m != "random" and seed > 0:
           allocs[(m, b, seed)] = allocs[(m, b, 0)]
           continue
+        levels = st["levels"] if m in alloc_mod.RULE_METHODS else None
         allocs[(m, b, seed)] = alloc_mod.allocate(m, cfg, teacher, stats, b, st["budget_unit"],
-                                                  choices=st["choices"], seed=seed, err_LxExC=err)
+                                                  choices=st["choices"], seed=seed, err_LxExC=err,
+                                                  levels=levels)
   store.data["allocations"] = {f"{m}|{b:g}|{seed}": {"codes_LxE": a.codes_LxE.tolist(),
                                                       **a.achieved, "budget_bytes": a.budget_bytes}
                                for (m, b, seed), a in allocs.items()}

@@ -18,9 +18,10 @@ class ReallocConfig:
   budget: float  # budget value
   budget_unit: str  # "bits" | "code_bits" | "bytes"
   seed: int = 0  # for method "random"
+  levels: tuple = ()  # the paper's (bh, bl) for rule-based methods, e.g. (3, 1); () = bracket
 
   def __post_init__(self):
-    from moeqjax.study.allocation import BUDGET_UNITS, METHODS
+    from moeqjax.study.allocation import BUDGET_UNITS, METHODS, check_levels
     if self.every < 0:
       raise config_io.ConfigError(f"realloc.every={self.every} must be >= 0 (0 = off)")
     if self.method not in METHODS:
@@ -28,6 +29,7 @@ class ReallocConfig:
     if self.budget_unit not in BUDGET_UNITS:
       raise config_io.ConfigError(
           f"realloc.budget_unit={self.budget_unit!r}; use one of {', '.join(BUDGET_UNITS)}")
+    check_levels(self.levels, self.method)  # an AllocationError (a ConfigError) says what to fix
 
 
 def realloc_from_config(config) -> ReallocConfig | None:
@@ -64,7 +66,7 @@ def progressive_step(step_fn, cfg, realloc: ReallocConfig, log=None):
     if step > 0 and step % realloc.every == 0:
       params, stats = jax.device_get((state.params, state.stats))
       result = allocate(realloc.method, cfg, params, stats, realloc.budget, realloc.budget_unit,
-                        seed=realloc.seed)
+                        seed=realloc.seed, levels=realloc.levels)
       state = with_quant(state, runs.set_expert_codes(state.quant, result.codes_LxE))
       if log is not None:
         log.append((step, result.codes_LxE.copy()))

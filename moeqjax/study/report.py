@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moeqjax.study.grid import METHOD_LABELS  # noqa: E402
+from moeqjax.study.rules import rule_bytes_text  # noqa: E402
 
 
 def _fmt(s: dict, digits: int = 4) -> str:
@@ -134,6 +135,7 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
   ref = data["reference"]
   main = st["main_budget"]
   obj_best = summ["best_objective_at_main"]
+  levels = st.get("levels") or ()  # study.json files written before study.levels existed have none
   lines = [f"# Allocation x objective study ({'QUICK grid' if st['quick'] else 'default grid'})", ""]
   if st["quick"]:
     lines += ["**This is the `--quick` grid** (fewer seeds, objectives, budgets and QAT steps), not the "
@@ -154,10 +156,10 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
             f"- Router statistics: a {st['finetune_steps']}-step full-precision fine-tune of the "
             "pretrained model on the task slice; the jitted train step accumulates them (no extra "
             "pass). Lambda_s = ||w_s(T)|| - ||w_s(0)|| over this fine-tune (T = its end).",
-            "- Allocation from those statistics at equal expert weight bytes. Rule-based methods "
-            "(paper combined/router-only, frequency, random) use the paper's two-level rule "
-            "in bytes with the two codes that bracket the budget, n_high rounded down, so all of "
-            "them have EXACTLY the same bytes. The exact solver (multiple-choice knapsack over "
+            "- Allocation from those statistics at equal expert weight bytes. " + rule_bytes_text(
+                f"{levels[0]},{levels[1]} (study.levels)" if levels else
+                f"the two codes of {list(st['choices'])} whose bytes bracket B (study.levels is "
+                "empty)") + " The exact solver (multiple-choice knapsack over "
             f"codes {list(st['choices'])}; cost = rank weight of Lambda, (E - rank)/E with the most "
             "sensitive = 1, times the relative weight MSE of the expert at that code) and MC-MoE "
             "(frequency x gate^1.5 x MSE, same solver) never exceed the same byte budget. Uniform "

@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import optax
 
+from moeqjax.quant import clip
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -16,7 +18,7 @@ class OptimConfig:
   warmup_steps: int
   total_steps: int  # cosine decays over this many steps
   end_lr_fraction: float  # final lr = learning_rate * end_lr_fraction
-  weight_decay: float  # decoupled, on matrices only (norm scales and biases are not decayed)
+  weight_decay: float  # decoupled, on matrices only (norm scales, biases, clip ratios are not)
   grad_clip: float  # global-norm clip
   b1: float = 0.9
   b2: float = 0.95
@@ -37,8 +39,29 @@ def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
       end_value=cfg.learning_rate * cfg.end_lr_fraction)
 
 
+def decay_mask(params):
+  """True for the params that weight decay applies to: matrices, but not learned clip ratios.
+
+  Clip ratios ([E, 1, F]) are scales folded into the quantizer, not weights; decay would pull them
+  towards 0 (maximal clipping) independently of the loss.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim >= 2 and not _is_clip(path), params)
+
+
+def project_params(params):
+  """Projects learned clip ratios back into their range after an update; other params unchanged."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: clip.project_clip_ratio(p) if _is_clip(path) else p, params)
+
+
+def _is_clip(path) -> bool:
+  last = path[-1] if path else None
+  return isinstance(last, jax.tree_util.DictKey) and clip.is_clip_param(str(last.key))
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  """AdamW (decay on `decay_mask`) after global-norm clipping; follow it with project_params."""
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
       optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,

@@ -157,3 +157,32 @@ def test_grad_sensitivity_conventions():
     sensitivity.grad_sensitivity(-g)
   with pytest.raises(ValueError, match="counts_LxE has shape"):
     sensitivity.grad_sensitivity(g, np.ones((1, 2)))
+
+
+def test_grad_norm_sum_is_a_separate_signal_from_lambda_under_adamw():
+  """Issue 11 defect 5b: the gradient sums were documented as "the same signal" as Lambda.
+
+  Under AdamW with global-norm clipping (our optimizer) a router row with tiny gradients moves as far
+  as one with large gradients, so |Lambda| is not bounded by lr * sum ||g|| and the two rank experts
+  differently. The docs must say they are separate signals.
+  """
+  import jax.numpy as jnp
+  import optax
+  from moeqjax.train import OptimConfig, make_optimizer
+  lr, steps = 1e-2, 10
+  tx = make_optimizer(OptimConfig(lr, 0, steps, 1.0, weight_decay=0.0, grad_clip=1.0))
+  w = jnp.ones((4, 2))  # [D, E]: column s is expert s's router row
+  u = jnp.asarray([1.0, -2.0, 0.5, 1.5])
+  g = jnp.stack([1e-3 * u, 1.0 * u], axis=1)  # expert 0 gets 1000x smaller gradients
+  opt, grad_sum = tx.init(w), np.zeros(2)
+  start = np.linalg.norm(np.asarray(w), axis=0)
+  for _ in range(steps):
+    updates, opt = tx.update(g, opt, w)
+    w = optax.apply_updates(w, updates)
+    clipped = np.asarray(g) * min(1.0, 1.0 / float(jnp.linalg.norm(g)))
+    grad_sum += np.linalg.norm(clipped, axis=0)
+  lam = sensitivity.router_norm_change(start[None], np.linalg.norm(np.asarray(w), axis=0)[None])[0]
+  assert abs(lam[0]) > 10 * lr * grad_sum[0]  # the "bound" fails by far
+  np.testing.assert_allclose(abs(lam[0]), abs(lam[1]), rtol=0.05)  # same move, 1000x less gradient
+  doc = " ".join(sensitivity.grad_sensitivity.__doc__.split())
+  assert "separate signal" in doc and "same signal" not in doc

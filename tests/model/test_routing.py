@@ -50,3 +50,17 @@ def test_router_z_loss_formula():
   logits = np.random.default_rng(3).normal(size=(5, 4)).astype(np.float32)
   lse = np.log(np.exp(logits).sum(-1))
   np.testing.assert_allclose(router_z_loss(jnp.asarray(logits)), np.mean(lse ** 2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_load_balance_loss_is_one_kth_of_the_hf_convention(top_k):
+  """Issue 11 defect 5c: our balance loss is 1/k of transformers' load_balancing_loss_func (one layer;
+  HF pools all layers' rows before the product, we average per-layer losses); the docstring says so."""
+  torch = pytest.importorskip("torch", reason="needs torch (pip install -e .[parity])")
+  mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+  logits = np.random.default_rng(4).normal(size=(11, 5)).astype(np.float32)
+  probs, _, idx = topk_gates(jnp.asarray(logits), top_k, True)
+  hf = float(mixtral.load_balancing_loss_func((torch.from_numpy(logits),), 5, top_k))
+  np.testing.assert_allclose(top_k * float(load_balance_loss(probs, idx)), hf, rtol=1e-6)
+  doc = " ".join(load_balance_loss.__doc__.split())
+  assert "1/k" in doc and "load_balancing_loss_func" in doc

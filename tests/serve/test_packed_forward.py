@@ -71,6 +71,13 @@ def test_quantized_attention_router_lm_head_and_shared_expert(tmp_path):
   assert "bias" in served.variables["params"]["layers_0"]["attn"]["q_proj"]
 
 
+def test_int8_activations_on_packed_matmuls(tmp_path):
+  """W*A8: packed experts and matrices quantize their inputs exactly as the student does."""
+  rules = QuantRules(expert_code=4, attn_code=8, act_bits=8)
+  cfg, params, quant = _student(rules, codes=[[1, 2, 4, 8], [4, 4, 3, 1]])
+  _check_packed_equals_fake_quant(tmp_path, cfg, params, quant)
+
+
 def test_base3_ternary_and_float32_scales(tmp_path):
   rules = QuantRules(expert_code=1, ternary_packing="base3", scale_bytes=4)
   cfg, params, quant = _student(rules, codes=[[1, 1, 2, 1], [1, 4, 1, 1]])

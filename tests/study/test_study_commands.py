@@ -53,6 +53,8 @@ def test_stats_cli_equals_state_stats(pretrained, capsys):
   out = capsys.readouterr().out
   assert "lambda" in out and "router_stats.json" in out
   record = json.loads((pretrained / "router_stats.json").read_text())
+  # Issue 11 defect 5b: the gradient sums are reported as their own signal, not as Lambda's proxy.
+  assert "separate signal from lambda" in record["definitions"]["grad_norm_sum"]
   cfg, state = _restore(pretrained)
   stats = jax.device_get(state.stats)
   assert record["stats_steps"] == int(stats["steps"]) == 3
@@ -80,11 +82,34 @@ def test_allocate_cli_writes_allocation_within_budget(pretrained, method, tmp_pa
   assert record["achieved"]["bytes"] == alloc_mod.achieved(cfg, codes)["bytes"]
   assert record["achieved"]["bytes"] <= record["budget"]["bytes"]
   assert record["budget"]["bytes"] == alloc_mod.budget_bytes(cfg, 2.5, "code_bits")
-  if method in ("paper_combined", "paper_router", "frequency", "gate_weight", "random"):
-    # Rule-based methods share the same counts per level: exactly the same bytes, and 2.5 code
-    # bits is int2/int3 half and half.
+  if method in alloc_mod.RULE_METHODS:
+    # Rule-based methods share the same counts per level: exactly the same bytes. 2.5 code bits is
+    # ternary (2 stored bits, the same bytes as int2 but a lower error)/int3 half and half.
     assert record["achieved"]["code_bits"] == pytest.approx(2.5)
-    assert sorted(codes[0].tolist()) == [2, 2, 3, 3]
+    assert sorted(codes[0].tolist()) == [1, 1, 3, 3]
+
+
+def test_allocate_cli_levels_and_help(pretrained, tmp_path, capsys):
+  """Issue 11 defect 3: `--levels BH,BL` sets the paper's levels; `--help` says how rules become bytes."""
+  out = tmp_path / "allocation.json"
+  assert cli.main(["allocate", "--workdir", str(pretrained), "--method", "paper_router", "--budget",
+                   "3.5", "--budget-unit", "code_bits", "--levels", "4,1", "--out", str(out)]) == 0
+  cfg = config_io.model_config(small_config())
+  codes = alloc_mod.read_allocation(out, cfg.num_layers, cfg.num_experts)
+  for row in codes:  # 2-bit ternary: n_high = floor(4 * (3.5 - 2) / (4 - 2)) = 3
+    assert sorted(row.tolist()) == [1, 4, 4, 4]
+  capsys.readouterr()
+  assert cli.main(["allocate", "--workdir", str(pretrained), "--method", "paper_router", "--budget",
+                   "2.5", "--budget-unit", "code_bits", "--levels", "three,one"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "--levels" in err and "3,1" in err
+  with pytest.raises(SystemExit):
+    cli.main(["allocate", "--help"])
+  text = " ".join(capsys.readouterr().out.split())
+  assert "turned into bytes" in text and "floor((B - E*bytes_lo) / (bytes_hi - bytes_lo))" in text
+  assert "--levels BH,BL" in text and "lower mean weight error" in text
+  for method in alloc_mod.RULE_METHODS:
+    assert method in text.split("turned into bytes")[0]
 
 
 def test_allocate_infeasible_budget_is_one_line_error(pretrained, capsys):

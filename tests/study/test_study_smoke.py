@@ -50,6 +50,10 @@ def test_study_smoke(tmp_path):
   assert max(by_method["exact"]) <= budget
   md = (tmp_path / "study.md").read_text()
   assert "Who won" in md and "asyncio" not in md and "email" in md
+  # Issue 11 defect 3: the report says how rule-based methods are turned into bytes.
+  flat = " ".join(md.split())
+  assert "turned into bytes" in flat and "study.levels is empty" in flat
+  assert "lower mean weight error" in flat
   on_disk = json.loads((tmp_path / "study.json").read_text())
   assert set(on_disk["cells"]) == set(cells)
   # Resume: a second invocation finds every cell finished and trains none.

@@ -1,0 +1,23 @@
+"""The rule-based allocation methods and the one text that says how they are turned into bytes."""
+
+# Import-light on purpose: `moeqjax allocate --help` shows this text without importing jax.
+
+RULE_METHODS = ("paper_combined", "paper_router", "frequency", "gate_weight", "random")
+
+
+def rule_bytes_text(levels: str) -> str:
+  """How rule-based methods become bytes, for `allocate --help` and study.md.
+
+  Args:
+    levels: what the levels are in this context, e.g. "--levels BH,BL (...) or else ...".
+
+  Returns:
+    One paragraph.
+  """
+  return (f"Rule-based methods ({', '.join(RULE_METHODS)}) are turned into bytes per layer: with "
+          "the layer's share B of the byte budget, the first n_high = floor((B - E*bytes_lo) / "
+          "(bytes_hi - bytes_lo)) experts of the method's order (clipped to 0..E) get the high "
+          "level and the rest the low one, so they never exceed the budget and all spend the same "
+          f"bytes. The levels are {levels}. Of codes that cost the same bytes (ternary and int2 "
+          "with 2-bit ternary packing), the one with the lower mean weight error in the layer is "
+          "used.")
