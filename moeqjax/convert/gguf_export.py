@@ -131,6 +131,16 @@ def _quantized_tensor(ent, w, codes, spec, order, clip):
   return enc.data, gguf.GGMLQuantizationType[enc.qtype], enc.qtype, "; ".join(notes)
 
 
+def check_output(out_path, overwrite: bool) -> pathlib.Path:
+  """The output path, refused (one line) when it exists and `overwrite` is False."""
+  out_path = pathlib.Path(out_path)
+  if out_path.exists() and not overwrite:
+    raise ConvertError(f"{out_path} exists; pass --overwrite to replace it")
+  if out_path.is_dir():
+    raise ConvertError(f"{out_path} is a folder; --format gguf writes one file, e.g. model.gguf")
+  return out_path
+
+
 def export_gguf(cfg: ModelConfig, params, quant, out_path, *, fp_dtype: str = "f32",
                 all_f32: bool = False, tokenizer=None, name: str = "moeqjax-student",
                 overwrite: bool = False) -> dict:
@@ -161,9 +171,7 @@ def export_gguf(cfg: ModelConfig, params, quant, out_path, *, fp_dtype: str = "f
   import gguf
   if fp_dtype not in FP_DTYPES:
     raise ConvertError(f"fp_dtype={fp_dtype!r}; choose from {FP_DTYPES}")
-  out_path = pathlib.Path(out_path)
-  if out_path.exists() and not overwrite:
-    raise ConvertError(f"{out_path} exists; pass --overwrite to replace it")
+  out_path = check_output(out_path, overwrite)
   arch = gguf_arch.arch_for(cfg)
   vocab: Vocab = byte_vocab(cfg.vocab_size) if not tokenizer else bpe_vocab(tokenizer,
                                                                            cfg.vocab_size)
