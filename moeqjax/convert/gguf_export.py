@@ -183,7 +183,7 @@ def export_gguf(cfg: ModelConfig, params, quant, out_path, *, fp_dtype: str = "f
   writer = gguf.GGUFWriter(str(tmp), arch.name, use_temp_file=True)
   gguf_arch.add_hparams(writer, cfg, arch, name)
   add_vocab(writer, vocab)
-  rows, notes = [], []
+  rows, notes = [], [f"vocabulary: {vocab.note}"] if vocab.note else []
   try:
     for ent in gguf_arch.tensors(cfg, arch):
       row = _write_tensor(writer, ent, cfg, params, quant, spec, order, fp_dtype, all_f32)

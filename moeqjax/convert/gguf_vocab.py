@@ -21,6 +21,8 @@ class Vocab:
   merges: BPE merges "a b" (gpt2 only).
   eos_id: the end-of-text id, or None.
   source: "bytes" or the tokenizer.json path (for the report).
+  pre: tokenizer.ggml.pre, llama.cpp's pre-tokenizer (gpt2 only).
+  note: what the report should say about it ("" when nothing).
   """
 
   model: str
@@ -29,6 +31,8 @@ class Vocab:
   merges: list
   eos_id: int | None
   source: str
+  pre: str = ""
+  note: str = ""
 
 
 def byte_vocab(vocab_size: int) -> Vocab:
@@ -73,7 +77,18 @@ def bpe_vocab(path, vocab_size: int) -> Vocab:
     tokens.append(tok)
     types.append(typ)
   merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-  return Vocab("gpt2", tokens, types, merges, _eos_id(file.parent, model["vocab"], spec), str(file))
+  pre, note = _pre_tokenizer(spec.get("pre_tokenizer") or {})
+  return Vocab("gpt2", tokens, types, merges, _eos_id(file.parent, model["vocab"], spec),
+               str(file), pre, note)
+
+
+def _pre_tokenizer(pre: dict):
+  """(tokenizer.ggml.pre, note): GPT-2's byte-level split maps to llama.cpp's "gpt-2"."""
+  if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+    return "gpt-2", ""
+  return "default", (f"pre-tokenizer {pre.get('type')!r} has no llama.cpp name here: written as "
+                     "'default', so llama.cpp may split text differently (token-id prompts are "
+                     "unaffected)")
 
 
 def _eos_id(folder: pathlib.Path, vocab: dict, spec: dict):
@@ -98,7 +113,7 @@ def add_vocab(writer, vocab: Vocab):
     writer.add_token_scores([0.0] * len(vocab.tokens))
     writer.add_add_space_prefix(False)  # our byte tokenizer does not prepend a space
   else:
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_merges(vocab.merges)
   if vocab.eos_id is not None:
     writer.add_eos_token_id(vocab.eos_id)
