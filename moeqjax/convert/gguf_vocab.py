@@ -9,14 +9,14 @@ import pathlib
 from moeqjax.convert.errors import ConvertError
 
 # gguf.TokenType values, kept here so that this module imports without the gguf package.
-NORMAL, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 3, 4, 5, 6
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 
 @dataclasses.dataclass(frozen=True)
 class Vocab:
   """What llama.cpp's vocabulary loader reads (src/llama-vocab.cpp).
 
-  model: tokenizer.ggml.model ("llama": SentencePiece with byte tokens; "gpt2": byte-level BPE).
+  model: tokenizer.ggml.model ("gpt2": byte-level BPE).
   tokens, types: one entry per id, vocab_size long.
   merges: BPE merges "a b" (gpt2 only).
   eos_id: the end-of-text id, or None.
@@ -35,19 +35,40 @@ class Vocab:
   note: str = ""
 
 
+def _byte_chars() -> list:
+  """GPT-2's byte-level alphabet: the printable character that stands for each byte value."""
+  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+               + list(range(ord("\xae"), ord("\xff") + 1)))
+  chars, extra = {}, 0
+  for b in range(256):
+    if b in printable:
+      chars[b] = chr(b)
+    else:  # control bytes, space and a few others map past 255, in byte order
+      chars[b] = chr(256 + extra)
+      extra += 1
+  return [chars[b] for b in range(256)]
+
+
 def byte_vocab(vocab_size: int) -> Vocab:
   """Our UTF-8 byte tokenizer (id = byte value) as a llama.cpp vocabulary.
 
-  llama.cpp's SentencePiece ("llama") tokenizer falls back to tokens named "<0xXX>" of type BYTE for
-  every byte it has no piece for; with no other pieces, text becomes exactly its UTF-8 bytes and
-  ids come out as byte values, which is our tokenizer. Ids past 255 (a padded vocab) are UNUSED.
+  Written as byte-level BPE ("gpt2") with no merges: llama.cpp maps every byte of the text to its
+  GPT-2 alphabet character, and with no merge to apply each one is its own token, so text becomes
+  exactly its UTF-8 bytes and the ids are the byte values, as in our tokenizer. (SentencePiece byte
+  tokens would not do: llama.cpp's SPM path rewrites spaces to U+2581 first.) Ids past 255 (a
+  padded vocab) are UNUSED.
   """
   if vocab_size < 256:
     raise ConvertError(f"model.vocab_size={vocab_size} is below 256: the byte vocabulary needs "
                        "one token per byte value")
-  tokens = [f"<0x{b:02X}>" for b in range(256)] + [f"<unused{i}>" for i in range(vocab_size - 256)]
-  types = [BYTE] * 256 + [UNUSED] * (vocab_size - 256)
-  return Vocab("llama", tokens, types, [], None, "bytes")
+  chars = _byte_chars()
+  tokens = chars + [f"<unused{i}>" for i in range(vocab_size - 256)]
+  types = [NORMAL] * 256 + [UNUSED] * (vocab_size - 256)
+  # llama.cpp requires a merges array and gguf cannot write an empty one. This merge joins two
+  # two-character symbols, which never exist (text starts as single characters and no other merge
+  # makes longer ones), so it never applies.
+  inert = f"{chars[0] * 2} {chars[0] * 2}"
+  return Vocab("gpt2", tokens, types, [inert], None, "bytes", "gpt-2")
 
 
 def bpe_vocab(path, vocab_size: int) -> Vocab:
@@ -107,14 +128,10 @@ def _eos_id(folder: pathlib.Path, vocab: dict, spec: dict):
 def add_vocab(writer, vocab: Vocab):
   """Writes the tokenizer.ggml.* keys. No BOS/EOS is added to prompts: our models train without."""
   writer.add_tokenizer_model(vocab.model)
+  writer.add_tokenizer_pre(vocab.pre)
   writer.add_token_list(vocab.tokens)
   writer.add_token_types(vocab.types)
-  if vocab.model == "llama":
-    writer.add_token_scores([0.0] * len(vocab.tokens))
-    writer.add_add_space_prefix(False)  # our byte tokenizer does not prepend a space
-  else:
-    writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_merges(vocab.merges)
+  writer.add_token_merges(vocab.merges)
   if vocab.eos_id is not None:
     writer.add_eos_token_id(vocab.eos_id)
   writer.add_add_bos_token(False)

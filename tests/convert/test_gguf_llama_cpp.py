@@ -37,20 +37,26 @@ def _llama(path):
                          verbose=False, n_threads=2, type_k=0, type_v=0)  # f32 KV cache
 
 
-def llama_run(path, prompt, steps):
-  """(greedy tokens, logits [len(prompt) + steps - 1, V]) from llama.cpp, one token at a time."""
+def llama_greedy(path, prompt, steps):
+  """llama.cpp's greedy tokens, decoding one token at a time from its KV cache."""
   llm = _llama(path)
-  llm.reset()
   llm.eval(prompt)
-  tokens = list(prompt)
-  for _ in range(steps):
-    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    tokens.append(nxt)
-    if len(tokens) < len(prompt) + steps:
-      llm.eval([nxt])
-  logits = np.array(llm.scores[:llm.n_tokens], np.float64)
+  tokens = []
+  for i in range(steps):
+    tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+    if i + 1 < steps:
+      llm.eval([tokens[-1]])
   llm.close()
-  return tokens[len(prompt):], logits
+  return tokens
+
+
+def llama_logits(path, tokens):
+  """llama.cpp's logits [len(tokens), V] for a given sequence (teacher forcing)."""
+  llm = _llama(path)
+  llm.eval(tokens)
+  logits = np.array(llm.scores[:len(tokens)], np.float64)
+  llm.close()
+  return logits
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,31 +93,48 @@ def family(request, tmp_path_factory):
   return request.param, cfg, tmp_path_factory.mktemp(request.param)
 
 
+def _margins(logits):
+  top2 = np.sort(logits, axis=-1)[:, -2:]
+  return top2[:, 1] - top2[:, 0]
+
+
 @pytest.mark.parametrize("which", sorted(STUDENTS))
 def test_llama_cpp_matches_our_forward(family, which):
   name, cfg, tmp = family
   params, quant = student(cfg, STUDENTS[which], seed=1)
-  want_tokens, ours = ours_run(cfg, params, quant, PROMPT, NEW_TOKENS)
+  want, ours = ours_run(cfg, params, quant, PROMPT, NEW_TOKENS)
+  seq = PROMPT + want[:-1]  # ours[i] predicts seq[i + 1]; the last NEW_TOKENS rows are greedy steps
   path = tmp / f"{which}.gguf"
   report = export_gguf(cfg, params, quant, path)
   types = {r["name"]: r["ggml_type"] for r in report["tensors"]}
   assert types["blk.0.ffn_up_exps.weight"] == ("TQ2_0" if which == "ternary" else "Q4_0")
-  tokens, theirs = llama_run(path, PROMPT, NEW_TOKENS)
+  theirs = llama_logits(path, seq)
   kl = top10_kl(ours, theirs)
-  print(f"{name}/{which}: top-10 KL max {kl.max():.2e} mean {kl.mean():.2e}; "
-        f"greedy {sum(a == b for a, b in zip(tokens, want_tokens))}/{NEW_TOKENS}")
-  assert tokens == want_tokens
+  err = np.abs(theirs - ours).max()
+  # A greedy step is decisive when our top-1 leads by more than twice the largest logit difference
+  # llama.cpp's int8 activations cause; at a near-tie below that, either token is a correct result.
+  margin = _margins(ours)[-NEW_TOKENS:]
+  decisive = margin > 2 * err
+  theirs_argmax = theirs.argmax(-1)[-NEW_TOKENS:]
+  tokens = llama_greedy(path, PROMPT, NEW_TOKENS)
+  first_tie = int(np.argmin(decisive)) if not decisive.all() else NEW_TOKENS
+  print(f"{name}/{which}: top-10 KL max {kl.max():.2e} mean {kl.mean():.2e}, max |dlogit| "
+        f"{err:.2f}; greedy {sum(a == b for a, b in zip(tokens, want))}/{NEW_TOKENS} "
+        f"(decisive steps {decisive.sum()}, first near-tie {first_tie})")
   assert kl.max() < KL_TOL
-  # Control: the same student dequantized into an all-F32 file agrees to float32 rounding, so
-  # the tolerance above is not hiding a layout error.
+  assert decisive.sum() >= NEW_TOKENS // 2, "too few decisive steps for the greedy check to bite"
+  np.testing.assert_array_equal(theirs_argmax[decisive], np.asarray(want)[decisive])
+  assert tokens[:first_tie] == want[:first_tie]
+  # Control: the same student dequantized into an all-F32 file agrees to float32 rounding, so the
+  # tolerance above is not hiding a layout error, and its free-running greedy tokens are ours.
   control = tmp / f"{which}_f32.gguf"
   export_gguf(cfg, params, quant, control, all_f32=True)
-  c_tokens, c_logits = llama_run(control, PROMPT, NEW_TOKENS)
+  c_logits = llama_logits(control, seq)
   c_kl = top10_kl(ours, c_logits)
   print(f"{name}/{which} all-F32 control: top-10 KL max {c_kl.max():.2e}, "
         f"max |dlogit| {np.abs(c_logits - ours).max():.2e}")
-  assert c_tokens == want_tokens
   assert c_kl.max() < CONTROL_KL_TOL
+  assert llama_greedy(control, PROMPT, NEW_TOKENS) == want
 
 
 def test_layout_error_would_show(tmp_path, monkeypatch):
@@ -119,10 +142,10 @@ def test_layout_error_would_show(tmp_path, monkeypatch):
   from moeqjax.convert import gguf_arch
   cfg = gguf_cfg()
   params, quant = student(cfg, STUDENTS["ternary"], seed=1)
-  _, ours = ours_run(cfg, params, quant, PROMPT, NEW_TOKENS)
+  want, ours = ours_run(cfg, params, quant, PROMPT, NEW_TOKENS)
   monkeypatch.setattr(gguf_arch, "LLAMA", gguf_arch.Arch("llama", False, True, False))
   export_gguf(cfg, params, quant, tmp_path / "wrong.gguf", all_f32=True)
-  _, theirs = llama_run(tmp_path / "wrong.gguf", PROMPT, NEW_TOKENS)
+  theirs = llama_logits(tmp_path / "wrong.gguf", PROMPT + want[:-1])
   assert top10_kl(ours, theirs).max() > KL_TOL
 
 
