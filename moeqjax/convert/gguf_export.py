@@ -102,8 +102,7 @@ def _moeqjax_bytes(shape, codes, spec) -> int:
   """Bytes moeqjax's packed checkpoint spends on this tensor (per leading index at its code)."""
   codes = np.broadcast_to(np.asarray(codes), tuple(shape[:-2]))
   inner = tuple(shape[-2:])
-  return int(sum(weight_bytes(inner, int(c), spec) for c in np.ravel(codes)) if codes.size
-             else weight_bytes(inner, int(codes), spec))
+  return int(sum(weight_bytes(inner, int(c), spec) for c in np.ravel(codes)))
 
 
 def _quantized_tensor(ent, w, codes, spec, order, clip):
@@ -186,7 +185,7 @@ def export_gguf(cfg: ModelConfig, params, quant, out_path, *, fp_dtype: str = "f
   rows, notes = [], [f"vocabulary: {vocab.note}"] if vocab.note else []
   try:
     for ent in gguf_arch.tensors(cfg, arch):
-      row = _write_tensor(writer, ent, cfg, params, quant, spec, order, fp_dtype, all_f32)
+      row = _write_tensor(writer, ent, params, quant, spec, order, fp_dtype, all_f32)
       rows.append(row)
       if row["note"]:
         notes.append(f"{row['name']}: {row['note']}")
@@ -217,7 +216,7 @@ def _ggml_shape(shape, kind: str) -> list:
   return shape
 
 
-def _write_tensor(writer, ent, cfg, params, quant, spec, order, fp_dtype, all_f32) -> dict:
+def _write_tensor(writer, ent, params, quant, spec, order, fp_dtype, all_f32) -> dict:
   """Adds one tensor to the writer; returns its report row."""
   w = _get(params, ent.path)
   if w is None:
