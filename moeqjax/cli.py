@@ -67,17 +67,29 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--allow-unknown-config", action="store_true",
                  help="ignore config.json keys moeqjax does not know (default: error)")
 
-  p = sub.add_parser("export", help="write a QAT student (dequantized) in its HF family layout")
+  p = sub.add_parser("export", help="write a QAT student for another runtime: HF layout "
+                     "(dequantized) or one GGUF file for llama.cpp (from the integer codes)")
   p.add_argument("--workdir", required=True,
                  help="a finished `moeqjax qat` workdir (or an `import-hf` folder)")
-  p.add_argument("--format", default="hf", choices=("hf",))
-  p.add_argument("--out", required=True, help="output folder for config.json + safetensors")
-  p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+  p.add_argument("--format", default="hf", choices=("hf", "gguf"))
+  p.add_argument("--out", required=True,
+                 help="hf: output folder for config.json + safetensors; gguf: the .gguf file "
+                      "(export_report.json is written beside it)")
+  p.add_argument("--overwrite", action="store_true", help="gguf: replace an existing --out file")
+  p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                 help="hf: dtype of the weights")
+  p.add_argument("--fp-dtype", default="f32", choices=("f32", "f16", "bf16"),
+                 help="gguf: dtype of unquantized matrices (norms and router stay f32)")
+  p.add_argument("--all-f32", action="store_true",
+                 help="gguf: write every tensor, quantized ones dequantized, as f32 (a control)")
+  p.add_argument("--tokenizer", default=None,
+                 help="gguf: a HF tokenizer.json (or its folder) for the vocabulary; default: "
+                      "the run's recorded tokenizer, else the byte vocabulary")
   p.add_argument("--hf-config", default=None,
-                 help="the original config.json (or its folder); default: the workdir's "
+                 help="hf: the original config.json (or its folder); default: the workdir's "
                       "hf_config.json, else one built from the model config")
   p.add_argument("--model-type", default=None,
-                 help="HF family to write (mixtral, qwen2_moe, qwen3_moe, olmoe); default: "
+                 help="hf: family to write (mixtral, qwen2_moe, qwen3_moe, olmoe); default: "
                       "from --hf-config, else inferred")
 
   p = sub.add_parser("pack", help="write a finished QAT student as a packed low-bit checkpoint "
@@ -168,8 +180,17 @@ def run_convert(args, overrides: dict[str, str]) -> int:
           f"--teacher {out} --workdir <qat workdir>")
   elif args.command == "export":
     from moeqjax.convert.workdir import export_workdir
-    out = export_workdir(args.workdir, args.out, args.dtype, args.hf_config, args.model_type)
-    print(f"exported {args.workdir} as {args.dtype} Hugging Face weights to {out}")
+    if args.format == "gguf":
+      report = export_workdir(args.workdir, args.out, fmt="gguf", overwrite=args.overwrite,
+                              fp_dtype=args.fp_dtype, all_f32=args.all_f32,
+                              tokenizer=args.tokenizer)
+      print(f"exported {args.workdir} as GGUF (llama.cpp arch {report['arch']}) to {args.out}: "
+            f"{report['file_bytes']} bytes (moeqjax packed: {report['moeqjax_bytes']})")
+      for note in report["notes"]:
+        print(f"  note: {note}")
+    else:
+      out = export_workdir(args.workdir, args.out, args.dtype, args.hf_config, args.model_type)
+      print(f"exported {args.workdir} as {args.dtype} Hugging Face weights to {out}")
   elif args.command == "plan":
     from moeqjax.convert.plan import format_plan, plan
     config = config_io.load_config(args.config)

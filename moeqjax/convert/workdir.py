@@ -98,11 +98,67 @@ def load_imported_params(folder, cfg):
   return ocp.StandardCheckpointer().restore(folder / PARAMS_DIR, target)
 
 
-def export_workdir(workdir, out, dtype: str = "bfloat16", hf_config_path=None,
-                   model_type: str | None = None) -> pathlib.Path:
-  """Exports the final student of a `moeqjax qat` workdir (or an imported folder) to HF layout."""
+def _load_student(workdir: pathlib.Path):
+  """(cfg, params, quant) of a finished `moeqjax qat` workdir, or of an imported folder (quant None).
+
+  Raises:
+    ConvertError: not a qat run, no checkpoint, an unfinished run, or a checkpoint that cannot be
+      read (one line each).
+  """
   from moeqjax import config_io, runs
+  if is_imported(workdir):
+    record = json.loads((workdir / IMPORT_MARKER).read_text())
+    config = ml_collections.ConfigDict(
+        {"model": record["model"], "quant": config_io.load_config(None).quant.to_dict()})
+    cfg = config_io.model_config(config)
+    return cfg, load_imported_params(workdir, cfg), None
+  record_path = workdir / runs._CONFIG_RECORD
+  if not record_path.is_file() or not (workdir / "ckpt").is_dir():
+    raise ConvertError(f"--workdir {workdir} is not a finished `moeqjax qat` run (no config.json "
+                       "and ckpt/); run `moeqjax qat --workdir ...` first")
+  try:
+    record = json.loads(record_path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConvertError(f"--workdir {workdir}: config.json is corrupted ({e}); rerun `moeqjax qat` "
+                       "into a fresh workdir") from e
+  if "qat" not in record:
+    raise ConvertError(f"--workdir {workdir} is not a `moeqjax qat` run (its config.json has no "
+                       "qat section)")
+  config = ml_collections.ConfigDict({k: record[k] for k in ("model", "quant", "qat")})
+  cfg = config_io.model_config(config)
+  # Shapes only: the restore brings the recorded codes and the trained student.
+  template = runs.state_template(config, "qat")
+  try:
+    state = runs.latest_state(workdir, template)
+  except Exception as e:  # orbax raises many types for a damaged checkpoint
+    raise ConvertError(f"--workdir {workdir}: the checkpoint in ckpt/ cannot be read "
+                       f"({type(e).__name__}); it is corrupted, rerun `moeqjax qat --resume`") from e
+  if state is None:
+    raise ConvertError(f"--workdir {workdir} has no checkpoint yet")
+  steps, done = int(config.qat.steps), int(jax.device_get(state.step))
+  if done < steps:
+    raise ConvertError(f"--workdir {workdir} is unfinished (step {done} of {steps}); finish it "
+                       "with `moeqjax qat --resume` before exporting")
+  return cfg, state.params, state.quant
+
+
+def export_workdir(workdir, out, dtype: str = "bfloat16", hf_config_path=None,
+                   model_type: str | None = None, *, fmt: str = "hf", overwrite: bool = False,
+                   fp_dtype: str = "f32", all_f32: bool = False, tokenizer=None):
+  """Exports the final student of a `moeqjax qat` workdir (or an imported folder).
+
+  fmt "hf" writes the HF family layout (dequantized) to the folder `out` and returns it; "gguf"
+  writes one llama.cpp file `out` from the integer codes and returns the export report.
+  """
   workdir = pathlib.Path(workdir).absolute()
+  if fmt == "gguf":
+    from moeqjax.convert.gguf_export import check_output, export_gguf
+    check_output(out, overwrite)  # before the (slow) restore
+    cfg, params, quant = _load_student(workdir)
+    if tokenizer is None:
+      tokenizer = _recorded_tokenizer(workdir)
+    return export_gguf(cfg, params, quant, out, fp_dtype=fp_dtype, all_f32=all_f32,
+                       tokenizer=tokenizer, name=workdir.name, overwrite=overwrite)
   template_json = None
   for cand in ([pathlib.Path(hf_config_path)] if hf_config_path else [workdir / HF_CONFIG]):
     if cand.is_dir():
@@ -111,30 +167,19 @@ def export_workdir(workdir, out, dtype: str = "bfloat16", hf_config_path=None,
       template_json = json.loads(cand.read_text())
     elif hf_config_path:
       raise ConvertError(f"--hf-config {cand} does not exist")
-  if is_imported(workdir):
-    record = json.loads((workdir / IMPORT_MARKER).read_text())
-    config = ml_collections.ConfigDict(
-        {"model": record["model"], "quant": config_io.load_config(None).quant.to_dict()})
-    cfg = config_io.model_config(config)
-    return export_hf(cfg, load_imported_params(workdir, cfg), None, out, template_json, dtype,
-                     model_type=model_type)
+  cfg, params, quant = _load_student(workdir)
+  return export_hf(cfg, params, quant, out, template_json, dtype, model_type=model_type)
+
+
+def _recorded_tokenizer(workdir: pathlib.Path):
+  """The tokenizer a qat run trained with (its recorded data.tokenizer), None for bytes."""
+  from moeqjax import runs
   record_path = workdir / runs._CONFIG_RECORD
-  if not record_path.is_file() or not (workdir / "ckpt").is_dir():
-    raise ConvertError(f"--workdir {workdir} is not a finished `moeqjax qat` run (no config.json "
-                       "and ckpt/); run `moeqjax qat --workdir ...` first")
-  record = json.loads(record_path.read_text())
-  if "qat" not in record:
-    raise ConvertError(f"--workdir {workdir} is not a `moeqjax qat` run (its config.json has no "
-                       "qat section)")
-  config = ml_collections.ConfigDict({k: record[k] for k in ("model", "quant", "qat")})
-  cfg = config_io.model_config(config)
-  # Shapes only: the restore brings the recorded codes and the trained student.
-  template = runs.state_template(config, "qat")
-  state = runs.latest_state(workdir, template)
-  if state is None:
-    raise ConvertError(f"--workdir {workdir} has no checkpoint yet")
-  return export_hf(cfg, state.params, state.quant, out, template_json, dtype,
-                   model_type=model_type)
+  if not record_path.is_file():
+    return None
+  data = json.loads(record_path.read_text()).get("data") or {}
+  name = data.get("tokenizer") or ""
+  return None if name in ("", "bytes") else name
 
 
 def abstract_params(cfg):

@@ -1,0 +1,254 @@
+"""Export of a quantized student to one GGUF file for llama.cpp, from our integer codes (nothing re-quantized)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+
+from moeqjax.convert import gguf_arch, gguf_container
+from moeqjax.convert.errors import ConvertError
+from moeqjax.convert.gguf_vocab import Vocab, add_vocab, bpe_vocab, byte_vocab
+from moeqjax.model import ModelConfig
+from moeqjax.quant import (code_name, effective_clip_ratio, formats, quantize_dequantize,
+                           quantize_to_ints, weight_bytes)
+from moeqjax.quant import granularity as gran
+
+REPORT = "export_report.json"
+FP_DTYPES = ("f32", "f16", "bf16")
+_BF16_BYTES = 2  # moeqjax keeps full-precision weights in bf16
+# The exact container our own packing corresponds to, per code (what the allocation paid for).
+_NATURAL = {"ternary": ("TQ2_0", "TQ1_0"), "int2": ("Q4_0",), "int3": ("Q4_0",),
+            "int4": ("Q4_0", "Q4_1"), "int8": ("Q8_0",)}
+
+
+def _get(tree, path):
+  for key in path:
+    if not isinstance(tree, dict) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
+def clip_ratio(params, path):
+  """The learned clip ratio the student quantizes `path` with (its effective value), or None."""
+  raw = None if path is None else _get(params, path)
+  return None if raw is None else effective_clip_ratio(np.asarray(jax.device_get(raw)))
+
+
+def _to_ggml(a, kind: str, permute_heads: int):
+  """Our array -> numpy in ggml orientation ([..., out, in]), Q/K rows permuted for llama's rope."""
+  a = np.asarray(a)
+  if kind in ("kernel", "experts"):
+    a = np.swapaxes(a, -1, -2)
+  elif kind == "gate_vector":
+    a = a.reshape(-1)
+  if permute_heads:
+    # Our rope pairs dim i with i + A/2 (half-split); llama's pairs 2i with 2i + 1, so within each
+    # head the rows [x_0..x_{A/2-1}, y_0..] become [x_0, y_0, x_1, y_1, ...].
+    n, rest = a.shape[0], a.shape[1:]
+    a = a.reshape(permute_heads, 2, n // permute_heads // 2, *rest).swapaxes(1, 2).reshape(a.shape)
+  return np.ascontiguousarray(a)
+
+
+def int_form(w, codes, spec, clip=None):
+  """Per-weight integer levels and scales of a quantized weight, in our layout.
+
+  Args:
+    w: weight [..., in, out].
+    codes: quantized codes (1..8) broadcastable to the leading dims.
+    spec: the QuantSpec.
+    clip: optional learned clip ratio (see `clip_ratio`).
+
+  Returns:
+    (levels int32 [..., in, out] = q - zero_point, scale float32 [..., in, out]); levels * scale
+    equals `quantize_dequantize(w, codes, spec, clip)` exactly.
+  """
+  w = np.asarray(jax.device_get(w), np.float32)
+  q, scales, zp = quantize_to_ints(w, codes, spec, clip)
+  grouped = gran.grouped_shape(w.shape, spec)
+
+  def per_weight(v):
+    return np.broadcast_to(gran.scales_to_stats(v, w.shape, spec), grouped).reshape(w.shape)
+
+  levels = q.astype(np.int32)
+  if zp is not None:
+    levels = levels - per_weight(zp.astype(np.int32))
+  return levels, per_weight(scales).astype(np.float32)
+
+
+def _float_data(a, dtype: str):
+  """(numpy data, raw ggml type or None) of a float tensor at f32 / f16 / bf16."""
+  import gguf
+  a = np.asarray(a, np.float32)
+  if dtype == "f32":
+    return a, None
+  if dtype == "f16":
+    return a.astype(np.float16), None
+  return gguf.quants.quantize(a, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
+
+
+def _codes_summary(codes) -> dict:
+  names, counts = np.unique([code_name(int(c)) for c in np.ravel(codes)], return_counts=True)
+  return {str(n): int(c) for n, c in zip(names, counts)}
+
+
+def _moeqjax_bytes(shape, codes, spec) -> int:
+  """Bytes moeqjax's packed checkpoint spends on this tensor (per leading index at its code)."""
+  codes = np.broadcast_to(np.asarray(codes), tuple(shape[:-2]))
+  inner = tuple(shape[-2:])
+  return int(sum(weight_bytes(inner, int(c), spec) for c in np.ravel(codes)))
+
+
+def _quantized_tensor(ent, w, codes, spec, order, clip):
+  """(data, raw_type, qtype name, note) for a weight quantized at `codes` (all nonzero)."""
+  import gguf
+  name = ent.name
+  levels, scale = int_form(w, codes, spec, clip)
+  levels = _to_ggml(levels, ent.kind, ent.permute_heads)
+  scale = _to_ggml(scale, ent.kind, ent.permute_heads)
+  kinds = _codes_summary(codes)
+  start = order[0] if "ternary" in kinds and len(kinds) == 1 else "Q4_0"
+  enc, skipped = gguf_container.encode_exact(levels, scale, order, start)
+  if enc is None:
+    why = "; ".join(f"{t}: {r}" for t, r in skipped.items())
+    raise ConvertError(f"tensor {name} ({', '.join(kinds)}) fits no exact GGUF block type ({why})")
+  notes = [f"{t} not exact: {r}" for t, r in skipped.items()]
+  if len(kinds) > 1:
+    notes.append(f"mixed codes {sorted(kinds)} share one ggml type (llama.cpp has one type per "
+                 "tensor)")
+  wider = [k for k in kinds if enc.qtype not in _NATURAL[k]]
+  if wider:
+    notes.append(f"{enc.qtype} is wider than the container of {', '.join(sorted(wider))}")
+  if any(k in kinds for k in ("int2", "int3")):
+    notes.append("ggml has no exact 2/3-bit type: int2/int3 are stored as 4-bit levels")
+  return enc.data, gguf.GGMLQuantizationType[enc.qtype], enc.qtype, "; ".join(notes)
+
+
+def check_output(out_path, overwrite: bool) -> pathlib.Path:
+  """The output path, refused (one line) when it exists and `overwrite` is False."""
+  out_path = pathlib.Path(out_path)
+  if out_path.exists() and not overwrite:
+    raise ConvertError(f"{out_path} exists; pass --overwrite to replace it")
+  if out_path.is_dir():
+    raise ConvertError(f"{out_path} is a folder; --format gguf writes one file, e.g. model.gguf")
+  return out_path
+
+
+def export_gguf(cfg: ModelConfig, params, quant, out_path, *, fp_dtype: str = "f32",
+                all_f32: bool = False, tokenizer=None, name: str = "moeqjax-student",
+                overwrite: bool = False) -> dict:
+  """Writes the student as one GGUF file that llama.cpp loads, and `export_report.json` beside it.
+
+  Quantized weights are written from our integer codes and trained scales (`quantize_to_ints`) in
+  the narrowest ggml block type that holds them exactly, so the file dequantizes to the student's
+  weights bit for bit. Norms, biases and the (unquantized) router are float32; other unquantized
+  weights are at `fp_dtype`.
+
+  Args:
+    cfg: our model config (its fields choose the llama.cpp architecture, see gguf_arch.arch_for).
+    params: the student params (our tree).
+    quant: the student's `quant` collection (None: every weight full precision).
+    out_path: the .gguf file to write (written to a temporary name, then renamed).
+    fp_dtype: "f32", "f16" or "bf16" for unquantized matrices.
+    all_f32: write every tensor, quantized ones dequantized, as float32 (a control).
+    tokenizer: None for our byte vocabulary, else a HF tokenizer.json (or its folder).
+    name: general.name.
+    overwrite: replace an existing file.
+
+  Returns:
+    The report (also written as export_report.json next to the file).
+
+  Raises:
+    ConvertError: existing output, no matching architecture, or a tensor no exact type holds.
+  """
+  import gguf
+  if fp_dtype not in FP_DTYPES:
+    raise ConvertError(f"fp_dtype={fp_dtype!r}; choose from {FP_DTYPES}")
+  out_path = check_output(out_path, overwrite)
+  arch = gguf_arch.arch_for(cfg)
+  vocab: Vocab = byte_vocab(cfg.vocab_size) if not tokenizer else bpe_vocab(tokenizer,
+                                                                           cfg.vocab_size)
+  spec = cfg.quant.spec()
+  order = (gguf_container.ORDER_BASE3 if spec.ternary_packing == "base3"
+           else gguf_container.ORDER_2BIT)
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out_path.with_name(out_path.name + ".partial")
+  writer = gguf.GGUFWriter(str(tmp), arch.name, use_temp_file=True)
+  gguf_arch.add_hparams(writer, cfg, arch, name)
+  add_vocab(writer, vocab)
+  rows, notes = [], [f"vocabulary: {vocab.note}"] if vocab.note else []
+  try:
+    for ent in gguf_arch.tensors(cfg, arch):
+      row = _write_tensor(writer, ent, params, quant, spec, order, fp_dtype, all_f32)
+      rows.append(row)
+      if row["note"]:
+        notes.append(f"{row['name']}: {row['note']}")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+  finally:
+    writer.close()
+  report = {
+      "format": "gguf", "file": out_path.name, "arch": arch.name, "fp_dtype": fp_dtype,
+      "all_f32": all_f32, "vocab": vocab.source, "tensors": rows,
+      "moeqjax_bytes": sum(r["moeqjax_bytes"] for r in rows),
+      "tensor_bytes": sum(r["file_bytes"] for r in rows),
+      "notes": notes,
+  }
+  os.replace(tmp, out_path)
+  report["file_bytes"] = out_path.stat().st_size
+  (out_path.parent / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+  return report
+
+
+def _ggml_shape(shape, kind: str) -> list:
+  shape = list(shape)
+  if kind in ("kernel", "experts"):
+    shape[-2:] = shape[-1:-3:-1]
+  elif kind == "gate_vector":
+    shape = [int(np.prod(shape))]
+  return shape
+
+
+def _write_tensor(writer, ent, params, quant, spec, order, fp_dtype, all_f32) -> dict:
+  """Adds one tensor to the writer; returns its report row."""
+  w = _get(params, ent.path)
+  if w is None:
+    raise ConvertError(f"params have no {'/'.join(ent.path)}, which GGUF tensor {ent.name} needs")
+  w = np.asarray(jax.device_get(w), np.float32)
+  codes = _get(quant, ent.codes) if (quant is not None and ent.codes) else None
+  codes = None if codes is None else formats.validate_codes(jax.device_get(codes))
+  if codes is not None and np.all(codes == formats.FP):
+    codes = None  # a quantizer at code 0 passes the weight through
+  row = {"name": ent.name, "source": "/".join(ent.path)}
+  note = ""
+  if codes is None:
+    row["codes"] = {"fp": int(np.prod(w.shape[:-2])) if ent.kind == "experts" else 1}
+    row["moeqjax_bytes"] = _BF16_BYTES * int(w.size)
+  else:
+    row["codes"] = _codes_summary(codes)
+    row["moeqjax_bytes"] = _moeqjax_bytes(w.shape, codes, spec)
+  clip = clip_ratio(params, ent.clip)
+  if codes is not None and np.all(codes != formats.FP) and not all_f32:
+    data, raw, qtype, note = _quantized_tensor(ent, w, codes, spec, order, clip)
+  else:
+    if codes is not None:
+      if not all_f32:
+        note = "some experts are full precision: the whole tensor is float32"
+      w = np.asarray(quantize_dequantize(w, codes, spec, clip))
+    a = _to_ggml(w, ent.kind, ent.permute_heads)
+    # Norms, biases and the router stay float32 as llama.cpp's own converter keeps them; a
+    # dequantized weight is exact only in float32.
+    keep_f32 = (all_f32 or a.ndim == 1 or ent.name.endswith("ffn_gate_inp.weight")
+                or codes is not None)
+    dtype = "f32" if keep_f32 else fp_dtype
+    data, raw = _float_data(a, dtype)
+    qtype = {"f32": "F32", "f16": "F16", "bf16": "BF16"}[dtype]
+  writer.add_tensor(ent.name, data, raw_dtype=raw)
+  row.update({"ggml_type": qtype, "shape": _ggml_shape(w.shape, ent.kind),
+              "file_bytes": int(data.nbytes), "note": note})
+  return row
