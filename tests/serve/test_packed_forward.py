@@ -95,3 +95,17 @@ def test_learned_clip_ratios_are_folded_into_the_scales(tmp_path):
       moe[name] = jnp.asarray(rng.uniform(0.5, 1.2, moe[name].shape), jnp.float32)  # some > 1
   served = _check_packed_equals_fake_quant(tmp_path, cfg, params, quant)
   assert not any("clip" in name for name in served.manifest["tensors"])
+
+
+def test_pack_refuses_full_precision_codes(tmp_path):
+  from moeqjax.serve import PackedCheckpointError
+  cfg, params, quant = _student(QuantRules(expert_code=4, attn_code=8), codes=[[4, 0, 4, 4],
+                                                                             [4, 4, 4, 4]])
+  with pytest.raises(PackedCheckpointError, match=r"layers_0/moe/w_\w+: expert\(s\) \[1\] have code 0"):
+    pack(cfg, params, quant, tmp_path / "a")
+  quant = runs.set_expert_codes(quant, [[4] * 4] * 2)
+  quant["layers_1"]["attn"]["o_proj"]["bits"] = jnp.asarray(0, jnp.int32)
+  with pytest.raises(PackedCheckpointError, match="layers_1/attn/o_proj/kernel has code 0"):
+    pack(cfg, params, quant, tmp_path / "b")
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+  assert not list(tmp_path.glob(".*packing*"))  # no half-written folder left behind
