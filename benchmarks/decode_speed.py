@@ -43,9 +43,9 @@ def _variants(num_experts: int):
 def _bytes_read_per_token(cfg: ModelConfig, codes_E, batch: int) -> float:
   """Weight bytes one decode step reads, per token: the roofline's denominator.
 
-  At batch 1 (fewer (token, expert) pairs than experts) a step reads k experts per layer from each
-  code's buffer that the layer holds (so a mixed layer reads k experts at every code it has); at
-  larger batches it reads every expert once. Non-expert weights are read once per step at bf16;
+  At batch 1 (fewer (token, expert) pairs than experts) a step reads k experts per layer, each at
+  the width of the widest code in its layer; at larger batches it reads every expert once, each at
+  its own code. Non-expert weights are read once per step at bf16;
   the embedding contributes one row per token.
   """
   spec = cfg.quant.spec()
@@ -58,7 +58,7 @@ def _bytes_read_per_token(cfg: ModelConfig, codes_E, batch: int) -> float:
   if codes_E is None:
     per_layer = (k if batch * k < e else e) * expert(0)
   elif batch * k < e:
-    per_layer = k * sum(expert(c) for c in set(codes_E))
+    per_layer = k * max(expert(c) for c in set(codes_E))
   else:
     per_layer = sum(expert(c) for c in codes_E)
   h, g, a = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -134,7 +134,7 @@ def main():
   mixed = next(r for r in rows if r["name"].startswith("mixed"))
   print(f"\nmixed 2.5-bit at batch 1: {mixed['decode_1'] / base['decode_1']:.2f}x bf16 decode "
         f"(goal on an H100: >= 3x; roofline {base['read_1'] / mixed['read_1']:.2f}x for this "
-        f"implementation, which reads k experts at each of the layer's codes)")
+        f"implementation, which reads each selected expert at its layer's widest code)")
   if math.isnan(base["decode_1"]):
     print("(decode ran a single step: raise --new-tokens)")
 

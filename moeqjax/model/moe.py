@@ -125,12 +125,13 @@ class MoE(nn.Module):
     nodes = {name: self.get_variable(packed_weights.COLLECTION, name) for name in shapes}
     # Packed experts are all quantized (pack refuses code 0), as the student's were.
     x_in = maybe_quant_act(x_TxD, rules, True).astype(dtype)
-    pairs = idx_TxK.size
-    idx = idx_TxK.reshape(-1) if pairs < e else jnp.arange(e)
-    w = {name: packed_weights.experts(nodes[name], idx, shape, spec).astype(dtype)
-         for name, shape in shapes.items()}
-    if pairs < e:
+    if idx_TxK.size < e:
+      idx_M = idx_TxK.reshape(-1)
+      w = {name: packed_weights.experts(nodes[name], idx_M, shape, spec).astype(dtype)
+           for name, shape in shapes.items()}
       return gathered_experts(x_in, w["w_in"], w["w_gate"], w["w_out"], gates_TxK)
+    w = {name: packed_weights.all_experts(nodes[name], shape, spec).astype(dtype)
+         for name, shape in shapes.items()}
     return DISPATCH[cfg.dispatch](x_in, w["w_in"], w["w_gate"], w["w_out"], gates_TxK, idx_TxK)
 
   def _clip_ratios(self, e, d, f, pdtype):

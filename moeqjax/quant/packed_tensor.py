@@ -6,6 +6,10 @@
 # expert order), plus "expert_codes" int32 [E] and "expert_slot" int32 [E] (an expert's row in its
 # code's buffer). A plain matrix has one entry and no leading dim. Each expert (or matrix) is its own
 # bit stream, so its byte count is exactly `memory.weight_bytes` of one [in, out] weight.
+#
+# For serving, `expert_bank` lays a layer's experts out as one byte stream with per-expert offsets,
+# so that a decode step reads each selected expert's own bytes whatever its code (see
+# moeqjax.model.packed_weights.experts).
 
 from __future__ import annotations
 
@@ -103,6 +107,71 @@ def pack_matrix(w_IxO, code: int, spec: QuantSpec) -> dict:
   w = np.asarray(w_IxO, np.float32)
   buffers = _pack_same_code(w[None], code, spec, None)
   return {code_key(code): {k: v[0] for k, v in buffers.items()}}
+
+
+def value_bytes(code: int, count: int, spec: QuantSpec) -> int:
+  """Bytes of one packed stream of `count` values at `code` (scales and zero points excluded)."""
+  if code == formats.TERNARY:
+    per = (packing.TRITS_PER_BYTE_2BIT if spec.ternary_packing == "2bit"
+           else packing.TRITS_PER_BYTE_BASE3)
+    return -(-int(count) // per)
+  return packing.packed_int_bytes(count, code)
+
+
+PRESENT = "present"
+
+
+def stream_order(keys, count: int, spec: QuantSpec) -> list:
+  """Code names in the order their buffers lie in a bank's stream: narrowest first, then by code."""
+  return sorted(keys, key=lambda k: (value_bytes(code_of_key(k), count, spec), code_of_key(k)))
+
+
+def expert_bank(packed: dict, spec: QuantSpec, matrix_shape) -> dict:
+  """One layer's packed experts laid out for serving: a byte stream read per expert by offset.
+
+  Args:
+    packed: a `pack_experts` result (numpy).
+    spec: the quantization spec it was packed with.
+    matrix_shape: one expert's [in, out].
+
+  Returns:
+    {"values": uint8 [all experts' bytes] (code buffers back to back, narrowest code first),
+     "offset": int32 [E] each expert's first byte, "scales": [E, ng, nc] in expert order,
+     "zero_points": uint8 [E, ng, nc] (asymmetric int codes only; 0 for ternary experts),
+     "codes": int32 [E], "present": {code name: empty [n_c, 0] array} (the codes present and their
+     expert counts, as static structure)}.
+  """
+  codes = np.asarray(packed[EXPERT_CODES])
+  slot = np.asarray(packed[EXPERT_SLOT])
+  count = int(matrix_shape[0]) * int(matrix_shape[1])
+  # Narrowest code first, widest last: a read as wide as the widest expert, at any expert's offset,
+  # then ends within the stream (the widest experts end it), so no padding is needed.
+  keys = stream_order([k for k in packed if k not in (EXPERT_CODES, EXPERT_SLOT)], count, spec)
+  start, chunks = {}, []
+  for key in keys:
+    start[key] = sum(c.size for c in chunks)
+    chunks.append(np.asarray(packed[key]["values"]).reshape(-1))
+  values = np.concatenate(chunks)
+  offset = np.zeros(codes.shape, np.int64)
+  first = packed[keys[0]]["scales"]
+  scales = np.zeros((codes.size,) + first.shape[1:], first.dtype)
+  has_zp = any("zero_points" in packed[k] for k in keys)
+  zero_points = np.zeros(scales.shape, np.uint8) if has_zp else None
+  for e, code in enumerate(codes.tolist()):
+    key = code_key(code)
+    offset[e] = start[key] + slot[e] * value_bytes(code, count, spec)
+    scales[e] = packed[key]["scales"][slot[e]]
+    if has_zp and "zero_points" in packed[key]:
+      zero_points[e] = packed[key]["zero_points"][slot[e]]
+  if values.size >= 2**31:
+    raise ValueError(f"{values.size} bytes of experts in one layer exceed int32 offsets")
+  bank = {"values": values, "offset": offset.astype(np.int32), "scales": scales,
+          "codes": codes.astype(np.int32),
+          # Empty arrays whose shape [n_c, 0] says how many experts have each code (static).
+          PRESENT: {k: np.zeros((int(np.sum(codes == code_of_key(k))), 0), np.uint8) for k in keys}}
+  if has_zp:
+    bank["zero_points"] = zero_points
+  return bank
 
 
 def packed_nbytes(packed: dict) -> int:

@@ -310,12 +310,7 @@ def _expected_shapes(cfg: ModelConfig, manifest: dict) -> dict:
       matrix, lead = full, ()
     count = matrix[0] * matrix[1]
     if rec["role"] == "values":
-      if code == q.TERNARY:
-        per = 4 if spec.ternary_packing == "2bit" else 5
-        nbytes = -(-count // per)
-      else:
-        nbytes = q.packed_int_bytes(count, code)
-      want[name] = lead + (nbytes,)
+      want[name] = lead + (pt.value_bytes(code, count, spec),)
     else:
       want[name] = lead + tuple(q.scale_shape(matrix, spec))
   return want
@@ -345,7 +340,7 @@ def load_packed(folder, *, verify: bool = True) -> PackedModel:
     raise PackedCheckpointError(f"{folder / MANIFEST}: bad model_config ({e})") from None
   want = _expected_shapes(cfg, manifest)
   headers = {}
-  params, packed = {}, {}
+  params, packed, experts = {}, {}, {}
   for name, rec in manifest["tensors"].items():
     file = folder / rec["file"]
     if rec["file"] not in headers:
@@ -377,19 +372,23 @@ def load_packed(folder, *, verify: bool = True) -> PackedModel:
     path = tuple(rec["param"].split("/"))
     if rec["role"] == "float":
       _set(params, path, jax.device_put(arr))
+    elif path[-1] in _EXPERT_PARAMS:  # laid out as a bank below, then put on the device
+      _set(experts, path + (pt.code_key(rec["code"]), rec["role"]), arr)
     else:
       _set(packed, path + (pt.code_key(rec["code"]), rec["role"]), jax.device_put(arr))
+    del arr
+  spec, shapes = cfg.quant.spec(), expert_shapes(cfg)
   for i, row in enumerate(manifest["expert_codes"]):
     codes = np.asarray(row, np.int32)
     slot = np.zeros_like(codes)
     for c in set(row):
       slot[codes == c] = np.arange(int(np.sum(codes == c)))
     for w in _EXPERT_PARAMS:
-      node = _get(packed, (f"layers_{i}", "moe", w))
-      if node is None:
-        raise PackedCheckpointError(f"layers_{i}/moe/{w} has no packed tensors in {folder}")
-      node[pt.EXPERT_CODES] = jax.device_put(codes)
-      node[pt.EXPERT_SLOT] = jax.device_put(slot)
+      node = _get(experts, (f"layers_{i}", "moe", w))
+      node.update({pt.EXPERT_CODES: codes, pt.EXPERT_SLOT: slot})
+      bank = pt.expert_bank(node, spec, shapes[w])
+      _set(packed, (f"layers_{i}", "moe", w), jax.device_put(bank))
+      _set(experts, (f"layers_{i}", "moe", w), None)  # free the host copy as we go
   return PackedModel(cfg, MoETransformer(cfg), {"params": params, COLLECTION: packed}, manifest,
                      folder)
 

@@ -55,8 +55,10 @@ def test_one_code_per_layer_packed_logits_equal_fake_quant(tmp_path):
   cfg, params, quant = _student(QuantRules(expert_code=1), codes=codes)
   served = _check_packed_equals_fake_quant(tmp_path, cfg, params, quant)
   assert served.manifest["expert_codes"] == codes
-  assert set(served.variables["packed"]["layers_1"]["moe"]["w_out"]) == {
-      "int3", "expert_codes", "expert_slot"}
+  bank = served.variables["packed"]["layers_1"]["moe"]["w_out"]
+  assert set(bank["present"]) == {"int3"}
+  assert bank["values"].shape == (4 * 32 * 16 * 3 // 8,)  # 4 int3 experts of 32 x 16, back to back
+  np.testing.assert_array_equal(bank["offset"], np.arange(4) * 32 * 16 * 3 // 8)
 
 
 def test_quantized_attention_router_lm_head_and_shared_expert(tmp_path):
@@ -109,3 +111,19 @@ def test_pack_refuses_full_precision_codes(tmp_path):
     pack(cfg, params, quant, tmp_path / "b")
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
   assert not list(tmp_path.glob(".*packing*"))  # no half-written folder left behind
+
+
+def test_expert_bank_reads_each_expert_at_its_own_offset():
+  """A mixed layer's bank: narrowest code first, widest last, so a fixed-width read never overruns."""
+  from moeqjax.quant.packed_tensor import expert_bank, pack_experts
+  from moeqjax.quant import QuantSpec
+  spec = QuantSpec()
+  w = np.random.RandomState(0).randn(5, 16, 8).astype(np.float32)
+  codes = np.array([8, 1, 3, 1, 8])
+  bank = expert_bank(pack_experts(w, codes, spec), spec, (16, 8))
+  width = {1: 16 * 8 // 4, 3: 16 * 8 * 3 // 8, 8: 16 * 8}
+  assert list(bank["present"]) == ["ternary", "int3", "int8"]
+  np.testing.assert_array_equal(bank["offset"], [2 * width[1] + width[3], 0, 2 * width[1],
+                                                 width[1], 2 * width[1] + width[3] + width[8]])
+  assert bank["values"].size == sum(width[c] for c in codes.tolist())
+  assert int(bank["offset"].max()) + width[8] == bank["values"].size

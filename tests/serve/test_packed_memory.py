@@ -27,4 +27,4 @@ def test_live_arrays_hold_no_float_copy_of_the_experts(tmp_path):
   assert live < 0.5 * float_expert_bytes
   # Expert bytes on disk equal the memory accounting, to the byte.
   assert manifest["bytes"]["expert_tensors_on_disk"] == manifest["bytes"]["expert_bytes_accounted"]
-  assert served.variables["packed"]["layers_0"]["moe"]["w_in"]["ternary"]["values"].dtype == np.uint8
+  assert served.variables["packed"]["layers_0"]["moe"]["w_in"]["values"].dtype == np.uint8
