@@ -71,11 +71,11 @@ def _parser() -> argparse.ArgumentParser:
                      "(dequantized) or one GGUF file for llama.cpp (from the integer codes)")
   p.add_argument("--workdir", required=True,
                  help="a finished `moeqjax qat` workdir (or an `import-hf` folder)")
-  p.add_argument("--format", default="hf", choices=("hf", "gguf"))
+  p.add_argument("--format", default="hf", choices=("hf", "gguf", "compressed-tensors"))
   p.add_argument("--out", required=True,
                  help="hf: output folder for config.json + safetensors; gguf: the .gguf file "
                       "(export_report.json is written beside it)")
-  p.add_argument("--overwrite", action="store_true", help="gguf: replace an existing --out file")
+  p.add_argument("--overwrite", action="store_true", help="gguf, compressed-tensors: replace an existing --out")
   p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
                  help="hf: dtype of the weights")
   p.add_argument("--fp-dtype", default="f32", choices=("f32", "f16", "bf16"),
@@ -186,6 +186,14 @@ def run_convert(args, overrides: dict[str, str]) -> int:
                               tokenizer=args.tokenizer)
       print(f"exported {args.workdir} as GGUF (llama.cpp arch {report['arch']}) to {args.out}: "
             f"{report['file_bytes']} bytes (moeqjax packed: {report['moeqjax_bytes']})")
+      for note in report["notes"]:
+        print(f"  note: {note}")
+    elif args.format == "compressed-tensors":
+      report = export_workdir(args.workdir, args.out, args.dtype, args.hf_config,
+                              args.model_type, fmt="compressed-tensors", overwrite=args.overwrite)
+      print(f"exported {args.workdir} as compressed-tensors ({report['expert_container']} experts) "
+            f"to {args.out}: {report['file_bytes']} bytes (moeqjax packed: "
+            f"{report['moeqjax_bytes']})")
       for note in report["notes"]:
         print(f"  note: {note}")
     else:

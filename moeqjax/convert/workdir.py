@@ -148,7 +148,8 @@ def export_workdir(workdir, out, dtype: str = "bfloat16", hf_config_path=None,
   """Exports the final student of a `moeqjax qat` workdir (or an imported folder).
 
   fmt "hf" writes the HF family layout (dequantized) to the folder `out` and returns it; "gguf"
-  writes one llama.cpp file `out` from the integer codes and returns the export report.
+  writes one llama.cpp file `out` from the integer codes and returns the export report;
+  "compressed-tensors" writes a vLLM pack-quantized folder `out` and returns its report.
   """
   workdir = pathlib.Path(workdir).absolute()
   if fmt == "gguf":
@@ -159,6 +160,9 @@ def export_workdir(workdir, out, dtype: str = "bfloat16", hf_config_path=None,
       tokenizer = _recorded_tokenizer(workdir)
     return export_gguf(cfg, params, quant, out, fp_dtype=fp_dtype, all_f32=all_f32,
                        tokenizer=tokenizer, name=workdir.name, overwrite=overwrite)
+  if fmt == "compressed-tensors":
+    from moeqjax.convert.ct_export import check_output as ct_check_output
+    ct_check_output(out, overwrite)  # before the (slow) restore
   template_json = None
   for cand in ([pathlib.Path(hf_config_path)] if hf_config_path else [workdir / HF_CONFIG]):
     if cand.is_dir():
@@ -168,6 +172,10 @@ def export_workdir(workdir, out, dtype: str = "bfloat16", hf_config_path=None,
     elif hf_config_path:
       raise ConvertError(f"--hf-config {cand} does not exist")
   cfg, params, quant = _load_student(workdir)
+  if fmt == "compressed-tensors":
+    from moeqjax.convert.ct_export import export_compressed_tensors
+    return export_compressed_tensors(cfg, params, quant, out, template_json, dtype,
+                                     model_type=model_type, overwrite=overwrite)
   return export_hf(cfg, params, quant, out, template_json, dtype, model_type=model_type)
 
 
