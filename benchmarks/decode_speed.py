@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moeqjax import runs
+from moeqjax.model import default_quant, set_expert_codes
 from moeqjax.model import ModelConfig, MoETransformer, QuantRules, init_model
 from moeqjax.quant import weight_bytes
 from moeqjax.serve import generate, load_packed, pack
@@ -105,7 +105,7 @@ def main():
       if codes is None:
         variables = {"params": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)}
       else:
-        quant = runs.set_expert_codes(runs.default_quant(cfg), [codes] * cfg.num_layers)
+        quant = set_expert_codes(default_quant(cfg), [codes] * cfg.num_layers)
         pack(cfg, params, quant, f"{tmp}/{name.replace(' ', '_')}")
         variables = load_packed(f"{tmp}/{name.replace(' ', '_')}").variables
       b1 = generate(model, variables, prompt_1, args.new_tokens)

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moeqjax import config_io, runs
 from moeqjax.data import sample_batch
-from moeqjax.model import init_model
+from moeqjax.model import default_quant, init_model
 from moeqjax.objectives import LossWeights
+from moeqjax.pipeline import config as config_io
 from moeqjax.train import create_state, jit_train_step, make_optimizer
 
 
@@ -40,7 +40,7 @@ def main():
   tx = make_optimizer(optim)
   weights = (config_io.loss_weights(config) if args.qat else
              LossWeights(rec=0, kd=0, value=0, struct=0, lb=config.loss.lb, z=config.loss.z))
-  quant = runs.default_quant(cfg) if args.qat else None
+  quant = default_quant(cfg) if args.qat else None
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 1 << 20).astype(np.uint8)
   batches = [jnp.asarray(sample_batch(tokens, loop.batch_size, loop.seq_len, 0, i))
              for i in range(args.steps)]

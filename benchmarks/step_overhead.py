@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moeqjax import config_io, runs
 from moeqjax.data import sample_batch
-from moeqjax.model import MoETransformer, init_model
+from moeqjax.model import MoETransformer, default_quant, init_model
 from moeqjax.model.dispatch import dense_experts, ragged_experts
 from moeqjax.objectives import LossWeights
+from moeqjax.pipeline import config as config_io
 from moeqjax.train import create_state, make_optimizer
 from moeqjax.train.step import train_step
 
@@ -57,7 +57,7 @@ def main():
       rec=0, kd=0, value=0, struct=0, lb=weights.lb, z=weights.z)))
   qat_step = jax.jit(functools.partial(train_step, model=model, tx=tx, weights=weights))
   fp_state = create_state(params, tx, cfg.num_layers)
-  qat_state = create_state(params, tx, cfg.num_layers, quant=runs.default_quant(cfg),
+  qat_state = create_state(params, tx, cfg.num_layers, quant=default_quant(cfg),
                            teacher_params=params)
 
   # Dispatch alone, forward + backward through the expert weights, at the demo's token count.

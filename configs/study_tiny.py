@@ -3,7 +3,7 @@
 Launch:  moeqjax study --config configs/study_tiny.py --workdir ./moeqjax_runs/study [--quick]
 Override any field:  --config.study.seeds=2 --config.qat.steps=40
 
-Protocol (see moeqjax/study/grid.py): pretrain a full-precision model on the top-level modules of the
+Protocol (see moeqjax/pipeline/study.py): pretrain a full-precision model on the top-level modules of the
 Python standard library; fine-tune it in full precision on a DIFFERENT slice (the asyncio, email, http and
 urllib packages) while the jitted step collects router statistics; allocate expert bits from those
 statistics at equal expert weight bytes; run QAT on the task slice for every (method, objective, seed);

@@ -1,4 +1,4 @@
-"""The `moeqjax` command line: thin subcommands over the library."""
+"""The `moeqjax` command line: thin subcommands over the pipeline (moeqjax.pipeline)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ import os
 import pathlib
 import sys
 
+# Help text only: `moeqjax allocate --help` says how rule-based methods become bytes.
+from moeqjax.alloc.rules import rule_bytes_text
+
 DEFAULT_WORKDIRS = {"demo": "./moeqjax_runs/demo", "pretrain": "./moeqjax_runs/pretrain",
                     "qat": "./moeqjax_runs/qat", "eval": None}
+_STUDY_COMMANDS = ("stats", "allocate", "study")
+METHOD_NAMES = ("paper_combined", "paper_router", "exact", "frequency", "gate_weight", "mc_moe",
+                "uniform", "random")
 
 
 class UserError(Exception):
@@ -119,8 +125,48 @@ def _parser() -> argparse.ArgumentParser:
   p = sub.add_parser("plan", help="parameter counts, weight bytes and QAT memory, no allocation")
   p.add_argument("--config", default=None, help="configs/<name>.py (default: configs/tiny.py)")
 
-  from moeqjax.study import commands as study_commands
-  study_commands.add_parsers(sub)
+
+  p = sub.add_parser("stats", help="router statistics of a pretrain/QAT workdir: table + "
+                     "router_stats.json")
+  p.add_argument("--workdir", required=True, help="a `moeqjax pretrain` or `moeqjax qat` workdir")
+  p.add_argument("--config", default=None,
+                 help="config for sections the workdir does not record (default: configs/tiny.py)")
+
+  p = sub.add_parser(
+      "allocate", help="per-expert bit allocation from a workdir's router statistics, within a "
+      "budget; writes allocation.json",
+      description="Per-expert bit allocation within a byte budget (scales and zero points "
+      "counted as the memory report counts them). " + rule_bytes_text(
+          "--levels BH,BL (METHODS.md's bh > bl) or else the two --choices whose bytes bracket "
+          "B") + " The exact solver and mc_moe "
+      "solve a multiple-choice knapsack over --choices that never exceeds the budget; uniform is "
+      "the largest single code within it.")
+  p.add_argument("--workdir", required=True, help="a `moeqjax pretrain` or `moeqjax qat` workdir "
+                 "(ideally a fine-tuning run: Lambda is the router norm change over it)")
+  p.add_argument("--config", default=None,
+                 help="config for sections the workdir does not record (default: configs/tiny.py)")
+  p.add_argument("--method", required=True, choices=METHOD_NAMES)
+  p.add_argument("--budget", required=True, type=float,
+                 help="average bits per expert weight (see --budget-unit), or bytes")
+  p.add_argument("--budget-unit", default="bits", choices=("bits", "code_bits", "bytes"),
+                 help="bits: scales and zero points included (default); code_bits: scales and "
+                      "zero points excluded (the overhead of an intN expert is added, so B code "
+                      "bits hold uniform intB); bytes: total expert weight bytes")
+  p.add_argument("--choices", default="1,2,3,4,8",
+                 help="candidate codes, comma-separated (1 = ternary, 2/3/4/8 = intN)")
+  p.add_argument("--levels", default=None, metavar="BH,BL",
+                 help="the paper's two levels for the rule-based methods, high then low, e.g. 3,1 "
+                      "(default: the two --choices whose bytes bracket the budget)")
+  p.add_argument("--seed", type=int, default=0, help="seed of --method random")
+  p.add_argument("--out", default=None, help="output file (default: WORKDIR/allocation.json)")
+
+  p = sub.add_parser("study", help="allocation method x objective grid at equal expert bytes; "
+                     "writes study.md, study.json and PNG plots")
+  p.add_argument("--config", default="configs/study_tiny.py", help="study config")
+  p.add_argument("--workdir", default="./moeqjax_runs/study",
+                 help="output folder (cached pretrain, fine-tune and finished cells)")
+  p.add_argument("--quick", action="store_true", help="the small grid (about 5 minutes)")
+
   return parser
 
 
@@ -129,10 +175,10 @@ _SERVE_COMMANDS = ("pack", "generate")
 
 
 def run_serve(args) -> int:
-  """pack / generate: thin wrappers over moeqjax.serve_run."""
-  from moeqjax import serve_run
+  """pack / generate: thin wrappers over moeqjax.pipeline.serve."""
+  from moeqjax.pipeline import serve
   if args.command == "pack":
-    manifest = serve_run.pack_workdir(args.workdir, args.out, fp_dtype=args.fp_dtype,
+    manifest = serve.pack_workdir(args.workdir, args.out, fp_dtype=args.fp_dtype,
                                       overwrite=args.overwrite)
     b = manifest["bytes"]
     print(f"packed {args.workdir} into {args.out}: expert tensors {b['expert_tensors_on_disk']:,} "
@@ -141,7 +187,6 @@ def run_serve(args) -> int:
           f"code bits), all tensors {b['all_tensors']:,} bytes ({manifest['fp_dtype']} for the "
           f"unquantized ones, {manifest['scale_dtype']} scales)")
     return 0
-  from moeqjax.serve import SamplingConfig
   if args.prompt_file is not None:
     try:
       prompt = pathlib.Path(args.prompt_file).read_text(encoding="utf-8")
@@ -149,16 +194,12 @@ def run_serve(args) -> int:
       raise UserError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
   else:
     prompt = args.prompt
-  try:
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-  except ValueError as e:
-    raise UserError(str(e).replace("temperature=", "--temperature ").replace(
-        "top_k=", "--top-k ").replace("top_p=", "--top-p ")) from None
+  sampling = serve.sampling_from_flags(args.temperature, args.top_k, args.top_p)
   if args.max_new_tokens < 1:
     raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
-  model, variables, tokenizer, eos_id, label = serve_run.model_for_generation(args.packed,
+  model, variables, tokenizer, eos_id, label = serve.model_for_generation(args.packed,
                                                                               args.workdir)
-  gen = serve_run.generate_text(model, variables, tokenizer, eos_id, prompt, args.max_new_tokens,
+  gen = serve.generate_text(model, variables, tokenizer, eos_id, prompt, args.max_new_tokens,
                                sampling, args.seed)
   note = " (stopped at the model's context)" if gen.clamped_to_context else ""
   print(f"[{label}] {int(gen.lengths[0])} tokens{note}; prefill {gen.prefill_tokens_per_s:,.0f} "
@@ -167,11 +208,45 @@ def run_serve(args) -> int:
   return 0
 
 
+def run_study_command(args, overrides: dict[str, str]) -> int:
+  """stats / allocate / study: thin wrappers over the pipeline's stats, allocate and study."""
+  from moeqjax.pipeline import config as config_io
+  config = config_io.load_config(args.config)
+  config_io.apply_overrides(config, overrides)
+  workdir = pathlib.Path(args.workdir)
+  if args.command == "stats":
+    from moeqjax.pipeline.stats import format_table, write_stats
+    record = write_stats(config, workdir)
+    print(format_table(record))
+    print(f"\nwritten {workdir / 'router_stats.json'}")
+  elif args.command == "allocate":
+    from moeqjax.pipeline.allocate import allocate_workdir, parse_codes
+    choices = parse_codes(args.choices, f"--choices {args.choices!r} must be comma-separated "
+                          "codes, e.g. 1,2,3,4,8")
+    levels = None
+    if args.levels is not None:
+      levels = parse_codes(args.levels, f"--levels {args.levels!r} must be two comma-separated "
+                           "codes, high then low, e.g. 3,1")
+    result, out = allocate_workdir(config, workdir, args.method, args.budget, args.budget_unit,
+                                   choices=choices, levels=levels, seed=args.seed,
+                                   out=pathlib.Path(args.out) if args.out else None)
+    a = result.achieved
+    print(f"{args.method}: {a['bytes']} of {result.budget_bytes} budget bytes, "
+          f"{a['bits_per_weight']:.4f} bits per expert weight (scales included), "
+          f"{a['code_bits']:.4f} code bits; written {out}")
+    for l, row in enumerate(result.codes_LxE):
+      print(f"  layer {l}: " + " ".join(str(int(c)) for c in row))
+  elif args.command == "study":
+    from moeqjax.pipeline.study import run_study
+    run_study(config, workdir, quick=args.quick, config_path=args.config)
+  return 0
+
+
 def run_convert(args, overrides: dict[str, str]) -> int:
-  """import-hf / export / plan: thin wrappers over moeqjax.convert."""
-  from moeqjax import config_io
+  """import-hf / export / plan: thin wrappers over the pipeline's import, export and plan."""
+  from moeqjax.pipeline import config as config_io
   if args.command == "import-hf":
-    from moeqjax.convert.workdir import import_checkpoint
+    from moeqjax.pipeline.import_hf import import_checkpoint
     base = config_io.load_config(args.config)
     config_io.apply_overrides(base, overrides)
     out = import_checkpoint(args.hf_dir, args.out, base, args.config or "configs/tiny.py",
@@ -179,7 +254,7 @@ def run_convert(args, overrides: dict[str, str]) -> int:
     print(f"imported {args.hf_dir} into {out}\nnext: moeqjax qat --config {out}/config.py "
           f"--teacher {out} --workdir <qat workdir>")
   elif args.command == "export":
-    from moeqjax.convert.workdir import export_workdir
+    from moeqjax.pipeline.export import export_workdir
     if args.format == "gguf":
       report = export_workdir(args.workdir, args.out, fmt="gguf", overwrite=args.overwrite,
                               fp_dtype=args.fp_dtype, all_f32=args.all_f32,
@@ -200,11 +275,10 @@ def run_convert(args, overrides: dict[str, str]) -> int:
       out = export_workdir(args.workdir, args.out, args.dtype, args.hf_config, args.model_type)
       print(f"exported {args.workdir} as {args.dtype} Hugging Face weights to {out}")
   elif args.command == "plan":
-    from moeqjax.convert.plan import format_plan, plan
+    from moeqjax.pipeline.plan import plan_text
     config = config_io.load_config(args.config)
     config_io.apply_overrides(config, overrides)
-    cfg = config_io.model_config(config)
-    print(format_plan(cfg, plan(cfg, config.qat.batch_size, config.qat.seq_len)))
+    print(plan_text(config))
   return 0
 
 
@@ -245,11 +319,11 @@ def run(argv: list[str]) -> int:
       raise UserError(f"`moeqjax {args.command}` takes its config from the run it reads; drop "
                       f"{', '.join('--config.' + k for k in overrides)}")
     return run_serve(args)
-  from moeqjax.study import commands as study_commands
-  if args.command in study_commands.COMMANDS:
-    return study_commands.run_command(args, overrides)
+  if args.command in _STUDY_COMMANDS:
+    return run_study_command(args, overrides)
   # Heavy imports after argument parsing so that --help is instant.
-  from moeqjax import config_io, runs
+  from moeqjax.pipeline import config as config_io
+  from moeqjax.pipeline import workdirs
   config = config_io.load_config(args.config)
   if args.data is not None:
     overrides["data.path"] = args.data
@@ -260,30 +334,21 @@ def run(argv: list[str]) -> int:
   workdir = _writable_workdir(args.workdir or DEFAULT_WORKDIRS[args.command] or ".")
 
   if args.command == "demo":
-    from moeqjax.demo import run_demo
+    from moeqjax.pipeline.demo import run_demo
     metrics = run_demo(config, workdir, hf_dir=args.hf_dir)
     _print_summary(metrics, workdir)
   elif args.command == "pretrain":
-    corpus = runs.load_data(config)
-    state = runs.pretrain(config, workdir, corpus, resume=args.resume)
+    from moeqjax.pipeline.pretrain import pretrain
+    state = pretrain(config, workdir, workdirs.load_data(config), resume=args.resume)
     print(f"pretrained {int(state.step)} steps; checkpoint in {workdir / 'ckpt'}")
   elif args.command == "qat":
-    params = runs.teacher_params(config, pathlib.Path(args.teacher))
-    corpus = runs.load_data(config)
-    codes = None
-    if args.allocation is not None:
-      from moeqjax.study.allocation import read_allocation
-      cfg = config_io.model_config(config)
-      codes = read_allocation(args.allocation, cfg.num_layers, cfg.num_experts)
-    from moeqjax.study.progressive import realloc_from_config
-    state = runs.qat(config, workdir, corpus, params, expert_codes_LxE=codes, resume=args.resume,
-                     realloc=realloc_from_config(config))
-    from moeqjax.convert import workdir as convert_workdir
-    convert_workdir.keep_hf_config(pathlib.Path(args.teacher), workdir)
+    from moeqjax.pipeline.qat import qat_from_teacher
+    state = qat_from_teacher(config, workdir, pathlib.Path(args.teacher), args.allocation,
+                             resume=args.resume)
     print(f"QAT finished at step {int(state.step)}; checkpoint in {workdir / 'ckpt'}")
   elif args.command == "eval":
-    from moeqjax.evaluate_run import evaluate_qat_run
-    metrics = evaluate_qat_run(config, workdir, runs.teacher_params(
+    from moeqjax.pipeline.evaluate import evaluate_qat_run
+    metrics = evaluate_qat_run(config, workdir, workdirs.teacher_params(
         config, pathlib.Path(args.teacher)))
     _print_summary({"variants": metrics, "unit": "token"}, workdir)
   return 0
@@ -309,15 +374,11 @@ def _print_summary(metrics: dict, workdir: pathlib.Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-  from moeqjax.config_io import ConfigError
-  from moeqjax.convert.errors import ConvertError
-  from moeqjax.data import DataError
-  from moeqjax.serve import PackedCheckpointError
-  from moeqjax.train import TrainingStopped
+  from moeqjax.pipeline.errors import USER_ERRORS, TrainingStopped
   argv = sys.argv[1:] if argv is None else argv
   try:
     return run(argv)
-  except (UserError, ConfigError, DataError, ConvertError, PackedCheckpointError) as e:
+  except (UserError, *USER_ERRORS) as e:
     print(f"moeqjax: error: {e}", file=sys.stderr)
     return 2
   except TrainingStopped as e:

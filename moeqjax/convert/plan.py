@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax.core import meta
 
-from moeqjax.model import ModelConfig
+from moeqjax.model import ModelConfig, MoETransformer
 from moeqjax.quant import weight_bytes
 from moeqjax.quant.clip import is_clip_param
 
@@ -38,6 +40,13 @@ def _code(cfg: ModelConfig, path, group) -> int:
           "embed": rules.lm_head_code if path[0] == "lm_head" else 0}.get(group, 0)
 
 
+def _abstract_params(cfg: ModelConfig):
+  """The params tree as shapes and dtypes (jax.eval_shape; nothing is allocated)."""
+  variables = jax.eval_shape(lambda: MoETransformer(cfg).init(jax.random.key(0),
+                                                              jnp.zeros((1, 8), jnp.int32)))
+  return meta.unbox(variables)["params"]
+
+
 def plan(cfg: ModelConfig, batch_size: int, seq_len: int, expert_codes_LxE=None) -> dict:
   """Shapes-only memory plan of a model and its QAT run.
 
@@ -49,8 +58,7 @@ def plan(cfg: ModelConfig, batch_size: int, seq_len: int, expert_codes_LxE=None)
   Returns:
     dict of counts (params by group, active per token) and bytes (fp, quantized, QAT estimate).
   """
-  from moeqjax.convert.workdir import abstract_params
-  params = abstract_params(cfg)["params"]
+  params = _abstract_params(cfg)
   spec = cfg.quant.spec()
   counts = {g: 0 for g in ("embed", "attn", "router", "experts", "shared", "norm")}
   fp_bytes = 0

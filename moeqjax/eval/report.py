@@ -69,7 +69,7 @@ def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, ba
                  config_text: str, serving: dict | None = None) -> dict:
   """Writes report.md, metrics.json and plots/*.png into workdir; returns the metrics dict.
 
-  `serving` (optional) is what moeqjax.serve_run.demo_serving returned: packed bytes and a sample.
+  `serving` (optional) is what moeqjax.pipeline.demo.demo_serving returned: packed bytes and a sample.
   """
   workdir = pathlib.Path(workdir)
   plot_dir = workdir / "plots"

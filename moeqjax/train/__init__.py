@@ -5,6 +5,7 @@ from moeqjax.train.loop import (CheckpointExists, Interrupted, LoopConfig, NonFi
                                 TrainingStopped, run_training)
 from moeqjax.train.optim import (OptimConfig, decay_mask, lr_schedule, make_optimizer,
                                  project_params)
+from moeqjax.train.progressive import progressive_step
 from moeqjax.train.router_stats import init_router_stats, router_row_norms, update_router_stats
 from moeqjax.train.state import TrainState, create_state, with_quant
 from moeqjax.train.step import jit_train_step, train_step

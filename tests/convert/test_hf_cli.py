@@ -23,7 +23,7 @@ def test_plan_prints_counts_for_presets(capsys):
 
 def test_plan_counts_match_real_params():
   import jax
-  from moeqjax import config_io
+  from moeqjax.pipeline import config as config_io
   from moeqjax.convert.plan import plan
   from moeqjax.model import init_model
   cfg = config_io.model_config(config_io.load_config("configs/tiny.py"))
@@ -44,8 +44,8 @@ def test_import_then_export_cli(tmp_path, capsys):
   for name in ("config.py", "hf_config.json", "hf_import.json", "params"):
     assert (imp / name).exists(), name
   # the written config.py is a valid experiment config whose model section is the import
-  from moeqjax import config_io
-  from moeqjax.convert.workdir import load_imported_params
+  from moeqjax.pipeline import config as config_io
+  from moeqjax.pipeline.import_hf import load_imported_params
   cfg = config_io.model_config(config_io.load_config(imp / "config.py"))
   assert cfg.qk_norm == "full" and cfg.clip_qkv == 0.8 and cfg.num_experts == 4
   params = load_imported_params(imp, cfg)  # what `qat --teacher imp` starts from

@@ -10,7 +10,7 @@ pytest.importorskip("torch", reason="HF export tests need torch (pip install -e 
 transformers = pytest.importorskip("transformers", reason="HF export tests need transformers")
 
 import moeqjax
-from moeqjax import runs
+from moeqjax.model import default_quant, set_expert_codes
 from moeqjax.convert import export_hf, read_hf_config
 from moeqjax.model import MoETransformer, QuantRules, forward_with_aux
 from hf_models import build_hf_model, hf_logits_and_routing, save_hf_model, tokens
@@ -24,7 +24,7 @@ def test_quantized_export_matches_our_forward(tmp_path, family, e, k, norm):
   # Mixed expert codes (ternary, int2, int4, int8) plus quantized attention / shared / lm_head.
   cfg = model.cfg.replace(quant=QuantRules(expert_code=4, attn_code=8, shared_code=4,
                                            lm_head_code=8, granularity="channel"))
-  quant = runs.set_expert_codes(runs.default_quant(cfg), [[1, 2, 4, 8], [8, 4, 1, 2]])
+  quant = set_expert_codes(default_quant(cfg), [[1, 2, 4, 8], [8, 4, 1, 2]])
   toks = tokens(2, 12)
   ours = np.asarray(MoETransformer(cfg).apply({"params": params, "quant": quant},
                                               jnp.asarray(toks)))

@@ -8,7 +8,7 @@ pytest.importorskip("torch", reason="building HF checkpoints needs torch (pip in
 pytest.importorskip("transformers", reason="building HF checkpoints needs transformers")
 
 import moeqjax  # noqa: E402
-from moeqjax import runs  # noqa: E402
+from moeqjax.model import default_quant, set_expert_codes  # noqa: E402
 from moeqjax.model import MoETransformer, QuantRules  # noqa: E402
 from moeqjax.serve import generate, load_packed, pack  # noqa: E402
 from hf_models import build_hf_model, save_hf_model, tokens  # noqa: E402
@@ -22,7 +22,7 @@ def test_imported_student_packed_equals_fake_quant(tmp_path, family, rules):
   src = save_hf_model(build_hf_model(family, 4, 2, family == "mixtral"), tmp_path / "src")
   model, params = moeqjax.from_hf(src)
   cfg = model.cfg.replace(quant=rules)
-  quant = runs.set_expert_codes(runs.default_quant(cfg), [[1, 2, 4, 8], [3, 1, 1, 2]])
+  quant = set_expert_codes(default_quant(cfg), [[1, 2, 4, 8], [3, 1, 1, 2]])
   pack(cfg, params, quant, tmp_path / "packed", fp_dtype="float32")
   served = load_packed(tmp_path / "packed")
   toks = jnp.asarray(tokens(2, 10))

@@ -74,12 +74,13 @@ def test_shard_errors(jsonl):
 
 
 def test_runs_load_data_uses_jax_process_defaults(jsonl):
-  from moeqjax import config_io, runs
+  from moeqjax.pipeline import config as config_io
+  from moeqjax.pipeline import workdirs
   config = config_io.load_config(None)
   config.data.path = str(jsonl)
   config.data.valid_fraction = 0.2
-  corpus = runs.load_data(config)  # single process: jax says (0, 1)
+  corpus = workdirs.load_data(config)  # single process: jax says (0, 1)
   np.testing.assert_array_equal(corpus.train, load_corpus(jsonl, valid_fraction=0.2).train)
   assert corpus.unit == "byte"
-  half = runs.load_data(config, process_index=1, process_count=2)
+  half = workdirs.load_data(config, process_index=1, process_count=2)
   assert half.train.size < corpus.train.size

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model_config
-from moeqjax import runs
+from moeqjax.model import set_expert_codes
 from moeqjax.model import MoETransformer, QuantRules, init_model
 from moeqjax.model.dispatch import dense_experts, ragged_experts
 from moeqjax.quant import quantize_act_int8
@@ -56,7 +56,7 @@ def test_full_precision_experts_skip_act_quant(tokens, dispatch):
   """
   cfg = tiny_model_config(quant=QuantRules(expert_code=4, act_bits=8), dispatch=dispatch)
   model, params, quant = init_model(cfg, jax.random.key(0))
-  all_fp = runs.set_expert_codes(quant, np.zeros((2, 4), np.int32))
+  all_fp = set_expert_codes(quant, np.zeros((2, 4), np.int32))
   student = model.apply({"params": params, "quant": all_fp}, tokens)
   np.testing.assert_array_equal(np.asarray(student),
                                 np.asarray(model.apply({"params": params}, tokens)))
@@ -66,7 +66,7 @@ def test_mixed_codes_dense_and_ragged_agree_with_act_quant(tokens):
   """Issue 11 defect 5a: per-expert act quant gives the same model under both dispatch paths."""
   cfg = tiny_model_config(quant=QuantRules(expert_code=4, act_bits=8))
   _, params, quant = init_model(cfg, jax.random.key(1))
-  mixed = runs.set_expert_codes(quant, np.asarray(MIXED, np.int32))
+  mixed = set_expert_codes(quant, np.asarray(MIXED, np.int32))
   dense = np.asarray(_logits(cfg, params, mixed, tokens, "dense"))
   ragged = np.asarray(_logits(cfg, params, mixed, tokens, "ragged"))
   np.testing.assert_allclose(ragged, dense, rtol=1e-5, atol=1e-5)

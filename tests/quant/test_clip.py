@@ -77,7 +77,7 @@ def test_memory_report_does_not_count_clip_ratios_as_weights():
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_quant_error_table_uses_the_learned_clip_ratio(symmetric):
   """Issue 11 defect 2: the allocation's error table ignored trained clip ratios."""
-  from moeqjax.study.allocation import quant_error_table
+  from moeqjax.alloc.allocation import quant_error_table
   cfg, raw_params, clamped, _ = _student_with_raw_clip()
   cfg = cfg.replace(quant=QuantRules(expert_code=4, learn_clip=True, symmetric=symmetric))
   choices = (1, 2, 4)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model_config
-from moeqjax import runs
+from moeqjax.model import default_quant, set_expert_codes
 from moeqjax.model import MoETransformer, QuantRules, init_model
 from moeqjax.serve import (SamplingConfig, forward_cached, generate, init_cache, load_packed, pack,
                            sample)
@@ -16,7 +16,7 @@ from moeqjax.serve import (SamplingConfig, forward_cached, generate, init_cache,
 def student():
   cfg = tiny_model_config(quant=QuantRules(expert_code=1, attn_code=8), shared_d_ff=16)
   _, params, _ = init_model(cfg, jax.random.key(0))
-  quant = runs.set_expert_codes(runs.default_quant(cfg), [[1, 2, 4, 1], [3, 1, 8, 1]])
+  quant = set_expert_codes(default_quant(cfg), [[1, 2, 4, 1], [3, 1, 8, 1]])
   return cfg, params, quant
 
 

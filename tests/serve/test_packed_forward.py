@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model_config
-from moeqjax import runs
+from moeqjax.model import default_quant, set_expert_codes
 from moeqjax.model import MoETransformer, QuantRules, init_model
 from moeqjax.serve import load_packed, pack
 
@@ -16,7 +16,7 @@ MIXED = [[1, 2, 3, 4], [8, 1, 1, 4]]  # every code, mixed within a layer
 def _student(rules, codes=MIXED, seed=0, **model):
   cfg = tiny_model_config(quant=rules, **model)
   _, params, _ = init_model(cfg, jax.random.key(seed))
-  quant = runs.set_expert_codes(runs.default_quant(cfg), codes)
+  quant = set_expert_codes(default_quant(cfg), codes)
   return cfg, params, quant
 
 
@@ -105,7 +105,7 @@ def test_pack_refuses_full_precision_codes(tmp_path):
                                                                              [4, 4, 4, 4]])
   with pytest.raises(PackedCheckpointError, match=r"layers_0/moe/w_\w+: expert\(s\) \[1\] have code 0"):
     pack(cfg, params, quant, tmp_path / "a")
-  quant = runs.set_expert_codes(quant, [[4] * 4] * 2)
+  quant = set_expert_codes(quant, [[4] * 4] * 2)
   quant["layers_1"]["attn"]["o_proj"]["bits"] = jnp.asarray(0, jnp.int32)
   with pytest.raises(PackedCheckpointError, match="layers_1/attn/o_proj/kernel has code 0"):
     pack(cfg, params, quant, tmp_path / "b")

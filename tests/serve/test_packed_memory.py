@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from conftest import tiny_model_config
-from moeqjax import runs
+from moeqjax.model import default_quant, set_expert_codes
 from moeqjax.model import QuantRules, init_model
 from moeqjax.serve import load_packed, pack
 
@@ -14,7 +14,7 @@ def test_live_arrays_hold_no_float_copy_of_the_experts(tmp_path):
   cfg = tiny_model_config(quant=QuantRules(expert_code=1), d_model=32, d_ff=256, num_experts=8,
                           vocab_size=32)
   _, params, _ = init_model(cfg, jax.random.key(0))
-  quant = runs.set_expert_codes(runs.default_quant(cfg), [[1] * 8, [1, 1, 2, 2, 3, 3, 4, 8]])
+  quant = set_expert_codes(default_quant(cfg), [[1] * 8, [1, 1, 2, 2, 3, 3, 4, 8]])
   manifest = pack(cfg, params, quant, tmp_path / "p")
   del params, quant
   before = {id(a) for a in jax.live_arrays()}

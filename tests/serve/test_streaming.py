@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moeqjax.data import ByteTokenizer
-from moeqjax.serve_run import _Streamer
+from moeqjax.pipeline.serve import _Streamer
 
 
 def test_byte_stream_holds_back_a_split_character_and_skips_end_of_text():

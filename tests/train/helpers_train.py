@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import tiny_model_config
-from moeqjax import runs
+from moeqjax.model import default_quant
 from moeqjax.model import init_model
 from moeqjax.objectives import LossWeights
 from moeqjax.train import OptimConfig, create_state, make_optimizer
@@ -27,7 +27,7 @@ def make_states(qat: bool, lr=3e-3, steps=20, seed=0):
   tx = make_optimizer(OptimConfig(lr, 2, steps, 0.1, 0.0, 1.0))
   if qat:
     state = create_state(jax.tree.map(jnp.copy, params), tx, cfg.num_layers,
-                         quant=runs.default_quant(cfg), teacher_params=params)
+                         quant=default_quant(cfg), teacher_params=params)
   else:
     state = create_state(params, tx, cfg.num_layers)
   return cfg, model, tx, state

@@ -6,7 +6,7 @@ import numpy as np
 
 from conftest import tiny_model_config
 from helpers_train import JOINT, synthetic_tokens
-from moeqjax import runs
+from moeqjax.model import default_quant
 from moeqjax.data import sample_batch
 from moeqjax.model import QuantRules, init_model
 from moeqjax.train import OptimConfig, create_state, jit_train_step, make_optimizer
@@ -31,7 +31,7 @@ def test_learned_clip_ratios_stay_in_range_and_keep_learning():
   tx = make_optimizer(OptimConfig(learning_rate=3e-2, warmup_steps=0, total_steps=20,
                                   end_lr_fraction=1.0, weight_decay=0.1, grad_clip=1.0))
   state = create_state(jax.tree.map(jnp.copy, params), tx, cfg.num_layers,
-                       quant=runs.default_quant(cfg), teacher_params=params)
+                       quant=default_quant(cfg), teacher_params=params)
   step = jit_train_step(model, tx, JOINT)
   tokens = synthetic_tokens()
   for i in range(20):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from helpers_train import JOINT, make_states, synthetic_tokens
-from moeqjax import runs
+from moeqjax.model import expert_codes, set_expert_codes
 from moeqjax.data import sample_batch
 from moeqjax.objectives import LossWeights
 from moeqjax.train import jit_train_step, router_row_norms, with_quant
@@ -51,10 +51,10 @@ def test_new_allocation_reuses_the_compiled_step():
   state, m_ternary = step(state, batch, jax.random.key(0))
   assert step._cache_size() == 1
   codes = np.array([[8, 4, 2, 1], [1, 2, 3, 4]])
-  state = with_quant(state, runs.set_expert_codes(state.quant, codes))
+  state = with_quant(state, set_expert_codes(state.quant, codes))
   state, m_mixed = step(state, batch, jax.random.key(1))
   assert step._cache_size() == 1, "changing the bit allocation recompiled the train step"
-  np.testing.assert_array_equal(runs.expert_codes(state.quant, cfg.num_layers), codes)
+  np.testing.assert_array_equal(expert_codes(state.quant, cfg.num_layers), codes)
   assert float(m_mixed["train/rec"]) != float(m_ternary["train/rec"])
 
 

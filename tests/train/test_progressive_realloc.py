@@ -4,12 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moeqjax import runs
+from moeqjax.alloc.allocation import achieved, budget_bytes
 from moeqjax.data import sample_batch
-from moeqjax.model import init_model
+from moeqjax.model import default_quant, expert_codes, init_model, set_expert_codes
 from moeqjax.objectives import LossWeights
-from moeqjax.study.allocation import budget_bytes, achieved
-from moeqjax.study.progressive import ReallocConfig, progressive_step
+from moeqjax.pipeline.qat import ReallocConfig, progressive_step
 from moeqjax.train import OptimConfig, create_state, jit_train_step, make_optimizer
 
 from conftest import tiny_model_config
@@ -21,7 +20,7 @@ def test_realloc_changes_codes_without_recompile():
   tx = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=1, total_steps=5,
                                   end_lr_fraction=0.1,
                                   weight_decay=0.0, grad_clip=1.0))
-  quant = runs.set_expert_codes(runs.default_quant(cfg), np.full((2, 4), 1))  # all ternary
+  quant = set_expert_codes(default_quant(cfg), np.full((2, 4), 1))  # all ternary
   state = create_state(jax.tree.map(jnp.copy, params), tx, cfg.num_layers, quant=quant,
                        teacher_params=None)
   jitted = jit_train_step(model, tx, LossWeights())
@@ -32,7 +31,7 @@ def test_realloc_changes_codes_without_recompile():
   seen = []
   for step in range(5):
     state, _ = step_fn(state, jnp.asarray(sample_batch(tokens, 2, 16, 0, step)), jax.random.key(0))
-    seen.append(runs.expert_codes(state.quant, cfg.num_layers).copy())
+    seen.append(expert_codes(state.quant, cfg.num_layers).copy())
   assert [s for s, _ in log] == [2, 4]
   assert (seen[0] == 1).all() and (seen[1] == 1).all()  # before the first re-allocation
   assert not (seen[2] == 1).all()  # re-allocated before step 2

@@ -6,9 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from moeqjax import cli, config_io
+from moeqjax import cli
+from moeqjax.alloc import allocation as alloc_mod
 from moeqjax.model import init_model
-from moeqjax.study import allocation as alloc_mod
+from moeqjax.pipeline import config as config_io
 from moeqjax.train import Checkpointer, create_state, make_optimizer
 
 SMALL = ["--config.model.d_model=16", "--config.model.num_heads=2", "--config.model.num_kv_heads=1",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import platform
@@ -25,21 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from moeqjax import config_io, runs
+from moeqjax.alloc import allocation as alloc_mod
 from moeqjax.data import TextCorpus, eval_windows, sample_batch, stdlib_files, stdlib_root
 from moeqjax.data.corpus import _corpus_from_documents  # pylint: disable=protected-access
 from moeqjax.eval import evaluate_variants
-from moeqjax.model import MoETransformer
-from moeqjax.study import allocation as alloc_mod
+from moeqjax.model import MoETransformer, default_quant, set_expert_codes
+from moeqjax.pipeline import config as config_io
+from moeqjax.pipeline import study_peers, study_report
+from moeqjax.pipeline.pretrain import pretrain
+from moeqjax.pipeline.study_summary import summ, summarize
+from moeqjax.pipeline.workdirs import finished_state, record_config
 from moeqjax.train import LoopConfig, create_state, jit_train_step, make_optimizer, run_training
 
 TOP_LEVEL = "<top-level>"
-METHOD_LABELS = {"paper_combined": "paper combined (Lambda + V_s)",
-                 "paper_router": "paper router-only (Lambda)", "exact": "exact solver (ours)",
-                 "frequency": "activation frequency", "gate_weight": "mean gate weight",
-                 "mc_moe": "MC-MoE style", "uniform": "uniform", "random": "random order"}
-# Two-sided 95% t critical values by degrees of freedom (paired test over seeds).
-_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
 
 def slice_corpus(packages, valid_fraction: float) -> TextCorpus:
@@ -102,12 +99,12 @@ def _finetune(config, workdir: pathlib.Path, corpus: TextCorpus, params, steps: 
   optim = dataclasses.replace(optim, learning_rate=float(config.study.finetune_learning_rate))
   loop = LoopConfig(steps=steps, batch_size=config.qat.batch_size, seq_len=config.qat.seq_len,
                     seed=config.qat.seed + 1000, log_every=config.qat.log_every, ckpt_every=0)
-  runs.record_config(workdir, {"model": config.model.to_dict(), "data": config.data.to_dict(),
+  record_config(workdir, {"model": config.model.to_dict(), "data": config.data.to_dict(),
                                "pretrain": config.pretrain.to_dict(), "qat": config.qat.to_dict(),
                                "finetune": {"steps": steps, "lr": optim.learning_rate}})
   tx = make_optimizer(optim)
   state = create_state(jax.tree.map(jnp.copy, params), tx, cfg.num_layers)
-  done = runs.finished_state(workdir, state, steps)
+  done = finished_state(workdir, state, steps)
   if done is not None:
     return done
   model = MoETransformer(cfg)
@@ -120,7 +117,7 @@ def _finetune(config, workdir: pathlib.Path, corpus: TextCorpus, params, steps: 
 
 def _qat_cell(step_fn, tx, cfg, teacher, quant, codes, tokens, steps, batch_size, seq_len, seed):
   state = create_state(jax.tree.map(jnp.copy, teacher), tx, cfg.num_layers,
-                       quant=jax.tree.map(jnp.copy, runs.set_expert_codes(quant, codes)),
+                       quant=jax.tree.map(jnp.copy, set_expert_codes(quant, codes)),
                        teacher_params=jax.tree.map(jnp.copy, teacher))
   rng = jax.random.key(seed)
   loss = float("nan")
@@ -129,12 +126,6 @@ def _qat_cell(step_fn, tx, cfg, teacher, quant, codes, tokens, steps, batch_size
     state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
   loss = float(metrics["train/loss"])
   return state, loss
-
-
-def _summ(values) -> dict:
-  arr = np.asarray(values, np.float64)
-  return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
-          "n": int(arr.size)}
 
 
 def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = "") -> dict:
@@ -150,7 +141,7 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
 
   pre_corpus = slice_corpus(config.data.pretrain_packages, config.data.valid_fraction)
   task = slice_corpus(config.data.task_packages, config.data.valid_fraction)
-  teacher0 = runs.pretrain(config, workdir / "pretrain", pre_corpus, resume=True).params
+  teacher0 = pretrain(config, workdir / "pretrain", pre_corpus, resume=True).params
   ft = _finetune(config, workdir / f"finetune_{st['finetune_steps']}", task, teacher0,
                  st["finetune_steps"])
   teacher = ft.params
@@ -206,7 +197,7 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
   loop, optim = qat_cfg
   tx = make_optimizer(optim)
   model = MoETransformer(cfg)
-  quant = runs.default_quant(cfg)
+  quant = default_quant(cfg)
 
   def run_cells(objective, cells, desc):
     todo = [c for c in cells if _cell_key(objective, *c) not in store.data["cells"]]
@@ -258,13 +249,12 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
       values.append(evaluate_variants(cfg, {"full_precision": {"params": state.params}}, windows,
                                       config.eval.batch_size)["full_precision"]["bits_per_token"])
     store.data.setdefault("controls", {})["fp_continued"] = {
-        "bits_per_byte": _summ(values), "by_seed": values,
+        "bits_per_byte": summ(values), "by_seed": values,
         "what": f"full precision, {st['qat_steps']} more CE steps on the task (same batches as QAT)"}
     store.save()
 
   if st["peers"]:
-    from moeqjax.study import peers  # pylint: disable=import-outside-toplevel
-    peers.run_peer_rows(store, config, cfg, teacher, task, windows, st)
+    study_peers.run_peer_rows(store, config, cfg, teacher, task, windows, st)
 
   store.data["summary"] = summarize(store.data)
   store.data["wall_seconds_this_invocation"] = time.perf_counter() - t_start
@@ -272,72 +262,5 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
       {"seconds": store.data["wall_seconds_this_invocation"],
        "new_cells": len(store.data["cells"]) - cells_before})
   store.save()
-  from moeqjax.study import report  # pylint: disable=import-outside-toplevel
-  report.write_outputs(workdir, store.data)
+  study_report.write_outputs(workdir, store.data)
   return store.data
-
-
-def summarize(data: dict) -> dict:
-  """Mean +- std over seeds per (objective, method, budget), winners and paired noise tests."""
-  st = data["meta"]["settings"]
-  groups: dict = {}
-  for c in data["cells"].values():
-    groups.setdefault((c["objective"], c["method"], c["budget"]), []).append(c)
-  table = {}
-  for (o, m, b), cells in groups.items():
-    cells = sorted(cells, key=lambda c: c["seed"])
-    table[f"{o}|{m}|{b:g}"] = {
-        "objective": o, "method": m, "budget": b, "seeds": [c["seed"] for c in cells],
-        "bits_per_byte": _summ([c["bits_per_byte"] for c in cells]),
-        "bpb_by_seed": [c["bits_per_byte"] for c in cells],
-        "topk_agree": _summ([c["topk_agree"] for c in cells]),
-        "top1_agree": _summ([c["top1_agree"] for c in cells]),
-        "topk_agree_per_layer": np.mean([c["topk_agree_per_layer"] for c in cells], 0).tolist(),
-        "expert_bits_per_weight": _summ([c["expert_bits_per_weight"] for c in cells]),
-        "expert_code_bits": _summ([c["expert_code_bits"] for c in cells]),
-        "expert_bytes": _summ([c["expert_bytes"] for c in cells])}
-  main = st["main_budget"]
-  at_main = [r for r in table.values() if r["budget"] == main]
-  obj_means = {}
-  for o in st["objectives"]:
-    rows = [r["bits_per_byte"]["mean"] for r in at_main if r["objective"] == o]
-    if rows:
-      obj_means[o] = float(np.mean(rows))
-  best_obj = min(obj_means, key=obj_means.get) if obj_means else None
-  winners = {}
-  for o in st["objectives"]:
-    for b in sorted({r["budget"] for r in table.values() if r["objective"] == o}):
-      rows = sorted([r for r in table.values() if r["objective"] == o and r["budget"] == b],
-                    key=lambda r: r["bits_per_byte"]["mean"])
-      if len(rows) < 2:
-        continue
-      w = {"objective": o, "budget": b, "ranking": [r["method"] for r in rows],
-           "best": rows[0]["method"], "best_bpb": rows[0]["bits_per_byte"]["mean"]}
-      for other_name, other in (("second", rows[1]),
-                                ("uniform", next((r for r in rows if r["method"] == "uniform"), None))):
-        if other is None or other is rows[0]:
-          continue
-        w[f"vs_{other_name}"] = _paired(rows[0], other)
-      winners[f"{o}|{b:g}"] = w
-  return {"table": table, "objective_mean_bpb_at_main": obj_means,
-          "best_objective_at_main": best_obj, "winners": winners}
-
-
-def _paired(a: dict, b: dict) -> dict:
-  """Paired (same seeds = same batches) difference b - a in bits per byte, and whether |t| > t95."""
-  seeds = sorted(set(a["seeds"]) & set(b["seeds"]))
-  da = dict(zip(a["seeds"], a["bpb_by_seed"]))
-  db = dict(zip(b["seeds"], b["bpb_by_seed"]))
-  d = np.array([db[s] - da[s] for s in seeds])
-  out = {"method": b["method"], "margin_bpb": float(d.mean()) if d.size else math.nan,
-         "n": int(d.size)}
-  if d.size >= 2:
-    sd = float(d.std(ddof=1))
-    if sd > 0:
-      t = float(d.mean() / (sd / math.sqrt(d.size)))
-    else:  # identical allocations give identical runs: no difference at all
-      t = 0.0 if d.mean() == 0 else math.copysign(math.inf, d.mean())
-    out.update(sd=sd, t=t, t95=_T95.get(d.size - 1, 2.0), beats_noise=bool(abs(t) > _T95.get(d.size - 1, 2.0)))
-  else:
-    out.update(beats_noise=False)
-  return out

@@ -5,20 +5,20 @@ from __future__ import annotations
 import json
 import pathlib
 
-
-from moeqjax import config_io, runs
+from moeqjax.pipeline import config as config_io
+from moeqjax.pipeline.workdirs import finished_state, load_data, state_template
 from moeqjax.data import eval_windows
 from moeqjax.eval import evaluate_variants
 
 
 class UnfinishedRun(config_io.ConfigError):
-  pass
+  """A workdir whose run has not reached its last step."""
 
 
 def restore_qat_state(config, workdir: pathlib.Path):
   """The final state of a finished QAT run in `workdir` (no params are initialised)."""
   steps = config.qat.steps
-  state = runs.finished_state(workdir, runs.state_template(config, "qat"), steps)
+  state = finished_state(workdir, state_template(config, "qat"), steps)
   if state is None:
     raise UnfinishedRun(f"{workdir} holds no finished QAT run of {steps} steps; finish it "
                         f"with `moeqjax qat --workdir {workdir} --resume ...`")
@@ -30,7 +30,7 @@ def evaluate_qat_run(config, workdir: pathlib.Path, teacher_params) -> dict:
   workdir = pathlib.Path(workdir)
   cfg = config_io.model_config(config)
   state = restore_qat_state(config, workdir)
-  corpus = runs.load_data(config)
+  corpus = load_data(config)
   windows = eval_windows(corpus.valid, config.eval.seq_len, config.eval.num_windows)
   results = evaluate_variants(cfg, {
       "full_precision": {"params": teacher_params},

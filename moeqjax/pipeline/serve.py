@@ -8,12 +8,13 @@ import pathlib
 import sys
 
 import ml_collections
-import numpy as np
 
-from moeqjax import config_io, runs
 from moeqjax.data import DOC_SEPARATOR, make_tokenizer
-from moeqjax.evaluate_run import UnfinishedRun
 from moeqjax.model import MoETransformer
+from moeqjax.pipeline import config as config_io
+from moeqjax.pipeline import import_hf
+from moeqjax.pipeline.evaluate import UnfinishedRun
+from moeqjax.pipeline.workdirs import CONFIG_RECORD, finished_state, state_template
 from moeqjax.serve import SamplingConfig, generate, load_packed, pack
 from moeqjax.serve.decode import check_request
 
@@ -23,14 +24,14 @@ class NotARun(config_io.ConfigError):
 
 
 def _record(workdir: pathlib.Path) -> dict:
-  path = workdir / runs._CONFIG_RECORD  # pylint: disable=protected-access
+  path = workdir / CONFIG_RECORD
   if not path.is_file():
-    raise NotARun(f"{workdir} is not a moeqjax run (no {runs._CONFIG_RECORD}); pass a finished "  # pylint: disable=protected-access
+    raise NotARun(f"{workdir} is not a moeqjax run (no {CONFIG_RECORD}); pass a finished "
                   "`moeqjax qat` or `moeqjax pretrain` workdir")
   return json.loads(path.read_text())
 
 
-def _eos_id(tokenizer) -> int | None:
+def end_of_text_id(tokenizer) -> int | None:
   """The id that ends a document: the byte separator, or the tokenizer's end-of-text id."""
   if tokenizer.name == "bytes":
     return DOC_SEPARATOR[0]
@@ -41,10 +42,10 @@ def finished_student(workdir: pathlib.Path):
   """(config, state) of a finished `moeqjax qat` workdir, or a one-line error."""
   record = _record(workdir)
   if "qat" not in record:
-    raise NotARun(f"{workdir} is not a `moeqjax qat` run (its {runs._CONFIG_RECORD} has no qat "  # pylint: disable=protected-access
+    raise NotARun(f"{workdir} is not a `moeqjax qat` run (its {CONFIG_RECORD} has no qat "
                   "section); pack a QAT student")
   config = ml_collections.ConfigDict({k: record[k] for k in ("model", "quant", "data", "qat")})
-  state = runs.finished_state(workdir, runs.state_template(config, "qat"), config.qat.steps)
+  state = finished_state(workdir, state_template(config, "qat"), config.qat.steps)
   if state is None:
     raise UnfinishedRun(f"{workdir} holds no finished QAT run of {config.qat.steps} steps; finish "
                         f"it with `moeqjax qat --workdir {workdir} --resume ...` before packing")
@@ -57,7 +58,7 @@ def pack_workdir(workdir, out, *, fp_dtype: str = "bfloat16", overwrite: bool = 
   config, state = finished_student(workdir)
   tokenizer = make_tokenizer(config.data.tokenizer)
   return pack(config_io.model_config(config), state.params, state.quant, out, fp_dtype=fp_dtype,
-              tokenizer=config.data.tokenizer or None, eos_id=_eos_id(tokenizer),
+              tokenizer=config.data.tokenizer or None, eos_id=end_of_text_id(tokenizer),
               overwrite=overwrite, source=str(workdir.absolute()))
 
 
@@ -68,10 +69,9 @@ def model_for_generation(packed: str | None, workdir: str | None):
     tokenizer = make_tokenizer(served.tokenizer_path)
     return served.model, served.variables, tokenizer, served.manifest["eos_id"], "packed"
   workdir = pathlib.Path(workdir)
-  from moeqjax.convert import workdir as convert_workdir  # pylint: disable=import-outside-toplevel
-  if convert_workdir.is_imported(workdir):
-    config = config_io.load_config(workdir / convert_workdir.CONFIG_PY)
-    params = convert_workdir.load_imported_params(workdir, config_io.model_config(config))
+  if import_hf.is_imported(workdir):
+    config = config_io.load_config(workdir / import_hf.CONFIG_PY)
+    params = import_hf.load_imported_params(workdir, config_io.model_config(config))
     variables, label = {"params": params}, "imported full precision"
   elif "qat" in _record(workdir):
     config, state = finished_student(workdir)
@@ -80,7 +80,7 @@ def model_for_generation(packed: str | None, workdir: str | None):
     config = ml_collections.ConfigDict(_record(workdir))
     with config.unlocked():  # a pretrain run records no quant section; its model needs none
       config.quant = config_io.load_config(None).quant
-    state = runs.finished_state(workdir, runs.state_template(config, "pretrain"),
+    state = finished_state(workdir, state_template(config, "pretrain"),
                                 config.pretrain.steps)
     if state is None:
       raise UnfinishedRun(f"{workdir} holds no finished pretraining run; finish it with "
@@ -88,7 +88,7 @@ def model_for_generation(packed: str | None, workdir: str | None):
     variables, label = {"params": state.params}, "full precision"
   tokenizer = make_tokenizer(config.data.tokenizer)
   model = MoETransformer(config_io.model_config(config))
-  return model, variables, tokenizer, _eos_id(tokenizer), label
+  return model, variables, tokenizer, end_of_text_id(tokenizer), label
 
 
 class _Streamer:
@@ -116,6 +116,15 @@ class BadRequest(config_io.ConfigError):
   """A generation request the model cannot serve (e.g. a prompt longer than its context)."""
 
 
+def sampling_from_flags(temperature: float, top_k: int, top_p: float) -> SamplingConfig:
+  """The SamplingConfig of `moeqjax generate`'s flags; a bad value is named by its flag."""
+  try:
+    return SamplingConfig(temperature, top_k, top_p)
+  except ValueError as e:
+    raise BadRequest(str(e).replace("temperature=", "--temperature ").replace(
+        "top_k=", "--top-k ").replace("top_p=", "--top-p ")) from None
+
+
 def generate_text(model, variables, tokenizer, eos_id, prompt: str, max_new_tokens: int,
                   sampling: SamplingConfig, seed: int, stream=None):
   """Streams the continuation of `prompt` to `stream` (default stdout); returns the Generation."""
@@ -131,55 +140,3 @@ def generate_text(model, variables, tokenizer, eos_id, prompt: str, max_new_toke
                  eos_id=eos_id, on_tokens=_Streamer(tokenizer, eos_id, stream))
   stream.write("\n")
   return gen
-
-
-DEMO_PACKED = ("qat_ternary", "qat_int2")  # the demo's students that are packed and served
-DEMO_PROMPT_TOKENS = 64
-DEMO_NEW_TOKENS = 64
-
-
-def demo_serving(cfg, workdir: pathlib.Path, students: dict, prompt_ids, tokenizer_name: str,
-                 fp_model_bytes: int) -> dict:
-  """Packs the demo's QAT students, and continues a held-out prompt from the packed ternary one.
-
-  Args:
-    cfg: the model config.
-    workdir: the demo workdir; packed folders go to workdir/packed/<variant>.
-    students: variant name -> {"params", "quant"} for the names in DEMO_PACKED.
-    prompt_ids: int token ids [S] of a held-out prompt.
-    tokenizer_name: config.data.tokenizer ("" for bytes).
-    fp_model_bytes: bytes of the whole full-precision model at bf16, to compare with.
-
-  Returns:
-    {"packed": {variant: bytes...}, "sample": {prompt, continuation, speeds}} (JSON-ready).
-  """
-  tokenizer = make_tokenizer(tokenizer_name)
-  eos_id = _eos_id(tokenizer)
-  packed = {}
-  for name in DEMO_PACKED:
-    folder = workdir / "packed" / name
-    manifest = pack(cfg, students[name]["params"], students[name]["quant"], folder,
-                    tokenizer=tokenizer_name or None, eos_id=eos_id, overwrite=True,
-                    source=str((workdir / name).absolute()))
-    b = manifest["bytes"]
-    packed[name] = {
-        "folder": str(folder),
-        "tensor_bytes": b["all_tensors"],
-        "file_bytes": sum(f.stat().st_size for f in folder.iterdir()),
-        "expert_tensor_bytes": b["expert_tensors_on_disk"],
-        "expert_bytes_accounted": b["expert_bytes_accounted"],
-        "fp_bf16_model_bytes": fp_model_bytes,
-        "fp_bf16_over_packed": fp_model_bytes / b["all_tensors"],
-    }
-  served = load_packed(workdir / "packed" / DEMO_PACKED[0])
-  prompt_ids = np.asarray(prompt_ids)[:cfg.max_seq_len // 2]  # room to generate in any context
-  gen = generate(served.model, served.variables, np.asarray(prompt_ids)[None], DEMO_NEW_TOKENS,
-                 eos_id=eos_id)
-  new = gen.tokens[0, :int(gen.lengths[0])]
-  if eos_id is not None and new.size and new[-1] == eos_id:
-    new = new[:-1]
-  sample = {"variant": DEMO_PACKED[0], "prompt": tokenizer.decode(prompt_ids),
-            "continuation": tokenizer.decode(new),
-            "prefill_tokens_per_s": gen.prefill_tokens_per_s,
-            "decode_tokens_per_s": gen.decode_tokens_per_s}
-  return {"packed": packed, "sample": sample}

@@ -5,8 +5,8 @@ import time
 import numpy as np
 
 from conftest import tiny_model_config
-from moeqjax.study.allocation import achieved
-from moeqjax.study.peers import _peer_row
+from moeqjax.alloc.allocation import achieved
+from moeqjax.pipeline.study_peers import _peer_row
 
 
 def test_peer_row_summarises_seeds_and_bits():

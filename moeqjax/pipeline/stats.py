@@ -8,8 +8,10 @@ import pathlib
 import ml_collections
 import numpy as np
 
-from moeqjax import config_io, runs
-from moeqjax.study.allocation import expert_stats
+from moeqjax.alloc.allocation import expert_stats
+from moeqjax.model import expert_codes
+from moeqjax.pipeline import config as config_io
+from moeqjax.pipeline.workdirs import CONFIG_RECORD, latest_state, state_template
 
 _SECTIONS = ("model", "quant", "data", "pretrain", "qat", "loss")
 COLUMNS = ("lambda", "grad_norm_sum", "grad_norm_ema", "count", "mean_gate", "neuron_variance",
@@ -23,7 +25,7 @@ class NoRun(config_io.ConfigError):
 def workdir_config(config, workdir: pathlib.Path):
   """`config` with the sections recorded in workdir/config.json, and the phase: "pretrain", "qat" or
   "finetune" (the study's full-precision fine-tune, optimizer of the qat section at its own lr)."""
-  record_path = workdir / "config.json"
+  record_path = workdir / CONFIG_RECORD
   if not record_path.is_file() or not (workdir / "ckpt").is_dir():
     raise NoRun(f"{workdir} holds no pretrain or QAT run (no config.json and ckpt/); pass the "
                 "--workdir of a `moeqjax pretrain` or `moeqjax qat` run")
@@ -32,7 +34,7 @@ def workdir_config(config, workdir: pathlib.Path):
   for name in _SECTIONS:
     if name in record:
       config[name] = ml_collections.ConfigDict(record[name])
-  if "expert_codes" in record:  # runs.qat records the codes it started from
+  if "expert_codes" in record:  # pipeline.qat records the codes it started from
     return config, "qat"
   if "finetune" in record:
     with config.qat.unlocked():
@@ -47,8 +49,8 @@ def restore_latest(config, workdir: str | pathlib.Path):
   config, phase = workdir_config(config, workdir)
   # A fine-tune's state has no quant codes and no teacher: it restores like a pretrain state (the
   # optimizer state's structure does not depend on its hyper-parameters).
-  template = runs.state_template(config, "qat" if phase == "qat" else "pretrain")
-  state = runs.latest_state(workdir, template)
+  template = state_template(config, "qat" if phase == "qat" else "pretrain")
+  state = latest_state(workdir, template)
   if state is None:
     raise NoRun(f"{workdir}/ckpt holds no checkpoint yet; let the run save one first")
   return config, phase, state
@@ -74,7 +76,7 @@ def stats_record(config, phase: str, state) -> dict:
   for key, value in s.items():
     record[key] = np.asarray(value).tolist()
   if state.quant is not None:
-    record["expert_codes"] = runs.expert_codes(state.quant, cfg.num_layers).tolist()
+    record["expert_codes"] = expert_codes(state.quant, cfg.num_layers).tolist()
   return record
 
 

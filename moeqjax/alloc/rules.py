@@ -1,6 +1,7 @@
 """The rule-based allocation methods and the one text that says how they are turned into bytes."""
 
-# Import-light on purpose: `moeqjax allocate --help` shows this text without importing jax.
+# No imports on purpose: `moeqjax allocate --help` shows this text, and the library's allocation
+# uses RULE_METHODS, from this one place.
 
 RULE_METHODS = ("paper_combined", "paper_router", "frequency", "gate_weight", "random")
 

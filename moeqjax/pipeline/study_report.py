@@ -11,8 +11,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moeqjax.study.grid import METHOD_LABELS  # noqa: E402
-from moeqjax.study.rules import rule_bytes_text  # noqa: E402
+from moeqjax.alloc.rules import rule_bytes_text  # noqa: E402
+from moeqjax.pipeline.study_summary import summarize  # noqa: E402
+
+METHOD_LABELS = {"paper_combined": "paper combined (Lambda + V_s)",
+                 "paper_router": "paper router-only (Lambda)", "exact": "exact solver (ours)",
+                 "frequency": "activation frequency", "gate_weight": "mean gate weight",
+                 "mc_moe": "MC-MoE style", "uniform": "uniform", "random": "random order"}
 
 
 def _fmt(s: dict, digits: int = 4) -> str:
@@ -269,7 +274,6 @@ def write_outputs(workdir: pathlib.Path, data: dict):
 
 if __name__ == "__main__":  # re-render from an existing study.json
   import sys
-  from moeqjax.study.grid import summarize  # noqa: E402
   d = pathlib.Path(sys.argv[1])
   loaded = json.loads((d / "study.json").read_text())
   loaded["summary"] = summarize(loaded)

@@ -10,7 +10,7 @@
 #               specs) is added on top, so b code bits always hold uniform intb;
 #   "bytes"     total expert weight bytes.
 #
-# Rule-based methods (RULE_METHODS; the user-facing text is study.rules.rule_bytes_text) apply the
+# Rule-based methods (RULE_METHODS; the user-facing text is alloc.rules.rule_bytes_text) apply the
 # paper's two-level rule in bytes: per layer, with the layer's share B_layer of the budget,
 # n_high = floor((B_layer - E*bytes_lo) / (bytes_hi - bytes_lo)) experts (the first in the method's
 # order, clipped to [0, E]) get the high level, the rest the low one.
@@ -30,10 +30,10 @@ import pathlib
 import jax
 import numpy as np
 
-from moeqjax import alloc, config_io
+from moeqjax import alloc
+from moeqjax.alloc.rules import RULE_METHODS
 from moeqjax.quant import effective_clip_ratio, formats, memory, quantize_dequantize
 from moeqjax.quant.clip import CLIP_SUFFIX
-from moeqjax.study.rules import RULE_METHODS
 
 METHODS = ("paper_combined", "paper_router", "exact", "frequency", "gate_weight", "mc_moe",
            "uniform", "random")
@@ -43,8 +43,12 @@ ZETA = 3.0  # the paper's promotion ratio in the combined order
 _EXPERT_PARAMS = ("w_in", "w_gate", "w_out")
 
 
-class AllocationError(config_io.ConfigError):
-  """An infeasible budget or an unusable allocation; the message says how to fix it."""
+class AllocationError(ValueError):
+  """An infeasible budget or an unusable allocation; the message says how to fix it.
+
+  A user error like the pipeline's ConfigError (the CLI prints both as one line), but the library
+  cannot derive from the pipeline's class.
+  """
 
 
 def expert_shapes(cfg) -> dict:

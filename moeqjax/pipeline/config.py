@@ -14,7 +14,7 @@ from moeqjax.model import ModelConfig, QuantRules
 from moeqjax.objectives import LossWeights
 from moeqjax.train import LoopConfig, OptimConfig
 
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "tiny.py"
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "tiny.py"
 
 
 class ConfigError(ValueError):

@@ -4,9 +4,9 @@ import json
 
 import ml_collections
 
-from moeqjax import config_io
-from moeqjax.study import allocation as alloc_mod
-from moeqjax.study.grid import run_study
+from moeqjax.alloc import allocation as alloc_mod
+from moeqjax.pipeline import config as config_io
+from moeqjax.pipeline.study import run_study
 
 
 def minuscule_config():

@@ -9,10 +9,17 @@ import time
 import ml_collections
 import numpy as np
 
-from moeqjax import config_io, runs
-from moeqjax.data import eval_windows, unigram_bits_per_token
+from moeqjax.data import eval_windows, make_tokenizer, unigram_bits_per_token
 from moeqjax.eval import REFERENCE, evaluate_variants
 from moeqjax.eval.report import write_report
+from moeqjax.model import default_quant, set_expert_codes
+from moeqjax.pipeline import config as config_io
+from moeqjax.pipeline import import_hf
+from moeqjax.pipeline.pretrain import pretrain
+from moeqjax.pipeline.qat import qat
+from moeqjax.pipeline.serve import end_of_text_id
+from moeqjax.pipeline.workdirs import load_data
+from moeqjax.serve import generate, load_packed, pack
 from moeqjax.train.metrics_log import read_metrics
 
 # Variant name -> (expert code, trained with QAT?, description). Keys are stable: they are the
@@ -42,26 +49,77 @@ def import_teacher(config, hf_dir: str | pathlib.Path, out: pathlib.Path):
   Returns:
     The imported params.
   """
-  from moeqjax.convert import workdir as convert_workdir  # pylint: disable=import-outside-toplevel
   hf_dir = pathlib.Path(hf_dir).expanduser()
   if not (hf_dir / "config.json").is_file():
     raise config_io.ConfigError(f"--hf-dir {hf_dir} has no config.json; pass a Hugging Face "
                                 "checkpoint folder (config.json + *.safetensors)")
-  if convert_workdir.is_imported(out):
-    record = json.loads((out / convert_workdir.IMPORT_MARKER).read_text())
+  if import_hf.is_imported(out):
+    record = json.loads((out / import_hf.IMPORT_MARKER).read_text())
     if record["hf_dir"] != str(hf_dir.absolute()):
       raise config_io.ConfigError(
           f"{out} holds an import of {record['hf_dir']}, not {hf_dir.absolute()}; choose another "
           "--workdir or delete this one")
   else:
     dtype = config.model.param_dtype if config.model.param_dtype in ("float32", "bfloat16") else "float32"
-    convert_workdir.import_checkpoint(hf_dir, out, config, "the demo config", dtype)
-    record = json.loads((out / convert_workdir.IMPORT_MARKER).read_text())
+    import_hf.import_checkpoint(hf_dir, out, config, "the demo config", dtype)
+    record = json.loads((out / import_hf.IMPORT_MARKER).read_text())
   with config.unlocked():
     config.model = ml_collections.ConfigDict(record["model"])
   if not config.data.tokenizer and (hf_dir / "tokenizer.json").is_file():
     config.data.tokenizer = str(hf_dir.absolute())
-  return convert_workdir.load_imported_params(out, config_io.model_config(config))
+  return import_hf.load_imported_params(out, config_io.model_config(config))
+
+
+DEMO_PACKED = ("qat_ternary", "qat_int2")  # the demo's students that are packed and served
+DEMO_PROMPT_TOKENS = 64
+DEMO_NEW_TOKENS = 64
+
+
+def demo_serving(cfg, workdir: pathlib.Path, students: dict, prompt_ids, tokenizer_name: str,
+                 fp_model_bytes: int) -> dict:
+  """Packs the demo's QAT students, and continues a held-out prompt from the packed ternary one.
+
+  Args:
+    cfg: the model config.
+    workdir: the demo workdir; packed folders go to workdir/packed/<variant>.
+    students: variant name -> {"params", "quant"} for the names in DEMO_PACKED.
+    prompt_ids: int token ids [S] of a held-out prompt.
+    tokenizer_name: config.data.tokenizer ("" for bytes).
+    fp_model_bytes: bytes of the whole full-precision model at bf16, to compare with.
+
+  Returns:
+    {"packed": {variant: bytes...}, "sample": {prompt, continuation, speeds}} (JSON-ready).
+  """
+  tokenizer = make_tokenizer(tokenizer_name)
+  eos_id = end_of_text_id(tokenizer)
+  packed = {}
+  for name in DEMO_PACKED:
+    folder = workdir / "packed" / name
+    manifest = pack(cfg, students[name]["params"], students[name]["quant"], folder,
+                    tokenizer=tokenizer_name or None, eos_id=eos_id, overwrite=True,
+                    source=str((workdir / name).absolute()))
+    b = manifest["bytes"]
+    packed[name] = {
+        "folder": str(folder),
+        "tensor_bytes": b["all_tensors"],
+        "file_bytes": sum(f.stat().st_size for f in folder.iterdir()),
+        "expert_tensor_bytes": b["expert_tensors_on_disk"],
+        "expert_bytes_accounted": b["expert_bytes_accounted"],
+        "fp_bf16_model_bytes": fp_model_bytes,
+        "fp_bf16_over_packed": fp_model_bytes / b["all_tensors"],
+    }
+  served = load_packed(workdir / "packed" / DEMO_PACKED[0])
+  prompt_ids = np.asarray(prompt_ids)[:cfg.max_seq_len // 2]  # room to generate in any context
+  gen = generate(served.model, served.variables, np.asarray(prompt_ids)[None], DEMO_NEW_TOKENS,
+                 eos_id=eos_id)
+  new = gen.tokens[0, :int(gen.lengths[0])]
+  if eos_id is not None and new.size and new[-1] == eos_id:
+    new = new[:-1]
+  sample = {"variant": DEMO_PACKED[0], "prompt": tokenizer.decode(prompt_ids),
+            "continuation": tokenizer.decode(new),
+            "prefill_tokens_per_s": gen.prefill_tokens_per_s,
+            "decode_tokens_per_s": gen.decode_tokens_per_s}
+  return {"packed": packed, "sample": sample}
 
 
 def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | None = None) -> dict:
@@ -85,19 +143,19 @@ def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | N
     timings["import"] = time.perf_counter() - start
   cfg = config_io.model_config(config)
   t = time.perf_counter()
-  corpus = runs.load_data(config)
+  corpus = load_data(config)
   timings["data"] = time.perf_counter() - t
 
   curves = {}
   if hf_dir is None:
     t = time.perf_counter()
-    teacher = runs.pretrain(config, workdir / "pretrain", corpus, resume=True)
+    teacher = pretrain(config, workdir / "pretrain", corpus, resume=True)
     timings["pretrain"] = time.perf_counter() - t
     params = teacher.params
     curves["pretrain"] = read_metrics(workdir / "pretrain" / "metrics.jsonl")
   qat_offset = 0 if hf_dir is not None else config.pretrain.steps
 
-  quant = runs.default_quant(cfg)
+  quant = default_quant(cfg)
   shape = (cfg.num_layers, cfg.num_experts)
   variants, descriptions = {}, {}
   for name, (code, trained, text) in DEMO_VARIANTS.items():
@@ -106,10 +164,10 @@ def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | N
       variants[name] = {"params": params}
     elif not trained:
       variants[name] = {"params": params,
-                        "quant": runs.set_expert_codes(quant, np.full(shape, code))}
+                        "quant": set_expert_codes(quant, np.full(shape, code))}
     else:
       t = time.perf_counter()
-      state = runs.qat(config, workdir / name, corpus, params,
+      state = qat(config, workdir / name, corpus, params,
                        expert_codes_LxE=np.full(shape, code), resume=True)
       timings[name] = time.perf_counter() - t
       variants[name] = {"params": state.params, "quant": state.quant}
@@ -123,7 +181,6 @@ def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | N
   baseline = unigram_bits_per_token(corpus.train, corpus.valid, cfg.vocab_size)
   timings["eval"] = time.perf_counter() - t
   t = time.perf_counter()
-  from moeqjax.serve_run import DEMO_PROMPT_TOKENS, demo_serving  # pylint: disable=import-outside-toplevel
   serving = demo_serving(cfg, workdir, variants, np.asarray(corpus.valid[:DEMO_PROMPT_TOKENS]),
                          config.data.tokenizer, results[REFERENCE]["model_bytes"])
   timings["serve"] = time.perf_counter() - t

@@ -18,14 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from moeqjax import config_io, runs
 from moeqjax.data import sample_batch
 from moeqjax.eval import evaluate_variants
 from moeqjax.eval.lm_eval import evaluate_lm
 from moeqjax.eval.routing_metrics import routing_agreement
-from moeqjax.model import MoETransformer, forward_with_aux
+from moeqjax.alloc.allocation import achieved
+from moeqjax.model import MoETransformer, default_quant, forward_with_aux, set_expert_codes
 from moeqjax.objectives import token_nll
-from moeqjax.study.allocation import achieved
+from moeqjax.pipeline import config as config_io
 from moeqjax.train import create_state, jit_train_step, make_optimizer
 
 QTYPES = {"int4": 4, "int8": 8}
@@ -118,7 +118,7 @@ def run_peer_rows(store, config, cfg, teacher, task, windows, st):
     row = f"moeqjax uniform {name} (CE only)"
     if row not in peers:
       step_fn = jit_train_step(MoETransformer(cfg), tx, weights)
-      quant = runs.set_expert_codes(runs.default_quant(cfg),
+      quant = set_expert_codes(default_quant(cfg),
                                     np.full((cfg.num_layers, cfg.num_experts), code))
       results, t = [], time.perf_counter()
       for seed in tqdm(seeds, desc=row, dynamic_ncols=True):

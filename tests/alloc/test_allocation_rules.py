@@ -8,7 +8,7 @@ from conftest import tiny_model_config
 from moeqjax import alloc
 from moeqjax.model import QuantRules, init_model
 from moeqjax.quant import memory
-from moeqjax.study import allocation as alloc_mod
+from moeqjax.alloc import allocation as alloc_mod
 from moeqjax.train import init_router_stats
 
 RULE_METHODS = ("paper_combined", "paper_router", "frequency", "gate_weight", "random")

@@ -1,0 +1,31 @@
+"""`moeqjax allocate`: per-expert bits from a workdir's router statistics within a budget, to allocation.json."""
+
+from __future__ import annotations
+
+import pathlib
+
+from moeqjax.alloc.allocation import Allocation, AllocationError, allocate, write_allocation
+from moeqjax.pipeline import config as config_io
+from moeqjax.pipeline.stats import restore_latest
+
+
+def parse_codes(text: str, error: str) -> tuple[int, ...]:
+  """Comma-separated codes, e.g. "1,2,3,4,8"; an AllocationError with the message `error` if not."""
+  try:
+    return tuple(int(c) for c in text.split(","))
+  except ValueError:
+    raise AllocationError(error) from None
+
+
+def allocate_workdir(config, workdir: pathlib.Path, method: str, budget: float, budget_unit: str,
+                     *, choices: tuple[int, ...], levels: tuple[int, ...] | None, seed: int,
+                     out: pathlib.Path | None = None) -> tuple[Allocation, pathlib.Path]:
+  """Allocates from the latest state of `workdir` and writes the allocation (default
+  WORKDIR/allocation.json); returns the allocation and the file."""
+  config, _, state = restore_latest(config, workdir)
+  cfg = config_io.model_config(config)
+  result = allocate(method, cfg, state.params, state.stats, budget, budget_unit, choices=choices,
+                    seed=seed, levels=levels)
+  out = out if out is not None else workdir / "allocation.json"
+  write_allocation(out, result)
+  return result, out

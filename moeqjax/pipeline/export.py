@@ -1,0 +1,105 @@
+"""`moeqjax export`: the student of a finished QAT workdir (or an imported folder) through the library's exporters."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import ml_collections
+
+from moeqjax.convert import ConvertError, export_hf
+from moeqjax.convert.ct_export import check_output as ct_check_output
+from moeqjax.convert.ct_export import export_compressed_tensors
+from moeqjax.convert.gguf_export import check_output, export_gguf
+from moeqjax.pipeline import config as config_io
+from moeqjax.pipeline import import_hf
+from moeqjax.pipeline.workdirs import CONFIG_RECORD, latest_state, state_template
+
+
+def load_student(workdir: pathlib.Path):
+  """(cfg, params, quant) of a finished `moeqjax qat` workdir, or of an imported folder (quant None).
+
+  Raises:
+    ConvertError: not a qat run, no checkpoint, an unfinished run, or a checkpoint that cannot be
+      read (one line each).
+  """
+  if import_hf.is_imported(workdir):
+    record = json.loads((workdir / import_hf.IMPORT_MARKER).read_text())
+    config = ml_collections.ConfigDict(
+        {"model": record["model"], "quant": config_io.load_config(None).quant.to_dict()})
+    cfg = config_io.model_config(config)
+    return cfg, import_hf.load_imported_params(workdir, cfg), None
+  record_path = workdir / CONFIG_RECORD
+  if not record_path.is_file() or not (workdir / "ckpt").is_dir():
+    raise ConvertError(f"--workdir {workdir} is not a finished `moeqjax qat` run (no config.json "
+                       "and ckpt/); run `moeqjax qat --workdir ...` first")
+  try:
+    record = json.loads(record_path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConvertError(f"--workdir {workdir}: config.json is corrupted ({e}); rerun `moeqjax qat` "
+                       "into a fresh workdir") from e
+  if "qat" not in record:
+    raise ConvertError(f"--workdir {workdir} is not a `moeqjax qat` run (its config.json has no "
+                       "qat section)")
+  config = ml_collections.ConfigDict({k: record[k] for k in ("model", "quant", "qat")})
+  cfg = config_io.model_config(config)
+  # Shapes only: the restore brings the recorded codes and the trained student.
+  template = state_template(config, "qat")
+  try:
+    state = latest_state(workdir, template)
+  except Exception as e:  # orbax raises many types for a damaged checkpoint
+    raise ConvertError(f"--workdir {workdir}: the checkpoint in ckpt/ cannot be read "
+                       f"({type(e).__name__}); it is corrupted, rerun `moeqjax qat --resume`") from e
+  if state is None:
+    raise ConvertError(f"--workdir {workdir} has no checkpoint yet")
+  steps, done = int(config.qat.steps), int(jax.device_get(state.step))
+  if done < steps:
+    raise ConvertError(f"--workdir {workdir} is unfinished (step {done} of {steps}); finish it "
+                       "with `moeqjax qat --resume` before exporting")
+  return cfg, state.params, state.quant
+
+
+def export_workdir(workdir, out, dtype: str = "bfloat16", hf_config_path=None,
+                   model_type: str | None = None, *, fmt: str = "hf", overwrite: bool = False,
+                   fp_dtype: str = "f32", all_f32: bool = False, tokenizer=None):
+  """Exports the final student of a `moeqjax qat` workdir (or an imported folder).
+
+  fmt "hf" writes the HF family layout (dequantized) to the folder `out` and returns it; "gguf"
+  writes one llama.cpp file `out` from the integer codes and returns the export report;
+  "compressed-tensors" writes a vLLM pack-quantized folder `out` and returns its report.
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  if fmt == "gguf":
+    check_output(out, overwrite)  # before the (slow) restore
+    cfg, params, quant = load_student(workdir)
+    if tokenizer is None:
+      tokenizer = _recorded_tokenizer(workdir)
+    return export_gguf(cfg, params, quant, out, fp_dtype=fp_dtype, all_f32=all_f32,
+                       tokenizer=tokenizer, name=workdir.name, overwrite=overwrite)
+  if fmt == "compressed-tensors":
+    ct_check_output(out, overwrite)  # before the (slow) restore
+  template_json = None
+  candidates = [pathlib.Path(hf_config_path)] if hf_config_path else [workdir / import_hf.HF_CONFIG]
+  for cand in candidates:
+    if cand.is_dir():
+      cand = cand / "config.json"
+    if cand.is_file():
+      template_json = json.loads(cand.read_text())
+    elif hf_config_path:
+      raise ConvertError(f"--hf-config {cand} does not exist")
+  cfg, params, quant = load_student(workdir)
+  if fmt == "compressed-tensors":
+    return export_compressed_tensors(cfg, params, quant, out, template_json, dtype,
+                                     model_type=model_type, overwrite=overwrite)
+  return export_hf(cfg, params, quant, out, template_json, dtype, model_type=model_type)
+
+
+def _recorded_tokenizer(workdir: pathlib.Path):
+  """The tokenizer a qat run trained with (its recorded data.tokenizer), None for bytes."""
+  record_path = workdir / CONFIG_RECORD
+  if not record_path.is_file():
+    return None
+  data = json.loads(record_path.read_text()).get("data") or {}
+  name = data.get("tokenizer") or ""
+  return None if name in ("", "bytes") else name

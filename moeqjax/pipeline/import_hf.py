@@ -1,0 +1,102 @@
+"""`moeqjax import-hf`: a local HF checkpoint as a teacher folder (params, config.py, hf_config.json) for `qat --teacher`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+
+import jax
+import ml_collections
+
+from moeqjax.convert import ConvertError, from_hf, read_hf_config
+from moeqjax.model import init_model
+
+IMPORT_MARKER = "hf_import.json"  # its presence makes a folder an imported teacher
+HF_CONFIG = "hf_config.json"  # the original config.json, kept for export
+CONFIG_PY = "config.py"  # the experiment config for `moeqjax qat --config`
+PARAMS_DIR = "params"  # orbax checkpoint of the params tree
+
+_CONFIG_TEMPLATE = '''"""Experiment config for the model imported by `moeqjax import-hf` from {hf_dir}.
+
+Launch QAT from the imported weights:
+  moeqjax qat --config {out}/config.py --teacher {out} --workdir ./moeqjax_runs/qat_imported
+Then export:  moeqjax export --workdir ./moeqjax_runs/qat_imported --format hf --out ./exported
+The model section mirrors the checkpoint's config.json; the other sections come from {base}.
+"""
+
+import json
+
+import ml_collections
+
+_CONFIG = json.loads(r"""{config_json}""")
+
+
+def get_config():
+  return ml_collections.ConfigDict(_CONFIG)
+'''
+
+
+def model_section(cfg) -> dict:
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "quant"}
+
+
+def import_checkpoint(hf_dir, out, base_config: ml_collections.ConfigDict, base_name: str,
+                      dtype: str = "float32", allow_unknown: bool = False) -> pathlib.Path:
+  """Imports a HF checkpoint into `out`: params (orbax), config.py, hf_config.json, marker.
+
+  `out` is then a teacher folder: `moeqjax qat --config out/config.py --teacher out`.
+  """
+  import orbax.checkpoint as ocp
+  out = pathlib.Path(out).absolute()
+  if (out / PARAMS_DIR).exists():
+    raise ConvertError(f"{out} already holds an imported checkpoint; choose another --out")
+  out.mkdir(parents=True, exist_ok=True)
+  model, params = from_hf(hf_dir, dtype, allow_unknown=allow_unknown)
+  cfg = model.cfg
+  config = ml_collections.ConfigDict(base_config.to_dict())
+  with config.unlocked():
+    config.model = ml_collections.ConfigDict(model_section(cfg))
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(out / PARAMS_DIR, params)
+  ckptr.wait_until_finished()
+  shutil.copyfile(pathlib.Path(hf_dir) / "config.json", out / HF_CONFIG)
+  (out / CONFIG_PY).write_text(_CONFIG_TEMPLATE.format(
+      hf_dir=hf_dir, out=out, base=base_name,
+      config_json=json.dumps(config.to_dict(), indent=2, sort_keys=True)))
+  n = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  (out / IMPORT_MARKER).write_text(json.dumps({
+      "hf_dir": str(pathlib.Path(hf_dir).absolute()), "dtype": dtype,
+      "model_type": read_hf_config(hf_dir)["model_type"], "params": int(n),
+      "model": model_section(cfg)}, indent=2) + "\n")
+  return out
+
+
+def is_imported(folder) -> bool:
+  return (pathlib.Path(folder) / IMPORT_MARKER).is_file()
+
+
+def load_imported_params(folder, cfg):
+  """The params of an imported folder, checked against the model config now in use."""
+  import orbax.checkpoint as ocp
+  folder = pathlib.Path(folder).absolute()
+  record = json.loads((folder / IMPORT_MARKER).read_text())
+  now = json.loads(json.dumps(model_section(cfg)))
+  if record["model"] != now:
+    changed = sorted(k for k in set(record["model"]) | set(now)
+                     if record["model"].get(k) != now.get(k) and k not in ("dispatch",
+                                                                           "max_seq_len"))
+    if changed:
+      raise ConvertError(f"--teacher {folder} was imported with a different model config "
+                         f"(fields differ: {', '.join(changed)}); pass --config "
+                         f"{folder / CONFIG_PY}")
+  target = jax.eval_shape(lambda: init_model(cfg, jax.random.key(0))[1])
+  return ocp.StandardCheckpointer().restore(folder / PARAMS_DIR, target)
+
+
+def keep_hf_config(teacher_dir, qat_workdir):
+  """Copies an imported teacher's original config.json into a QAT workdir, for `export`."""
+  src = pathlib.Path(teacher_dir) / HF_CONFIG
+  if is_imported(teacher_dir) and src.is_file():
+    shutil.copyfile(src, pathlib.Path(qat_workdir) / HF_CONFIG)

@@ -1,0 +1,130 @@
+"""`moeqjax qat`: quantization-aware fine-tuning from a teacher, with optional progressive re-allocation."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moeqjax.alloc.allocation import (BUDGET_UNITS, METHODS, allocate, check_levels,
+                                      read_allocation)
+from moeqjax.data import TokenCorpus
+from moeqjax.model import MoETransformer, default_quant, set_expert_codes
+from moeqjax.pipeline import config as config_io
+from moeqjax.pipeline import import_hf
+from moeqjax.pipeline.workdirs import finished_state, load_data, record_config, teacher_params
+from moeqjax.train import (TrainState, create_state, jit_train_step, make_optimizer,
+                           run_training)
+from moeqjax.train import progressive
+
+
+@dataclasses.dataclass(frozen=True)
+class ReallocConfig:
+  """Re-allocation during QAT (the `realloc` config section)."""
+
+  every: int  # re-allocate before steps every, 2*every, ...; 0 = off
+  method: str  # an allocation method (moeqjax.alloc.allocation.METHODS)
+  budget: float  # budget value
+  budget_unit: str  # "bits" | "code_bits" | "bytes"
+  seed: int = 0  # for method "random"
+  levels: tuple = ()  # the paper's (bh, bl) for rule-based methods, e.g. (3, 1); () = bracket
+
+  def __post_init__(self):
+    if self.every < 0:
+      raise config_io.ConfigError(f"realloc.every={self.every} must be >= 0 (0 = off)")
+    if self.method not in METHODS:
+      raise config_io.ConfigError(f"realloc.method={self.method!r}; use one of {', '.join(METHODS)}")
+    if self.budget_unit not in BUDGET_UNITS:
+      raise config_io.ConfigError(
+          f"realloc.budget_unit={self.budget_unit!r}; use one of {', '.join(BUDGET_UNITS)}")
+    check_levels(self.levels, self.method)  # an AllocationError says what to fix
+
+
+def realloc_from_config(config) -> ReallocConfig | None:
+  """The config's `realloc` section as a ReallocConfig, or None when it is absent or every == 0."""
+  if "realloc" not in config:
+    return None
+  section = config.realloc.to_dict()
+  try:
+    rc = ReallocConfig(**section)
+  except TypeError as e:
+    raise config_io.ConfigError(f"config section 'realloc': {e}") from None
+  return rc if rc.every > 0 else None
+
+
+def progressive_step(step_fn, cfg, realloc: ReallocConfig, log=None):
+  """`step_fn` re-allocating with `realloc`'s method and budget every `realloc.every` steps.
+
+  See moeqjax.train.progressive.progressive_step; `log` gets (step, codes [L, E]) per re-allocation.
+  """
+
+  def allocate_codes(params, stats):
+    return allocate(realloc.method, cfg, params, stats, realloc.budget, realloc.budget_unit,
+                    seed=realloc.seed, levels=realloc.levels).codes_LxE
+
+  return progressive.progressive_step(step_fn, realloc.every, allocate_codes, log=log)
+
+
+def qat(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher_params, *,
+        expert_codes_LxE: np.ndarray | None, resume: bool, realloc=None) -> TrainState:
+  """Quantization-aware fine-tuning of a student initialised from `teacher_params`.
+
+  Args:
+    config: the experiment ConfigDict (model, quant, qat, loss sections are used).
+    workdir: this run's folder (checkpoints, metrics.jsonl, config.json).
+    corpus: the data; QAT trains on corpus.train.
+    teacher_params: the frozen full-precision params (also the student's starting point).
+    expert_codes_LxE: per-layer, per-expert bit codes; None uses quant.expert_code everywhere.
+    resume: continue a killed run from its latest checkpoint.
+    realloc: optional ReallocConfig: re-allocate the expert codes every `realloc.every` steps
+      from the statistics gathered so far (progressive QAT, no recompile).
+
+  Returns:
+    The final state; its `quant` holds the codes and `params` the fine-tuned student.
+  """
+  workdir = pathlib.Path(workdir)
+  cfg = config_io.model_config(config)
+  loop, optim = config_io.phase_configs(config.qat, "qat")
+  weights = config_io.loss_weights(config)
+  record = {k: config[k].to_dict() for k in ("model", "quant", "data", "qat", "loss")}
+  record["expert_codes"] = None if expert_codes_LxE is None else np.asarray(expert_codes_LxE).tolist()
+  if realloc is not None:
+    record["realloc"] = dataclasses.asdict(realloc)
+  record_config(workdir, record)
+  model = MoETransformer(cfg)
+  quant = default_quant(cfg)
+  if expert_codes_LxE is not None:
+    quant = set_expert_codes(quant, expert_codes_LxE)
+  tx = make_optimizer(optim)
+  student = jax.tree.map(jnp.copy, teacher_params)  # separate buffers: the state is donated
+  state = create_state(student, tx, cfg.num_layers, quant=quant,
+                       teacher_params=jax.tree.map(jnp.copy, teacher_params))
+  done = finished_state(workdir, state, loop.steps)
+  if done is not None:
+    return done
+  step_fn = jit_train_step(model, tx, weights)
+  if realloc is not None:
+    step_fn = progressive_step(step_fn, cfg, realloc)
+  return run_training(state, step_fn, corpus.train, loop, workdir, resume=resume,
+                      desc=f"qat {workdir.name}")
+
+
+def qat_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path,
+                     allocation_path: str | None, *, resume: bool) -> TrainState:
+  """`moeqjax qat`: the teacher's params, the data, optional allocation.json and `realloc` section.
+
+  An imported teacher's original config.json is kept in the workdir, for `moeqjax export`.
+  """
+  params = teacher_params(config, teacher_dir)
+  corpus = load_data(config)
+  codes = None
+  if allocation_path is not None:
+    cfg = config_io.model_config(config)
+    codes = read_allocation(allocation_path, cfg.num_layers, cfg.num_experts)
+  state = qat(config, workdir, corpus, params, expert_codes_LxE=codes, resume=resume,
+              realloc=realloc_from_config(config))
+  import_hf.keep_hf_config(teacher_dir, workdir)
+  return state

@@ -1,0 +1,83 @@
+"""The study's seed statistics: mean and std per (objective, method, budget), winners and paired noise tests."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# Two-sided 95% t critical values by degrees of freedom (paired test over seeds).
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def summ(values) -> dict:
+  """Mean, sample std and count of a list of numbers."""
+  arr = np.asarray(values, np.float64)
+  return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
+          "n": int(arr.size)}
+
+
+def summarize(data: dict) -> dict:
+  """Mean +- std over seeds per (objective, method, budget), winners and paired noise tests."""
+  st = data["meta"]["settings"]
+  groups: dict = {}
+  for c in data["cells"].values():
+    groups.setdefault((c["objective"], c["method"], c["budget"]), []).append(c)
+  table = {}
+  for (o, m, b), cells in groups.items():
+    cells = sorted(cells, key=lambda c: c["seed"])
+    table[f"{o}|{m}|{b:g}"] = {
+        "objective": o, "method": m, "budget": b, "seeds": [c["seed"] for c in cells],
+        "bits_per_byte": summ([c["bits_per_byte"] for c in cells]),
+        "bpb_by_seed": [c["bits_per_byte"] for c in cells],
+        "topk_agree": summ([c["topk_agree"] for c in cells]),
+        "top1_agree": summ([c["top1_agree"] for c in cells]),
+        "topk_agree_per_layer": np.mean([c["topk_agree_per_layer"] for c in cells], 0).tolist(),
+        "expert_bits_per_weight": summ([c["expert_bits_per_weight"] for c in cells]),
+        "expert_code_bits": summ([c["expert_code_bits"] for c in cells]),
+        "expert_bytes": summ([c["expert_bytes"] for c in cells])}
+  main = st["main_budget"]
+  at_main = [r for r in table.values() if r["budget"] == main]
+  obj_means = {}
+  for o in st["objectives"]:
+    rows = [r["bits_per_byte"]["mean"] for r in at_main if r["objective"] == o]
+    if rows:
+      obj_means[o] = float(np.mean(rows))
+  best_obj = min(obj_means, key=obj_means.get) if obj_means else None
+  winners = {}
+  for o in st["objectives"]:
+    for b in sorted({r["budget"] for r in table.values() if r["objective"] == o}):
+      rows = sorted([r for r in table.values() if r["objective"] == o and r["budget"] == b],
+                    key=lambda r: r["bits_per_byte"]["mean"])
+      if len(rows) < 2:
+        continue
+      w = {"objective": o, "budget": b, "ranking": [r["method"] for r in rows],
+           "best": rows[0]["method"], "best_bpb": rows[0]["bits_per_byte"]["mean"]}
+      for other_name, other in (("second", rows[1]),
+                                ("uniform", next((r for r in rows if r["method"] == "uniform"), None))):
+        if other is None or other is rows[0]:
+          continue
+        w[f"vs_{other_name}"] = _paired(rows[0], other)
+      winners[f"{o}|{b:g}"] = w
+  return {"table": table, "objective_mean_bpb_at_main": obj_means,
+          "best_objective_at_main": best_obj, "winners": winners}
+
+
+def _paired(a: dict, b: dict) -> dict:
+  """Paired (same seeds = same batches) difference b - a in bits per byte, and whether |t| > t95."""
+  seeds = sorted(set(a["seeds"]) & set(b["seeds"]))
+  da = dict(zip(a["seeds"], a["bpb_by_seed"]))
+  db = dict(zip(b["seeds"], b["bpb_by_seed"]))
+  d = np.array([db[s] - da[s] for s in seeds])
+  out = {"method": b["method"], "margin_bpb": float(d.mean()) if d.size else math.nan,
+         "n": int(d.size)}
+  if d.size >= 2:
+    sd = float(d.std(ddof=1))
+    if sd > 0:
+      t = float(d.mean() / (sd / math.sqrt(d.size)))
+    else:  # identical allocations give identical runs: no difference at all
+      t = 0.0 if d.mean() == 0 else math.copysign(math.inf, d.mean())
+    out.update(sd=sd, t=t, t95=_T95.get(d.size - 1, 2.0), beats_noise=bool(abs(t) > _T95.get(d.size - 1, 2.0)))
+  else:
+    out.update(beats_noise=False)
+  return out

@@ -1,0 +1,126 @@
+"""Workdirs shared by the phases: data loading, the recorded config, restoring states and teacher params."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+
+from moeqjax.data import TokenCorpus, check_vocab, encode_corpus, load_corpus, make_tokenizer
+from moeqjax.model import default_quant, init_model
+from moeqjax.pipeline import config as config_io
+from moeqjax.pipeline import import_hf
+from moeqjax.train import Checkpointer, TrainState, create_state, make_optimizer
+
+CONFIG_RECORD = "config.json"  # the sections a phase ran with, in its workdir
+
+
+class StaleWorkdir(config_io.ConfigError):
+  """A workdir made with a different config than the one now given."""
+
+
+class MissingTeacher(config_io.ConfigError):
+  """--teacher does not point at a finished pretraining run or an imported checkpoint."""
+
+
+def load_data(config, process_index: int | None = None,
+              process_count: int | None = None) -> TokenCorpus:
+  """Loads `config.data` and tokenizes it for `config.model`.
+
+  Args:
+    config: the experiment config; uses data.path, data.valid_fraction, data.text_field,
+      data.tokenizer ("" = bytes, else a folder with tokenizer.json) and model.vocab_size.
+    process_index, process_count: this host's shard of the train documents (see
+      moeqjax.data.load_corpus); None means jax.process_index() / jax.process_count(), which
+      is (0, 1) on a single host, where nothing changes.
+
+  Returns:
+    The train / validation token streams; `.unit` is "byte" or "token" for reports.
+  """
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  tokenizer = make_tokenizer(config.data.tokenizer)
+  # Check the vocab before reading (and tokenizing) a possibly large corpus.
+  vocab_size = config_io.model_config(config).vocab_size
+  check_vocab(tokenizer, vocab_size)
+  corpus = load_corpus(config.data.path or None, config.data.valid_fraction,
+                       config.data.text_field, process_index=process_index,
+                       process_count=process_count)
+  return encode_corpus(corpus, tokenizer, vocab_size)
+
+
+def record_config(workdir: pathlib.Path, section: dict):
+  """Writes the config a phase ran with, or checks it matches the one recorded before."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / CONFIG_RECORD
+  text = json.dumps(section, indent=2, sort_keys=True, default=str)
+  if path.exists():
+    before = json.loads(path.read_text())
+    now = json.loads(text)
+    if before != now:
+      changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+      raise StaleWorkdir(
+          f"{workdir} was made with a different config (sections differ: {', '.join(changed)}); "
+          "choose another --workdir or delete this one")
+    return
+  path.write_text(text + "\n")
+
+
+def latest_state(workdir: pathlib.Path, template: TrainState, steps: int | None = None):
+  """The latest state in workdir/ckpt restored into `template`, or None when there is none
+  (or, with `steps`, when the latest checkpoint is not at that step)."""
+  ckpt = Checkpointer(pathlib.Path(workdir) / "ckpt", every=0)
+  try:
+    latest = ckpt.latest_step()
+    if latest is None or (steps is not None and latest != steps):
+      return None
+    return ckpt.restore(template, latest)
+  finally:
+    ckpt.close()
+
+
+def finished_state(workdir: pathlib.Path, template: TrainState, steps: int):
+  """The final state of a phase that already ran to `steps`, or None."""
+  return latest_state(workdir, template, steps)
+
+
+def state_template(config, phase: str) -> TrainState:
+  """The abstract (shape-only) train state of a "pretrain" or "qat" run, to restore into.
+
+  Nothing is allocated (jax.eval_shape).
+  """
+  cfg = config_io.model_config(config)
+  _, optim = config_io.phase_configs(config[phase], phase)
+  tx = make_optimizer(optim)
+
+  def build():
+    params = init_model(cfg, jax.random.key(0))[1]
+    if phase == "qat":
+      return create_state(params, tx, cfg.num_layers, quant=default_quant(cfg),
+                          teacher_params=params)
+    return create_state(params, tx, cfg.num_layers)
+
+  return jax.eval_shape(build)
+
+
+def teacher_params(config, teacher_dir: pathlib.Path):
+  """The params of a finished `moeqjax pretrain` workdir or an `moeqjax import-hf` folder.
+
+  Nothing is initialised: the restore template comes from jax.eval_shape.
+  """
+  cfg = config_io.model_config(config)
+  if import_hf.is_imported(teacher_dir):
+    return import_hf.load_imported_params(teacher_dir, cfg)
+  steps = config.pretrain.steps
+  if not (teacher_dir / "ckpt").is_dir():
+    raise MissingTeacher(f"--teacher {teacher_dir} has no checkpoint; run `moeqjax pretrain "
+                         f"--workdir {teacher_dir}` first")
+  state = finished_state(teacher_dir, state_template(config, "pretrain"), steps)
+  if state is None:
+    raise MissingTeacher(
+        f"--teacher {teacher_dir} has not finished its {steps} pretraining steps; finish it "
+        f"with `moeqjax pretrain --workdir {teacher_dir} --resume`")
+  return state.params
