@@ -19,6 +19,7 @@ from moeqjax.convert.gguf_export import _moeqjax_bytes, clip_ratio
 from moeqjax.convert.hf_config import family_of, model_config_to_hf_config
 from moeqjax.convert.hf_import import NP_DTYPES
 from moeqjax.convert.safetensors_io import SINGLE_FILE, StreamingWriter
+from moeqjax.convert.tree_paths import get_path
 from moeqjax.model import ModelConfig
 from moeqjax.quant import formats, quantize_dequantize, quantize_to_ints
 from moeqjax.quant import granularity as gran
@@ -50,19 +51,11 @@ class _Module:
     return self.mode == "packed" and not self.folded
 
 
-def _get(tree, path):
-  for key in path:
-    if not isinstance(tree, dict) or key not in tree:
-      return None
-    tree = tree[key]
-  return tree
-
-
 def _codes(quant, path):
   """Our codes for the param at `path` ([E] for experts, scalar for kernels), None if unquantized."""
   if quant is None or path[-1] not in _EXPERT_PARAMS + ("kernel",):
     return None
-  codes = _get(quant, path[:-1] + ("expert_bits" if path[-1] != "kernel" else "bits",))
+  codes = get_path(quant, path[:-1] + ("expert_bits" if path[-1] != "kernel" else "bits",))
   if codes is None:
     return None
   codes = formats.validate_codes(jax.device_get(codes))
@@ -137,7 +130,7 @@ def _check_scales(scales, mod: _Module):
 
 def _packed_arrays(cfg, params, mod: _Module, spec):
   """Yields the packed tensors of one quantized param (every expert), in `_tensor_specs` order."""
-  w = np.asarray(jax.device_get(_get(params, mod.path)), np.float32)
+  w = np.asarray(jax.device_get(get_path(params, mod.path)), np.float32)
   clip = None
   if mod.path[-1] in _EXPERT_PARAMS and cfg.quant.learn_clip:
     clip = clip_ratio(params, mod.path[:-1] + (mod.path[-1] + CLIP_SUFFIX,))
@@ -169,7 +162,7 @@ def _packed_arrays(cfg, params, mod: _Module, spec):
 
 
 def _float_arrays(cfg, params, mod: _Module, spec, float_dtype):
-  w = np.asarray(jax.device_get(_get(params, mod.path)), np.float32)
+  w = np.asarray(jax.device_get(get_path(params, mod.path)), np.float32)
   dtype = float_dtype
   if mod.mode == "dequantized":
     clip = None

@@ -12,6 +12,7 @@ import numpy as np
 from moeqjax.convert import gguf_arch, gguf_container
 from moeqjax.convert.errors import ConvertError
 from moeqjax.convert.gguf_vocab import Vocab, add_vocab, bpe_vocab, byte_vocab
+from moeqjax.convert.tree_paths import get_path
 from moeqjax.model import ModelConfig
 from moeqjax.quant import (code_name, effective_clip_ratio, formats, quantize_dequantize,
                            quantize_to_ints, weight_bytes)
@@ -25,17 +26,9 @@ _NATURAL = {"ternary": ("TQ2_0", "TQ1_0"), "int2": ("Q4_0",), "int3": ("Q4_0",),
             "int4": ("Q4_0", "Q4_1"), "int8": ("Q8_0",)}
 
 
-def _get(tree, path):
-  for key in path:
-    if not isinstance(tree, dict) or key not in tree:
-      return None
-    tree = tree[key]
-  return tree
-
-
 def clip_ratio(params, path):
   """The learned clip ratio the student quantizes `path` with (its effective value), or None."""
-  raw = None if path is None else _get(params, path)
+  raw = None if path is None else get_path(params, path)
   return None if raw is None else effective_clip_ratio(np.asarray(jax.device_get(raw)))
 
 
@@ -216,11 +209,11 @@ def _ggml_shape(shape, kind: str) -> list:
 
 def _write_tensor(writer, ent, params, quant, spec, order, fp_dtype, all_f32) -> dict:
   """Adds one tensor to the writer; returns its report row."""
-  w = _get(params, ent.path)
+  w = get_path(params, ent.path)
   if w is None:
     raise ConvertError(f"params have no {'/'.join(ent.path)}, which GGUF tensor {ent.name} needs")
   w = np.asarray(jax.device_get(w), np.float32)
-  codes = _get(quant, ent.codes) if (quant is not None and ent.codes) else None
+  codes = get_path(quant, ent.codes) if (quant is not None and ent.codes) else None
   codes = None if codes is None else formats.validate_codes(jax.device_get(codes))
   if codes is not None and np.all(codes == formats.FP):
     codes = None  # a quantizer at code 0 passes the weight through

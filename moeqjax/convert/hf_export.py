@@ -13,31 +13,24 @@ from moeqjax.convert import layout
 from moeqjax.convert.hf_config import family_of, model_config_to_hf_config
 from moeqjax.convert.hf_import import NP_DTYPES
 from moeqjax.convert.safetensors_io import INDEX_FILE, SINGLE_FILE, StreamingWriter
+from moeqjax.convert.tree_paths import get_path
 from moeqjax.model import ModelConfig
 from moeqjax.quant import effective_clip_ratio, quantize_dequantize
 from moeqjax.quant.clip import CLIP_SUFFIX
 
 
-def _get(tree, path):
-  for key in path:
-    if not isinstance(tree, dict) or key not in tree:
-      return None
-    tree = tree[key]
-  return tree
-
-
 def dequantized(cfg: ModelConfig, params, quant, path: tuple[str, ...]) -> np.ndarray:
   """Our param at `path` as the quantized student's forward pass sees it (float32 numpy)."""
-  w = _get(params, path)
+  w = get_path(params, path)
   if quant is not None and path[-1] in ("w_in", "w_gate", "w_out"):
-    codes = _get(quant, path[:-1] + ("expert_bits",))
+    codes = get_path(quant, path[:-1] + ("expert_bits",))
     if codes is not None:
-      clip = _get(params, path[:-1] + (path[-1] + CLIP_SUFFIX,)) if cfg.quant.learn_clip else None
+      clip = get_path(params, path[:-1] + (path[-1] + CLIP_SUFFIX,)) if cfg.quant.learn_clip else None
       if clip is not None:  # the ratio the student's forward pass uses, not the raw param
         clip = effective_clip_ratio(np.asarray(jax.device_get(clip)))
       w = quantize_dequantize(w, codes, cfg.quant.spec(), clip)
   elif quant is not None and path[-1] == "kernel":
-    codes = _get(quant, path[:-1] + ("bits",))
+    codes = get_path(quant, path[:-1] + ("bits",))
     if codes is not None:
       w = quantize_dequantize(w, codes, cfg.quant.spec())
   return np.asarray(jax.device_get(w)).astype(np.float32)

@@ -26,6 +26,7 @@ from flax import linen as nn
 from moeqjax import quant as q
 from moeqjax.convert.safetensors_io import (SINGLE_FILE, StreamingWriter, dtype_name, read_header,
                                             read_tensor)
+from moeqjax.convert.tree_paths import get_path
 from moeqjax.eval.memory_report import expert_shapes
 from moeqjax.model import MoETransformer, ModelConfig, QuantRules
 from moeqjax.model.packed_weights import COLLECTION
@@ -53,14 +54,6 @@ def _flatten(tree, prefix=()):
       yield prefix + (key,), value
 
 
-def _get(tree, path):
-  for key in path:
-    if not isinstance(tree, dict) or key not in tree:
-      return None
-    tree = tree[key]
-  return tree
-
-
 def _packed_arrays(cfg: ModelConfig, params, quant):
   """(param path, packed node or None, float array or None, codes) for every param, in tree order."""
   spec = cfg.quant.spec()
@@ -71,7 +64,7 @@ def _packed_arrays(cfg: ModelConfig, params, quant):
       continue  # folded into the stored scales of its weight
     w = np.asarray(jax.device_get(w), np.float32)
     if name in _EXPERT_PARAMS:
-      codes = _get(quant, path[:-1] + ("expert_bits",))
+      codes = get_path(quant, path[:-1] + ("expert_bits",))
       if codes is None:
         raise PackedCheckpointError(f"{where} has no expert codes in the quant collection; pack a "
                                     "QAT student (params and its quant codes)")
@@ -83,10 +76,10 @@ def _packed_arrays(cfg: ModelConfig, params, quant):
       clip = None
       if cfg.quant.learn_clip:
         clip = effective_clip_ratio(np.asarray(jax.device_get(
-            _get(params, path[:-1] + (name + _CLIP_SUFFIX,))), np.float32))
+            get_path(params, path[:-1] + (name + _CLIP_SUFFIX,))), np.float32))
       yield path, pt.pack_experts(w, codes, spec, clip), None, codes
       continue
-    code = _get(quant, path[:-1] + ("bits",)) if name == "kernel" else None
+    code = get_path(quant, path[:-1] + ("bits",)) if name == "kernel" else None
     if code is not None:
       code = int(np.asarray(jax.device_get(code)))
       if code == q.FP:
@@ -384,7 +377,7 @@ def load_packed(folder, *, verify: bool = True) -> PackedModel:
     for c in set(row):
       slot[codes == c] = np.arange(int(np.sum(codes == c)))
     for w in _EXPERT_PARAMS:
-      node = _get(experts, (f"layers_{i}", "moe", w))
+      node = get_path(experts, (f"layers_{i}", "moe", w))
       node.update({pt.EXPERT_CODES: codes, pt.EXPERT_SLOT: slot})
       bank = pt.expert_bank(node, spec, shapes[w])
       _set(packed, (f"layers_{i}", "moe", w), jax.device_put(bank))
