@@ -8,7 +8,7 @@ from moeqjax.convert.ct_export import export_compressed_tensors
 from ct_models import ct_student
 
 
-def _refused(tmp_path, cfg, params, quant, *fragments):
+def check_refused(tmp_path, cfg, params, quant, *fragments):
   with pytest.raises(ConvertError) as err:
     export_compressed_tensors(cfg, params, quant, tmp_path / "ct")
   msg = str(err.value)
@@ -19,7 +19,7 @@ def _refused(tmp_path, cfg, params, quant, *fragments):
 
 def test_scale_not_exact_in_fp16_names_the_tensor_and_the_fix(tmp_path):
   cfg, params, quant = ct_student("mixtral", [[4, 4, 4, 4], [4, 4, 4, 4]], scale_bytes=4)
-  _refused(tmp_path, cfg, params, quant, "model.layers.0.block_sparse_moe.experts.",
+  check_refused(tmp_path, cfg, params, quant, "model.layers.0.block_sparse_moe.experts.",
            "quant.scale_bytes=2")
 
 
@@ -27,18 +27,18 @@ def test_scale_not_exact_in_fp16_names_the_tensor_and_the_fix(tmp_path):
 def test_group_size_vllm_cannot_run_is_refused(tmp_path, group_size):
   cfg, params, quant = ct_student("qwen3_moe", [[1, 1, 1, 1]] * 2, granularity="group",
                                   group_size=group_size)
-  _refused(tmp_path, cfg, params, quant, f"quant.group_size={group_size}", "32, 64, 128")
+  check_refused(tmp_path, cfg, params, quant, f"quant.group_size={group_size}", "32, 64, 128")
 
 
 def test_asymmetric_int8_experts_are_refused(tmp_path):
   cfg, params, quant = ct_student("mixtral", [[8, 4, 4, 4]] * 2, symmetric=False)
-  _refused(tmp_path, cfg, params, quant, "asymmetric int8", "quant.symmetric=True")
+  check_refused(tmp_path, cfg, params, quant, "asymmetric int8", "quant.symmetric=True")
 
 
 def test_layout_no_family_fits_names_the_field(tmp_path):
   cfg, params, quant = ct_student("qwen3_moe", [[1, 1, 1, 1]] * 2)
   cfg = cfg.replace(shared_d_ff=64, shared_expert_gate=True)
-  _refused(tmp_path, cfg, params, quant, "model.shared_d_ff=64")
+  check_refused(tmp_path, cfg, params, quant, "model.shared_d_ff=64")
 
 
 def test_existing_output_needs_overwrite(tmp_path):
