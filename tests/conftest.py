@@ -24,6 +24,17 @@ def tiny_model_config(**changes) -> ModelConfig:
   return ModelConfig(**base)
 
 
+def expert_inputs(seed=0, t=10, d=16, f=32, e=4, k=2):
+  """Random MoE dispatch inputs: (x [T,D], w_in, w_gate [E,D,F], w_out [E,F,D], gates, idx [T,K])."""
+  r = np.random.default_rng(seed)
+  x = jnp.asarray(r.normal(size=(t, d)), jnp.float32)
+  w_in, w_gate = (jnp.asarray(r.normal(size=(e, d, f)) / 4, jnp.float32) for _ in range(2))
+  w_out = jnp.asarray(r.normal(size=(e, f, d)) / 4, jnp.float32)
+  idx = jnp.asarray(np.stack([r.choice(e, size=k, replace=False) for _ in range(t)]), jnp.int32)
+  gates = jax.nn.softmax(jnp.asarray(r.normal(size=(t, k)), jnp.float32))
+  return x, w_in, w_gate, w_out, gates, idx
+
+
 @pytest.fixture
 def tiny_cfg():
   return tiny_model_config()

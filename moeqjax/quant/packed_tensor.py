@@ -172,9 +172,3 @@ def expert_bank(packed: dict, spec: QuantSpec, matrix_shape) -> dict:
   if has_zp:
     bank["zero_points"] = zero_points
   return bank
-
-
-def packed_nbytes(packed: dict) -> int:
-  """Bytes of the values, scales and zero points of a packed weight (the index arrays excluded)."""
-  return sum(int(a.nbytes) for key, node in packed.items() if key not in (EXPERT_CODES, EXPERT_SLOT)
-             for a in node.values())

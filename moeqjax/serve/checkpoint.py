@@ -99,10 +99,6 @@ def _sha256(a: np.ndarray) -> str:
   return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def _model_config_record(cfg: ModelConfig) -> dict:
-  return dataclasses.asdict(cfg)
-
-
 def model_config_from_record(record: dict) -> ModelConfig:
   """The ModelConfig of a manifest's `model_config` (the inverse of dataclasses.asdict)."""
   record = dict(record)
@@ -181,7 +177,7 @@ def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "bfloat16"
       "format": FORMAT,
       "format_version": FORMAT_VERSION,
       "source": source,
-      "model_config": _model_config_record(cfg),
+      "model_config": dataclasses.asdict(cfg),
       "fp_dtype": fp_dtype,
       "scale_dtype": np.dtype(pt.SCALE_DTYPES[cfg.quant.scale_bytes]).name,
       "tokenizer": TOKENIZER_FILE if tok_file else "bytes",

@@ -5,23 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_model_config
+from conftest import expert_inputs, tiny_model_config
 from moeqjax.model import set_expert_codes
 from moeqjax.model import MoETransformer, QuantRules, init_model
 from moeqjax.model.dispatch import dense_experts, ragged_experts
 from moeqjax.quant import quantize_act_int8
 
 MIXED = [[0, 4, 0, 1], [4, 0, 8, 0]]  # per layer, per expert; code 0 = full precision
-
-
-def _expert_inputs(seed=0, t=10, d=16, f=32, e=4, k=2):
-  r = np.random.default_rng(seed)
-  x = jnp.asarray(r.normal(size=(t, d)), jnp.float32)
-  w_in, w_gate = (jnp.asarray(r.normal(size=(e, d, f)) / 4, jnp.float32) for _ in range(2))
-  w_out = jnp.asarray(r.normal(size=(e, f, d)) / 4, jnp.float32)
-  idx = jnp.asarray(np.stack([r.choice(e, size=k, replace=False) for _ in range(t)]), jnp.int32)
-  gates = jax.nn.softmax(jnp.asarray(r.normal(size=(t, k)), jnp.float32))
-  return x, w_in, w_gate, w_out, gates, idx
 
 
 @pytest.mark.parametrize("dispatch", [dense_experts, ragged_experts])
@@ -31,7 +21,7 @@ def test_dispatch_gives_each_expert_its_own_input(dispatch):
   Oracle: the same dispatch run twice, once on x with only the full-precision experts' gates and
   once on x_q with only the quantized experts' gates; the per-expert outputs add up.
   """
-  x, w_in, w_gate, w_out, gates, idx = _expert_inputs()
+  x, w_in, w_gate, w_out, gates, idx = expert_inputs()
   x_q = quantize_act_int8(x)
   quant_E = jnp.asarray([False, True, False, True])
   got = dispatch(x, w_in, w_gate, w_out, gates, idx, x_q_TxD=x_q, act_quant_E=quant_E)

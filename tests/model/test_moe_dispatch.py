@@ -5,19 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_model_config
+from conftest import expert_inputs, tiny_model_config
 from moeqjax.model import MoETransformer, init_model
 from moeqjax.model.dispatch import dense_experts, gathered_experts, ragged_experts
-
-
-def _expert_inputs(seed=0, t=10, d=16, f=32, e=4, k=2):
-  r = np.random.default_rng(seed)
-  x = jnp.asarray(r.normal(size=(t, d)), jnp.float32)
-  w_in, w_gate = (jnp.asarray(r.normal(size=(e, d, f)) / 4, jnp.float32) for _ in range(2))
-  w_out = jnp.asarray(r.normal(size=(e, f, d)) / 4, jnp.float32)
-  idx = jnp.asarray(np.stack([r.choice(e, size=k, replace=False) for _ in range(t)]), jnp.int32)
-  gates = jax.nn.softmax(jnp.asarray(r.normal(size=(t, k)), jnp.float32))
-  return x, w_in, w_gate, w_out, gates, idx
 
 
 def _loop_oracle(x, w_in, w_gate, w_out, gates, idx):
@@ -33,7 +23,7 @@ def _loop_oracle(x, w_in, w_gate, w_out, gates, idx):
 
 
 def test_ragged_and_dense_match_loop_oracle():
-  args = _expert_inputs()
+  args = expert_inputs()
   oracle = _loop_oracle(*args)
   np.testing.assert_allclose(ragged_experts(*args), oracle, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dense_experts(*args), oracle, rtol=1e-5, atol=1e-5)
@@ -41,7 +31,7 @@ def test_ragged_and_dense_match_loop_oracle():
 
 def test_gathered_experts_match_loop_oracle():
   """The decode path: each (token, slot) pair with its own gathered expert weights."""
-  x, w_in, w_gate, w_out, gates, idx = _expert_inputs(seed=2, t=3)
+  x, w_in, w_gate, w_out, gates, idx = expert_inputs(seed=2, t=3)
   take = lambda w: jnp.take(w, idx.reshape(-1), axis=0)
   got = gathered_experts(x, take(w_in), take(w_gate), take(w_out), gates)
   np.testing.assert_allclose(got, _loop_oracle(x, w_in, w_gate, w_out, gates, idx), rtol=1e-5,
@@ -60,7 +50,7 @@ def test_full_precision_decode_size_forward_equals_grouped(tiny_cfg):
 
 
 def test_ragged_handles_empty_experts():
-  x, w_in, w_gate, w_out, gates, _ = _expert_inputs(seed=1)
+  x, w_in, w_gate, w_out, gates, _ = expert_inputs(seed=1)
   idx = jnp.tile(jnp.asarray([[0, 2]], jnp.int32), (x.shape[0], 1))  # experts 1 and 3 get nothing
   np.testing.assert_allclose(ragged_experts(x, w_in, w_gate, w_out, gates, idx),
                              dense_experts(x, w_in, w_gate, w_out, gates, idx), rtol=1e-5, atol=1e-5)
