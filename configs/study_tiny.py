@@ -53,6 +53,8 @@ def get_config():
       symmetric=True,
       ternary_method="absmean",
       learn_clip=False,
+      learn_scale=False,  # LSQ scale ratios for ternary and intN (exclusive with learn_clip)
+      scale_init="absmax",  # "mse": grid-searched MSE-optimal scale per group
       ternary_packing="base3",  # ternary stored at 1.6 bits so that budgets below 2 bits are reachable
       scale_bytes=2,
   ))

@@ -37,6 +37,8 @@ class QuantRules:
   learn_clip: bool = False  # learnable clipping ratio per expert output channel (intN only)
   ternary_packing: str = "2bit"  # storage of ternary weights: "2bit" or "base3" (1.6 bits)
   scale_bytes: int = 2  # bytes per stored scale (fp16)
+  scale_init: str = "absmax"  # "absmax" | "mse": grid-searched MSE-optimal scale per group
+  learn_scale: bool = False  # LSQ scale ratio per group, ternary and intN (exclusive with learn_clip)
 
   def __post_init__(self):
     if self.expert_code not in EXPERT_CODE_CHOICES:
@@ -63,6 +65,8 @@ class QuantRules:
         learn_clip=self.learn_clip,
         ternary_packing=self.ternary_packing,
         scale_bytes=self.scale_bytes,
+        scale_init=self.scale_init,
+        learn_scale=self.learn_scale,
     )
 
 

@@ -1,4 +1,4 @@
-"""Learned clip ratios: the one definition of the effective ratio, and the projection that keeps it in range."""
+"""Learned scale ratios (clip ratios, LSQ scales): the one definition of the effective ratio and its range."""
 
 # A learned clip ratio r multiplies an intN scale: r = 1 keeps absmax, smaller r clips outliers. The
 # trained parameter (the raw ratio) is kept in [CLIP_MIN, CLIP_MAX] by projection after every optimizer
@@ -6,6 +6,8 @@
 # gradient outside the range would freeze a ratio that once stepped past a bound. The forward pass,
 # export and memory/allocation code still read the raw value through effective_clip_ratio, so a raw value
 # outside the range (an old checkpoint, a hand-edited tree) means the same thing everywhere.
+# With `learn_scale` the same params are LSQ scale ratios for ternary and intN groups; a ternary ratio
+# multiplies mean|W|, and its MSE-optimal value is above 1, so that range reaches SCALE_MAX.
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numpy as np
 
 CLIP_MIN = 0.05  # keeps a scale away from zero
 CLIP_MAX = 1.0  # a ratio above 1 would widen the grid past the absmax and waste levels
+SCALE_MAX = 4.0  # learn_scale: room above the ternary MSE ratios (about 1.2 to 2) and intN absmax
 CLIP_SUFFIX = "_clip"  # a weight "w_in" has its ratios in the param "w_in_clip"
 
 
@@ -23,33 +26,40 @@ def is_clip_param(name: str) -> bool:
   return name.endswith(CLIP_SUFFIX)
 
 
+def ratio_max(spec=None) -> float:
+  """The upper bound of a learned ratio: CLIP_MAX for clip ratios, SCALE_MAX under `learn_scale`."""
+  return SCALE_MAX if spec is not None and spec.learn_scale else CLIP_MAX
+
+
 @jax.custom_jvp
-def _clamp_ste(raw):
-  return jnp.clip(raw, CLIP_MIN, CLIP_MAX)
+def _clamp_ste(raw, upper):
+  return jnp.clip(raw, CLIP_MIN, upper)
 
 
 @_clamp_ste.defjvp
 def _clamp_ste_jvp(primals, tangents):
   # Identity tangent: at a bound (where projection leaves a ratio) the ratio still learns.
-  return _clamp_ste(primals[0]), tangents[0]
+  return _clamp_ste(*primals), tangents[0]
 
 
-def effective_clip_ratio(raw: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
-  """The clip ratio that quantization uses for a raw learned ratio: clamped to [CLIP_MIN, CLIP_MAX].
+def effective_clip_ratio(raw: jax.Array | np.ndarray, spec=None) -> jax.Array | np.ndarray:
+  """The ratio that quantization uses for a raw learned ratio: clamped to [CLIP_MIN, ratio_max(spec)].
 
   Args:
     raw: raw ratios of any shape, e.g. [E, 1, F]; numpy (export, packing) or jax (the model).
+    spec: the QuantSpec (its `learn_scale` widens the range); None means a clip ratio.
 
   Returns:
     The clamped ratios, same shape, dtype and array type as `raw`. For jax input the gradient with
     respect to `raw` is the identity (straight-through), so the clamp never stops a ratio learning.
   """
+  upper = ratio_max(spec)
   if isinstance(raw, jax.Array):
-    return _clamp_ste(raw)
+    return _clamp_ste(raw, jnp.asarray(upper, raw.dtype))
   raw = np.asarray(raw)
-  return np.clip(raw, CLIP_MIN, CLIP_MAX).astype(raw.dtype)
+  return np.clip(raw, CLIP_MIN, upper).astype(raw.dtype)
 
 
-def project_clip_ratio(raw: jax.Array) -> jax.Array:
-  """Projects raw ratios onto [CLIP_MIN, CLIP_MAX] (after an optimizer update; no gradient use)."""
-  return jnp.clip(raw, CLIP_MIN, CLIP_MAX)
+def project_clip_ratio(raw: jax.Array, upper: float = CLIP_MAX) -> jax.Array:
+  """Projects raw ratios onto [CLIP_MIN, upper] (after an optimizer update; no gradient use)."""
+  return jnp.clip(raw, CLIP_MIN, upper)

@@ -17,6 +17,7 @@ GRANULARITIES = ("tensor", "channel", "group")
 TERNARY_METHODS = ("absmean", "twn")
 TERNARY_PACKINGS = ("2bit", "base3")
 SCALE_BYTES = (2, 4)  # fp16 or fp32 scales
+SCALE_INITS = ("absmax", "mse")  # the scale of a group: its statistic, or the MSE-optimal grid search
 
 _CHOICES_TEXT = "0 (full precision), 1 (ternary), 2, 3, 4, 8"
 _FP_STORAGE_BITS = 16.0  # full-precision weights are stored as bf16
@@ -94,7 +95,12 @@ class QuantSpec:
     symmetric: True for a symmetric intN grid; False adds a zero point per group (intN only,
       ternary is always symmetric).
     ternary_method: "absmean" (BitNet b1.58) or "twn" (ternary weight networks threshold).
-    learn_clip: whether the model should train a clipping ratio per group (intN only).
+    learn_clip: whether the model should train a clipping ratio in [0.05, 1] per group (intN only).
+    scale_init: "absmax" (intN absmax or min/max, ternary per `ternary_method`) or "mse" (a grid
+      search per group for the scale ratio that minimises the reconstruction error; ternary then
+      uses round-to-nearest levels at the searched scale, see moeqjax.quant.scale_search).
+    learn_scale: whether the model should train an LSQ scale ratio per group, for ternary and intN
+      (exclusive with learn_clip; the ratio lives in the same `*_clip` params).
     ternary_packing: storage of ternary weights, "2bit" or "base3".
     scale_bytes: bytes per stored scale: 2 (fp16) or 4 (fp32).
   """
@@ -106,17 +112,29 @@ class QuantSpec:
   learn_clip: bool = False
   ternary_packing: str = "2bit"
   scale_bytes: int = 2
+  scale_init: str = "absmax"
+  learn_scale: bool = False
 
   def __post_init__(self):
     _check_choice("granularity", self.granularity, GRANULARITIES)
     _check_choice("ternary_method", self.ternary_method, TERNARY_METHODS)
     _check_choice("ternary_packing", self.ternary_packing, TERNARY_PACKINGS)
     _check_choice("scale_bytes", self.scale_bytes, SCALE_BYTES)
+    _check_choice("scale_init", self.scale_init, SCALE_INITS)
     if isinstance(self.group_size, bool) or not isinstance(self.group_size, (int, np.integer)):
       raise ValueError(f"group_size={self.group_size!r} must be a positive int such as 32, 64 or 128")
     if self.group_size <= 0:
       raise ValueError(f"group_size={self.group_size} must be positive, e.g. 32, 64 or 128")
     if not isinstance(self.symmetric, (bool, np.bool_)):
       raise ValueError(f"symmetric={self.symmetric!r} must be True or False")
-    if not isinstance(self.learn_clip, (bool, np.bool_)):
-      raise ValueError(f"learn_clip={self.learn_clip!r} must be True or False")
+    for name in ("learn_clip", "learn_scale"):
+      if not isinstance(getattr(self, name), (bool, np.bool_)):
+        raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+    if self.learn_clip and self.learn_scale:
+      raise ValueError("learn_clip=True and learn_scale=True: choose one (learn_scale also learns"
+                       " the intN clipping, and ternary scales too)")
+
+  @property
+  def learns_ratio(self) -> bool:
+    """Whether the model trains a scale ratio per group (`*_clip` params)."""
+    return bool(self.learn_clip or self.learn_scale)

@@ -15,6 +15,7 @@ import numpy as np
 
 from moeqjax.quant import formats
 from moeqjax.quant import granularity as gran
+from moeqjax.quant import scale_search
 from moeqjax.quant.formats import QuantSpec
 
 _ABSMEAN_EPS = 1e-8  # BitNet b1.58: W / (gamma + eps) stays finite for an all-zero group
@@ -26,12 +27,13 @@ class _Grid(NamedTuple):
   """A quantized group in grouped form: Q = (q - zero_point) * scale."""
 
   q: jax.Array  # [..., ng, G, nc] integer-valued floats, already clipped to [lo, hi]
-  scale: jax.Array  # [..., ng, 1, nc] the scale used for dequantization (clip ratio applied)
+  scale: jax.Array  # [..., ng, 1, nc] the scale used for dequantization (ratio applied)
   zero_point: jax.Array  # [..., ng, 1, nc] integer-valued floats; 0 for symmetric and ternary groups
-  base_scale: jax.Array  # [..., ng, 1, nc] intN scale before the clip ratio, d(scale)/d(clip_ratio)
-  in_range: jax.Array  # [..., ng, G, nc] bool: the intN round(w / scale) + zero_point is in [lo, hi]
-  rounded: jax.Array  # [..., ng, G, nc] round(w / scale) of the intN path (for the LSQ gradient)
-  scaled: jax.Array  # [..., ng, G, nc] w / scale of the intN path (for the LSQ gradient)
+  base_scale: jax.Array  # [..., ng, 1, nc] scale before the ratio, d(scale)/d(ratio)
+  in_range: jax.Array  # [..., ng, G, nc] bool: round(w / scale) + zero_point is in [lo, hi]
+  rounded: jax.Array  # [..., ng, G, nc] round(w / scale) (for the LSQ gradient)
+  scaled: jax.Array  # [..., ng, G, nc] w / scale (for the LSQ gradient)
+  level_max: jax.Array  # [..., 1, 1, 1] the top positive level (LSQ's Q_P): 1, 2^(b-1)-1 or 2^b-1
 
 
 def _compute_dtype(dtype):
@@ -92,6 +94,7 @@ def _int_grid(w_g, code_g, spec: QuantSpec, clip_g):
   if spec.symmetric:
     qmax = two_pow_b / 2 - 1
     lo, hi = -qmax - 1, qmax
+    level_max = qmax
     base = gran.reduce_groups(jnp.abs(w_g), jnp.max) / qmax
     zero_point = jnp.zeros_like(base)
   else:
@@ -103,6 +106,7 @@ def _int_grid(w_g, code_g, spec: QuantSpec, clip_g):
     base = (w_max - w_min) / levels
     zero_point = jnp.round(-w_min / jnp.where(base > 0, base, 1.0))
     lo, hi = jnp.zeros_like(levels), levels
+    level_max = levels
   scale = storable_scale(base if clip_g is None else base * clip_g, spec)
   # An all-zero group has scale 0: divide by 1 instead so q = zero_point and Q = 0.
   scaled = w_g / jnp.where(scale > 0, scale, 1.0)
@@ -110,7 +114,26 @@ def _int_grid(w_g, code_g, spec: QuantSpec, clip_g):
   shifted = rounded + zero_point
   in_range = (shifted >= lo) & (shifted <= hi)
   q = jnp.clip(shifted, lo, hi)
-  return q, scale, zero_point, base, in_range, rounded, scaled
+  return q, scale, zero_point, base, in_range, rounded, scaled, level_max
+
+
+def _int_dequant(w_g, code_g, spec: QuantSpec, ratio_g):
+  q, scale, zero_point = _int_grid(w_g, code_g, spec, ratio_g)[:3]
+  return (q - zero_point) * scale
+
+
+def _ternary_round(w_g, spec: QuantSpec, ratio_g):
+  """Ternary levels round(w / s) in [-1, 1] at s = ratio * mean|W| (LSQ form; ratio 1 is absmean)."""
+  base = gran.reduce_groups(jnp.abs(w_g), jnp.mean)
+  scale = storable_scale(base * ratio_g, spec)
+  scaled = w_g / jnp.where(scale > 0, scale, 1.0)
+  rounded = jnp.round(scaled)
+  return jnp.clip(rounded, -1.0, 1.0), scale, base, jnp.abs(rounded) <= 1.0, rounded, scaled
+
+
+def _ternary_dequant(w_g, spec: QuantSpec, ratio_g):
+  q, scale = _ternary_round(w_g, spec, ratio_g)[:2]
+  return q * scale
 
 
 def _ternary_grid(w_g, spec: QuantSpec):
@@ -127,32 +150,76 @@ def _ternary_grid(w_g, spec: QuantSpec):
   return jnp.sign(w_g) * kept, storable_scale(alpha, spec)
 
 
-def _grid(w_g, code_g, spec: QuantSpec, clip_g) -> _Grid:
+def _grid(w_g, code_g, spec: QuantSpec, int_ratio_g, ternary_ratio_g) -> _Grid:
   """Quantizes every group at its code; FP groups are handled by the caller."""
-  q_i, s_i, zp_i, base, in_range, rounded, scaled = _int_grid(w_g, code_g, spec, clip_g)
-  q_t, s_t = _ternary_grid(w_g, spec)
+  q_i, s_i, zp_i, base_i, in_i, rounded_i, scaled_i, level_max = _int_grid(
+      w_g, code_g, spec, int_ratio_g)
   is_ternary = code_g == formats.TERNARY
+  if ternary_ratio_g is None:
+    q_t, s_t = _ternary_grid(w_g, spec)
+    base_t, in_t, rounded_t, scaled_t = base_i, in_i, rounded_i, scaled_i  # no ternary ratio grad
+  else:
+    q_t, s_t, base_t, in_t, rounded_t, scaled_t = _ternary_round(w_g, spec, ternary_ratio_g)
+  pick = functools.partial(jnp.where, is_ternary)
   return _Grid(
-      q=jnp.where(is_ternary, q_t, q_i),
-      scale=jnp.where(is_ternary, s_t, s_i),
-      zero_point=jnp.where(is_ternary, 0.0, zp_i),
-      base_scale=base,
-      in_range=in_range,
-      rounded=rounded,
-      scaled=scaled,
+      q=pick(q_t, q_i),
+      scale=pick(s_t, s_i),
+      zero_point=pick(0.0, zp_i),
+      base_scale=pick(base_t, base_i),
+      in_range=pick(in_t, in_i),
+      rounded=pick(rounded_t, rounded_i),
+      scaled=pick(scaled_t, scaled_i),
+      level_max=pick(1.0, level_max),
   )
 
 
 def _prepare(w, codes, spec: QuantSpec, clip_ratio):
-  """Grouped float weight, grouped codes and grouped clip ratio (or None)."""
+  """Grouped float weight, grouped codes, and the grouped intN and ternary ratios (or None).
+
+  A learned ratio (`clip_ratio`) sets the intN scales, and the ternary ones under `learn_scale`;
+  where none is given and `spec.scale_init == "mse"`, the grid search sets them.
+  """
   shape = tuple(w.shape)
   dtype = _compute_dtype(w.dtype)
   w_g = gran.to_groups(w.astype(dtype), spec)
   code_g = _codes_to_groups(codes, shape)
-  clip_g = None
-  if clip_ratio is not None:
-    clip_g = gran.scales_to_stats(clip_ratio.astype(dtype), shape, spec)
-  return w_g, code_g, clip_g
+  learned = None if clip_ratio is None else gran.scales_to_stats(clip_ratio.astype(dtype), shape, spec)
+  mse = spec.scale_init == "mse"
+  int_ratio = learned
+  if int_ratio is None and mse:
+    int_ratio = scale_search.int_ratio(w_g, lambda r: _int_dequant(w_g, code_g, spec, r))
+  ternary_ratio = learned if spec.learn_scale else None
+  if ternary_ratio is None and mse:
+    ternary_ratio = scale_search.ternary_ratio(w_g, lambda r: _ternary_dequant(w_g, spec, r))
+  return w_g, code_g, int_ratio, ternary_ratio
+
+
+def search_ratio(w, codes, spec: QuantSpec) -> jax.Array:
+  """The MSE-optimal ratio per group at each leading index's code (the start of a learned ratio).
+
+  Args:
+    w: weight [..., in, out].
+    codes: bit codes broadcastable to the leading dims (may be traced).
+    spec: the quantization spec (scale_init is ignored: this always searches).
+
+  Returns:
+    Ratios of `scale_shape(w.shape, spec)`: intN ratios for int codes, ternary ratios (of mean|W|)
+    for code 1, and 1 for full-precision codes.
+  """
+  w = jnp.asarray(w)
+  codes = _check_codes(codes, w.shape)
+  gran.grouped_shape(w.shape, spec)
+  return _search_ratio(w, codes, spec)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _search_ratio(w, codes, spec):
+  w_g = gran.to_groups(w.astype(_compute_dtype(w.dtype)), spec)
+  code_g = _codes_to_groups(codes, w.shape)
+  r_int = scale_search.int_ratio(w_g, lambda r: _int_dequant(w_g, code_g, spec, r))
+  r_ternary = scale_search.ternary_ratio(w_g, lambda r: _ternary_dequant(w_g, spec, r))
+  ratio = jnp.where(code_g == formats.TERNARY, r_ternary, r_int)
+  return gran.stats_to_scales(jnp.where(code_g == formats.FP, 1.0, ratio))
 
 
 def quantize_dequantize(w: jax.Array, codes, spec: QuantSpec, clip_ratio=None) -> jax.Array:
@@ -183,8 +250,8 @@ def quantize_dequantize(w: jax.Array, codes, spec: QuantSpec, clip_ratio=None) -
 # under an outer jit this is simply inlined.
 @functools.partial(jax.jit, static_argnums=(3,))
 def _quantize_dequantize(w, codes, clip_ratio, spec):
-  w_g, code_g, clip_g = _prepare(w, codes, spec, clip_ratio)
-  grid = _grid(w_g, code_g, spec, clip_g)
+  w_g, code_g, int_ratio, ternary_ratio = _prepare(w, codes, spec, clip_ratio)
+  grid = _grid(w_g, code_g, spec, int_ratio, ternary_ratio)
   w_q = (grid.q - grid.zero_point) * grid.scale
   w_q = jnp.where(code_g == formats.FP, w_g, w_q)
   return gran.from_groups(w_q, w.shape).astype(w.dtype)
@@ -238,13 +305,16 @@ def _fake_quant_clipped_fwd(w, codes, clip_ratio, spec):
 
 def _fake_quant_clipped_bwd(spec, residuals, g):
   w, codes, clip_ratio = residuals
-  w_g, code_g, clip_g = _prepare(w, codes, spec, clip_ratio)
-  grid = _grid(w_g, code_g, spec, clip_g)
+  w_g, code_g, int_ratio, ternary_ratio = _prepare(w, codes, spec, clip_ratio)
+  grid = _grid(w_g, code_g, spec, int_ratio, ternary_ratio)
   g_g = gran.to_groups(g.astype(w_g.dtype), spec)
-  is_int = code_g >= 2
-  grad_w = jnp.where(is_int & ~grid.in_range, 0.0, g_g)
+  # The groups whose scale the ratio sets: intN always, ternary under learn_scale.
+  learned = (code_g >= 2) | ((code_g == formats.TERNARY) & spec.learn_scale)
+  grad_w = jnp.where(learned & ~grid.in_range, 0.0, g_g)
   dq_ds = jnp.where(grid.in_range, grid.rounded - grid.scaled, grid.q - grid.zero_point)
-  grad_clip = gran.reduce_groups(jnp.where(is_int, g_g * dq_ds, 0.0), jnp.sum) * grid.base_scale
+  grad_clip = gran.reduce_groups(jnp.where(learned, g_g * dq_ds, 0.0), jnp.sum) * grid.base_scale
+  if spec.learn_scale:  # LSQ gradient scale 1 / sqrt(N * Q_P), N = weights under one scale
+    grad_clip = grad_clip * jax.lax.rsqrt(w_g.shape[-2] * grid.level_max)
   grad_clip = _sum_to_shape(gran.stats_to_scales(grad_clip), clip_ratio.shape)
   codes_cotangent = np.zeros(codes.shape, dtype=jax.dtypes.float0)
   return (gran.from_groups(grad_w, w.shape).astype(w.dtype), codes_cotangent,
@@ -284,8 +354,8 @@ def quantize_act_int8(x: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(3,))
 def _int_form(w, codes, clip_ratio, spec):
-  w_g, code_g, clip_g = _prepare(w, codes, spec, clip_ratio)
-  grid = _grid(w_g, code_g, spec, clip_g)
+  w_g, code_g, int_ratio, ternary_ratio = _prepare(w, codes, spec, clip_ratio)
+  grid = _grid(w_g, code_g, spec, int_ratio, ternary_ratio)
   return grid.q, grid.scale, grid.zero_point
 
 
