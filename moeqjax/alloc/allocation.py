@@ -32,8 +32,8 @@ import numpy as np
 
 from moeqjax import alloc
 from moeqjax.alloc.rules import RULE_METHODS
-from moeqjax.quant import effective_clip_ratio, formats, memory, quantize_dequantize
-from moeqjax.quant.clip import CLIP_SUFFIX
+from moeqjax.quant import formats, memory, quantize_dequantize
+from moeqjax.quant.clip import learned_ratio
 
 METHODS = ("paper_combined", "paper_router", "exact", "frequency", "gate_weight", "mc_moe",
            "uniform", "random")
@@ -139,10 +139,7 @@ def quant_error_table(params, cfg, choices=DEFAULT_CHOICES) -> np.ndarray:
       errs = []
       for name in _EXPERT_PARAMS:
         w = np.asarray(experts[name], np.float32)
-        clip = experts.get(name + CLIP_SUFFIX) if cfg.quant.learn_clip else None
-        if clip is not None:
-          clip = effective_clip_ratio(np.asarray(clip, np.float32))
-        wq = np.asarray(quantize_dequantize(w, codes, spec, clip))
+        wq = np.asarray(quantize_dequantize(w, codes, spec, learned_ratio(experts, (name,), spec)))
         num = np.sum((wq - w) ** 2, axis=(1, 2))
         errs.append(num / np.maximum(np.sum(w * w, axis=(1, 2)), 1e-30))
       out[l, :, c_idx] = np.mean(errs, axis=0)

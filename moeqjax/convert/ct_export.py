@@ -15,7 +15,7 @@ import numpy as np
 
 from moeqjax.convert import ct_pack, ct_scheme, layout
 from moeqjax.convert.errors import ConvertError
-from moeqjax.convert.gguf_export import _moeqjax_bytes, clip_ratio
+from moeqjax.convert.gguf_export import _moeqjax_bytes
 from moeqjax.convert.hf_config import family_of, model_config_to_hf_config
 from moeqjax.convert.hf_import import NP_DTYPES
 from moeqjax.convert.safetensors_io import SINGLE_FILE, StreamingWriter
@@ -23,7 +23,7 @@ from moeqjax.convert.tree_paths import get_path
 from moeqjax.model import ModelConfig
 from moeqjax.quant import formats, quantize_dequantize, quantize_to_ints
 from moeqjax.quant import granularity as gran
-from moeqjax.quant.clip import CLIP_SUFFIX
+from moeqjax.quant.clip import learned_ratio
 
 REPORT = "export_report.json"
 DTYPES = ("bfloat16", "float32")
@@ -131,9 +131,7 @@ def _check_scales(scales, mod: _Module):
 def _packed_arrays(cfg, params, mod: _Module, spec):
   """Yields the packed tensors of one quantized param (every expert), in `_tensor_specs` order."""
   w = np.asarray(jax.device_get(get_path(params, mod.path)), np.float32)
-  clip = None
-  if mod.path[-1] in _EXPERT_PARAMS and cfg.quant.learn_clip:
-    clip = clip_ratio(params, mod.path[:-1] + (mod.path[-1] + CLIP_SUFFIX,))
+  clip = learned_ratio(params, mod.path, spec) if mod.path[-1] in _EXPERT_PARAMS else None
   q, scales, zp = quantize_to_ints(w, mod.codes, spec, clip)  # [..., in, out], [..., ng, out]
   _check_scales(scales, mod)
   lead = w.shape[:-2]
@@ -165,9 +163,7 @@ def _float_arrays(cfg, params, mod: _Module, spec, float_dtype):
   w = np.asarray(jax.device_get(get_path(params, mod.path)), np.float32)
   dtype = float_dtype
   if mod.mode == "dequantized":
-    clip = None
-    if mod.path[-1] in _EXPERT_PARAMS and cfg.quant.learn_clip:
-      clip = clip_ratio(params, mod.path[:-1] + (mod.path[-1] + CLIP_SUFFIX,))
+    clip = learned_ratio(params, mod.path, spec) if mod.path[-1] in _EXPERT_PARAMS else None
     w = np.asarray(quantize_dequantize(w, mod.codes, spec, clip), np.float32)
     dtype = np.dtype(np.float32)
   for ent in mod.ents:

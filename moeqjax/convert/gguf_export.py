@@ -14,9 +14,10 @@ from moeqjax.convert.errors import ConvertError
 from moeqjax.convert.gguf_vocab import Vocab, add_vocab, bpe_vocab, byte_vocab
 from moeqjax.convert.tree_paths import get_path
 from moeqjax.model import ModelConfig
-from moeqjax.quant import (code_name, effective_clip_ratio, formats, quantize_dequantize,
+from moeqjax.quant import (code_name, formats, quantize_dequantize,
                            quantize_to_ints, weight_bytes)
 from moeqjax.quant import granularity as gran
+from moeqjax.quant.clip import learned_ratio
 
 REPORT = "export_report.json"
 FP_DTYPES = ("f32", "f16", "bf16")
@@ -24,12 +25,6 @@ _BF16_BYTES = 2  # moeqjax keeps full-precision weights in bf16
 # The exact container our own packing corresponds to, per code (what the allocation paid for).
 _NATURAL = {"ternary": ("TQ2_0", "TQ1_0"), "int2": ("Q4_0",), "int3": ("Q4_0",),
             "int4": ("Q4_0", "Q4_1"), "int8": ("Q8_0",)}
-
-
-def clip_ratio(params, path):
-  """The learned clip ratio the student quantizes `path` with (its effective value), or None."""
-  raw = None if path is None else get_path(params, path)
-  return None if raw is None else effective_clip_ratio(np.asarray(jax.device_get(raw)))
 
 
 def _to_ggml(a, kind: str, permute_heads: int):
@@ -225,7 +220,7 @@ def _write_tensor(writer, ent, params, quant, spec, order, fp_dtype, all_f32) ->
   else:
     row["codes"] = _codes_summary(codes)
     row["moeqjax_bytes"] = _moeqjax_bytes(w.shape, codes, spec)
-  clip = clip_ratio(params, ent.clip)
+  clip = learned_ratio(params, ent.path, spec) if ent.kind == "experts" else None
   if codes is not None and np.all(codes != formats.FP) and not all_f32:
     data, raw, qtype, note = _quantized_tensor(ent, w, codes, spec, order, clip)
   else:

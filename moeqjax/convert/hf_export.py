@@ -15,8 +15,8 @@ from moeqjax.convert.hf_import import NP_DTYPES
 from moeqjax.convert.safetensors_io import INDEX_FILE, SINGLE_FILE, StreamingWriter
 from moeqjax.convert.tree_paths import get_path
 from moeqjax.model import ModelConfig
-from moeqjax.quant import effective_clip_ratio, quantize_dequantize
-from moeqjax.quant.clip import CLIP_SUFFIX
+from moeqjax.quant import quantize_dequantize
+from moeqjax.quant.clip import learned_ratio
 
 
 def dequantized(cfg: ModelConfig, params, quant, path: tuple[str, ...]) -> np.ndarray:
@@ -25,10 +25,9 @@ def dequantized(cfg: ModelConfig, params, quant, path: tuple[str, ...]) -> np.nd
   if quant is not None and path[-1] in ("w_in", "w_gate", "w_out"):
     codes = get_path(quant, path[:-1] + ("expert_bits",))
     if codes is not None:
-      clip = get_path(params, path[:-1] + (path[-1] + CLIP_SUFFIX,)) if cfg.quant.learn_clip else None
-      if clip is not None:  # the ratio the student's forward pass uses, not the raw param
-        clip = effective_clip_ratio(np.asarray(jax.device_get(clip)))
-      w = quantize_dequantize(w, codes, cfg.quant.spec(), clip)
+      spec = cfg.quant.spec()
+      # The ratio the student's forward pass uses, not the raw param.
+      w = quantize_dequantize(w, codes, spec, learned_ratio(params, path, spec))
   elif quant is not None and path[-1] == "kernel":
     codes = get_path(quant, path[:-1] + ("bits",))
     if codes is not None:

@@ -54,6 +54,11 @@ class QuantRules:
     if self.act_bits not in (0, 8):
       raise ValueError(f"quant.act_bits={self.act_bits} is unsupported; use 0 (off) or 8")
 
+  @property
+  def learns_ratio(self) -> bool:
+    """Whether the student trains scale ratios (`*_clip` params): learn_clip or learn_scale."""
+    return bool(self.learn_clip or self.learn_scale)
+
   def spec(self):
     """The array-level quantizer spec (moeqjax.quant.QuantSpec) for these rules."""
     from moeqjax.quant import QuantSpec  # local: keeps config importable without jax

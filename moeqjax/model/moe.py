@@ -96,8 +96,8 @@ class MoE(nn.Module):
                           lambda: jnp.full((e,), rules.expert_code, jnp.int32))
     x_q, act_quant_E = expert_act_quant(x_TxD, rules, codes_E)
     if codes_E is not None:
-      clip = self._clip_ratios(e, d, f, pdtype) if rules.learn_clip else (None, None, None)
       spec = rules.spec()
+      clip = self._ratios(spec, e, d, f, pdtype) if spec.learns_ratio else (None, None, None)
       w_in = q.fake_quant(w_in, codes_E, spec, clip[0])
       w_gate = q.fake_quant(w_gate, codes_E, spec, clip[1])
       w_out = q.fake_quant(w_out, codes_E, spec, clip[2])
@@ -134,13 +134,19 @@ class MoE(nn.Module):
          for name, shape in shapes.items()}
     return DISPATCH[cfg.dispatch](x_in, w["w_in"], w["w_gate"], w["w_out"], gates_TxK, idx_TxK)
 
-  def _clip_ratios(self, e, d, f, pdtype):
-    """Learnable clipping ratios, one per expert output channel, initialised at 1 (no clip).
+  def _ratios(self, spec, e, d, f, pdtype):
+    """Learned scale ratios (clip ratios or LSQ scales), one per quantization group, initialised at 1.
 
-    The train step projects the raw params into range after each update; the forward pass reads
-    them through q.effective_clip_ratio like export does, with a straight-through gradient.
+    A QAT start replaces the 1s with its initial ratios (model.ratios.init_ratios). The train step
+    projects the raw params into range after each update; the forward pass reads them through
+    q.effective_clip_ratio like export does, with a straight-through gradient.
     """
-    def ratio(name, shape):
-      return q.effective_clip_ratio(self.param(name, nn.initializers.ones, shape, pdtype))
-    return (ratio("w_in_clip", (e, 1, f)), ratio("w_gate_clip", (e, 1, f)),
-            ratio("w_out_clip", (e, 1, d)))
+    def ratio(name, w_shape, axes):
+      shape = q.scale_shape(w_shape, spec)
+      # Named like the kernel's dims they follow; the group axis and size-1 axes stay unsharded.
+      names = (axes[0], None, None if shape[-1] == 1 else axes[2])
+      init = nn.with_logical_partitioning(nn.initializers.ones, names)
+      return q.effective_clip_ratio(self.param(name, init, shape, pdtype), spec)
+    return (ratio("w_in_clip", (e, d, f), ("expert", "embed", "mlp")),
+            ratio("w_gate_clip", (e, d, f), ("expert", "embed", "mlp")),
+            ratio("w_out_clip", (e, f, d), ("expert", "mlp", "embed")))

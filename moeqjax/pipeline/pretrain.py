@@ -7,7 +7,7 @@ import pathlib
 import jax
 
 from moeqjax.data import TokenCorpus
-from moeqjax.model import init_model
+from moeqjax.model import init_model, without_ratios
 from moeqjax.objectives import LossWeights
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline.workdirs import finished_state, record_config
@@ -22,6 +22,7 @@ def pretrain(config, workdir: str | pathlib.Path, corpus: TokenCorpus, *,
   loop, optim = config_io.phase_configs(config.pretrain, "pretrain")
   record_config(workdir, {k: config[k].to_dict() for k in ("model", "data", "pretrain")})
   model, params, _ = init_model(cfg, jax.random.key(loop.seed))
+  params = without_ratios(params)  # a full-precision model has no learned scale ratios
   tx = make_optimizer(optim)
   state = create_state(params, tx, cfg.num_layers)
   done = finished_state(workdir, state, loop.steps)

@@ -12,7 +12,8 @@ import numpy as np
 from moeqjax.alloc.allocation import (BUDGET_UNITS, METHODS, allocate, check_levels,
                                       read_allocation)
 from moeqjax.data import TokenCorpus
-from moeqjax.model import MoETransformer, default_quant, set_expert_codes
+from moeqjax.model import (MoETransformer, default_quant, init_ratios, set_expert_codes,
+                           without_ratios)
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
 from moeqjax.pipeline.workdirs import finished_state, load_data, record_config, teacher_params
@@ -99,7 +100,9 @@ def qat(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher_params
   if expert_codes_LxE is not None:
     quant = set_expert_codes(quant, expert_codes_LxE)
   tx = make_optimizer(optim)
-  student = jax.tree.map(jnp.copy, teacher_params)  # separate buffers: the state is donated
+  teacher_params = without_ratios(teacher_params)
+  # Separate buffers (the state is donated); learned ratios start at their initial value.
+  student = init_ratios(cfg, jax.tree.map(jnp.copy, teacher_params), quant)
   state = create_state(student, tx, cfg.num_layers, quant=quant,
                        teacher_params=jax.tree.map(jnp.copy, teacher_params))
   done = finished_state(workdir, state, loop.steps)

@@ -28,7 +28,7 @@ from moeqjax.alloc import allocation as alloc_mod
 from moeqjax.data import TextCorpus, eval_windows, sample_batch, stdlib_files, stdlib_root
 from moeqjax.data.corpus import _corpus_from_documents  # pylint: disable=protected-access
 from moeqjax.eval import evaluate_variants
-from moeqjax.model import MoETransformer, default_quant, set_expert_codes
+from moeqjax.model import MoETransformer, default_quant, init_ratios, set_expert_codes
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import study_peers, study_report
 from moeqjax.pipeline.pretrain import pretrain
@@ -116,8 +116,9 @@ def _finetune(config, workdir: pathlib.Path, corpus: TextCorpus, params, steps: 
 
 
 def _qat_cell(step_fn, tx, cfg, teacher, quant, codes, tokens, steps, batch_size, seq_len, seed):
-  state = create_state(jax.tree.map(jnp.copy, teacher), tx, cfg.num_layers,
-                       quant=jax.tree.map(jnp.copy, set_expert_codes(quant, codes)),
+  quant = set_expert_codes(quant, codes)
+  state = create_state(init_ratios(cfg, jax.tree.map(jnp.copy, teacher), quant), tx, cfg.num_layers,
+                       quant=jax.tree.map(jnp.copy, quant),
                        teacher_params=jax.tree.map(jnp.copy, teacher))
   rng = jax.random.key(seed)
   loss = float("nan")

@@ -23,7 +23,8 @@ from moeqjax.eval import evaluate_variants
 from moeqjax.eval.lm_eval import evaluate_lm
 from moeqjax.eval.routing_metrics import routing_agreement
 from moeqjax.alloc.allocation import achieved
-from moeqjax.model import MoETransformer, default_quant, forward_with_aux, set_expert_codes
+from moeqjax.model import (MoETransformer, default_quant, forward_with_aux, init_ratios,
+                           set_expert_codes)
 from moeqjax.objectives import token_nll
 from moeqjax.pipeline import config as config_io
 from moeqjax.train import create_state, jit_train_step, make_optimizer
@@ -54,7 +55,10 @@ def _eval_qwix(model, cfg, params, windows, batch_size, ref_idx):
 
 def _train(step_fn, tx, cfg, teacher, quant, tokens, steps, batch_size, seq_len, seed):
   # Fresh buffers every run: the jitted step donates the whole state, quant codes included.
-  state = create_state(jax.tree.map(jnp.copy, teacher), tx, cfg.num_layers,
+  params = jax.tree.map(jnp.copy, teacher)
+  if quant is not None:
+    params = init_ratios(cfg, params, quant)
+  state = create_state(params, tx, cfg.num_layers,
                        quant=None if quant is None else jax.tree.map(jnp.copy, quant),
                        teacher_params=None)
   for step in range(steps):

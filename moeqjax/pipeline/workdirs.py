@@ -8,7 +8,7 @@ import pathlib
 import jax
 
 from moeqjax.data import TokenCorpus, check_vocab, encode_corpus, load_corpus, make_tokenizer
-from moeqjax.model import default_quant, init_model
+from moeqjax.model import default_quant, init_model, without_ratios
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
 from moeqjax.train import Checkpointer, TrainState, create_state, make_optimizer
@@ -98,10 +98,11 @@ def state_template(config, phase: str) -> TrainState:
 
   def build():
     params = init_model(cfg, jax.random.key(0))[1]
+    teacher = without_ratios(params)  # teachers never hold learned ratios
     if phase == "qat":
       return create_state(params, tx, cfg.num_layers, quant=default_quant(cfg),
-                          teacher_params=params)
-    return create_state(params, tx, cfg.num_layers)
+                          teacher_params=teacher)
+    return create_state(teacher, tx, cfg.num_layers)
 
   return jax.eval_shape(build)
 

@@ -33,3 +33,4 @@ from moeqjax.quant.quantizers import fake_quant
 from moeqjax.quant.quantizers import quantize_act_int8
 from moeqjax.quant.quantizers import quantize_dequantize
 from moeqjax.quant.quantizers import quantize_to_ints
+from moeqjax.quant.quantizers import search_ratio

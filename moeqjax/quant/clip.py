@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,6 +60,22 @@ def effective_clip_ratio(raw: jax.Array | np.ndarray, spec=None) -> jax.Array | 
     return _clamp_ste(raw, jnp.asarray(upper, raw.dtype))
   raw = np.asarray(raw)
   return np.clip(raw, CLIP_MIN, upper).astype(raw.dtype)
+
+
+def learned_ratio(params, weight_path, spec) -> np.ndarray | None:
+  """The effective learned ratio of the weight at `weight_path` (keys into nested param dicts).
+
+  The one reader for packing, export, allocation and tests: None when `spec` learns no ratio or
+  `params` holds none for this weight (e.g. a teacher), else the numpy float32 effective ratio.
+  """
+  if not spec.learns_ratio:
+    return None
+  node = params
+  for key in (*weight_path[:-1], weight_path[-1] + CLIP_SUFFIX):
+    if not isinstance(node, Mapping) or key not in node:
+      return None
+    node = node[key]
+  return effective_clip_ratio(np.asarray(jax.device_get(node), np.float32), spec)
 
 
 def project_clip_ratio(raw: jax.Array, upper: float = CLIP_MAX) -> jax.Array:

@@ -31,7 +31,7 @@ from moeqjax.eval.memory_report import expert_shapes
 from moeqjax.model import MoETransformer, ModelConfig, QuantRules
 from moeqjax.model.packed_weights import COLLECTION
 from moeqjax.quant import packed_tensor as pt
-from moeqjax.quant.clip import effective_clip_ratio
+from moeqjax.quant.clip import learned_ratio
 
 FORMAT = "moeqjax-packed"
 FORMAT_VERSION = 1
@@ -60,7 +60,7 @@ def _packed_arrays(cfg: ModelConfig, params, quant):
   for path, w in _flatten(params):
     name = path[-1]
     where = "/".join(path)
-    if cfg.quant.learn_clip and name.endswith(_CLIP_SUFFIX) and name[:-len(_CLIP_SUFFIX)] in _EXPERT_PARAMS:
+    if cfg.quant.learns_ratio and name.endswith(_CLIP_SUFFIX) and name[:-len(_CLIP_SUFFIX)] in _EXPERT_PARAMS:
       continue  # folded into the stored scales of its weight
     w = np.asarray(jax.device_get(w), np.float32)
     if name in _EXPERT_PARAMS:
@@ -73,11 +73,7 @@ def _packed_arrays(cfg: ModelConfig, params, quant):
         raise PackedCheckpointError(
             f"{where}: expert(s) {np.flatnonzero(codes == q.FP).tolist()} have code 0 (full "
             "precision), which packing cannot store; give every expert a quantized code (1, 2, 3, 4, 8)")
-      clip = None
-      if cfg.quant.learn_clip:
-        clip = effective_clip_ratio(np.asarray(jax.device_get(
-            get_path(params, path[:-1] + (name + _CLIP_SUFFIX,))), np.float32))
-      yield path, pt.pack_experts(w, codes, spec, clip), None, codes
+      yield path, pt.pack_experts(w, codes, spec, learned_ratio(params, path, spec)), None, codes
       continue
     code = get_path(quant, path[:-1] + ("bits",)) if name == "kernel" else None
     if code is not None:
@@ -265,7 +261,7 @@ def _expected_shapes(cfg: ModelConfig, manifest: dict) -> dict:
         f"[num_layers, num_experts] = {[cfg.num_layers, cfg.num_experts]}")
   stored = {(rec["param"], rec["role"], rec.get("code")) for rec in manifest["tensors"].values()}
   for param in shapes:
-    if cfg.quant.learn_clip and param.endswith(_CLIP_SUFFIX):
+    if cfg.quant.learns_ratio and param.endswith(_CLIP_SUFFIX):
       continue  # folded into the scales
     leaf = param.split("/")[-1]
     if leaf in one_expert:

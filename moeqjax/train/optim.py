@@ -49,10 +49,13 @@ def decay_mask(params):
       lambda path, p: p.ndim >= 2 and not _is_clip(path), params)
 
 
-def project_params(params):
-  """Projects learned clip ratios back into their range after an update; other params unchanged."""
+def project_params(params, upper: float = clip.CLIP_MAX):
+  """Projects learned ratios back into [CLIP_MIN, upper] after an update; other params unchanged.
+
+  `upper` is clip.ratio_max(spec): 1 for clip ratios, clip.SCALE_MAX for learned scales.
+  """
   return jax.tree_util.tree_map_with_path(
-      lambda path, p: clip.project_clip_ratio(p) if _is_clip(path) else p, params)
+      lambda path, p: clip.project_clip_ratio(p, upper) if _is_clip(path) else p, params)
 
 
 def _is_clip(path) -> bool:

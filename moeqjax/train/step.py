@@ -9,6 +9,7 @@ import optax
 
 from moeqjax.model import MoETransformer, forward_with_aux
 from moeqjax.objectives import LossWeights, loss_terms, total_loss
+from moeqjax.quant.clip import ratio_max
 from moeqjax.train.optim import project_params
 from moeqjax.train.router_stats import update_router_stats
 from moeqjax.train.state import TrainState
@@ -43,7 +44,8 @@ def train_step(state: TrainState, batch, rng, *, model: MoETransformer,
   (loss, (terms, aux)), grads = grad_fn(state.params, state, inputs, targets, model, weights)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   # Projection, not a clamp in the forward pass: a clip ratio on its bound keeps its gradient.
-  params = project_params(optax.apply_updates(state.params, updates))
+  params = project_params(optax.apply_updates(state.params, updates),
+                          ratio_max(model.cfg.quant.spec()))
   stats = state.stats
   if collect_stats:
     stats = update_router_stats(stats, grads, aux["expert_idx"], aux["gates"],
