@@ -45,3 +45,18 @@ def test_pretrain_qat_eval(finished_runs, capsys):
   # rerunning pretrain without --resume must not overwrite the finished run silently
   assert main(["pretrain", "--workdir", str(tmp_path / "fp"), *args]) == 0  # finished: reused
   assert "pretrained 6 steps" in capsys.readouterr().out
+
+
+def test_qat_learn_clip_from_a_teacher_without_ratios(finished_runs):
+  """Issue 11: `qat --config.quant.learn_clip=True` from a teacher that has no `*_clip` params failed
+  (flax ScopeParamNotFoundError): the QAT start creates them, at 1 (no clip), and evaluates."""
+  tmp_path, args = finished_runs
+  clip_args = [*args, "--config.quant.learn_clip=True", "--config.quant.expert_code=2"]
+  assert main(["qat", "--workdir", str(tmp_path / "qc"), "--teacher", str(tmp_path / "fp"),
+               *clip_args]) == 0
+  assert main(["eval", "--workdir", str(tmp_path / "qc"), "--teacher", str(tmp_path / "fp"),
+               *clip_args]) == 0
+  student = json.loads((tmp_path / "qc" / "eval.json").read_text())["student"]
+  assert student["expert_code_bits"] == 2.0
+  # int2 at 2 bits per weight, the same fp16 scales as above: the ratios add no bytes.
+  assert student["expert_bytes"] == 2 * 4 * (192 + 192 + 160)
