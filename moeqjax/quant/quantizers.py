@@ -123,10 +123,15 @@ def _int_dequant(w_g, code_g, spec: QuantSpec, ratio_g):
 
 
 def _ternary_round(w_g, spec: QuantSpec, ratio_g):
-  """Ternary levels round(w / s) in [-1, 1] at s = ratio * mean|W| (LSQ form; ratio 1 is absmean)."""
+  """Ternary levels round(w / s) in [-1, 1] at s = ratio * mean|W| (LSQ form; ratio 1 is absmean).
+
+  As absmean does, the levels are rounded at the unrounded scale (plus eps) and dequantized with the
+  stored one, so ratio 1 gives the absmean weight bit for bit.
+  """
   base = gran.reduce_groups(jnp.abs(w_g), jnp.mean)
-  scale = storable_scale(base * ratio_g, spec)
-  scaled = w_g / jnp.where(scale > 0, scale, 1.0)
+  raw_scale = base * ratio_g
+  scale = storable_scale(raw_scale, spec)
+  scaled = w_g / (raw_scale + _ABSMEAN_EPS)
   rounded = jnp.round(scaled)
   return jnp.clip(rounded, -1.0, 1.0), scale, base, jnp.abs(rounded) <= 1.0, rounded, scaled
 
