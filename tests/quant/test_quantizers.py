@@ -214,19 +214,27 @@ def _ref_clip_grads(w, codes, spec, clip_groups, cot):
   """Numpy oracle of the clipped STE + LSQ clip gradient, per group.
 
   Returns grad_w like w and grad_clip shaped like the per-group scale (scale_shape).
+  With `spec.learn_scale` ternary groups are learned too (levels round(w / s) in [-1, 1] at
+  s = r * mean|w|) and every ratio gradient is scaled by 1 / sqrt(N * Q_P) (LSQ, Esser et al. 2020).
   """
   grad_w = cot.copy()
   grad_clip = np.zeros(clip_groups.shape, np.float64)
   for e in range(w.shape[0]):
     code = int(codes[e])
-    if code < 2:
+    if code == 0 or (code == 1 and not spec.learn_scale):
       continue
     for gi, idx in enumerate(_groups(w[e], spec)):
       # float32 like the library, so that rounding and clipping decisions agree bit for bit
       x, g = w[e][idx], cot[e][idx].astype(np.float64)
       k, o = (gi // w.shape[-1], gi % w.shape[-1]) if spec.granularity == "group" else (0, gi)
       r = clip_groups[e, k, o]
-      if spec.symmetric:
+      if code == 1:
+        base = np.mean(np.abs(x), dtype=np.float32)
+        v = np.round(x / (base * r + np.float32(1e-8)))
+        inside = np.abs(v) <= 1
+        dq_ds = np.where(inside, v - x / (base * r + np.float32(1e-8)), np.clip(v, -1, 1))
+        level_max = 1
+      elif spec.symmetric:
         qmax = np.float32(2 ** (code - 1) - 1)
         lo, hi, zp, base = -qmax - 1, qmax, np.float32(0), np.abs(x).max() / qmax
       else:
@@ -234,11 +242,14 @@ def _ref_clip_grads(w, codes, spec, clip_groups, cot):
         xmin, xmax = min(x.min(), np.float32(0)), max(x.max(), np.float32(0))
         base = (xmax - xmin) / hi
         zp = np.round(-xmin / base)
-      s = _stored(base * r, spec)  # d(stored s)/dr is taken straight through as base
-      v = np.round(x / s) + zp
-      inside = (v >= lo) & (v <= hi)
-      dq_ds = np.where(inside, np.round(x / s) - x / s, np.clip(v, lo, hi) - zp).astype(np.float64)
-      grad_clip[e, k, o] = np.sum(g * dq_ds) * float(base)
+      if code >= 2:
+        s = _stored(base * r, spec)  # d(stored s)/dr is taken straight through as base
+        v = np.round(x / s) + zp
+        inside = (v >= lo) & (v <= hi)
+        dq_ds = np.where(inside, np.round(x / s) - x / s, np.clip(v, lo, hi) - zp)
+        level_max = hi
+      lsq = 1 / np.sqrt(x.size * float(level_max)) if spec.learn_scale else 1.0
+      grad_clip[e, k, o] = np.sum(g * dq_ds.astype(np.float64)) * float(base) * lsq
       gw = grad_w[e][idx]
       gw[~inside] = 0.0
       grad_w[e][idx] = gw
@@ -260,6 +271,43 @@ def test_clipped_ste_and_lsq_clip_gradient_match_the_oracle(granularity, symmetr
   assert np.sum(np.asarray(g_w) == 0) > 10  # the clip ratios really clip something
   np.testing.assert_allclose(np.asarray(g_c), want_c, rtol=1e-4, atol=1e-4)
   assert np.all(np.asarray(g_c)[:2] == 0)  # FP and ternary experts get no clip gradient
+
+
+@pytest.mark.parametrize("granularity,symmetric", [("channel", True), ("group", False)])
+def test_learned_scale_lsq_gradient_matches_the_oracle(granularity, symmetric):
+  """learn_scale: ternary and intN ratios (around their MSE ratios, some above 1) get the LSQ
+  gradient with its 1 / sqrt(N * Q_P) scale; weights outside the grid get none."""
+  spec = QuantSpec(granularity=granularity, group_size=G, symmetric=symmetric, learn_scale=True)
+  w = _weights(13)
+  rng = np.random.RandomState(14)
+  cot = rng.randn(*w.shape).astype(np.float32)
+  ratio = rng.uniform(0.6, 1.6, scale_shape(w.shape, spec)).astype(np.float32)
+  loss = lambda w_, r_: (fake_quant(w_, MIXED_CODES, spec, r_) * cot).sum()
+  g_w, g_r = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(w), jnp.asarray(ratio))
+  want_w, want_r = _ref_clip_grads(w, MIXED_CODES, spec, ratio, cot)
+  np.testing.assert_array_equal(np.asarray(g_w), want_w)
+  assert np.sum(np.asarray(g_w)[1] == 0) > 5  # ternary weights beyond 1.5 s get no gradient
+  np.testing.assert_allclose(np.asarray(g_r), want_r, rtol=1e-4, atol=1e-5)
+  assert np.all(np.asarray(g_r)[0] == 0) and np.all(np.asarray(g_r)[1] != 0)  # FP none, ternary all
+
+
+def test_ternary_scale_gradient_matches_finite_differences():
+  # Ternary weights beyond 1.5 s are Q = sign(w) * r * mean|w|, linear in the ratio: the LSQ
+  # gradient (times sqrt(N * 1), undoing its scale) equals the finite difference. float32 scales.
+  spec = QuantSpec(granularity="channel", scale_bytes=4, learn_scale=True)
+  w = _weights(15, (1, D_IN, D_OUT))
+  codes = np.array([1], np.int32)
+  ratio = np.float32(0.8)
+  mean_abs = np.abs(w).mean(axis=1, keepdims=True)
+  h = 1e-2  # float32 sums: a smaller step drowns in rounding
+  clipped = np.abs(w) > 1.5 * mean_abs * (ratio + 2 * h)  # stays clipped over the whole step
+  assert clipped.sum() >= 3
+  cot = np.where(clipped, np.random.RandomState(16).randn(*w.shape), 0.0).astype(np.float32)
+  loss = lambda r_: (fake_quant(jnp.asarray(w), codes, spec, r_) * cot).sum()
+  grad = float(jax.grad(loss)(jnp.float32(ratio))) * np.sqrt(D_IN)
+  fd = (float(loss(jnp.float32(ratio + h))) - float(loss(jnp.float32(ratio - h)))) / (2 * h)
+  np.testing.assert_allclose(grad, fd, rtol=1e-4)
+  np.testing.assert_allclose(grad, np.sum(cot * np.sign(w) * mean_abs), rtol=1e-5)  # d(r m)/dr
 
 
 def test_clip_gradient_of_clipped_weights_matches_finite_differences():
