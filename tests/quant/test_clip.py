@@ -99,3 +99,24 @@ def test_quant_error_table_uses_the_learned_clip_ratio(symmetric):
   ones = jax.tree_util.tree_map_with_path(
       lambda path, x: np.ones_like(x) if path[-1].key.endswith("_clip") else x, raw_params)
   np.testing.assert_allclose(fresh, quant_error_table(ones, cfg, choices), rtol=1e-6)
+
+
+def test_learned_scale_range_and_export_of_ternary_ratios():
+  """learn_scale: the same params hold LSQ scale ratios in [0.05, 4]; export (one reader,
+  quant.clip.learned_ratio) dequantizes ternary experts with them too, above 1 included."""
+  from moeqjax.convert.hf_export import dequantized
+  rules = QuantRules(expert_code=1, learn_scale=True)
+  np.testing.assert_array_equal(effective_clip_ratio(RAW, rules.spec()),
+                                np.clip(RAW, 0.05, 4.0))
+  cfg = tiny_model_config(quant=rules)
+  _, params, quant = init_model(cfg, jax.random.key(0))
+  moe = jax.tree.map(np.asarray, params)["layers_0"]["moe"]
+  moe["w_in_clip"] = np.random.default_rng(2).uniform(0.8, 5.0, moe["w_in_clip"].shape).astype(
+      np.float32)
+  params = {**params, "layers_0": {**params["layers_0"], "moe": moe}}
+  codes = quant["layers_0"]["moe"]["expert_bits"]  # ternary everywhere
+  got = dequantized(cfg, params, quant, ("layers_0", "moe", "w_in"))
+  want = quantize_dequantize(moe["w_in"], codes, rules.spec(), np.minimum(moe["w_in_clip"], 4.0))
+  np.testing.assert_array_equal(got, np.asarray(want))
+  absmean = quantize_dequantize(moe["w_in"], codes, rules.spec())
+  assert np.abs(got - np.asarray(absmean)).max() > 1e-3  # the learned ternary scale is used

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model_config
-from moeqjax.model import default_quant, set_expert_codes
+from moeqjax.model import default_quant, init_ratios, set_expert_codes
 from moeqjax.model import MoETransformer, QuantRules, init_model
 from moeqjax.serve import load_packed, pack
 
@@ -97,6 +97,25 @@ def test_learned_clip_ratios_are_folded_into_the_scales(tmp_path):
       moe[name] = jnp.asarray(rng.uniform(0.5, 1.2, moe[name].shape), jnp.float32)  # some > 1
   served = _check_packed_equals_fake_quant(tmp_path, cfg, params, quant)
   assert not any("clip" in name for name in served.manifest["tensors"])
+
+
+def test_learned_scales_are_folded_into_the_scales(tmp_path):
+  """learn_scale: per-group ratios (MSE-initialised, then moved; ternary ones above 1, some raw
+  values past the range) are what packing stores, so packed logits equal the student's."""
+  rules = QuantRules(expert_code=1, learn_scale=True, scale_init="mse", granularity="group",
+                     group_size=8)
+  cfg, params, quant = _student(rules)
+  params = init_ratios(cfg, params, quant)
+  rng = np.random.RandomState(4)
+  for i in range(cfg.num_layers):
+    moe = params[f"layers_{i}"]["moe"]
+    for name in ("w_in_clip", "w_gate_clip", "w_out_clip"):
+      assert moe[name].shape == moe[name[:-5]].shape[:1] + (moe[name[:-5]].shape[1] // 8,
+                                                           moe[name[:-5]].shape[2])
+      moe[name] = moe[name] * jnp.asarray(rng.uniform(0.8, 1.25, moe[name].shape), jnp.float32)
+    moe["w_in_clip"] = moe["w_in_clip"].at[0, 0, 0].set(5.0)  # beyond SCALE_MAX: clamped to 4
+  assert float(params["layers_0"]["moe"]["w_in_clip"][0].max()) > 1.0  # a ternary ratio above 1
+  _check_packed_equals_fake_quant(tmp_path, cfg, params, quant)
 
 
 def test_pack_refuses_full_precision_codes(tmp_path):

@@ -1,4 +1,4 @@
-"""Learned clip ratios in QAT: kept in [0.05, 1] by projection, always trainable, never decayed."""
+"""Learned clip ratios and LSQ scales in QAT: kept in range by projection, always trainable, never decayed."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,8 @@ from conftest import tiny_model_config
 from helpers_train import JOINT, synthetic_tokens
 from moeqjax.model import default_quant
 from moeqjax.data import sample_batch
-from moeqjax.model import QuantRules, init_model
+from moeqjax.model import QuantRules, init_model, init_ratios, set_expert_codes, without_ratios
+from moeqjax.quant import search_ratio
 from moeqjax.train import OptimConfig, create_state, jit_train_step, make_optimizer
 from moeqjax.train.step import _loss_fn  # pylint: disable=protected-access
 
@@ -65,3 +66,38 @@ def test_weight_decay_skips_clip_ratios():
   np.testing.assert_allclose(np.asarray(moe["w_in"]),
                              -0.1 * 0.5 * np.asarray(params["layers_0"]["moe"]["w_in"]),
                              rtol=1e-6)
+
+
+def test_learned_scales_start_at_the_mse_ratio_move_and_lower_the_loss():
+  """learn_scale with scale_init="mse": the QAT start sets every ratio to the searched one (ternary
+  ratios above 1, outside a clip ratio's range), training moves them within [0.05, 4], and the
+  loss on a held batch goes down."""
+  rules = QuantRules(expert_code=1, learn_scale=True, scale_init="mse")
+  cfg = tiny_model_config(quant=rules)
+  model, params, _ = init_model(cfg, jax.random.key(0))
+  quant = set_expert_codes(default_quant(cfg), [[1, 2, 1, 2], [2, 1, 3, 1]])
+  teacher = without_ratios(params)
+  student = init_ratios(cfg, jax.tree.map(jnp.copy, teacher), quant)
+  start = _clip_leaves(student, cfg.num_layers)
+  for (l, n), r in start.items():
+    w = student[f"layers_{l}"]["moe"][n[:-5]]
+    codes = np.asarray(quant[f"layers_{l}"]["moe"]["expert_bits"])
+    np.testing.assert_array_equal(r, np.clip(np.asarray(search_ratio(w, codes, rules.spec())),
+                                             0.05, 4.0))
+  assert max(float(r[0].max()) for r in start.values()) > 1.0  # layer 0 expert 0 is ternary
+  tx = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0, total_steps=12,
+                                  end_lr_fraction=1.0, weight_decay=0.1, grad_clip=1.0))
+  state = create_state(student, tx, cfg.num_layers, quant=quant, teacher_params=teacher)
+  tokens = synthetic_tokens()
+  held = jnp.asarray(sample_batch(tokens, 16, 16, seed=1, step=0))
+  loss_fn = jax.jit(lambda s: _loss_fn(s.params, s, held[:, :-1], held[:, 1:], model, JOINT)[0])
+  held_loss = lambda s: float(loss_fn(s))
+  before = held_loss(state)
+  step = jit_train_step(model, tx, JOINT)
+  for i in range(12):
+    state, _ = step(state, jnp.asarray(sample_batch(tokens, 8, 16, seed=0, step=i)),
+                    jax.random.key(i))
+  assert held_loss(state) < before
+  for key, r in _clip_leaves(state.params, cfg.num_layers).items():
+    assert 0.05 <= r.min() and r.max() <= 4.0, key
+    assert np.mean(r != start[key]) > 0.5, f"{key}: the learned scales did not move"
