@@ -12,7 +12,7 @@ import numpy as np
 from moeqjax.data import eval_windows, make_tokenizer, unigram_bits_per_token
 from moeqjax.eval import REFERENCE, evaluate_variants
 from moeqjax.eval.report import write_report
-from moeqjax.model import default_quant, set_expert_codes
+from moeqjax.model import default_quant, init_ratios, set_expert_codes
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
 from moeqjax.pipeline.pretrain import pretrain
@@ -163,8 +163,9 @@ def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | N
     if not trained and code == 0:
       variants[name] = {"params": params}
     elif not trained:
-      variants[name] = {"params": params,
-                        "quant": set_expert_codes(quant, np.full(shape, code))}
+      rtn_quant = set_expert_codes(quant, np.full(shape, code))
+      # Rules that learn ratios need them: RTN uses their initial value (1, or the MSE search).
+      variants[name] = {"params": init_ratios(cfg, params, rtn_quant), "quant": rtn_quant}
     else:
       t = time.perf_counter()
       state = qat(config, workdir / name, corpus, params,

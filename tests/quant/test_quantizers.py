@@ -256,17 +256,23 @@ def _ref_clip_grads(w, codes, spec, clip_groups, cot):
   return grad_w, grad_clip
 
 
+def _gradients_and_oracle(spec, seed, low, high):
+  """(grad_w, grad_ratio) of a random linear loss of fake_quant at ratios in [low, high], and the
+  oracle's (_ref_clip_grads)."""
+  w = _weights(seed)
+  rng = np.random.RandomState(seed + 1)
+  cot = rng.randn(*w.shape).astype(np.float32)
+  ratio = rng.uniform(low, high, scale_shape(w.shape, spec)).astype(np.float32)
+  loss = lambda w_, r_: (fake_quant(w_, MIXED_CODES, spec, r_) * cot).sum()
+  g_w, g_r = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(w), jnp.asarray(ratio))
+  return (np.asarray(g_w), np.asarray(g_r), *_ref_clip_grads(w, MIXED_CODES, spec, ratio, cot))
+
+
 @pytest.mark.parametrize("granularity,symmetric", [("channel", True), ("group", True),
                                                    ("group", False), ("tensor", False)])
 def test_clipped_ste_and_lsq_clip_gradient_match_the_oracle(granularity, symmetric):
   spec = QuantSpec(granularity=granularity, group_size=G, symmetric=symmetric, learn_clip=True)
-  w = _weights(9)
-  rng = np.random.RandomState(10)
-  cot = rng.randn(*w.shape).astype(np.float32)
-  clip = rng.uniform(0.45, 0.8, scale_shape(w.shape, spec)).astype(np.float32)
-  loss = lambda w_, c_: (fake_quant(w_, MIXED_CODES, spec, c_) * cot).sum()
-  g_w, g_c = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(w), jnp.asarray(clip))
-  want_w, want_c = _ref_clip_grads(w, MIXED_CODES, spec, clip, cot)
+  g_w, g_c, want_w, want_c = _gradients_and_oracle(spec, 9, 0.45, 0.8)
   np.testing.assert_array_equal(np.asarray(g_w), want_w)  # exact zeros outside the clip range
   assert np.sum(np.asarray(g_w) == 0) > 10  # the clip ratios really clip something
   np.testing.assert_allclose(np.asarray(g_c), want_c, rtol=1e-4, atol=1e-4)
@@ -278,13 +284,7 @@ def test_learned_scale_lsq_gradient_matches_the_oracle(granularity, symmetric):
   """learn_scale: ternary and intN ratios (around their MSE ratios, some above 1) get the LSQ
   gradient with its 1 / sqrt(N * Q_P) scale; weights outside the grid get none."""
   spec = QuantSpec(granularity=granularity, group_size=G, symmetric=symmetric, learn_scale=True)
-  w = _weights(13)
-  rng = np.random.RandomState(14)
-  cot = rng.randn(*w.shape).astype(np.float32)
-  ratio = rng.uniform(0.6, 1.6, scale_shape(w.shape, spec)).astype(np.float32)
-  loss = lambda w_, r_: (fake_quant(w_, MIXED_CODES, spec, r_) * cot).sum()
-  g_w, g_r = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(w), jnp.asarray(ratio))
-  want_w, want_r = _ref_clip_grads(w, MIXED_CODES, spec, ratio, cot)
+  g_w, g_r, want_w, want_r = _gradients_and_oracle(spec, 13, 0.6, 1.6)
   np.testing.assert_array_equal(np.asarray(g_w), want_w)
   assert np.sum(np.asarray(g_w)[1] == 0) > 5  # ternary weights beyond 1.5 s get no gradient
   np.testing.assert_allclose(np.asarray(g_r), want_r, rtol=1e-4, atol=1e-5)
