@@ -232,7 +232,10 @@ def quantize_dequantize(w: jax.Array, codes, spec: QuantSpec, clip_ratio=None) -
 
   Per group: code 0 passes w through; code 1 is ternary (absmean or TWN per `spec.ternary_method`);
   codes 2/3/4/8 are round-to-nearest on a symmetric grid [-qmax-1, qmax] * scale, with
-  scale = clip_ratio * max|W| / qmax, or on an asymmetric grid with a zero point.
+  scale = clip_ratio * max|W| / qmax, or on an asymmetric grid with a zero point. With
+  `spec.scale_init == "mse"` and no `clip_ratio`, the ratio is the grid-searched MSE-optimal one
+  (moeqjax.quant.scale_search), and ternary groups use round-to-nearest levels at ratio * mean|W|;
+  under `spec.learn_scale` a given ratio sets the ternary scales that way too.
 
   Args:
     w: weight [..., in, out]; leading dims are batch dims (e.g. experts).
@@ -269,7 +272,9 @@ def fake_quant(w: jax.Array, codes, spec: QuantSpec, clip_ratio=None) -> jax.Arr
   With `clip_ratio`: a clipped STE (dL/dw is zeroed where an intN weight fell outside the clip range)
   and an LSQ-style gradient for the clip ratio (dQ/ds = round(w/s) - w/s inside the range, the clip
   level minus the zero point outside, chained through s = clip_ratio * base_scale with the base scale
-  held constant). FP and ternary elements get a plain STE and contribute nothing to the clip gradient.
+  held constant). FP and ternary elements get a plain STE and contribute nothing to the clip gradient,
+  except under `spec.learn_scale`, where ternary groups are learned like intN ones and every ratio
+  gradient is scaled by 1 / sqrt(N * Q_P) (LSQ; N weights per scale, Q_P the top level).
 
   Args:
     w: weight [..., in, out].
