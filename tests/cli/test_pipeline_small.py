@@ -2,9 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from moeqjax.cli import main
+from moeqjax.pipeline.config import apply_overrides, load_config
+from moeqjax.pipeline.workdirs import finished_state, state_template
 
 TINY = ["--config.model.d_model=16", "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
         "--config.model.head_dim=8", "--config.model.d_ff=32", "--config.model.num_experts=4",
@@ -49,14 +52,17 @@ def test_pretrain_qat_eval(finished_runs, capsys):
 
 def test_qat_learn_clip_from_a_teacher_without_ratios(finished_runs):
   """Issue 11: `qat --config.quant.learn_clip=True` from a teacher that has no `*_clip` params failed
-  (flax ScopeParamNotFoundError): the QAT start creates them, at 1 (no clip), and evaluates."""
+  (restoring the teacher into a template with them, or a ScopeParamNotFoundError): the QAT start
+  creates them, at 1 (no clip), and trains them."""
   tmp_path, args = finished_runs
   clip_args = [*args, "--config.quant.learn_clip=True", "--config.quant.expert_code=2"]
   assert main(["qat", "--workdir", str(tmp_path / "qc"), "--teacher", str(tmp_path / "fp"),
                *clip_args]) == 0
-  assert main(["eval", "--workdir", str(tmp_path / "qc"), "--teacher", str(tmp_path / "fp"),
-               *clip_args]) == 0
-  student = json.loads((tmp_path / "qc" / "eval.json").read_text())["student"]
-  assert student["expert_code_bits"] == 2.0
-  # int2 at 2 bits per weight, the same fp16 scales as above: the ratios add no bytes.
-  assert student["expert_bytes"] == 2 * 4 * (192 + 192 + 160)
+  config = load_config(None)
+  apply_overrides(config, dict(a[len("--config."):].split("=", 1) for a in clip_args
+                               if a.startswith("--config.")))
+  state = finished_state(tmp_path / "qc", state_template(config, "qat"), 4)
+  ratios = np.asarray(state.params["layers_0"]["moe"]["w_in_clip"])
+  assert ratios.shape == (4, 1, 32) and 0.05 <= ratios.min() and ratios.max() <= 1.0
+  assert np.any(ratios != 1.0)  # trained from 1
+  assert "w_in_clip" not in state.teacher_params["layers_0"]["moe"]

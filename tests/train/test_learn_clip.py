@@ -85,7 +85,7 @@ def test_learned_scales_start_at_the_mse_ratio_move_and_lower_the_loss():
     np.testing.assert_array_equal(r, np.clip(np.asarray(search_ratio(w, codes, rules.spec())),
                                              0.05, 4.0))
   assert max(float(r[0].max()) for r in start.values()) > 1.0  # layer 0 expert 0 is ternary
-  tx = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0, total_steps=12,
+  tx = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0, total_steps=8,
                                   end_lr_fraction=1.0, weight_decay=0.1, grad_clip=1.0))
   state = create_state(student, tx, cfg.num_layers, quant=quant, teacher_params=teacher)
   tokens = synthetic_tokens()
@@ -94,7 +94,7 @@ def test_learned_scales_start_at_the_mse_ratio_move_and_lower_the_loss():
   held_loss = lambda s: float(loss_fn(s))
   before = held_loss(state)
   step = jit_train_step(model, tx, JOINT)
-  for i in range(12):
+  for i in range(8):
     state, _ = step(state, jnp.asarray(sample_batch(tokens, 8, 16, seed=0, step=i)),
                     jax.random.key(i))
   assert held_loss(state) < before
