@@ -28,8 +28,10 @@ DEMO_VARIANTS = {
     "full_precision": (0, False, "the pretrained model, no quantization (the teacher)"),
     "fp_continued": (0, True, "control: the same QAT recipe and steps with no quantization "
                      "(code 0), so extra training is not mistaken for a quantization gain"),
-    "rtn_int4": (4, False, "round-to-nearest int4 experts, per-channel scales, no training"),
-    "rtn_ternary": (1, False, "round-to-nearest ternary experts (BitNet absmean), no training"),
+    "rtn_int4": (4, False, "round-to-nearest int4 experts, per-channel scales (quant.scale_init), "
+                 "no training"),
+    "rtn_ternary": (1, False, "round-to-nearest ternary experts (BitNet absmean, or MSE-searched "
+                    "scales with quant.scale_init='mse'), no training"),
     "qat_ternary": (1, True, "ternary experts after QAT with the joint objective "
                     "(CE + block reconstruction + logits KD + routing value + structure)"),
     "qat_int2": (2, True, "int2 experts after QAT with the same joint objective"),

@@ -53,7 +53,8 @@ def test_pretrain_qat_eval(finished_runs, capsys):
 def test_qat_learn_clip_from_a_teacher_without_ratios(finished_runs):
   """Issue 11: `qat --config.quant.learn_clip=True` from a teacher that has no `*_clip` params failed
   (restoring the teacher into a template with them, or a ScopeParamNotFoundError): the QAT start
-  creates them, at 1 (no clip), and trains them."""
+  creates them at their initial value (the MSE-searched ratio under the tiny config) and trains
+  them."""
   tmp_path, args = finished_runs
   clip_args = [*args, "--config.quant.learn_clip=True", "--config.quant.expert_code=2"]
   assert main(["qat", "--workdir", str(tmp_path / "qc"), "--teacher", str(tmp_path / "fp"),
@@ -64,5 +65,5 @@ def test_qat_learn_clip_from_a_teacher_without_ratios(finished_runs):
   state = finished_state(tmp_path / "qc", state_template(config, "qat"), 4)
   ratios = np.asarray(state.params["layers_0"]["moe"]["w_in_clip"])
   assert ratios.shape == (4, 1, 32) and 0.05 <= ratios.min() and ratios.max() <= 1.0
-  assert np.any(ratios != 1.0)  # trained from 1
+  assert np.any(ratios != 1.0)
   assert "w_in_clip" not in state.teacher_params["layers_0"]["moe"]
