@@ -53,11 +53,7 @@ class QuantRules:
             " (0 = full precision, 1 = ternary)")
     if self.act_bits not in (0, 8):
       raise ValueError(f"quant.act_bits={self.act_bits} is unsupported; use 0 (off) or 8")
-    if self.scale_init not in ("absmax", "mse"):
-      raise ValueError(f"quant.scale_init={self.scale_init!r} is unsupported; use 'absmax' or 'mse'")
-    if self.learn_clip and self.learn_scale:
-      raise ValueError("quant.learn_clip and quant.learn_scale are both True; set one (learn_scale "
-                       "also learns the intN clipping)")
+    self.spec()  # the quantizer's own checks (granularity, scale_init, ...), at config time
 
   @property
   def learns_ratio(self) -> bool:

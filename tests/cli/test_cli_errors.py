@@ -18,8 +18,8 @@ def _run(capsys, *argv):
     (["--config.model.top_k=9"], "top_k=9 must be between 1 and model.num_experts=8"),
     (["--config.quant.expert_code=5"], "expert_code=5 is unsupported"),
     (["--config.model.num_layers=two"], "expected an integer"),
-    (["--config.quant.scale_init=best"], "scale_init='best' is unsupported; use 'absmax' or 'mse'"),
-    (["--config.quant.learn_clip=True", "--config.quant.learn_scale=True"], "set one"),
+    (["--config.quant.scale_init=best"], "scale_init='best' is unsupported; choose from"),
+    (["--config.quant.learn_clip=True", "--config.quant.learn_scale=True"], "choose one"),
     (["--data", "/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
 ])
 def test_bad_input_is_one_line_error(capsys, tmp_path, argv, words):
