@@ -53,8 +53,7 @@ def test_pretrain_qat_eval(finished_runs, capsys):
 def test_qat_learn_clip_from_a_teacher_without_ratios(finished_runs):
   """Issue 11: `qat --config.quant.learn_clip=True` from a teacher that has no `*_clip` params failed
   (restoring the teacher into a template with them, or a ScopeParamNotFoundError): the QAT start
-  creates them at their initial value (the MSE-searched ratio under the tiny config) and trains
-  them."""
+  creates them at their initial value and trains them."""
   tmp_path, args = finished_runs
   clip_args = [*args, "--config.quant.learn_clip=True", "--config.quant.expert_code=2"]
   assert main(["qat", "--workdir", str(tmp_path / "qc"), "--teacher", str(tmp_path / "fp"),
