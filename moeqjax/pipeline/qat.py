@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 
 import jax
@@ -41,6 +42,16 @@ class ReallocConfig:
       raise config_io.ConfigError(
           f"realloc.budget_unit={self.budget_unit!r}; use one of {', '.join(BUDGET_UNITS)}")
     check_levels(self.levels, self.method)  # an AllocationError says what to fix
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_qat_step(cfg, optim, weights):
+  """The jitted QAT step for a (model config, optimizer config, loss weights).
+
+  Expert codes are traced data, so runs that differ only in their codes (the demo's variants,
+  full precision included) share one compile instead of paying one each.
+  """
+  return jit_train_step(MoETransformer(cfg), make_optimizer(optim), weights)
 
 
 def realloc_from_config(config) -> ReallocConfig | None:
@@ -94,7 +105,6 @@ def qat(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher_params
   if realloc is not None:
     record["realloc"] = dataclasses.asdict(realloc)
   record_config(workdir, record)
-  model = MoETransformer(cfg)
   quant = default_quant(cfg)
   if expert_codes_LxE is not None:
     quant = set_expert_codes(quant, expert_codes_LxE)
@@ -105,7 +115,7 @@ def qat(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher_params
   done = finished_state(workdir, state, loop.steps)
   if done is not None:
     return done
-  step_fn = jit_train_step(model, tx, weights)
+  step_fn = compiled_qat_step(cfg, optim, weights)
   if realloc is not None:
     step_fn = progressive_step(step_fn, cfg, realloc)
   return run_training(state, step_fn, corpus.train, loop, workdir, resume=resume,
