@@ -18,14 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moeqjax.alloc.allocation import read_allocation
 from moeqjax.data import TokenCorpus
 from moeqjax.model import default_quant, set_expert_codes
 from moeqjax.model.codes import expert_codes
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
 from moeqjax.pipeline.ptq_calib import expert_hessians
-from moeqjax.pipeline.workdirs import finished_state, load_data, record_config, teacher_params
+from moeqjax.pipeline.workdirs import finished_state, record_config, teacher_inputs
 from moeqjax.quant import QuantSpec, quantize_dequantize
 from moeqjax.quant import gptq as gq
 from moeqjax.train import Checkpointer, create_state, make_optimizer
@@ -162,12 +161,7 @@ def ptq(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher, *, me
 def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path, method: str,
                      allocation_path: str | None, calib_batches: int):
   """`moeqjax ptq`: the teacher's params, the data and an optional allocation.json."""
-  params = teacher_params(config, teacher_dir)
-  corpus = load_data(config)
-  codes = None
-  if allocation_path is not None:
-    cfg = config_io.model_config(config)
-    codes = read_allocation(allocation_path, cfg.num_layers, cfg.num_experts)
+  params, corpus, codes = teacher_inputs(config, teacher_dir, allocation_path)
   result = ptq(config, workdir, corpus, params, method=method, expert_codes_LxE=codes,
                calib_batches=calib_batches)
   import_hf.keep_hf_config(teacher_dir, workdir)

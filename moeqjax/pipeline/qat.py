@@ -9,13 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moeqjax.alloc.allocation import (BUDGET_UNITS, METHODS, allocate, check_levels,
-                                      read_allocation)
+from moeqjax.alloc.allocation import BUDGET_UNITS, METHODS, allocate, check_levels
 from moeqjax.data import TokenCorpus
 from moeqjax.model import MoETransformer, default_quant, set_expert_codes
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
-from moeqjax.pipeline.workdirs import finished_state, load_data, record_config, teacher_params
+from moeqjax.pipeline.workdirs import finished_state, record_config, teacher_inputs
 from moeqjax.train import (TrainState, create_state, jit_train_step, make_optimizer,
                            run_training)
 from moeqjax.train import progressive
@@ -118,12 +117,7 @@ def qat_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path,
 
   An imported teacher's original config.json is kept in the workdir, for `moeqjax export`.
   """
-  params = teacher_params(config, teacher_dir)
-  corpus = load_data(config)
-  codes = None
-  if allocation_path is not None:
-    cfg = config_io.model_config(config)
-    codes = read_allocation(allocation_path, cfg.num_layers, cfg.num_experts)
+  params, corpus, codes = teacher_inputs(config, teacher_dir, allocation_path)
   state = qat(config, workdir, corpus, params, expert_codes_LxE=codes, resume=resume,
               realloc=realloc_from_config(config))
   import_hf.keep_hf_config(teacher_dir, workdir)
