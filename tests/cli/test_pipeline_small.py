@@ -54,11 +54,12 @@ def _allocation(path, codes_LxE):
 
 
 def test_ptq_gptq_workdir_reads_as_a_qat_run(finished_runs, capsys):
-  """ptq --method gptq: eval and pack read it; packed logits equal the fake-quant student's."""
-  import jax.numpy as jnp
+  """ptq --method gptq: eval and pack read it; packed experts equal the fake-quant student's."""
   import numpy as np
-  from moeqjax.model import MoETransformer, expert_codes
+  from moeqjax.model import expert_codes
+  from moeqjax.model.packed_weights import all_experts
   from moeqjax.pipeline.export import load_student
+  from moeqjax.quant import quantize_dequantize
   from moeqjax.serve import load_packed
 
   tmp_path, args = finished_runs
@@ -80,29 +81,28 @@ def test_ptq_gptq_workdir_reads_as_a_qat_run(finished_runs, capsys):
       [2, 2, 3, 4, 4, 2, 2, 8])
   packed = tmp_path / "ptq_packed"
   assert main(["pack", "--workdir", str(work), "--out", str(packed), "--fp-dtype", "float32"]) == 0
-  served = load_packed(packed)
-  tokens = jnp.arange(32, dtype=jnp.int32)[None] % 64
-  fake = MoETransformer(cfg).apply({"params": params, "quant": quant}, tokens)
-  np.testing.assert_allclose(served.model.apply(served.variables, tokens), fake, atol=1e-5)
+  # The packed experts dequantize to the fake-quant student's experts, element for element.
+  served, spec = load_packed(packed), cfg.quant.spec()
+  for layer in range(2):
+    for name, shape in (("w_in", (16, 32)), ("w_gate", (16, 32)), ("w_out", (32, 16))):
+      bank = served.variables["packed"][f"layers_{layer}"]["moe"][name]
+      fake = quantize_dequantize(params[f"layers_{layer}"]["moe"][name], np.asarray(codes[layer]),
+                                 spec)
+      np.testing.assert_array_equal(np.asarray(all_experts(bank, shape, spec)), np.asarray(fake))
 
 
 def test_ptq_rtn_student_is_the_teacher_and_bad_input_is_one_line(finished_runs, capsys):
   import jax
   import numpy as np
   from moeqjax.pipeline.export import load_student
-  from moeqjax.pipeline.workdirs import teacher_params
+  from moeqjax.pipeline.serve import model_for_generation
 
   tmp_path, args = finished_runs
   work = tmp_path / "ptq_rtn"
   assert main(["ptq", "--workdir", str(work), "--teacher", str(tmp_path / "fp"), "--method", "rtn",
                *args]) == 0
-  params = load_student(work)[1]
-  from moeqjax.pipeline import config as config_io
-  config = config_io.load_config(None)
-  config_io.apply_overrides(config, {a[len("--config."):].split("=")[0]: a.split("=")[1]
-                                     for a in args if a.startswith("--config.")})
-  teacher = teacher_params(config, tmp_path / "fp")
-  jax.tree.map(np.testing.assert_array_equal, params, teacher)
+  teacher = model_for_generation(None, str(tmp_path / "fp"))[1]["params"]
+  jax.tree.map(np.testing.assert_array_equal, load_student(work)[1], teacher)
   capsys.readouterr()
   for extra, says in ((["--method", "gptq", "--calib-batches", "0"], "--calib-batches 0 must be"),
                       (["--method", "gptq", "--config.qat.seq_len=100000"], "no calibration data")):
