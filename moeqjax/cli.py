@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
   p.add_argument("--allocation", default=None,
                  help="allocation.json from `moeqjax allocate` (default: quant.expert_code everywhere)")
+  p.add_argument("--init-from", default=None,
+                 help="a `moeqjax ptq` workdir (e.g. --method gptq): the student starts from its "
+                      "quantized student, at its codes unless --allocation is given")
 
   p = sub.add_parser("ptq", help="post-training quantization of a teacher (round-to-nearest or "
                      "per-expert GPTQ) into a workdir that eval, pack, export and generate read")
@@ -356,7 +359,7 @@ def run(argv: list[str]) -> int:
   elif args.command == "qat":
     from moeqjax.pipeline.qat import qat_from_teacher
     state = qat_from_teacher(config, workdir, pathlib.Path(args.teacher), args.allocation,
-                             resume=args.resume)
+                             resume=args.resume, init_from=args.init_from)
     print(f"QAT finished at step {int(state.step)}; checkpoint in {workdir / 'ckpt'}")
   elif args.command == "ptq":
     from moeqjax.pipeline.ptq import ptq_from_teacher

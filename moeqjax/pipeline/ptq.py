@@ -16,6 +16,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from moeqjax.data import TokenCorpus
@@ -24,7 +25,8 @@ from moeqjax.model.codes import expert_codes
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
 from moeqjax.pipeline.ptq_calib import expert_hessians
-from moeqjax.pipeline.workdirs import finished_state, record_config, teacher_inputs
+from moeqjax.pipeline.workdirs import (CONFIG_RECORD, finished_state, record_config, state_template,
+                                      teacher_inputs)
 from moeqjax.quant import QuantSpec, quantize_dequantize
 from moeqjax.quant import gptq as gq
 from moeqjax.train import Checkpointer, create_state, make_optimizer
@@ -166,3 +168,25 @@ def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path, m
                calib_batches=calib_batches)
   import_hf.keep_hf_config(teacher_dir, workdir)
   return result
+
+
+def ptq_student(config, ptq_dir: pathlib.Path):
+  """(params, codes [L, E]) of a finished `moeqjax ptq` workdir made with this model and quant config.
+
+  Raises:
+    PtqError: not a ptq workdir, another model or quant config, or no finished checkpoint.
+  """
+  record_path = ptq_dir / CONFIG_RECORD
+  record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+  if "ptq" not in record:
+    raise PtqError(f"--init-from {ptq_dir} is not a `moeqjax ptq` workdir (no ptq section in its "
+                   f"{CONFIG_RECORD}); make one with `moeqjax ptq --workdir {ptq_dir} ...`")
+  for section in ("model", "quant"):
+    if record[section] != config[section].to_dict():
+      raise PtqError(f"--init-from {ptq_dir} was made with another {section} config; rerun "
+                     f"`moeqjax ptq` with this one or pass its --config.{section}.* values")
+  made = ml_collections.ConfigDict({k: record[k] for k in ("model", "quant", "qat")})
+  state = finished_state(ptq_dir, state_template(made, "qat"), made.qat.steps)
+  if state is None:
+    raise PtqError(f"--init-from {ptq_dir} has no finished checkpoint; rerun `moeqjax ptq` into it")
+  return state.params, expert_codes(state.quant, config_io.model_config(config).num_layers)

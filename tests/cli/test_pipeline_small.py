@@ -54,7 +54,9 @@ def _allocation(path, codes_LxE):
 
 
 def test_ptq_gptq_workdir_reads_as_a_qat_run(finished_runs, capsys):
-  """ptq --method gptq: eval and pack read it; packed experts equal the fake-quant student's."""
+  """ptq --method gptq: eval and pack read it (packed experts equal the fake-quant student's), and
+  qat --init-from starts from it."""
+  import jax
   import numpy as np
   from moeqjax.model import expert_codes
   from moeqjax.model.packed_weights import all_experts
@@ -89,6 +91,17 @@ def test_ptq_gptq_workdir_reads_as_a_qat_run(finished_runs, capsys):
       fake = quantize_dequantize(params[f"layers_{layer}"]["moe"][name], np.asarray(codes[layer]),
                                  spec)
       np.testing.assert_array_equal(np.asarray(all_experts(bank, shape, spec)), np.asarray(fake))
+  # QAT from the GPTQ student: at step 0 the warmup learning rate is 0, so a 1-step run keeps it.
+  short = [a for a in args if not a.startswith("--config.qat.steps")] + ["--config.qat.steps=1"]
+  assert main(["qat", "--workdir", str(tmp_path / "q_init"), "--teacher", str(tmp_path / "fp"),
+               "--init-from", str(work), *short]) == 0
+  _, started, started_quant = load_student(tmp_path / "q_init")
+  _, ptq_params, ptq_quant = load_student(work)
+  jax.tree.map(np.testing.assert_array_equal, (started, started_quant), (ptq_params, ptq_quant))
+  capsys.readouterr()
+  assert main(["qat", "--workdir", str(tmp_path / "q_bad"), "--teacher", str(tmp_path / "fp"),
+               "--init-from", str(tmp_path / "fp"), *short]) == 2
+  assert "is not a `moeqjax ptq` workdir" in capsys.readouterr().err
 
 
 def test_ptq_rtn_student_is_the_teacher_and_bad_input_is_one_line(finished_runs, capsys):
