@@ -33,7 +33,7 @@ from moeqjax.train import Checkpointer, create_state, make_optimizer
 
 METHODS = ("rtn", "gptq")
 REPORT = "ptq_report.json"
-_MATRICES = (("w_in", "in"), ("w_gate", "in"), ("w_out", "out"))
+_MATRICES = (("in", ("w_in", "w_gate")), ("out", ("w_out",)))  # by the input they read
 
 
 class PtqError(config_io.ConfigError):
@@ -79,16 +79,18 @@ def gptq_experts(cfg, params, hessians, codes_LxE: np.ndarray, *, block_size=gq.
     no_tokens += [[layer, int(e)] for e in np.flatnonzero(empty)]
     codes = jnp.asarray(codes_LxE[layer], jnp.int32)
     moe = dict(params[f"layers_{layer}"]["moe"])
-    for name, which in _MATRICES:
+    for which, names in _MATRICES:
       h = hessians.h_in[layer] if which == "in" else hessians.h_out[layer]
       h = np.where(empty[:, None, None], np.eye(h.shape[-1]), h)
-      u, dead, used = gq.inverse_hessian_factor(h, damp)
-      damped += [[layer, int(e), name, float(used[e])] for e in np.flatnonzero(used != damp)]
-      w = moe[name]
-      res = gq.gptq(w, u, codes, spec, dead=dead, block_size=block_size)
-      errors["gptq"] += _output_error(w, res.w_hat, h)
-      errors["rtn"] += _output_error(w, quantize_dequantize(w, codes, spec), h)
-      moe[name] = gq.exact_latent(res, codes, spec).astype(w.dtype)
+      u, dead, used = gq.inverse_hessian_factor(h, damp)  # once per input, shared by its matrices
+      damped += [[layer, int(e), "/".join(names), float(used[e])]
+                 for e in np.flatnonzero(used != damp)]
+      for name in names:
+        w = moe[name]
+        res = gq.gptq(w, u, codes, spec, dead=dead, block_size=block_size)
+        errors["gptq"] += _output_error(w, res.w_hat, h)
+        errors["rtn"] += _output_error(w, quantize_dequantize(w, codes, spec), h)
+        moe[name] = gq.exact_latent(res, codes, spec).astype(w.dtype)
     params[f"layers_{layer}"] = dict(params[f"layers_{layer}"], moe=moe)
   if no_tokens:
     _warn(f"{len(no_tokens)} experts got no calibration tokens and were rounded to nearest "
