@@ -71,6 +71,10 @@ def gptq_experts(cfg, params, hessians, codes_LxE: np.ndarray, *, block_size=gq.
   Experts that got no calibration tokens are quantized with H = I, which is round-to-nearest.
   """
   spec: QuantSpec = cfg.quant.spec()
+  if jnp.dtype(cfg.param_dtype) != jnp.float32:
+    _warn(f"model.param_dtype is {cfg.param_dtype}: GPTQ's experts are stored rounded to it, so the "
+          "student equals GPTQ's result only up to that rounding; use "
+          "--config.model.param_dtype=float32 for the exact result")
   params = jax.tree.map(lambda x: x, params)  # new containers; leaves replaced below
   no_tokens, damped, errors = [], [], {"gptq": 0.0, "rtn": 0.0}
   for layer in range(cfg.num_layers):

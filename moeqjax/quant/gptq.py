@@ -27,12 +27,11 @@ import numpy as np
 from moeqjax.quant import formats
 from moeqjax.quant import granularity as gran
 from moeqjax.quant.formats import QuantSpec
-from moeqjax.quant.quantizers import storable_scale
+# The same constants as the fake quantizer's ternary paths (one definition; RTN equality is tested).
+from moeqjax.quant.quantizers import _ABSMEAN_EPS, _TWN_DELTA_RATIO, storable_scale
 
 DEFAULT_DAMP = 0.01  # lambda: H + lambda * mean(diag H) * I, as in the GPTQ reference code
 DEFAULT_BLOCK = 128  # rows per lazy-batch block
-_ABSMEAN_EPS = 1e-8  # the same eps as quantizers' absmean ternary (W / (gamma + eps))
-_TWN_DELTA_RATIO = 0.7  # the same TWN threshold ratio as quantizers
 
 
 class GptqResult(NamedTuple):
