@@ -11,7 +11,7 @@ import sys
 from moeqjax.alloc.rules import rule_bytes_text
 
 DEFAULT_WORKDIRS = {"demo": "./moeqjax_runs/demo", "pretrain": "./moeqjax_runs/pretrain",
-                    "qat": "./moeqjax_runs/qat", "eval": None}
+                    "qat": "./moeqjax_runs/qat", "ptq": "./moeqjax_runs/ptq", "eval": None}
 _STUDY_COMMANDS = ("stats", "allocate", "study")
 METHOD_NAMES = ("paper_combined", "paper_router", "exact", "frequency", "gate_weight", "mc_moe",
                 "uniform", "random")
@@ -57,6 +57,21 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
   p.add_argument("--allocation", default=None,
                  help="allocation.json from `moeqjax allocate` (default: quant.expert_code everywhere)")
+  p.add_argument("--init-from", default=None,
+                 help="a `moeqjax ptq` workdir (e.g. --method gptq): the student starts from its "
+                      "quantized student, at its codes unless --allocation is given")
+
+  p = sub.add_parser("ptq", help="post-training quantization of a teacher (round-to-nearest or "
+                     "per-expert GPTQ) into a workdir that eval, pack, export and generate read")
+  common(p, "output folder (read like a finished `moeqjax qat` workdir)")
+  p.add_argument("--teacher", required=True, help="workdir of a finished `moeqjax pretrain`")
+  p.add_argument("--method", required=True, choices=("rtn", "gptq"),
+                 help="rtn: the fake quantizer's rounding; gptq: routed experts by GPTQ with "
+                      "per-expert Hessians from the tokens routed to them")
+  p.add_argument("--allocation", default=None,
+                 help="allocation.json from `moeqjax allocate` (default: quant.expert_code everywhere)")
+  p.add_argument("--calib-batches", type=int, default=8,
+                 help="calibration batches of qat.batch_size x qat.seq_len train tokens (gptq)")
 
   p = sub.add_parser("eval", help="evaluate a QAT run against its full-precision teacher")
   common(p, "workdir of a finished `moeqjax qat`")
@@ -344,8 +359,15 @@ def run(argv: list[str]) -> int:
   elif args.command == "qat":
     from moeqjax.pipeline.qat import qat_from_teacher
     state = qat_from_teacher(config, workdir, pathlib.Path(args.teacher), args.allocation,
-                             resume=args.resume)
+                             resume=args.resume, init_from=args.init_from)
     print(f"QAT finished at step {int(state.step)}; checkpoint in {workdir / 'ckpt'}")
+  elif args.command == "ptq":
+    from moeqjax.pipeline.ptq import ptq_from_teacher
+    _, report = ptq_from_teacher(config, workdir, pathlib.Path(args.teacher), args.method,
+                                 args.allocation, args.calib_batches)
+    err = report.get("calib_output_error")
+    note = (f"; calibration output error {err['gptq']:.4g} (RTN {err['rtn']:.4g})" if err else "")
+    print(f"ptq {args.method} finished{note}; checkpoint in {workdir / 'ckpt'}")
   elif args.command == "eval":
     from moeqjax.pipeline.evaluate import evaluate_qat_run
     metrics = evaluate_qat_run(config, workdir, workdirs.teacher_params(
