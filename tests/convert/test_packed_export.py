@@ -1,0 +1,143 @@
+"""Export from a packed checkpoint writes exactly what export from the student writes: nothing is re-quantized."""
+
+import json
+
+import numpy as np
+import pytest
+
+from moeqjax.convert.ct_export import export_compressed_tensors, write_compressed_tensors
+from moeqjax.convert.gguf_export import export_gguf, write_gguf
+from moeqjax.convert.hf_export import export_hf, write_hf
+from moeqjax.convert.safetensors_io import read_header, read_tensor
+from moeqjax.model import QuantRules, default_quant
+from moeqjax.serve import PackedCheckpointError, pack
+from moeqjax.serve.checkpoint import param_shapes
+from moeqjax.serve.packed_source import PackedWeights
+
+from gguf_models import gguf_cfg
+
+gguf = pytest.importorskip("gguf", reason="GGUF export needs the `export` extra (gguf)")
+
+# Symmetric mixed codes with learned clip ratios and quantized attention / router / lm_head; and
+# asymmetric group scales with ternary experts beside intN ones (ternary stores no zero point).
+STUDENTS = {
+    "symmetric_mixed_clip": (dict(expert_code=4, granularity="channel", learn_clip=True,
+                                  attn_code=1, router_code=8, lm_head_code=4), [[1, 2, 4, 1]]),
+    "asymmetric_group_mixed": (dict(expert_code=4, granularity="group", group_size=32,
+                                    symmetric=False, attn_code=3), [[1, 3, 2, 1]]),
+}
+
+
+def numpy_student(cfg, codes_LxE, seed=0):
+  """(params, quant) drawn in numpy from the param shapes (no model init: that costs ~20 s here)."""
+  rng = np.random.default_rng(seed)
+  params = {}
+  for name, shape in param_shapes(cfg).items():
+    if name.endswith("_clip"):  # ratios away from 1 (some above), so folding them into scales shows
+      value = rng.uniform(0.6, 1.2, shape)
+    elif name.endswith("scale"):
+      value = 1.0 + 0.2 * rng.standard_normal(shape)
+    else:
+      value = rng.standard_normal(shape) / np.sqrt(shape[-2] if len(shape) > 1 else 1)
+    node = params
+    *parents, leaf = name.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = np.asarray(value, np.float32)
+  quant = default_quant(cfg)
+  for i, codes in enumerate(codes_LxE):
+    quant[f"layers_{i}"]["moe"]["expert_bits"] = np.asarray(codes, np.int32)
+  return params, quant
+
+
+@pytest.fixture(scope="module", params=sorted(STUDENTS))
+def packed_student(request, tmp_path_factory):
+  """(cfg, params, quant, packed folder) of a 1-layer student packed with float32 unquantized weights."""
+  rules, codes = STUDENTS[request.param]
+  cfg = gguf_cfg(num_layers=1, quant=QuantRules(**rules))
+  params, quant = numpy_student(cfg, codes)
+  folder = tmp_path_factory.mktemp(request.param) / "packed"
+  pack(cfg, params, quant, folder, fp_dtype="float32")
+  return cfg, params, quant, folder
+
+
+def _gguf_tensors(path):
+  reader = gguf.GGUFReader(str(path))
+  return {t.name: (t.tensor_type.name, bytes(np.asarray(t.data).tobytes())) for t in reader.tensors}
+
+
+def test_gguf_from_packed_is_byte_identical(packed_student, tmp_path):
+  cfg, params, quant, folder = packed_student
+  ours = export_gguf(cfg, params, quant, tmp_path / "a" / "m.gguf")
+  theirs = write_gguf(PackedWeights(folder), tmp_path / "b" / "m.gguf")
+  a, b = _gguf_tensors(tmp_path / "a" / "m.gguf"), _gguf_tensors(tmp_path / "b" / "m.gguf")
+  assert sorted(a) == sorted(b)
+  for name in a:
+    assert a[name] == b[name], name
+  assert {t for t, _ in a.values()} - {"F32"}  # quantized tensors were compared
+  assert ours["tensors"] == theirs["tensors"]
+  assert (tmp_path / "a" / "m.gguf").read_bytes() == (tmp_path / "b" / "m.gguf").read_bytes()
+
+
+def _safetensors(folder):
+  header = read_header(folder / "model.safetensors")
+  return {name: read_tensor(info) for name, info in header.items()}
+
+
+def test_compressed_tensors_and_hf_from_packed_are_identical(packed_student, tmp_path):
+  cfg, params, quant, folder = packed_student
+  weights = PackedWeights(folder)
+  ours = export_compressed_tensors(cfg, params, quant, tmp_path / "a", dtype="float32")
+  theirs = write_compressed_tensors(weights, tmp_path / "b", dtype="float32")
+  a, b = _safetensors(tmp_path / "a"), _safetensors(tmp_path / "b")
+  assert sorted(a) == sorted(b) and any(n.endswith("weight_packed") for n in a)
+  for name in a:
+    assert a[name].dtype == b[name].dtype, name
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  assert ours["tensors"] == theirs["tensors"]
+  assert ((tmp_path / "a" / "config.json").read_text()
+          == (tmp_path / "b" / "config.json").read_text())
+  export_hf(cfg, params, quant, tmp_path / "hf_a", dtype="float32")
+  write_hf(weights, tmp_path / "hf_b", dtype="float32")
+  a, b = _safetensors(tmp_path / "hf_a"), _safetensors(tmp_path / "hf_b")
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_packed_weights_give_the_stored_ints_not_a_requantization(packed_student):
+  # The packed scales are what a re-derivation from the dequantized weights would not give back
+  # under clipping; the integer forms read from the checkpoint equal quantize_to_ints exactly.
+  from moeqjax.convert.student_weights import ParamWeights
+  cfg, params, quant, folder = packed_student
+  ours, theirs = ParamWeights(cfg, params, quant), PackedWeights(folder)
+  for path in (("layers_0", "moe", "w_in"), ("layers_0", "moe", "w_out"),
+               ("layers_0", "attn", "q_proj", "kernel")):
+    a, b = ours.ints(path), theirs.ints(path)
+    np.testing.assert_array_equal(ours.codes(path), theirs.codes(path))
+    for x, y in ((a.q, b.q), (a.scales, b.scales), (a.zero_points, b.zero_points)):
+      assert (x is None) == (y is None)
+      if x is not None:
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y, err_msg="/".join(path))
+
+
+def test_damaged_or_unfinished_packed_folder_is_one_line_error(packed_student, tmp_path, capsys):
+  import shutil
+  from moeqjax.cli import main
+  _, _, _, folder = packed_student
+  broken = tmp_path / "broken"
+  shutil.copytree(folder, broken)
+  data = bytearray((broken / "model.safetensors").read_bytes())
+  data[-1] ^= 0xFF
+  (broken / "model.safetensors").write_bytes(bytes(data))
+  with pytest.raises(PackedCheckpointError, match="fails its sha256 check"):
+    PackedWeights(broken)
+  unfinished = tmp_path / "unfinished"
+  shutil.copytree(folder, unfinished)
+  (unfinished / "manifest.json").unlink()  # pack writes the manifest last
+  for src, match in ((broken, "fails its sha256 check"), (unfinished, "no manifest.json")):
+    for fmt, out in (("gguf", tmp_path / "x.gguf"), ("compressed-tensors", tmp_path / "ct")):
+      assert main(["export", "--packed", str(src), "--format", fmt, "--out", str(out)]) == 2
+      err = capsys.readouterr().err
+      assert match in err and err.count("\n") == 1, err
+  assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "ct").exists()
