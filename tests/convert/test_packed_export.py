@@ -141,3 +141,53 @@ def test_damaged_or_unfinished_packed_folder_is_one_line_error(packed_student, t
       err = capsys.readouterr().err
       assert match in err and err.count("\n") == 1, err
   assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "ct").exists()
+
+
+def _packed_bytes(manifest) -> dict:
+  """{param path: bytes the packed checkpoint stores for it} (values, scales, zero points)."""
+  out = {}
+  for rec in manifest["tensors"].values():
+    out[rec["param"]] = out.get(rec["param"], 0) + rec["nbytes"]
+  return out
+
+
+def _check_moeqjax_bytes(rows, cfg, quant, manifest, source_of):
+  """Each quantized row's moeqjax bytes are the packed checkpoint's, and the experts' per-layer sum
+  is the memory accounting's."""
+  from moeqjax.eval.memory_report import expert_shapes
+  from moeqjax.quant import expert_bytes
+  stored = _packed_bytes(manifest)
+  quantized = [r for r in rows if "fp" not in r["codes"]]
+  assert len(quantized) >= 7  # 3 expert tensors + 4 attention kernels
+  for r in quantized:
+    assert r["moeqjax_bytes"] == stored[source_of(r)], r["name"]
+  codes = [quant[f"layers_{i}"]["moe"]["expert_bits"] for i in range(cfg.num_layers)]
+  accounted = expert_bytes(expert_shapes(cfg), np.asarray(codes), cfg.quant.spec())
+  experts = [r for r in quantized if "exps" in r["name"] or ".experts." in r["name"]]
+  assert len(experts) == 3
+  assert sum(r["moeqjax_bytes"] for r in experts) == accounted["bytes_per_layer"][0]
+
+
+def test_report_bytes_equal_the_accounting_and_the_files(packed_student, tmp_path):
+  import fnmatch
+  from moeqjax.convert import layout
+  from moeqjax.convert.hf_config import family_of, model_config_to_hf_config
+  cfg, params, quant, folder = packed_student
+  manifest = json.loads((folder / "manifest.json").read_text())
+  report = export_gguf(cfg, params, quant, tmp_path / "m.gguf")
+  _check_moeqjax_bytes(report["tensors"], cfg, quant, manifest, lambda r: r["source"])
+  nbytes = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+  for r in report["tensors"]:
+    assert r["file_bytes"] == nbytes[r["name"]], r["name"]
+  report = export_compressed_tensors(cfg, params, quant, tmp_path / "ct")
+  fam = family_of(model_config_to_hf_config(cfg, None, None, "bfloat16"))
+  param_of = {}  # HF module name (experts as "*") -> our param path
+  for ent in layout.entries(cfg, fam):
+    name = ent.hf_name[:-len(".weight")] if ent.hf_name.endswith(".weight") else ent.hf_name
+    param_of[name.replace(f".experts.{ent.expert}.", ".experts.*.")] = "/".join(ent.path)
+  _check_moeqjax_bytes(report["tensors"], cfg, quant, manifest, lambda r: param_of[r["name"]])
+  header = read_header(tmp_path / "ct" / "model.safetensors")
+  for r in report["tensors"]:
+    names = [n for n in header if n == r["name"] or fnmatch.fnmatchcase(n, r["name"] + ".*")]
+    assert names and r["file_bytes"] == sum(header[n].nbytes for n in names), r["name"]
+  assert report["tensor_bytes"] == sum(info.nbytes for info in header.values())
