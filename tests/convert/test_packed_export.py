@@ -9,11 +9,11 @@ from moeqjax.convert.ct_export import export_compressed_tensors, write_compresse
 from moeqjax.convert.gguf_export import export_gguf, write_gguf
 from moeqjax.convert.hf_export import export_hf, write_hf
 from moeqjax.convert.safetensors_io import read_header, read_tensor
-from moeqjax.model import QuantRules, default_quant
+from moeqjax.model import QuantRules
 from moeqjax.serve import PackedCheckpointError, pack
-from moeqjax.serve.checkpoint import param_shapes
 from moeqjax.serve.packed_source import PackedWeights
 
+from conftest import numpy_student
 from gguf_models import gguf_cfg
 
 gguf = pytest.importorskip("gguf", reason="GGUF export needs the `export` extra (gguf)")
@@ -26,28 +26,6 @@ STUDENTS = {
     "asymmetric_group_mixed": (dict(expert_code=4, granularity="group", group_size=32,
                                     symmetric=False, attn_code=3), [[1, 3, 2, 1]]),
 }
-
-
-def numpy_student(cfg, codes_LxE, seed=0):
-  """(params, quant) drawn in numpy from the param shapes (no model init: that costs ~20 s here)."""
-  rng = np.random.default_rng(seed)
-  params = {}
-  for name, shape in param_shapes(cfg).items():
-    if name.endswith("_clip"):  # ratios away from 1 (some above), so folding them into scales shows
-      value = rng.uniform(0.6, 1.2, shape)
-    elif name.endswith("scale"):
-      value = 1.0 + 0.2 * rng.standard_normal(shape)
-    else:
-      value = rng.standard_normal(shape) / np.sqrt(shape[-2] if len(shape) > 1 else 1)
-    node = params
-    *parents, leaf = name.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = np.asarray(value, np.float32)
-  quant = default_quant(cfg)
-  for i, codes in enumerate(codes_LxE):
-    quant[f"layers_{i}"]["moe"]["expert_bits"] = np.asarray(codes, np.int32)
-  return params, quant
 
 
 @pytest.fixture(scope="module", params=sorted(STUDENTS))
