@@ -92,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
                  help="gguf: dtype of unquantized matrices (norms and router stay f32)")
   p.add_argument("--all-f32", action="store_true",
                  help="gguf: write every tensor, quantized ones dequantized, as f32 (a control)")
+  p.add_argument("--requantize-mixed", default=None, choices=("TQ2_0", "TQ1_0", "Q4_0"),
+                 help="gguf: store expert tensors whose experts mix codes at this narrower type, "
+                      "re-quantizing the experts it cannot hold exactly (off by default; "
+                      "export_report.json gives the relative error)")
   p.add_argument("--tokenizer", default=None,
                  help="gguf: a HF tokenizer.json (or its folder) for the vocabulary; default: "
                       "the run's recorded tokenizer, else the byte vocabulary")
@@ -265,7 +269,7 @@ def run_convert(args, overrides: dict[str, str]) -> int:
                   overwrite=args.overwrite)
     if args.format == "gguf":
       report = export_student(args.out, **common, fp_dtype=args.fp_dtype, all_f32=args.all_f32,
-                              tokenizer=args.tokenizer)
+                              tokenizer=args.tokenizer, requantize_mixed=args.requantize_mixed)
       print(f"exported {source} as GGUF (llama.cpp arch {report['arch']}) to {args.out}: "
             f"{report['file_bytes']} bytes (moeqjax packed: {report['moeqjax_bytes']})")
     elif args.format == "compressed-tensors":

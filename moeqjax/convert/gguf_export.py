@@ -8,7 +8,7 @@ import pathlib
 
 import numpy as np
 
-from moeqjax.convert import gguf_arch, gguf_container
+from moeqjax.convert import gguf_arch, gguf_container, gguf_requant
 from moeqjax.convert.errors import ConvertError
 from moeqjax.convert.gguf_vocab import Vocab, add_vocab, bpe_vocab, byte_vocab
 from moeqjax.convert.student_weights import IntForm, ParamWeights, StudentWeights
@@ -86,8 +86,8 @@ def _moeqjax_bytes(shape, codes, spec) -> int:
   return int(sum(weight_bytes(inner, int(c), spec) for c in np.ravel(codes)))
 
 
-def _quantized_tensor(ent, form: IntForm, shape, codes, spec, order):
-  """(data, raw_type, qtype name, note) for a weight quantized at `codes` (all nonzero)."""
+def _quantized_tensor(ent, form: IntForm, shape, codes, spec, order, requantize_mixed=None):
+  """(data, raw_type, qtype name, note, extra report fields) for a weight quantized at `codes`."""
   import gguf
   name = ent.name
   levels, scale = int_form(form, spec, shape)
@@ -108,7 +108,15 @@ def _quantized_tensor(ent, form: IntForm, shape, codes, spec, order):
     notes.append(f"{enc.qtype} is wider than the container of {', '.join(sorted(wider))}")
   if any(k in kinds for k in ("int2", "int3")):
     notes.append("ggml has no exact 2/3-bit type: int2/int3 are stored as 4-bit levels")
-  return enc.data, gguf.GGMLQuantizationType[enc.qtype], enc.qtype, "; ".join(notes)
+  data, qtype, extra = enc.data, enc.qtype, {}
+  if (requantize_mixed and len(kinds) > 1 and ent.kind == "experts"
+      and order.index(requantize_mixed) < order.index(qtype)):
+    data, redone, rel = gguf_requant.requantize(name, levels, scale, requantize_mixed)
+    extra = {"requantized": {"from": qtype, "experts": redone, "rel_error": rel}}
+    notes.append(f"re-quantized experts {redone} from exact {qtype} to {requantize_mixed} "
+                 f"(--requantize-mixed): relative error {rel:.3g}")
+    qtype = requantize_mixed
+  return data, gguf.GGMLQuantizationType[qtype], qtype, "; ".join(notes), extra
 
 
 def check_output(out_path, overwrite: bool) -> pathlib.Path:
@@ -127,7 +135,8 @@ def export_gguf(cfg: ModelConfig, params, quant, out_path, **options) -> dict:
 
 
 def write_gguf(weights: StudentWeights, out_path, *, fp_dtype: str = "f32", all_f32: bool = False,
-               tokenizer=None, name: str = "moeqjax-student", overwrite: bool = False) -> dict:
+               tokenizer=None, name: str = "moeqjax-student", overwrite: bool = False,
+               requantize_mixed: str | None = None) -> dict:
   """Writes the student as one GGUF file that llama.cpp loads, and `export_report.json` beside it.
 
   Quantized weights are written from the student's integer codes and scales (`weights.ints`: from
@@ -145,6 +154,9 @@ def write_gguf(weights: StudentWeights, out_path, *, fp_dtype: str = "f32", all_
     tokenizer: None for our byte vocabulary, else a HF tokenizer.json (or its folder).
     name: general.name.
     overwrite: replace an existing file.
+    requantize_mixed: None (default: nothing re-quantized), or "TQ2_0", "TQ1_0" or "Q4_0": store
+      expert tensors with mixed codes at this type when it is narrower than their exact container,
+      re-quantizing the experts it cannot hold exactly; their rows report the relative error.
 
   Returns:
     The report (also written as export_report.json next to the file).
@@ -155,6 +167,7 @@ def write_gguf(weights: StudentWeights, out_path, *, fp_dtype: str = "f32", all_
   import gguf
   if fp_dtype not in FP_DTYPES:
     raise ConvertError(f"fp_dtype={fp_dtype!r}; choose from {FP_DTYPES}")
+  gguf_requant.check_type(requantize_mixed)
   out_path = check_output(out_path, overwrite)
   cfg = weights.cfg
   arch = gguf_arch.arch_for(cfg)
@@ -169,20 +182,25 @@ def write_gguf(weights: StudentWeights, out_path, *, fp_dtype: str = "f32", all_
   gguf_arch.add_hparams(writer, cfg, arch, name)
   add_vocab(writer, vocab)
   rows, notes = [], [f"vocabulary: {vocab.note}"] if vocab.note else []
+  written = False
   try:
     for ent in gguf_arch.tensors(cfg, arch):
-      row = _write_tensor(writer, ent, weights, spec, order, fp_dtype, all_f32)
+      row = _write_tensor(writer, ent, weights, spec, order, fp_dtype, all_f32, requantize_mixed)
       rows.append(row)
       if row["note"]:
         notes.append(f"{row['name']}: {row['note']}")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
+    written = True
   finally:
     writer.close()
+    if not written:  # a refused or failed export leaves nothing behind
+      tmp.unlink(missing_ok=True)
   report = {
       "format": "gguf", "file": out_path.name, "arch": arch.name, "fp_dtype": fp_dtype,
-      "all_f32": all_f32, "vocab": vocab.source, "tensors": rows,
+      "all_f32": all_f32, "requantize_mixed": requantize_mixed, "vocab": vocab.source,
+      "tensors": rows,
       "moeqjax_bytes": sum(r["moeqjax_bytes"] for r in rows),
       "tensor_bytes": sum(r["file_bytes"] for r in rows),
       "notes": notes,
@@ -202,7 +220,8 @@ def _ggml_shape(shape, kind: str) -> list:
   return shape
 
 
-def _write_tensor(writer, ent, weights: StudentWeights, spec, order, fp_dtype, all_f32) -> dict:
+def _write_tensor(writer, ent, weights: StudentWeights, spec, order, fp_dtype, all_f32,
+                  requantize_mixed=None) -> dict:
   """Adds one tensor to the writer; returns its report row."""
   shape = weights.shape(ent.path)
   if shape is None:
@@ -217,8 +236,9 @@ def _write_tensor(writer, ent, weights: StudentWeights, spec, order, fp_dtype, a
     row["codes"] = _codes_summary(codes)
     row["moeqjax_bytes"] = _moeqjax_bytes(shape, codes, spec)
   if codes is not None and np.all(codes != formats.FP) and not all_f32:
-    data, raw, qtype, note = _quantized_tensor(ent, weights.ints(ent.path), shape, codes, spec,
-                                               order)
+    data, raw, qtype, note, extra = _quantized_tensor(ent, weights.ints(ent.path), shape, codes,
+                                                      spec, order, requantize_mixed)
+    row.update(extra)
   else:
     if codes is not None and not all_f32:
       note = "some experts are full precision: the whole tensor is float32"

@@ -65,7 +65,8 @@ def load_student(workdir: pathlib.Path):
 
 def export_student(out, *, workdir=None, packed=None, fmt: str = "hf", dtype: str = "bfloat16",
                    hf_config_path=None, model_type: str | None = None, overwrite: bool = False,
-                   fp_dtype: str = "f32", all_f32: bool = False, tokenizer=None):
+                   fp_dtype: str = "f32", all_f32: bool = False, tokenizer=None,
+                   requantize_mixed: str | None = None):
   """Exports the student of a `moeqjax qat` workdir (or an imported folder), or of a packed folder.
 
   Exactly one of `workdir` and `packed` is given. From a packed folder the exporters read the
@@ -93,7 +94,7 @@ def export_student(out, *, workdir=None, packed=None, fmt: str = "hf", dtype: st
   if fmt == "gguf":
     return write_gguf(weights, out, fp_dtype=fp_dtype, all_f32=all_f32,
                       tokenizer=recorded if tokenizer is None else tokenizer, name=name,
-                      overwrite=overwrite)
+                      overwrite=overwrite, requantize_mixed=requantize_mixed)
   if fmt == "compressed-tensors":
     return write_compressed_tensors(weights, out, template_json, dtype, model_type=model_type,
                                     overwrite=overwrite)

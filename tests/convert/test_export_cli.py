@@ -141,3 +141,18 @@ def test_cli_export_from_the_packed_folder_equals_export_from_the_workdir(qat_di
           "--out", str(tmp_path / "x.gguf")])
   err = capsys.readouterr().err
   assert stop.value.code == 2 and "not allowed with argument" in err
+
+
+def test_cli_requantize_mixed_is_passed_through(qat_dir, tmp_path, capsys):
+  # The QAT run's experts are all ternary: nothing is mixed, so nothing is re-quantized, and the
+  # report records the request; a bad type is argparse's one-line error.
+  out = tmp_path / "m.gguf"
+  assert main(["export", "--workdir", str(qat_dir), "--format", "gguf", "--out", str(out),
+               "--requantize-mixed", "Q4_0"]) == 0
+  report = json.loads((tmp_path / "export_report.json").read_text())
+  assert report["requantize_mixed"] == "Q4_0"
+  assert not any("requantized" in r for r in report["tensors"])
+  with pytest.raises(SystemExit) as stop:
+    main(["export", "--workdir", str(qat_dir), "--format", "gguf", "--out", str(out),
+          "--requantize-mixed", "Q2_K"])
+  assert stop.value.code == 2 and "invalid choice: 'Q2_K'" in capsys.readouterr().err
