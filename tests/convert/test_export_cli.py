@@ -136,6 +136,19 @@ def test_cli_export_from_the_packed_folder_equals_export_from_the_workdir(qat_di
   assert sorted(a) == sorted(b)
   for name in a:
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  # A damaged or unfinished packed folder is refused in one line, and nothing is written.
+  broken, unfinished = tmp_path / "broken", tmp_path / "unfinished"
+  for folder in (broken, unfinished):
+    shutil.copytree(packed, folder)
+  data = bytearray((broken / "model.safetensors").read_bytes())
+  data[-1] ^= 0xFF
+  (broken / "model.safetensors").write_bytes(bytes(data))
+  (unfinished / "manifest.json").unlink()  # pack writes the manifest last
+  for src, match in ((broken, "fails its sha256 check"), (unfinished, "no manifest.json")):
+    for fmt, out in (("gguf", tmp_path / "x.gguf"), ("compressed-tensors", tmp_path / "x_ct")):
+      code, err = _err(capsys, "export", "--packed", str(src), "--format", fmt, "--out", str(out))
+      assert code == 2 and match in err and err.count("\n") == 1, err
+  assert not any(tmp_path.glob("x*"))
   with pytest.raises(SystemExit) as stop:  # argparse refuses both sources, in one line
     main(["export", "--workdir", str(qat_dir), "--packed", str(packed), "--format", "gguf",
           "--out", str(tmp_path / "x.gguf")])
