@@ -51,14 +51,14 @@ def _gguf(weights: PackedWeights, out: pathlib.Path, prompt, ours) -> dict:
   if lacking:
     row["note"] = _not_checked(lacking)
     return row
-  ours = ours()[0]
+  want = ours()[0]
   try:
     theirs = runtimes.llama_greedy(out, prompt, NEW_TOKENS)
   except (ValueError, RuntimeError) as e:  # llama-cpp-python raises ValueError on a failed load
     row.update(loaded=False, note=f"llama.cpp did not load it: {e}")
     return row
-  same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), NEW_TOKENS)
-  row.update(loaded=True, matched=ours == theirs, greedy_tokens_equal=same,
+  same = next((i for i, (a, b) in enumerate(zip(want, theirs)) if a != b), NEW_TOKENS)
+  row.update(loaded=True, matched=want == theirs, greedy_tokens_equal=same,
              runtime=runtimes.versions(("llama_cpp_python",)),
              note=f"llama.cpp greedy = ours for {same} of {NEW_TOKENS} tokens")
   return row
