@@ -90,8 +90,12 @@ def _parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("export", help="write a QAT student for another runtime: HF layout "
                      "(dequantized) or one GGUF file for llama.cpp (from the integer codes)")
-  p.add_argument("--workdir", required=True,
-                 help="a finished `moeqjax qat` workdir (or an `import-hf` folder)")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", default=None,
+                   help="a finished `moeqjax qat` workdir (or an `import-hf` folder)")
+  src.add_argument("--packed", default=None,
+                   help="a `moeqjax pack` folder: its stored codes and scales are exported as "
+                        "they are")
   p.add_argument("--format", default="hf", choices=("hf", "gguf", "compressed-tensors"))
   p.add_argument("--out", required=True,
                  help="hf: output folder for config.json + safetensors; gguf: the .gguf file "
@@ -103,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
                  help="gguf: dtype of unquantized matrices (norms and router stay f32)")
   p.add_argument("--all-f32", action="store_true",
                  help="gguf: write every tensor, quantized ones dequantized, as f32 (a control)")
+  p.add_argument("--requantize-mixed", default=None, choices=("TQ2_0", "TQ1_0", "Q4_0"),
+                 help="gguf: store expert tensors whose experts mix codes at this narrower type, "
+                      "re-quantizing the experts it cannot hold exactly (off by default; "
+                      "export_report.json gives the relative error)")
   p.add_argument("--tokenizer", default=None,
                  help="gguf: a HF tokenizer.json (or its folder) for the vocabulary; default: "
                       "the run's recorded tokenizer, else the byte vocabulary")
@@ -269,26 +277,27 @@ def run_convert(args, overrides: dict[str, str]) -> int:
     print(f"imported {args.hf_dir} into {out}\nnext: moeqjax qat --config {out}/config.py "
           f"--teacher {out} --workdir <qat workdir>")
   elif args.command == "export":
-    from moeqjax.pipeline.export import export_workdir
+    from moeqjax.pipeline.export import export_student
+    source = args.workdir or args.packed
+    common = dict(workdir=args.workdir, packed=args.packed, fmt=args.format, dtype=args.dtype,
+                  hf_config_path=args.hf_config, model_type=args.model_type,
+                  overwrite=args.overwrite)
     if args.format == "gguf":
-      report = export_workdir(args.workdir, args.out, fmt="gguf", overwrite=args.overwrite,
-                              fp_dtype=args.fp_dtype, all_f32=args.all_f32,
-                              tokenizer=args.tokenizer)
-      print(f"exported {args.workdir} as GGUF (llama.cpp arch {report['arch']}) to {args.out}: "
+      report = export_student(args.out, **common, fp_dtype=args.fp_dtype, all_f32=args.all_f32,
+                              tokenizer=args.tokenizer, requantize_mixed=args.requantize_mixed)
+      print(f"exported {source} as GGUF (llama.cpp arch {report['arch']}) to {args.out}: "
             f"{report['file_bytes']} bytes (moeqjax packed: {report['moeqjax_bytes']})")
-      for note in report["notes"]:
-        print(f"  note: {note}")
     elif args.format == "compressed-tensors":
-      report = export_workdir(args.workdir, args.out, args.dtype, args.hf_config,
-                              args.model_type, fmt="compressed-tensors", overwrite=args.overwrite)
-      print(f"exported {args.workdir} as compressed-tensors ({report['expert_container']} experts) "
+      report = export_student(args.out, **common)
+      print(f"exported {source} as compressed-tensors ({report['expert_container']} experts) "
             f"to {args.out}: {report['file_bytes']} bytes (moeqjax packed: "
             f"{report['moeqjax_bytes']})")
-      for note in report["notes"]:
-        print(f"  note: {note}")
     else:
-      out = export_workdir(args.workdir, args.out, args.dtype, args.hf_config, args.model_type)
-      print(f"exported {args.workdir} as {args.dtype} Hugging Face weights to {out}")
+      out = export_student(args.out, **common)
+      print(f"exported {source} as {args.dtype} Hugging Face weights to {out}")
+      return 0
+    for note in report["notes"]:
+      print(f"  note: {note}")
   elif args.command == "plan":
     from moeqjax.pipeline.plan import plan_text
     config = config_io.load_config(args.config)

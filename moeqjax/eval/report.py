@@ -71,13 +71,33 @@ def _serving_section(serving: dict | None) -> list[str]:
   return lines
 
 
+_DEPLOY_FORMATS = {"gguf": "GGUF (llama.cpp)", "compressed_tensors": "compressed-tensors (vLLM)"}
+
+
+def _deploy_section(deploy: dict | None) -> list[str]:
+  if not deploy:
+    return []
+  lines = ["## Deploy: the packed students in other runtimes", "",
+           "| variant | format | file bytes | loaded | matched | check |", "|---|---|---|---|---|---|"]
+  yes_no = {True: "yes", False: "**no**", None: "-"}
+  for name, formats in deploy.items():
+    for key, r in formats.items():
+      size = f"{r['file_bytes']:,}" if r["file_bytes"] is not None else "-"
+      lines.append(f"| `{name}` | {_DEPLOY_FORMATS[key]} | {size} | {yes_no[r['loaded']]} | "
+                   f"{yes_no[r['matched']]} | {r['note']} |")
+  return lines + ["", "Exported from the packed folders (their stored codes and scales, nothing "
+                  "re-quantized); `export_report.json` beside each export says where a runtime "
+                  "stores experts wider than our packing.", ""]
+
+
 def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, baseline: float,
                  fingerprint: dict, unit: str, curves: dict, timings: dict, notes: list[str],
                  config_text: str, serving: dict | None = None,
-                 allocations: dict | None = None) -> dict:
+                 deploy: dict | None = None, allocations: dict | None = None) -> dict:
   """Writes report.md, metrics.json and plots/*.png into workdir; returns the metrics dict.
 
-  `serving` (optional) is what moeqjax.pipeline.demo.demo_serving returned: packed bytes and a sample.
+  `serving` (optional) is what moeqjax.pipeline.demo.demo_serving returned: packed bytes and a sample;
+  `deploy` (optional) is what moeqjax.pipeline.deploy.deploy_packed returned.
   `allocations` (optional): variant -> its allocation.json record (Allocation.to_json()); each is
   kept in metrics.json["allocations"] and drawn as plots/bit_map_<variant>.png.
   """
@@ -94,6 +114,8 @@ def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, ba
   }
   if serving:
     metrics["serving"] = serving
+  if deploy:
+    metrics["deploy"] = deploy
   allocations = allocations or {}
   if allocations:
     metrics["allocations"] = allocations
@@ -127,6 +149,7 @@ def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, ba
       *[f"- {n}" for n in notes],
       "",
       *_serving_section(serving),
+      *_deploy_section(deploy),
       "## Wall time (s)",
       "",
       *[f"- {k}: {v:.1f}" for k, v in timings.items()],

@@ -16,6 +16,7 @@ from moeqjax.eval.report import CONTROL, write_report
 from moeqjax.model import default_quant, set_expert_codes
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
+from moeqjax.pipeline.deploy import DEPLOY_VARIANTS, deploy_packed
 from moeqjax.pipeline.pretrain import pretrain
 from moeqjax.pipeline.qat import qat
 from moeqjax.pipeline.serve import end_of_text_id
@@ -88,6 +89,26 @@ DEMO_PROMPT_TOKENS = 64
 DEMO_NEW_TOKENS = 64
 
 
+def pack_variant(cfg, workdir: pathlib.Path, name: str, student: dict, tokenizer_name: str) -> dict:
+  """Packs one demo student into workdir/packed/<name> (replacing it); returns the manifest."""
+  eos_id = end_of_text_id(make_tokenizer(tokenizer_name))
+  return pack(cfg, student["params"], student["quant"], workdir / "packed" / name,
+              tokenizer=tokenizer_name or None, eos_id=eos_id, overwrite=True,
+              source=str((workdir / name).absolute()))
+
+
+def demo_deploy(cfg, workdir: pathlib.Path, students: dict, prompt_ids, tokenizer_name: str) -> dict:
+  """The deploy check (pipeline.deploy) of the demo's students in DEPLOY_VARIANTS, packed first
+  where demo_serving did not pack them."""
+  folders = {}
+  for name in DEPLOY_VARIANTS:
+    if name in students:
+      if name not in DEMO_PACKED:
+        pack_variant(cfg, workdir, name, students[name], tokenizer_name)
+      folders[name] = workdir / "packed" / name
+  return deploy_packed(workdir, folders, prompt_ids)
+
+
 def demo_serving(cfg, workdir: pathlib.Path, students: dict, prompt_ids, tokenizer_name: str,
                  fp_model_bytes: int) -> dict:
   """Packs the demo's QAT students, and continues a held-out prompt from the packed ternary one.
@@ -108,10 +129,7 @@ def demo_serving(cfg, workdir: pathlib.Path, students: dict, prompt_ids, tokeniz
   packed = {}
   for name in DEMO_PACKED:
     folder = workdir / "packed" / name
-    manifest = pack(cfg, students[name]["params"], students[name]["quant"], folder,
-                    tokenizer=tokenizer_name or None, eos_id=eos_id, overwrite=True,
-                    source=str((workdir / name).absolute()))
-    b = manifest["bytes"]
+    b = pack_variant(cfg, workdir, name, students[name], tokenizer_name)["bytes"]
     packed[name] = {
         "folder": str(folder),
         "tensor_bytes": b["all_tensors"],
@@ -213,6 +231,10 @@ def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | N
   serving = demo_serving(cfg, workdir, variants, np.asarray(corpus.valid[:DEMO_PROMPT_TOKENS]),
                          config.data.tokenizer, results[REFERENCE]["model_bytes"])
   timings["serve"] = time.perf_counter() - t
+  t = time.perf_counter()
+  deploy = demo_deploy(cfg, workdir, variants, np.asarray(corpus.valid[:DEMO_PROMPT_TOKENS]),
+                       config.data.tokenizer)
+  timings["deploy"] = time.perf_counter() - t
   timings["total"] = time.perf_counter() - start
   if hf_dir is None:
     teacher_note = (f"Pretraining: {config.pretrain.steps} steps of {config.pretrain.batch_size}x"
@@ -236,5 +258,5 @@ def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | N
   return write_report(workdir, results, descriptions=descriptions, baseline=baseline,
                       fingerprint=corpus.fingerprint, unit=corpus.unit, curves=curves,
                       timings=timings, notes=notes, config_text=config_io.config_json(config),
-                      serving=serving,
+                      serving=serving, deploy=deploy,
                       allocations={MIXED: allocation.to_json()} if allocation else None)

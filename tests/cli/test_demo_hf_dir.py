@@ -1,5 +1,6 @@
 """`moeqjax demo --hf-dir`: a tiny saved Mixtral replaces pretraining; the rest of the pipeline runs."""
 
+import importlib.util
 import json
 
 import ml_collections
@@ -96,6 +97,16 @@ def test_demo_from_hf_checkpoint(tmp_path, capsys):
     assert f"packed {name}" in out
   assert serving["sample"]["variant"] == "qat_ternary" and serving["sample"]["prompt"]
   assert "## Serving from packed weights" in report and "greedy continuation" in out
+  # ...and deploys the packed ternary student: rows of 16 weights fit no ggml block (Q4_0 needs
+  # 32), so the GGUF row says why it was not written; compressed-tensors is written and checked.
+  deploy = metrics["deploy"]["qat_ternary"]
+  assert deploy["gguf"]["file"] is None and deploy["gguf"]["note"].startswith("not written: ")
+  ct = deploy["compressed_tensors"]
+  assert ct["file_bytes"] == (work / "deploy" / "qat_ternary" / "compressed-tensors" /
+                              "model.safetensors").stat().st_size
+  if importlib.util.find_spec("compressed_tensors"):
+    assert ct["loaded"] and ct["matched"] and ct["max_abs_logit_diff"] <= 1e-5
+  assert "deploy" in metrics["timings_s"] and "## Deploy" in report
   qat_record = config.to_dict()
   assert qat_record["model"]["vocab_size"] == 32  # the checkpoint's model config, not tiny.py's
   assert qat_record["data"]["tokenizer"] == str(hf_dir.absolute())
