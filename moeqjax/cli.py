@@ -11,7 +11,7 @@ import sys
 from moeqjax.alloc.rules import rule_bytes_text
 
 DEFAULT_WORKDIRS = {"demo": "./moeqjax_runs/demo", "pretrain": "./moeqjax_runs/pretrain",
-                    "qat": "./moeqjax_runs/qat", "eval": None}
+                    "qat": "./moeqjax_runs/qat", "ptq": "./moeqjax_runs/ptq", "eval": None}
 _STUDY_COMMANDS = ("stats", "allocate", "study")
 METHOD_NAMES = ("paper_combined", "paper_router", "exact", "frequency", "gate_weight", "mc_moe",
                 "uniform", "random")
@@ -57,6 +57,21 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
   p.add_argument("--allocation", default=None,
                  help="allocation.json from `moeqjax allocate` (default: quant.expert_code everywhere)")
+  p.add_argument("--init-from", default=None,
+                 help="a `moeqjax ptq` workdir (e.g. --method gptq): the student starts from its "
+                      "quantized student, at its codes unless --allocation is given")
+
+  p = sub.add_parser("ptq", help="post-training quantization of a teacher (round-to-nearest or "
+                     "per-expert GPTQ) into a workdir that eval, pack, export and generate read")
+  common(p, "output folder (read like a finished `moeqjax qat` workdir)")
+  p.add_argument("--teacher", required=True, help="workdir of a finished `moeqjax pretrain`")
+  p.add_argument("--method", required=True, choices=("rtn", "gptq"),
+                 help="rtn: the fake quantizer's rounding; gptq: routed experts by GPTQ with "
+                      "per-expert Hessians from the tokens routed to them")
+  p.add_argument("--allocation", default=None,
+                 help="allocation.json from `moeqjax allocate` (default: quant.expert_code everywhere)")
+  p.add_argument("--calib-batches", type=int, default=8,
+                 help="calibration batches of qat.batch_size x qat.seq_len train tokens (gptq)")
 
   p = sub.add_parser("eval", help="evaluate a QAT run against its full-precision teacher")
   common(p, "workdir of a finished `moeqjax qat`")
@@ -75,8 +90,12 @@ def _parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("export", help="write a QAT student for another runtime: HF layout "
                      "(dequantized) or one GGUF file for llama.cpp (from the integer codes)")
-  p.add_argument("--workdir", required=True,
-                 help="a finished `moeqjax qat` workdir (or an `import-hf` folder)")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", default=None,
+                   help="a finished `moeqjax qat` workdir (or an `import-hf` folder)")
+  src.add_argument("--packed", default=None,
+                   help="a `moeqjax pack` folder: its stored codes and scales are exported as "
+                        "they are")
   p.add_argument("--format", default="hf", choices=("hf", "gguf", "compressed-tensors"))
   p.add_argument("--out", required=True,
                  help="hf: output folder for config.json + safetensors; gguf: the .gguf file "
@@ -88,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
                  help="gguf: dtype of unquantized matrices (norms and router stay f32)")
   p.add_argument("--all-f32", action="store_true",
                  help="gguf: write every tensor, quantized ones dequantized, as f32 (a control)")
+  p.add_argument("--requantize-mixed", default=None, choices=("TQ2_0", "TQ1_0", "Q4_0"),
+                 help="gguf: store expert tensors whose experts mix codes at this narrower type, "
+                      "re-quantizing the experts it cannot hold exactly (off by default; "
+                      "export_report.json gives the relative error)")
   p.add_argument("--tokenizer", default=None,
                  help="gguf: a HF tokenizer.json (or its folder) for the vocabulary; default: "
                       "the run's recorded tokenizer, else the byte vocabulary")
@@ -254,26 +277,27 @@ def run_convert(args, overrides: dict[str, str]) -> int:
     print(f"imported {args.hf_dir} into {out}\nnext: moeqjax qat --config {out}/config.py "
           f"--teacher {out} --workdir <qat workdir>")
   elif args.command == "export":
-    from moeqjax.pipeline.export import export_workdir
+    from moeqjax.pipeline.export import export_student
+    source = args.workdir or args.packed
+    common = dict(workdir=args.workdir, packed=args.packed, fmt=args.format, dtype=args.dtype,
+                  hf_config_path=args.hf_config, model_type=args.model_type,
+                  overwrite=args.overwrite)
     if args.format == "gguf":
-      report = export_workdir(args.workdir, args.out, fmt="gguf", overwrite=args.overwrite,
-                              fp_dtype=args.fp_dtype, all_f32=args.all_f32,
-                              tokenizer=args.tokenizer)
-      print(f"exported {args.workdir} as GGUF (llama.cpp arch {report['arch']}) to {args.out}: "
+      report = export_student(args.out, **common, fp_dtype=args.fp_dtype, all_f32=args.all_f32,
+                              tokenizer=args.tokenizer, requantize_mixed=args.requantize_mixed)
+      print(f"exported {source} as GGUF (llama.cpp arch {report['arch']}) to {args.out}: "
             f"{report['file_bytes']} bytes (moeqjax packed: {report['moeqjax_bytes']})")
-      for note in report["notes"]:
-        print(f"  note: {note}")
     elif args.format == "compressed-tensors":
-      report = export_workdir(args.workdir, args.out, args.dtype, args.hf_config,
-                              args.model_type, fmt="compressed-tensors", overwrite=args.overwrite)
-      print(f"exported {args.workdir} as compressed-tensors ({report['expert_container']} experts) "
+      report = export_student(args.out, **common)
+      print(f"exported {source} as compressed-tensors ({report['expert_container']} experts) "
             f"to {args.out}: {report['file_bytes']} bytes (moeqjax packed: "
             f"{report['moeqjax_bytes']})")
-      for note in report["notes"]:
-        print(f"  note: {note}")
     else:
-      out = export_workdir(args.workdir, args.out, args.dtype, args.hf_config, args.model_type)
-      print(f"exported {args.workdir} as {args.dtype} Hugging Face weights to {out}")
+      out = export_student(args.out, **common)
+      print(f"exported {source} as {args.dtype} Hugging Face weights to {out}")
+      return 0
+    for note in report["notes"]:
+      print(f"  note: {note}")
   elif args.command == "plan":
     from moeqjax.pipeline.plan import plan_text
     config = config_io.load_config(args.config)
@@ -344,8 +368,15 @@ def run(argv: list[str]) -> int:
   elif args.command == "qat":
     from moeqjax.pipeline.qat import qat_from_teacher
     state = qat_from_teacher(config, workdir, pathlib.Path(args.teacher), args.allocation,
-                             resume=args.resume)
+                             resume=args.resume, init_from=args.init_from)
     print(f"QAT finished at step {int(state.step)}; checkpoint in {workdir / 'ckpt'}")
+  elif args.command == "ptq":
+    from moeqjax.pipeline.ptq import ptq_from_teacher
+    _, report = ptq_from_teacher(config, workdir, pathlib.Path(args.teacher), args.method,
+                                 args.allocation, args.calib_batches)
+    err = report.get("calib_output_error")
+    note = (f"; calibration output error {err['gptq']:.4g} (RTN {err['rtn']:.4g})" if err else "")
+    print(f"ptq {args.method} finished{note}; checkpoint in {workdir / 'ckpt'}")
   elif args.command == "eval":
     from moeqjax.pipeline.evaluate import evaluate_qat_run
     metrics = evaluate_qat_run(config, workdir, workdirs.teacher_params(

@@ -48,3 +48,30 @@ def tokens():
 @pytest.fixture
 def rng():
   return jax.random.key(0)
+
+
+def numpy_student(cfg, codes_LxE, seed=0, embed_scale=1.0):
+  """(params, quant) drawn in numpy from the param shapes (no model init, which costs seconds).
+
+  `embed_scale` > 1 makes logits peaked (decisive greedy steps for runtime comparisons).
+  """
+  from moeqjax.model import default_quant
+  from moeqjax.serve.checkpoint import param_shapes
+  rng = np.random.default_rng(seed)
+  params = {}
+  for name, shape in param_shapes(cfg).items():
+    if name.endswith("_clip"):  # ratios away from 1 (some above), so folding them into scales shows
+      value = rng.uniform(0.6, 1.2, shape)
+    elif name.endswith("scale"):
+      value = 1.0 + 0.2 * rng.standard_normal(shape)
+    else:
+      value = rng.standard_normal(shape) / np.sqrt(shape[-2] if len(shape) > 1 else 1)
+    node = params
+    *parents, leaf = name.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = np.asarray(value * (embed_scale if name == "embedding" else 1.0), np.float32)
+  quant = default_quant(cfg)
+  for i, codes in enumerate(codes_LxE):
+    quant[f"layers_{i}"]["moe"]["expert_bits"] = np.asarray(codes, np.int32)
+  return params, quant

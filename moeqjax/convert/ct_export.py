@@ -10,7 +10,6 @@ import os
 import pathlib
 import shutil
 
-import jax
 import numpy as np
 
 from moeqjax.convert import ct_pack, ct_scheme, layout
@@ -19,15 +18,14 @@ from moeqjax.convert.gguf_export import _moeqjax_bytes
 from moeqjax.convert.hf_config import family_of, model_config_to_hf_config
 from moeqjax.convert.hf_import import NP_DTYPES
 from moeqjax.convert.safetensors_io import SINGLE_FILE, StreamingWriter
-from moeqjax.convert.tree_paths import get_path
+from moeqjax.convert.student_weights import EXPERT_PARAMS as _EXPERT_PARAMS
+from moeqjax.convert.student_weights import ParamWeights, StudentWeights
 from moeqjax.model import ModelConfig
-from moeqjax.quant import formats, quantize_dequantize, quantize_to_ints
+from moeqjax.quant import formats
 from moeqjax.quant import granularity as gran
-from moeqjax.quant.clip import learned_ratio
 
 REPORT = "export_report.json"
 DTYPES = ("bfloat16", "float32")
-_EXPERT_PARAMS = ("w_in", "w_gate", "w_out")
 _BF16_BYTES = 2  # moeqjax keeps full-precision weights in bf16
 # Scales are written as float32 holding fp16-exact values: compressed-tensors dequantizes in the
 # scale's dtype, so fp16 scales would round q * s (e.g. 7 * s needs 14 significant bits).
@@ -51,17 +49,6 @@ class _Module:
     return self.mode == "packed" and not self.folded
 
 
-def _codes(quant, path):
-  """Our codes for the param at `path` ([E] for experts, scalar for kernels), None if unquantized."""
-  if quant is None or path[-1] not in _EXPERT_PARAMS + ("kernel",):
-    return None
-  codes = get_path(quant, path[:-1] + ("expert_bits" if path[-1] != "kernel" else "bits",))
-  if codes is None:
-    return None
-  codes = formats.validate_codes(jax.device_get(codes))
-  return None if np.all(codes == formats.FP) else codes
-
-
 def _packable_dense(path) -> bool:
   # vLLM builds the routers, Qwen2-MoE's shared_expert_gate and the lm_head without a quant
   # method, so those are stored dequantized even when quantized.
@@ -72,11 +59,11 @@ def _module_name(ent) -> str:
   return ent.hf_name[:-len(".weight")]
 
 
-def plan(cfg: ModelConfig, quant, fam) -> list[_Module]:
+def plan(weights: StudentWeights, fam) -> list[_Module]:
   """Every param path with its storage mode; the expert and dense widths are shared (ct_scheme)."""
-  mods = []
+  cfg, mods = weights.cfg, []
   for path, group in itertools.groupby(layout.entries(cfg, fam), key=lambda e: e.path):
-    codes = _codes(quant, path)
+    codes = weights.codes(path)
     mode = "float" if codes is None else "packed"
     mod = _Module(path, list(group), codes, mode)
     if codes is not None and path[-1] in _EXPERT_PARAMS and np.any(codes == formats.FP):
@@ -128,20 +115,20 @@ def _check_scales(scales, mod: _Module):
                        "(fp16 scales)")
 
 
-def _packed_arrays(cfg, params, mod: _Module, spec):
+def _packed_arrays(weights: StudentWeights, mod: _Module, spec):
   """Yields the packed tensors of one quantized param (every expert), in `_tensor_specs` order."""
-  w = np.asarray(jax.device_get(get_path(params, mod.path)), np.float32)
-  clip = learned_ratio(params, mod.path, spec) if mod.path[-1] in _EXPERT_PARAMS else None
-  q, scales, zp = quantize_to_ints(w, mod.codes, spec, clip)  # [..., in, out], [..., ng, out]
+  form = weights.ints(mod.path)  # [..., in, out], [..., ng, out]
+  q, scales, zp = form.q, form.scales, form.zero_points
+  w_shape = tuple(weights.shape(mod.path))
   _check_scales(scales, mod)
-  lead = w.shape[:-2]
+  lead = w_shape[:-2]
   codes = np.broadcast_to(mod.codes, lead)
   # Tensor granularity has one scale per matrix; the format gets it repeated per output channel.
-  scales = np.broadcast_to(scales, lead + (scales.shape[-2], w.shape[-1]))
+  scales = np.broadcast_to(scales, lead + (scales.shape[-2], w_shape[-1]))
   q = q.astype(np.int32)
   if zp is not None and mod.folded:
-    per_weight = gran.grouped_shape(w.shape, spec)
-    zp_w = np.broadcast_to(gran.scales_to_stats(zp, w.shape, spec), per_weight).reshape(w.shape)
+    per_weight = gran.grouped_shape(w_shape, spec)
+    zp_w = np.broadcast_to(gran.scales_to_stats(zp, w_shape, spec), per_weight).reshape(w_shape)
     q, zp = q - zp_w.astype(np.int32), None
   elif zp is not None:
     zp = np.broadcast_to(zp, scales.shape).astype(np.int32)
@@ -159,13 +146,10 @@ def _packed_arrays(cfg, params, mod: _Module, spec):
       yield ct_pack.pack_columns(zp[idx].T, mod.bits)
 
 
-def _float_arrays(cfg, params, mod: _Module, spec, float_dtype):
-  w = np.asarray(jax.device_get(get_path(params, mod.path)), np.float32)
-  dtype = float_dtype
-  if mod.mode == "dequantized":
-    clip = learned_ratio(params, mod.path, spec) if mod.path[-1] in _EXPERT_PARAMS else None
-    w = np.asarray(quantize_dequantize(w, mod.codes, spec, clip), np.float32)
-    dtype = np.dtype(np.float32)
+def _float_arrays(weights: StudentWeights, mod: _Module, float_dtype):
+  w = weights.dequantized(mod.path)
+  # A quantized weight stored as floats is exact only in float32.
+  dtype = np.dtype(np.float32) if mod.mode == "dequantized" else float_dtype
   for ent in mod.ents:
     a = w[ent.expert] if ent.expert is not None else w
     yield np.ascontiguousarray(a.T if ent.transpose else a).astype(dtype)
@@ -204,19 +188,26 @@ def check_output(out_dir, overwrite: bool) -> pathlib.Path:
 
 
 def export_compressed_tensors(cfg: ModelConfig, params, quant, out_dir,
-                              family_config_json: dict | None = None, dtype: str = "bfloat16", *,
-                              model_type: str | None = None, overwrite: bool = False) -> dict:
+                              family_config_json: dict | None = None, dtype: str = "bfloat16",
+                              **options) -> dict:
+  """`write_compressed_tensors` of a student given as params and its `quant` collection."""
+  return write_compressed_tensors(ParamWeights(cfg, params, quant), out_dir, family_config_json,
+                                  dtype, **options)
+
+
+def write_compressed_tensors(weights: StudentWeights, out_dir,
+                             family_config_json: dict | None = None, dtype: str = "bfloat16", *,
+                             model_type: str | None = None, overwrite: bool = False) -> dict:
   """Writes a HF-layout checkpoint whose quantized Linear weights are compressed-tensors packed ints.
 
-  Quantized weights are written from our integer codes and trained scales (`quantize_to_ints`), so
-  `weight_packed` / `weight_scale` (/ `weight_zero_point`) decompress to the student's weights bit
-  for bit. One width (int4 or int8, the narrowest exact) holds every expert of the model, another
-  every packed dense matrix; `export_report.json` says what that costs against our packing.
+  Quantized weights are written from the student's integer codes and scales (`weights.ints`: from
+  params via `quantize_to_ints`, or a packed checkpoint's stored codes), so `weight_packed` /
+  `weight_scale` (/ `weight_zero_point`) decompress to the student's weights bit for bit. One
+  width (int4 or int8, the narrowest exact) holds every expert of the model, another every packed
+  dense matrix; `export_report.json` says what that costs against our packing.
 
   Args:
-    cfg: our model config (it must fit a HF family layout).
-    params: the student params (our tree).
-    quant: the student's `quant` collection (None: nothing quantized).
+    weights: the student (its cfg must fit a HF family layout).
     out_dir: the folder to write (built under a temporary name, then renamed).
     family_config_json: the original HF config.json (keeps token ids and metadata); optional.
     dtype: "bfloat16" or "float32" for unquantized tensors; scales are float32 with fp16-exact
@@ -234,10 +225,11 @@ def export_compressed_tensors(cfg: ModelConfig, params, quant, out_dir,
   if dtype not in DTYPES:
     raise ConvertError(f"dtype={dtype!r}; choose from {DTYPES}")
   out_dir = check_output(out_dir, overwrite)
+  cfg = weights.cfg
   hf_config = model_config_to_hf_config(cfg, model_type, family_config_json, dtype)
   fam = family_of(hf_config)
   spec = cfg.quant.spec()
-  mods = plan(cfg, quant, fam)
+  mods = plan(weights, fam)
   packed = [m for m in mods if m.mode == "packed"]
   if packed:
     ct_scheme.check_group_size(spec)
@@ -259,8 +251,8 @@ def export_compressed_tensors(cfg: ModelConfig, params, quant, out_dir,
     writer = StreamingWriter(tmp / SINGLE_FILE, [s for ss in specs for s in ss])
     try:
       for mod, mod_specs in zip(mods, specs):
-        arrays = (_packed_arrays(cfg, params, mod, spec) if mod.mode == "packed"
-                  else _float_arrays(cfg, params, mod, spec, float_dtype))
+        arrays = (_packed_arrays(weights, mod, spec) if mod.mode == "packed"
+                  else _float_arrays(weights, mod, float_dtype))
         nbytes = 0
         for (name, _, _), a in zip(mod_specs, arrays):
           writer.write(name, a)

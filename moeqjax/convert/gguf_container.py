@@ -77,6 +77,11 @@ def _try(qtype: str, levels, scale):
   return gguf_blocks.encode(qtype, levels, d), None
 
 
+def encode_as(qtype: str, levels, scale):
+  """(data, None) when `qtype` holds levels * scale exactly, else (None, the reason)."""
+  return _try(qtype, np.asarray(levels, np.int32), np.asarray(scale, np.float32))
+
+
 def encode_exact(levels, scale, order=ORDER_2BIT, start: str | None = None):
   """The first block type of `order` (from `start` on) that holds levels * scale exactly.
 

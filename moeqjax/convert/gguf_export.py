@@ -6,18 +6,15 @@ import json
 import os
 import pathlib
 
-import jax
 import numpy as np
 
-from moeqjax.convert import gguf_arch, gguf_container
+from moeqjax.convert import gguf_arch, gguf_container, gguf_requant
 from moeqjax.convert.errors import ConvertError
 from moeqjax.convert.gguf_vocab import Vocab, add_vocab, bpe_vocab, byte_vocab
-from moeqjax.convert.tree_paths import get_path
+from moeqjax.convert.student_weights import IntForm, ParamWeights, StudentWeights
 from moeqjax.model import ModelConfig
-from moeqjax.quant import (code_name, formats, quantize_dequantize,
-                           quantize_to_ints, weight_bytes)
+from moeqjax.quant import code_name, formats, weight_bytes
 from moeqjax.quant import granularity as gran
-from moeqjax.quant.clip import learned_ratio
 
 REPORT = "export_report.json"
 FP_DTYPES = ("f32", "f16", "bf16")
@@ -42,30 +39,28 @@ def _to_ggml(a, kind: str, permute_heads: int):
   return np.ascontiguousarray(a)
 
 
-def int_form(w, codes, spec, clip=None):
+def int_form(form: IntForm, spec, shape):
   """Per-weight integer levels and scales of a quantized weight, in our layout.
 
   Args:
-    w: weight [..., in, out].
-    codes: quantized codes (1..8) broadcastable to the leading dims.
+    form: its integer form (q, scales, zero points; see student_weights.IntForm).
     spec: the QuantSpec.
-    clip: optional learned clip ratio (see `clip_ratio`).
+    shape: the weight's shape [..., in, out].
 
   Returns:
     (levels int32 [..., in, out] = q - zero_point, scale float32 [..., in, out]); levels * scale
-    equals `quantize_dequantize(w, codes, spec, clip)` exactly.
+    is the student's dequantized weight exactly.
   """
-  w = np.asarray(jax.device_get(w), np.float32)
-  q, scales, zp = quantize_to_ints(w, codes, spec, clip)
-  grouped = gran.grouped_shape(w.shape, spec)
+  shape = tuple(shape)
+  grouped = gran.grouped_shape(shape, spec)
 
   def per_weight(v):
-    return np.broadcast_to(gran.scales_to_stats(v, w.shape, spec), grouped).reshape(w.shape)
+    return np.broadcast_to(gran.scales_to_stats(v, shape, spec), grouped).reshape(shape)
 
-  levels = q.astype(np.int32)
-  if zp is not None:
-    levels = levels - per_weight(zp.astype(np.int32))
-  return levels, per_weight(scales).astype(np.float32)
+  levels = np.asarray(form.q).astype(np.int32)
+  if form.zero_points is not None:
+    levels = levels - per_weight(form.zero_points.astype(np.int32))
+  return levels, per_weight(form.scales).astype(np.float32)
 
 
 def _float_data(a, dtype: str):
@@ -91,11 +86,11 @@ def _moeqjax_bytes(shape, codes, spec) -> int:
   return int(sum(weight_bytes(inner, int(c), spec) for c in np.ravel(codes)))
 
 
-def _quantized_tensor(ent, w, codes, spec, order, clip):
-  """(data, raw_type, qtype name, note) for a weight quantized at `codes` (all nonzero)."""
+def _quantized_tensor(ent, form: IntForm, shape, codes, spec, order, requantize_mixed=None):
+  """(data, raw_type, qtype name, note, extra report fields) for a weight quantized at `codes`."""
   import gguf
   name = ent.name
-  levels, scale = int_form(w, codes, spec, clip)
+  levels, scale = int_form(form, spec, shape)
   levels = _to_ggml(levels, ent.kind, ent.permute_heads)
   scale = _to_ggml(scale, ent.kind, ent.permute_heads)
   kinds = _codes_summary(codes)
@@ -113,7 +108,15 @@ def _quantized_tensor(ent, w, codes, spec, order, clip):
     notes.append(f"{enc.qtype} is wider than the container of {', '.join(sorted(wider))}")
   if any(k in kinds for k in ("int2", "int3")):
     notes.append("ggml has no exact 2/3-bit type: int2/int3 are stored as 4-bit levels")
-  return enc.data, gguf.GGMLQuantizationType[enc.qtype], enc.qtype, "; ".join(notes)
+  data, qtype, extra = enc.data, enc.qtype, {}
+  if (requantize_mixed and len(kinds) > 1 and ent.kind == "experts"
+      and order.index(requantize_mixed) < order.index(qtype)):
+    data, redone, rel = gguf_requant.requantize(name, levels, scale, requantize_mixed)
+    extra = {"requantized": {"from": qtype, "experts": redone, "rel_error": rel}}
+    notes.append(f"re-quantized experts {redone} from exact {qtype} to {requantize_mixed} "
+                 f"(--requantize-mixed): relative error {rel:.3g}")
+    qtype = requantize_mixed
+  return data, gguf.GGMLQuantizationType[qtype], qtype, "; ".join(notes), extra
 
 
 def check_output(out_path, overwrite: bool) -> pathlib.Path:
@@ -126,26 +129,34 @@ def check_output(out_path, overwrite: bool) -> pathlib.Path:
   return out_path
 
 
-def export_gguf(cfg: ModelConfig, params, quant, out_path, *, fp_dtype: str = "f32",
-                all_f32: bool = False, tokenizer=None, name: str = "moeqjax-student",
-                overwrite: bool = False) -> dict:
+def export_gguf(cfg: ModelConfig, params, quant, out_path, **options) -> dict:
+  """`write_gguf` of a student given as params and its `quant` collection (None: unquantized)."""
+  return write_gguf(ParamWeights(cfg, params, quant), out_path, **options)
+
+
+def write_gguf(weights: StudentWeights, out_path, *, fp_dtype: str = "f32", all_f32: bool = False,
+               tokenizer=None, name: str = "moeqjax-student", overwrite: bool = False,
+               requantize_mixed: str | None = None) -> dict:
   """Writes the student as one GGUF file that llama.cpp loads, and `export_report.json` beside it.
 
-  Quantized weights are written from our integer codes and trained scales (`quantize_to_ints`) in
-  the narrowest ggml block type that holds them exactly, so the file dequantizes to the student's
-  weights bit for bit. Norms, biases and the (unquantized) router are float32; other unquantized
-  weights are at `fp_dtype`.
+  Quantized weights are written from the student's integer codes and scales (`weights.ints`: from
+  params via `quantize_to_ints`, or a packed checkpoint's stored codes) in the narrowest ggml block
+  type that holds them exactly, so the file dequantizes to the student's weights bit for bit.
+  Norms, biases and the (unquantized) router are float32; other unquantized weights are at
+  `fp_dtype`.
 
   Args:
-    cfg: our model config (its fields choose the llama.cpp architecture, see gguf_arch.arch_for).
-    params: the student params (our tree).
-    quant: the student's `quant` collection (None: every weight full precision).
+    weights: the student (its cfg's fields choose the llama.cpp architecture, see
+      gguf_arch.arch_for).
     out_path: the .gguf file to write (written to a temporary name, then renamed).
     fp_dtype: "f32", "f16" or "bf16" for unquantized matrices.
     all_f32: write every tensor, quantized ones dequantized, as float32 (a control).
     tokenizer: None for our byte vocabulary, else a HF tokenizer.json (or its folder).
     name: general.name.
     overwrite: replace an existing file.
+    requantize_mixed: None (default: nothing re-quantized), or "TQ2_0", "TQ1_0" or "Q4_0": store
+      expert tensors with mixed codes at this type when it is narrower than their exact container,
+      re-quantizing the experts it cannot hold exactly; their rows report the relative error.
 
   Returns:
     The report (also written as export_report.json next to the file).
@@ -156,7 +167,9 @@ def export_gguf(cfg: ModelConfig, params, quant, out_path, *, fp_dtype: str = "f
   import gguf
   if fp_dtype not in FP_DTYPES:
     raise ConvertError(f"fp_dtype={fp_dtype!r}; choose from {FP_DTYPES}")
+  gguf_requant.check_type(requantize_mixed)
   out_path = check_output(out_path, overwrite)
+  cfg = weights.cfg
   arch = gguf_arch.arch_for(cfg)
   vocab: Vocab = byte_vocab(cfg.vocab_size) if not tokenizer else bpe_vocab(tokenizer,
                                                                            cfg.vocab_size)
@@ -169,20 +182,25 @@ def export_gguf(cfg: ModelConfig, params, quant, out_path, *, fp_dtype: str = "f
   gguf_arch.add_hparams(writer, cfg, arch, name)
   add_vocab(writer, vocab)
   rows, notes = [], [f"vocabulary: {vocab.note}"] if vocab.note else []
+  written = False
   try:
     for ent in gguf_arch.tensors(cfg, arch):
-      row = _write_tensor(writer, ent, params, quant, spec, order, fp_dtype, all_f32)
+      row = _write_tensor(writer, ent, weights, spec, order, fp_dtype, all_f32, requantize_mixed)
       rows.append(row)
       if row["note"]:
         notes.append(f"{row['name']}: {row['note']}")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
+    written = True
   finally:
     writer.close()
+    if not written:  # a refused or failed export leaves nothing behind
+      tmp.unlink(missing_ok=True)
   report = {
       "format": "gguf", "file": out_path.name, "arch": arch.name, "fp_dtype": fp_dtype,
-      "all_f32": all_f32, "vocab": vocab.source, "tensors": rows,
+      "all_f32": all_f32, "requantize_mixed": requantize_mixed, "vocab": vocab.source,
+      "tensors": rows,
       "moeqjax_bytes": sum(r["moeqjax_bytes"] for r in rows),
       "tensor_bytes": sum(r["file_bytes"] for r in rows),
       "notes": notes,
@@ -202,33 +220,29 @@ def _ggml_shape(shape, kind: str) -> list:
   return shape
 
 
-def _write_tensor(writer, ent, params, quant, spec, order, fp_dtype, all_f32) -> dict:
+def _write_tensor(writer, ent, weights: StudentWeights, spec, order, fp_dtype, all_f32,
+                  requantize_mixed=None) -> dict:
   """Adds one tensor to the writer; returns its report row."""
-  w = get_path(params, ent.path)
-  if w is None:
+  shape = weights.shape(ent.path)
+  if shape is None:
     raise ConvertError(f"params have no {'/'.join(ent.path)}, which GGUF tensor {ent.name} needs")
-  w = np.asarray(jax.device_get(w), np.float32)
-  codes = get_path(quant, ent.codes) if (quant is not None and ent.codes) else None
-  codes = None if codes is None else formats.validate_codes(jax.device_get(codes))
-  if codes is not None and np.all(codes == formats.FP):
-    codes = None  # a quantizer at code 0 passes the weight through
+  codes = weights.codes(ent.path) if ent.codes else None
   row = {"name": ent.name, "source": "/".join(ent.path)}
   note = ""
   if codes is None:
-    row["codes"] = {"fp": int(np.prod(w.shape[:-2])) if ent.kind == "experts" else 1}
-    row["moeqjax_bytes"] = _BF16_BYTES * int(w.size)
+    row["codes"] = {"fp": int(np.prod(shape[:-2])) if ent.kind == "experts" else 1}
+    row["moeqjax_bytes"] = _BF16_BYTES * int(np.prod(shape))
   else:
     row["codes"] = _codes_summary(codes)
-    row["moeqjax_bytes"] = _moeqjax_bytes(w.shape, codes, spec)
-  clip = learned_ratio(params, ent.path, spec) if ent.kind == "experts" else None
+    row["moeqjax_bytes"] = _moeqjax_bytes(shape, codes, spec)
   if codes is not None and np.all(codes != formats.FP) and not all_f32:
-    data, raw, qtype, note = _quantized_tensor(ent, w, codes, spec, order, clip)
+    data, raw, qtype, note, extra = _quantized_tensor(ent, weights.ints(ent.path), shape, codes,
+                                                      spec, order, requantize_mixed)
+    row.update(extra)
   else:
-    if codes is not None:
-      if not all_f32:
-        note = "some experts are full precision: the whole tensor is float32"
-      w = np.asarray(quantize_dequantize(w, codes, spec, clip))
-    a = _to_ggml(w, ent.kind, ent.permute_heads)
+    if codes is not None and not all_f32:
+      note = "some experts are full precision: the whole tensor is float32"
+    a = _to_ggml(weights.dequantized(ent.path), ent.kind, ent.permute_heads)
     # Norms, biases and the router stay float32 as llama.cpp's own converter keeps them; a
     # dequantized weight is exact only in float32.
     keep_f32 = (all_f32 or a.ndim == 1 or ent.name.endswith("ffn_gate_inp.weight")
@@ -237,6 +251,6 @@ def _write_tensor(writer, ent, params, quant, spec, order, fp_dtype, all_f32) ->
     data, raw = _float_data(a, dtype)
     qtype = {"f32": "F32", "f16": "F16", "bf16": "BF16"}[dtype]
   writer.add_tensor(ent.name, data, raw_dtype=raw)
-  row.update({"ggml_type": qtype, "shape": _ggml_shape(w.shape, ent.kind),
+  row.update({"ggml_type": qtype, "shape": _ggml_shape(shape, ent.kind),
               "file_bytes": int(data.nbytes), "note": note})
   return row

@@ -40,20 +40,24 @@ def evaluate_lm(cfg: ModelConfig, variables: dict, windows_NxS1: np.ndarray,
 
   Returns:
     {"nll": nats per token, "bits_per_token": nll / ln 2, "tokens": count,
+     "bits_per_window": np.ndarray [N] mean bits per token of each window (their mean is
+     bits_per_token, since windows have equal length),
      "expert_idx": np.ndarray [L, N*S, K] routing decisions in window order}.
   """
   fn = _eval_fn(cfg)
   n, seq = windows_NxS1.shape[0], windows_NxS1.shape[1] - 1
-  total, idx_parts = 0.0, []
+  nll_parts, idx_parts = [], []
   for start in range(0, n, batch_size):
     batch = windows_NxS1[start:start + batch_size]
     real = batch.shape[0]
     if real < batch_size:  # pad to keep one compiled shape
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
     nll_B, idx = fn(variables, jnp.asarray(batch))
-    total += float(np.sum(np.asarray(nll_B)[:real]))
+    nll_parts.append(np.asarray(nll_B, np.float64)[:real])
     idx_parts.append(np.asarray(idx)[:, :real * seq])
   tokens = n * seq
-  nll = total / tokens
+  nll_N = np.concatenate(nll_parts)
+  nll = float(np.sum(nll_N)) / tokens
   return {"nll": nll, "bits_per_token": nll / math.log(2), "tokens": tokens,
+          "bits_per_window": nll_N / (seq * math.log(2)),
           "expert_idx": np.concatenate(idx_parts, axis=1)}

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pathlib
 
 import matplotlib
+import numpy as np
+
+from moeqjax.quant import formats
 
 matplotlib.use("Agg")  # headless: no display on CI or TPU VMs
 import matplotlib.pyplot as plt  # noqa: E402
@@ -64,6 +67,25 @@ def plot_routing(results: dict, path: pathlib.Path, reference: str):
   ax.grid(alpha=0.3)
   ax.legend()
   ax.set_title("Routing consistency per layer")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_bit_map(codes_LxE, path: pathlib.Path, title: str):
+  """Heat map of expert codes (layer x expert), each cell labelled with its code's name."""
+  codes = np.asarray(codes_LxE)
+  names = sorted({int(c) for c in codes.ravel()})
+  fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * codes.shape[1] + 2), 0.6 * codes.shape[0] + 1.6))
+  rank = np.vectorize(names.index)(codes)  # colour by rank: codes 1 and 2 differ as much as 4 and 8
+  ax.imshow(rank, cmap="viridis", vmin=0, vmax=max(len(names) - 1, 1), aspect="auto")
+  for (l, e), c in np.ndenumerate(codes):
+    ax.text(e, l, formats.code_name(int(c)), ha="center", va="center", fontsize=8, color="white")
+  ax.set_xticks(range(codes.shape[1]))
+  ax.set_yticks(range(codes.shape[0]))
+  ax.set_xlabel("expert")
+  ax.set_ylabel("layer")
+  ax.set_title(title)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

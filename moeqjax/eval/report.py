@@ -8,14 +8,14 @@ import pathlib
 from moeqjax.eval import plots
 from moeqjax.eval.variants import REFERENCE
 
-CONTROL = "fp_continued"  # full precision trained as long as the QAT runs (absent: the reference)
+CONTROL = "fp_continued"  # full precision trained as long as the QAT runs (its column needs it)
 
 # Columns of the report table: (header, metrics key, format).
 TABLE = (
     ("bits/{unit}", "bits_per_token", "{:.4f}"),
     ("perplexity", "perplexity", "{:.2f}"),  # shown for unit "token" only (see _columns)
-    ("Δ vs FP", "delta_vs_fp", "{:+.4f}"),
-    ("Δ vs FP-continued", "delta_vs_fp_continued", "{:+.4f}"),
+    ("Δ vs FP (± paired s.e.)", "delta_vs_fp", "{:+.4f}"),
+    ("Δ vs FP-continued (± paired s.e.)", "delta_vs_" + CONTROL, "{:+.4f}"),
     ("avg expert bits (codes)", "expert_code_bits", "{:.2f}"),
     ("expert bits/weight (+scales)", "expert_bits_per_weight", "{:.3f}"),
     ("expert weight bytes", "expert_bytes", "{:,}"),
@@ -27,18 +27,25 @@ TABLE = (
 )
 
 
-def _columns(unit: str) -> tuple:
+def _columns(unit: str, results: dict) -> tuple:
   # Perplexity per byte is a number nobody compares against; per token it is the usual LM metric.
-  # metrics.json always has the key.
-  return tuple(c for c in TABLE if unit == "token" or c[1] != "perplexity")
+  # metrics.json always has the key. The control column needs a control variant.
+  have = set.intersection(*(set(r) for r in results.values()))
+  return tuple(c for c in TABLE if (unit == "token" or c[1] != "perplexity") and c[1] in have)
+
+
+def _cell(r: dict, key: str, fmt: str) -> str:
+  text = fmt.format(r[key])
+  se = r.get(key + "_se")
+  return text if se is None or r[key] == 0.0 and se == 0.0 else f"{text} ± {se:.4f}"
 
 
 def _table(results: dict, unit: str, descriptions: dict) -> str:
-  columns = _columns(unit)
+  columns = _columns(unit, results)
   head = ["variant"] + [h.format(unit=unit) for h, _, _ in columns]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in results.items():
-    cells = [f"`{name}`"] + [fmt.format(r[key]) for _, key, fmt in columns]
+    cells = [f"`{name}`"] + [_cell(r, key, fmt) for _, key, fmt in columns]
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
   lines += [f"- `{name}`: {text}" for name, text in descriptions.items()]
@@ -64,21 +71,40 @@ def _serving_section(serving: dict | None) -> list[str]:
   return lines
 
 
+_DEPLOY_FORMATS = {"gguf": "GGUF (llama.cpp)", "compressed_tensors": "compressed-tensors (vLLM)"}
+
+
+def _deploy_section(deploy: dict | None) -> list[str]:
+  if not deploy:
+    return []
+  lines = ["## Deploy: the packed students in other runtimes", "",
+           "| variant | format | file bytes | loaded | matched | check |", "|---|---|---|---|---|---|"]
+  yes_no = {True: "yes", False: "**no**", None: "-"}
+  for name, formats in deploy.items():
+    for key, r in formats.items():
+      size = f"{r['file_bytes']:,}" if r["file_bytes"] is not None else "-"
+      lines.append(f"| `{name}` | {_DEPLOY_FORMATS[key]} | {size} | {yes_no[r['loaded']]} | "
+                   f"{yes_no[r['matched']]} | {r['note']} |")
+  return lines + ["", "Exported from the packed folders (their stored codes and scales, nothing "
+                  "re-quantized); `export_report.json` beside each export says where a runtime "
+                  "stores experts wider than our packing.", ""]
+
+
 def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, baseline: float,
                  fingerprint: dict, unit: str, curves: dict, timings: dict, notes: list[str],
-                 config_text: str, serving: dict | None = None) -> dict:
+                 config_text: str, serving: dict | None = None,
+                 deploy: dict | None = None, allocations: dict | None = None) -> dict:
   """Writes report.md, metrics.json and plots/*.png into workdir; returns the metrics dict.
 
-  `serving` (optional) is what moeqjax.pipeline.demo.demo_serving returned: packed bytes and a sample.
+  `serving` (optional) is what moeqjax.pipeline.demo.demo_serving returned: packed bytes and a sample;
+  `deploy` (optional) is what moeqjax.pipeline.deploy.deploy_packed returned.
+  `allocations` (optional): variant -> its allocation.json record (Allocation.to_json()); each is
+  kept in metrics.json["allocations"] and drawn as plots/bit_map_<variant>.png.
   """
   workdir = pathlib.Path(workdir)
   plot_dir = workdir / "plots"
   plot_dir.mkdir(parents=True, exist_ok=True)
   ref = results[REFERENCE]["bits_per_token"]
-  control = results.get(CONTROL, results[REFERENCE])["bits_per_token"]
-  for r in results.values():
-    r["delta_vs_fp"] = r["bits_per_token"] - ref
-    r["delta_vs_fp_continued"] = r["bits_per_token"] - control
   metrics = {
       "unit": unit,
       "unigram_bits_per_token": baseline,
@@ -88,10 +114,19 @@ def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, ba
   }
   if serving:
     metrics["serving"] = serving
+  if deploy:
+    metrics["deploy"] = deploy
+  allocations = allocations or {}
+  if allocations:
+    metrics["allocations"] = allocations
   (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
   plots.plot_training_curves(curves, plot_dir / "training_curves.png", unit)
   plots.plot_variants(results, baseline, plot_dir / "variants.png", unit)
   plots.plot_routing(results, plot_dir / "routing_per_layer.png", REFERENCE)
+  for name, record in allocations.items():
+    plots.plot_bit_map(record["codes_LxE"], plot_dir / f"bit_map_{name}.png",
+                       f"{name}: expert codes ({record['method']}, "
+                       f"{record['achieved']['code_bits']:.2f} code bits)")
   data_line = ", ".join(f"{k}={v}" for k, v in fingerprint.items())
   text = "\n".join([
       "# moeqjax demo report",
@@ -107,11 +142,14 @@ def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, ba
       "",
       "Routing metrics compare each variant's top-k expert sets with the full-precision model "
       "on the same held-out tokens. Memory counts packed weights plus fp16 scales (and zero "
-      "points); unquantized tensors count at bf16.",
+      "points); unquantized tensors count at bf16. Each Δ is given ± its standard error paired "
+      "over the evaluation windows (both variants score the same windows; the windows are "
+      "treated as independent): a Δ within about two standard errors of 0 is noise.",
       "",
       *[f"- {n}" for n in notes],
       "",
       *_serving_section(serving),
+      *_deploy_section(deploy),
       "## Wall time (s)",
       "",
       *[f"- {k}: {v:.1f}" for k, v in timings.items()],
@@ -121,6 +159,7 @@ def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, ba
       "![training curves](plots/training_curves.png)",
       "![variants](plots/variants.png)",
       "![routing per layer](plots/routing_per_layer.png)",
+      *[f"![bit map of {name}](plots/bit_map_{name}.png)" for name in allocations],
       "",
       "## Config",
       "",

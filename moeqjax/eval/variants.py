@@ -8,6 +8,7 @@ import numpy as np
 
 from moeqjax.eval.lm_eval import evaluate_lm
 from moeqjax.eval.memory_report import model_memory
+from moeqjax.eval.paired import paired_difference
 from moeqjax.eval.routing_metrics import expert_load, load_drift_kl, routing_agreement
 from moeqjax.model import ModelConfig
 
@@ -15,7 +16,7 @@ REFERENCE = "full_precision"
 
 
 def evaluate_variants(cfg: ModelConfig, variants: dict, windows_NxS1: np.ndarray,
-                      batch_size: int) -> dict:
+                      batch_size: int, *, control: str | None = None) -> dict:
   """Held-out loss, routing consistency, expert load and true memory of every variant.
 
   Args:
@@ -24,12 +25,19 @@ def evaluate_variants(cfg: ModelConfig, variants: dict, windows_NxS1: np.ndarray
       "full_precision", the routing reference.
     windows_NxS1: evaluation windows.
     batch_size: windows per forward pass.
+    control: optional name of a variant (e.g. "fp_continued") that every variant is also compared
+      with: `delta_vs_<control>` and its paired standard error `delta_vs_<control>_se`.
 
   Returns:
-    name -> metrics dict (floats and per-layer lists; JSON-ready).
+    name -> metrics dict (floats and per-layer lists; JSON-ready). Every variant has
+    `delta_vs_fp` = its bits per token minus the reference's, and `delta_vs_fp_se`, the standard
+    error of that difference paired over the evaluation windows (None with one window).
   """
   if REFERENCE not in variants:
     raise ValueError(f"variants must include {REFERENCE!r} as the routing reference")
+  if control is not None and control not in variants:
+    raise ValueError(f"the control {control!r} is not among the variants {sorted(variants)}")
+  baselines = {"fp": REFERENCE} if control is None else {"fp": REFERENCE, control: control}
   order = [REFERENCE] + [n for n in variants if n != REFERENCE]
   raw = {name: evaluate_lm(cfg, variants[name], windows_NxS1, batch_size) for name in order}
   ref_idx = raw[REFERENCE]["expert_idx"]
@@ -57,4 +65,8 @@ def evaluate_variants(cfg: ModelConfig, variants: dict, windows_NxS1: np.ndarray
         "expert_load": load.tolist(),
         **memory,
     }
+    for label, base in baselines.items():
+      delta, se = paired_difference(ev["bits_per_window"], raw[base]["bits_per_window"])
+      results[name][f"delta_vs_{label}"] = delta
+      results[name][f"delta_vs_{label}_se"] = se
   return results

@@ -9,12 +9,14 @@ import time
 import ml_collections
 import numpy as np
 
+from moeqjax.alloc.allocation import allocate, write_allocation
 from moeqjax.data import eval_windows, make_tokenizer, unigram_bits_per_token
 from moeqjax.eval import REFERENCE, evaluate_variants
-from moeqjax.eval.report import write_report
+from moeqjax.eval.report import CONTROL, write_report
 from moeqjax.model import default_quant, init_ratios, set_expert_codes
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
+from moeqjax.pipeline.deploy import DEPLOY_VARIANTS, deploy_packed
 from moeqjax.pipeline.pretrain import pretrain
 from moeqjax.pipeline.qat import qat
 from moeqjax.pipeline.serve import end_of_text_id
@@ -22,8 +24,17 @@ from moeqjax.pipeline.workdirs import load_data
 from moeqjax.serve import generate, load_packed, pack
 from moeqjax.train.metrics_log import read_metrics
 
+# The mixed-precision variant: per-expert codes allocated from the router statistics that the
+# `fp_continued` run (a full-precision fine-tune, as in the study's protocol) collected in its train
+# step, by the method that won the allocation study (docs/results/study.md: MC-MoE style), within
+# MIXED_BUDGET expert code bits per weight; then QAT with the same recipe as the uniform variants.
+MIXED = "qat_mixed"
+MIXED_METHOD = "mc_moe"
+MIXED_BUDGET = 2.5  # code bits per expert weight (scales excluded)
+MIXED_STATS_FROM = CONTROL
+
 # Variant name -> (expert code, trained with QAT?, description). Keys are stable: they are the
-# keys of metrics.json["variants"] (documented in the README).
+# keys of metrics.json["variants"] (documented in the README). Code None: allocated (MIXED).
 DEMO_VARIANTS = {
     "full_precision": (0, False, "the pretrained model, no quantization (the teacher)"),
     "fp_continued": (0, True, "control: the same QAT recipe and steps with no quantization "
@@ -35,6 +46,9 @@ DEMO_VARIANTS = {
     "qat_ternary": (1, True, "ternary experts after QAT with the joint objective "
                     "(CE + block reconstruction + logits KD + routing value + structure)"),
     "qat_int2": (2, True, "int2 experts after QAT with the same joint objective"),
+  MIXED: (None, True, f"per-expert codes ({MIXED_METHOD} allocation at {MIXED_BUDGET} code bits "
+          f"from the router statistics of the {MIXED_STATS_FROM} run) after QAT with the same "
+          "joint objective"),
 }
 
 
@@ -77,6 +91,26 @@ DEMO_PROMPT_TOKENS = 64
 DEMO_NEW_TOKENS = 64
 
 
+def pack_variant(cfg, workdir: pathlib.Path, name: str, student: dict, tokenizer_name: str) -> dict:
+  """Packs one demo student into workdir/packed/<name> (replacing it); returns the manifest."""
+  eos_id = end_of_text_id(make_tokenizer(tokenizer_name))
+  return pack(cfg, student["params"], student["quant"], workdir / "packed" / name,
+              tokenizer=tokenizer_name or None, eos_id=eos_id, overwrite=True,
+              source=str((workdir / name).absolute()))
+
+
+def demo_deploy(cfg, workdir: pathlib.Path, students: dict, prompt_ids, tokenizer_name: str) -> dict:
+  """The deploy check (pipeline.deploy) of the demo's students in DEPLOY_VARIANTS, packed first
+  where demo_serving did not pack them."""
+  folders = {}
+  for name in DEPLOY_VARIANTS:
+    if name in students:
+      if name not in DEMO_PACKED:
+        pack_variant(cfg, workdir, name, students[name], tokenizer_name)
+      folders[name] = workdir / "packed" / name
+  return deploy_packed(workdir, folders, prompt_ids)
+
+
 def demo_serving(cfg, workdir: pathlib.Path, students: dict, prompt_ids, tokenizer_name: str,
                  fp_model_bytes: int) -> dict:
   """Packs the demo's QAT students, and continues a held-out prompt from the packed ternary one.
@@ -97,10 +131,7 @@ def demo_serving(cfg, workdir: pathlib.Path, students: dict, prompt_ids, tokeniz
   packed = {}
   for name in DEMO_PACKED:
     folder = workdir / "packed" / name
-    manifest = pack(cfg, students[name]["params"], students[name]["quant"], folder,
-                    tokenizer=tokenizer_name or None, eos_id=eos_id, overwrite=True,
-                    source=str((workdir / name).absolute()))
-    b = manifest["bytes"]
+    b = pack_variant(cfg, workdir, name, students[name], tokenizer_name)["bytes"]
     packed[name] = {
         "folder": str(folder),
         "tensor_bytes": b["all_tensors"],
@@ -122,6 +153,16 @@ def demo_serving(cfg, workdir: pathlib.Path, students: dict, prompt_ids, tokeniz
             "prefill_tokens_per_s": gen.prefill_tokens_per_s,
             "decode_tokens_per_s": gen.decode_tokens_per_s}
   return {"packed": packed, "sample": sample}
+
+
+def mixed_allocation(cfg, teacher_params, stats: dict, path: pathlib.Path):
+  """The MIXED variant's allocation from `stats` (written to `path`): MIXED_METHOD at MIXED_BUDGET.
+
+  The quantization errors it weighs are those of the teacher, which QAT starts from.
+  """
+  result = allocate(MIXED_METHOD, cfg, teacher_params, stats, MIXED_BUDGET, "code_bits")
+  write_allocation(path, result)
+  return result
 
 
 def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | None = None) -> dict:
@@ -159,7 +200,7 @@ def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | N
 
   quant = default_quant(cfg)
   shape = (cfg.num_layers, cfg.num_experts)
-  variants, descriptions = {}, {}
+  variants, descriptions, states, allocation = {}, {}, {}, None
   for name, (code, trained, text) in DEMO_VARIANTS.items():
     descriptions[name] = text
     if not trained and code == 0:
@@ -170,9 +211,15 @@ def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | N
       variants[name] = {"params": init_ratios(cfg, params, rtn_quant), "quant": rtn_quant}
     else:
       t = time.perf_counter()
-      state = qat(config, workdir / name, corpus, params,
-                       expert_codes_LxE=np.full(shape, code), resume=True)
+      if code is None:
+        allocation = mixed_allocation(cfg, params, states[MIXED_STATS_FROM].stats,
+                                      workdir / f"{name}_allocation.json")
+        codes = np.asarray(allocation.codes_LxE)
+      else:
+        codes = np.full(shape, code)
+      state = qat(config, workdir / name, corpus, params, expert_codes_LxE=codes, resume=True)
       timings[name] = time.perf_counter() - t
+      states[name] = state
       variants[name] = {"params": state.params, "quant": state.quant}
       # QAT continues from the end of pretraining: plot it there.
       curves[name] = [dict(r, step=r["step"] + qat_offset)
@@ -180,13 +227,17 @@ def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | N
 
   t = time.perf_counter()
   windows = eval_windows(corpus.valid, config.eval.seq_len, config.eval.num_windows)
-  results = evaluate_variants(cfg, variants, windows, config.eval.batch_size)
+  results = evaluate_variants(cfg, variants, windows, config.eval.batch_size, control=CONTROL)
   baseline = unigram_bits_per_token(corpus.train, corpus.valid, cfg.vocab_size)
   timings["eval"] = time.perf_counter() - t
   t = time.perf_counter()
   serving = demo_serving(cfg, workdir, variants, np.asarray(corpus.valid[:DEMO_PROMPT_TOKENS]),
                          config.data.tokenizer, results[REFERENCE]["model_bytes"])
   timings["serve"] = time.perf_counter() - t
+  t = time.perf_counter()
+  deploy = demo_deploy(cfg, workdir, variants, np.asarray(corpus.valid[:DEMO_PROMPT_TOKENS]),
+                       config.data.tokenizer)
+  timings["deploy"] = time.perf_counter() - t
   timings["total"] = time.perf_counter() - start
   if hf_dir is None:
     teacher_note = (f"Pretraining: {config.pretrain.steps} steps of {config.pretrain.batch_size}x"
@@ -210,4 +261,5 @@ def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | N
   return write_report(workdir, results, descriptions=descriptions, baseline=baseline,
                       fingerprint=corpus.fingerprint, unit=corpus.unit, curves=curves,
                       timings=timings, notes=notes, config_text=config_io.config_json(config),
-                      serving=serving)
+                      serving=serving, deploy=deploy,
+                      allocations={MIXED: allocation.to_json()} if allocation else None)

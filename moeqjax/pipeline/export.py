@@ -1,4 +1,4 @@
-"""`moeqjax export`: the student of a finished QAT workdir (or an imported folder) through the library's exporters."""
+"""`moeqjax export`: the student of a finished QAT workdir, an imported folder or a packed folder through the library's exporters."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ import pathlib
 import jax
 import ml_collections
 
-from moeqjax.convert import ConvertError, export_hf
+from moeqjax.convert import ConvertError
 from moeqjax.convert.ct_export import check_output as ct_check_output
-from moeqjax.convert.ct_export import export_compressed_tensors
-from moeqjax.convert.gguf_export import check_output, export_gguf
+from moeqjax.convert.ct_export import write_compressed_tensors
+from moeqjax.convert.gguf_export import check_output, write_gguf
+from moeqjax.convert.hf_export import write_hf
+from moeqjax.convert.student_weights import ParamWeights
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
 from moeqjax.pipeline.workdirs import CONFIG_RECORD, latest_state, state_template
+from moeqjax.serve.packed_source import PackedWeights
 
 
 def load_student(workdir: pathlib.Path):
@@ -60,39 +63,59 @@ def load_student(workdir: pathlib.Path):
   return cfg, state.params, state.quant
 
 
-def export_workdir(workdir, out, dtype: str = "bfloat16", hf_config_path=None,
-                   model_type: str | None = None, *, fmt: str = "hf", overwrite: bool = False,
-                   fp_dtype: str = "f32", all_f32: bool = False, tokenizer=None):
-  """Exports the final student of a `moeqjax qat` workdir (or an imported folder).
+def export_student(out, *, workdir=None, packed=None, fmt: str = "hf", dtype: str = "bfloat16",
+                   hf_config_path=None, model_type: str | None = None, overwrite: bool = False,
+                   fp_dtype: str = "f32", all_f32: bool = False, tokenizer=None,
+                   requantize_mixed: str | None = None):
+  """Exports the student of a `moeqjax qat` workdir (or an imported folder), or of a packed folder.
 
+  Exactly one of `workdir` and `packed` is given. From a packed folder the exporters read the
+  stored integer codes and scales as they are (nothing re-quantized), and its tokenizer.json.
   fmt "hf" writes the HF family layout (dequantized) to the folder `out` and returns it; "gguf"
   writes one llama.cpp file `out` from the integer codes and returns the export report;
   "compressed-tensors" writes a vLLM pack-quantized folder `out` and returns its report.
   """
-  workdir = pathlib.Path(workdir).absolute()
+  if (workdir is None) == (packed is None):
+    raise ConvertError("give exactly one of --workdir (a QAT run) and --packed (a packed folder)")
   if fmt == "gguf":
     check_output(out, overwrite)  # before the (slow) restore
-    cfg, params, quant = load_student(workdir)
-    if tokenizer is None:
-      tokenizer = _recorded_tokenizer(workdir)
-    return export_gguf(cfg, params, quant, out, fp_dtype=fp_dtype, all_f32=all_f32,
-                       tokenizer=tokenizer, name=workdir.name, overwrite=overwrite)
-  if fmt == "compressed-tensors":
-    ct_check_output(out, overwrite)  # before the (slow) restore
+  elif fmt == "compressed-tensors":
+    ct_check_output(out, overwrite)
   template_json = None
-  candidates = [pathlib.Path(hf_config_path)] if hf_config_path else [workdir / import_hf.HF_CONFIG]
-  for cand in candidates:
-    if cand.is_dir():
-      cand = cand / "config.json"
-    if cand.is_file():
-      template_json = json.loads(cand.read_text())
-    elif hf_config_path:
-      raise ConvertError(f"--hf-config {cand} does not exist")
-  cfg, params, quant = load_student(workdir)
+  if fmt != "gguf":
+    template_json = _hf_config_template(hf_config_path, workdir)
+  if packed is not None:
+    weights = PackedWeights(packed)
+    name, recorded = pathlib.Path(packed).absolute().name, weights.tokenizer
+  else:
+    workdir = pathlib.Path(workdir).absolute()
+    weights = ParamWeights(*load_student(workdir))
+    name, recorded = workdir.name, _recorded_tokenizer(workdir)
+  if fmt == "gguf":
+    return write_gguf(weights, out, fp_dtype=fp_dtype, all_f32=all_f32,
+                      tokenizer=recorded if tokenizer is None else tokenizer, name=name,
+                      overwrite=overwrite, requantize_mixed=requantize_mixed)
   if fmt == "compressed-tensors":
-    return export_compressed_tensors(cfg, params, quant, out, template_json, dtype,
-                                     model_type=model_type, overwrite=overwrite)
-  return export_hf(cfg, params, quant, out, template_json, dtype, model_type=model_type)
+    return write_compressed_tensors(weights, out, template_json, dtype, model_type=model_type,
+                                    overwrite=overwrite)
+  return write_hf(weights, out, template_json, dtype, model_type=model_type)
+
+
+def _hf_config_template(hf_config_path, workdir) -> dict | None:
+  """The original HF config.json: --hf-config, else an imported workdir's own, else None."""
+  if hf_config_path:
+    cand = pathlib.Path(hf_config_path)
+  elif workdir is not None:
+    cand = pathlib.Path(workdir) / import_hf.HF_CONFIG
+  else:
+    return None
+  if cand.is_dir():
+    cand = cand / "config.json"
+  if cand.is_file():
+    return json.loads(cand.read_text())
+  if hf_config_path:
+    raise ConvertError(f"--hf-config {cand} does not exist")
+  return None
 
 
 def _recorded_tokenizer(workdir: pathlib.Path):

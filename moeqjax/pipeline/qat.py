@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moeqjax.alloc.allocation import (BUDGET_UNITS, METHODS, allocate, check_levels,
-                                      read_allocation)
+from moeqjax.alloc.allocation import BUDGET_UNITS, METHODS, allocate, check_levels
 from moeqjax.data import TokenCorpus
 from moeqjax.model import (MoETransformer, default_quant, init_ratios, set_expert_codes,
                            without_ratios)
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
-from moeqjax.pipeline.workdirs import finished_state, load_data, record_config, teacher_params
+from moeqjax.pipeline.ptq import ptq_student
+from moeqjax.pipeline.workdirs import finished_state, record_config, teacher_inputs
 from moeqjax.train import (TrainState, create_state, jit_train_step, make_optimizer,
                            run_training)
 from moeqjax.train import progressive
@@ -42,6 +43,16 @@ class ReallocConfig:
       raise config_io.ConfigError(
           f"realloc.budget_unit={self.budget_unit!r}; use one of {', '.join(BUDGET_UNITS)}")
     check_levels(self.levels, self.method)  # an AllocationError says what to fix
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_qat_step(cfg, optim, weights):
+  """The jitted QAT step for a (model config, optimizer config, loss weights).
+
+  Expert codes are traced data, so runs that differ only in their codes (the demo's variants,
+  full precision included) share one compile instead of paying one each.
+  """
+  return jit_train_step(MoETransformer(cfg), make_optimizer(optim), weights)
 
 
 def realloc_from_config(config) -> ReallocConfig | None:
@@ -70,7 +81,8 @@ def progressive_step(step_fn, cfg, realloc: ReallocConfig, log=None):
 
 
 def qat(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher_params, *,
-        expert_codes_LxE: np.ndarray | None, resume: bool, realloc=None) -> TrainState:
+        expert_codes_LxE: np.ndarray | None, resume: bool, realloc=None,
+        init_from: tuple[str, object] | None = None) -> TrainState:
   """Quantization-aware fine-tuning of a student initialised from `teacher_params`.
 
   Args:
@@ -82,6 +94,8 @@ def qat(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher_params
     resume: continue a killed run from its latest checkpoint.
     realloc: optional ReallocConfig: re-allocate the expert codes every `realloc.every` steps
       from the statistics gathered so far (progressive QAT, no recompile).
+    init_from: optional (name, params): the student starts from these params (e.g. a `moeqjax ptq`
+      workdir's GPTQ student) instead of the teacher's; the name is recorded in config.json.
 
   Returns:
     The final state; its `quant` holds the codes and `params` the fine-tuned student.
@@ -92,23 +106,25 @@ def qat(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher_params
   weights = config_io.loss_weights(config)
   record = {k: config[k].to_dict() for k in ("model", "quant", "data", "qat", "loss")}
   record["expert_codes"] = None if expert_codes_LxE is None else np.asarray(expert_codes_LxE).tolist()
+  if init_from is not None:
+    record["init_from"] = init_from[0]
   if realloc is not None:
     record["realloc"] = dataclasses.asdict(realloc)
   record_config(workdir, record)
-  model = MoETransformer(cfg)
   quant = default_quant(cfg)
   if expert_codes_LxE is not None:
     quant = set_expert_codes(quant, expert_codes_LxE)
   tx = make_optimizer(optim)
   teacher_params = without_ratios(teacher_params)
+  start = teacher_params if init_from is None else init_from[1]
   # Separate buffers (the state is donated); learned ratios start at their initial value.
-  student = init_ratios(cfg, jax.tree.map(jnp.copy, teacher_params), quant)
+  student = init_ratios(cfg, jax.tree.map(jnp.copy, start), quant)
   state = create_state(student, tx, cfg.num_layers, quant=quant,
                        teacher_params=jax.tree.map(jnp.copy, teacher_params))
   done = finished_state(workdir, state, loop.steps)
   if done is not None:
     return done
-  step_fn = jit_train_step(model, tx, weights)
+  step_fn = compiled_qat_step(cfg, optim, weights)
   if realloc is not None:
     step_fn = progressive_step(step_fn, cfg, realloc)
   return run_training(state, step_fn, corpus.train, loop, workdir, resume=resume,
@@ -116,18 +132,21 @@ def qat(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher_params
 
 
 def qat_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path,
-                     allocation_path: str | None, *, resume: bool) -> TrainState:
+                     allocation_path: str | None, *, resume: bool,
+                     init_from: pathlib.Path | None = None) -> TrainState:
   """`moeqjax qat`: the teacher's params, the data, optional allocation.json and `realloc` section.
 
-  An imported teacher's original config.json is kept in the workdir, for `moeqjax export`.
+  With `init_from` (a `moeqjax ptq` workdir) the student starts from that PTQ student, at its codes
+  unless an allocation is given. An imported teacher's original config.json is kept in the
+  workdir, for `moeqjax export`.
   """
-  params = teacher_params(config, teacher_dir)
-  corpus = load_data(config)
-  codes = None
-  if allocation_path is not None:
-    cfg = config_io.model_config(config)
-    codes = read_allocation(allocation_path, cfg.num_layers, cfg.num_experts)
+  params, corpus, codes = teacher_inputs(config, teacher_dir, allocation_path)
+  start = None
+  if init_from is not None:
+    start_params, start_codes = ptq_student(config, pathlib.Path(init_from))
+    start = (str(pathlib.Path(init_from).absolute()), start_params)
+    codes = start_codes if codes is None else codes
   state = qat(config, workdir, corpus, params, expert_codes_LxE=codes, resume=resume,
-              realloc=realloc_from_config(config))
+              realloc=realloc_from_config(config), init_from=start)
   import_hf.keep_hf_config(teacher_dir, workdir)
   return state

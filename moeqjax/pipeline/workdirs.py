@@ -7,6 +7,7 @@ import pathlib
 
 import jax
 
+from moeqjax.alloc.allocation import read_allocation
 from moeqjax.data import TokenCorpus, check_vocab, encode_corpus, load_corpus, make_tokenizer
 from moeqjax.model import default_quant, init_model, without_ratios
 from moeqjax.pipeline import config as config_io
@@ -125,3 +126,15 @@ def teacher_params(config, teacher_dir: pathlib.Path):
         f"--teacher {teacher_dir} has not finished its {steps} pretraining steps; finish it "
         f"with `moeqjax pretrain --workdir {teacher_dir} --resume`")
   return state.params
+
+
+def teacher_inputs(config, teacher_dir: pathlib.Path, allocation_path: str | None):
+  """(teacher params, corpus, codes [L, E] or None) for a phase that starts from a teacher
+  (`moeqjax qat`, `moeqjax ptq`) with an optional allocation.json."""
+  params = teacher_params(config, teacher_dir)
+  corpus = load_data(config)
+  codes = None
+  if allocation_path is not None:
+    cfg = config_io.model_config(config)
+    codes = read_allocation(allocation_path, cfg.num_layers, cfg.num_experts)
+  return params, corpus, codes

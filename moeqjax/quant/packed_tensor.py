@@ -47,6 +47,20 @@ def _pack_values(q_int, code: int, spec: QuantSpec) -> np.ndarray:
   return packing.pack_int(q_int, code)
 
 
+def unpack_values(values, code: int, spec: QuantSpec, count: int) -> np.ndarray:
+  """Host-side inverse of `_pack_values`: one stream's integers [count] as `quantize_to_ints` gives them.
+
+  int8 for symmetric specs, int16 for asymmetric ones (unsigned levels up to 255 beside ternary -1).
+  """
+  if code == formats.TERNARY:
+    unpack = (packing.unpack_ternary_2bit if spec.ternary_packing == "2bit"
+              else packing.unpack_ternary_base3)
+    q = unpack(values, count)
+  else:
+    q = packing.unpack_int(values, code, count, signed=spec.symmetric)
+  return q.astype(np.int8 if spec.symmetric else np.int16)
+
+
 def _pack_same_code(w_NxIxO, code: int, spec: QuantSpec, clip) -> dict:
   """n weights [n, in, out] at one code: one packed stream each, scales and zero points."""
   q_int, scales, zero_points = quantizers.quantize_to_ints(

@@ -247,12 +247,16 @@ def _read_manifest(folder: pathlib.Path) -> dict:
   return manifest
 
 
+def param_shapes(cfg: ModelConfig) -> dict:
+  """{"layers_0/moe/w_in": shape, ...} of every param of the model (no allocation)."""
+  abstract = jax.eval_shape(MoETransformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  return {"/".join(p): tuple(v.shape) for p, v in _flatten(nn.meta.unbox(abstract["params"]))}
+
+
 def _expected_shapes(cfg: ModelConfig, manifest: dict) -> dict:
   """The shape every tensor of the manifest must have, derived from the config alone."""
   spec = cfg.quant.spec()
-  model = MoETransformer(cfg)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-  shapes = {"/".join(p): tuple(v.shape) for p, v in _flatten(nn.meta.unbox(abstract["params"]))}
+  shapes = param_shapes(cfg)
   one_expert = expert_shapes(cfg)
   codes = manifest["expert_codes"]
   if np.shape(codes) != (cfg.num_layers, cfg.num_experts):
@@ -301,31 +305,29 @@ def _expected_shapes(cfg: ModelConfig, manifest: dict) -> dict:
   return want
 
 
-def load_packed(folder, *, verify: bool = True) -> PackedModel:
-  """Loads a packed checkpoint, keeping quantized weights packed in device memory.
-
-  Every tensor is checked against the manifest (present, shape, dtype, bytes and, with `verify`,
-  sha256) and against the shapes its model config implies.
-
-  Args:
-    folder: a folder written by `pack`.
-    verify: check each tensor's sha256 (reads every byte once more; on by default).
-
-  Returns:
-    A PackedModel; `model.apply(variables, tokens)` runs the packed student.
-
-  Raises:
-    PackedCheckpointError: naming the file or tensor, for any mismatch.
-  """
+def open_packed(folder) -> tuple[dict, ModelConfig]:
+  """(manifest, model config) of a packed checkpoint, checked; a one-line PackedCheckpointError else."""
   folder = pathlib.Path(folder)
   manifest = _read_manifest(folder)
   try:
     cfg = model_config_from_record(manifest["model_config"])
   except (TypeError, ValueError, KeyError) as e:
     raise PackedCheckpointError(f"{folder / MANIFEST}: bad model_config ({e})") from None
+  return manifest, cfg
+
+
+def read_packed_tensors(folder, manifest: dict, cfg: ModelConfig, *, verify: bool = True):
+  """Yields (name, manifest record, host numpy array) for every tensor of a packed checkpoint.
+
+  Every tensor is checked against the manifest (present, shape, dtype, bytes and, with `verify`,
+  sha256) and against the shapes its model config implies, before it is yielded.
+
+  Raises:
+    PackedCheckpointError: naming the file or tensor, for any mismatch.
+  """
+  folder = pathlib.Path(folder)
   want = _expected_shapes(cfg, manifest)
   headers = {}
-  params, packed, experts = {}, {}, {}
   for name, rec in manifest["tensors"].items():
     file = folder / rec["file"]
     if rec["file"] not in headers:
@@ -354,6 +356,29 @@ def load_packed(folder, *, verify: bool = True) -> PackedModel:
     if verify and _sha256(arr) != rec["sha256"]:
       raise PackedCheckpointError(f"tensor {name} in {file.name} fails its sha256 check (corrupted "
                                   "file); re-pack or re-copy the checkpoint")
+    yield name, rec, arr
+
+
+def load_packed(folder, *, verify: bool = True) -> PackedModel:
+  """Loads a packed checkpoint, keeping quantized weights packed in device memory.
+
+  Every tensor is checked against the manifest (present, shape, dtype, bytes and, with `verify`,
+  sha256) and against the shapes its model config implies.
+
+  Args:
+    folder: a folder written by `pack`.
+    verify: check each tensor's sha256 (reads every byte once more; on by default).
+
+  Returns:
+    A PackedModel; `model.apply(variables, tokens)` runs the packed student.
+
+  Raises:
+    PackedCheckpointError: naming the file or tensor, for any mismatch.
+  """
+  folder = pathlib.Path(folder)
+  manifest, cfg = open_packed(folder)
+  params, packed, experts = {}, {}, {}
+  for _, rec, arr in read_packed_tensors(folder, manifest, cfg, verify=verify):
     path = tuple(rec["param"].split("/"))
     if rec["role"] == "float":
       _set(params, path, jax.device_put(arr))

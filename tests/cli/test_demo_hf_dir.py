@@ -1,10 +1,14 @@
 """`moeqjax demo --hf-dir`: a tiny saved Mixtral replaces pretraining; the rest of the pipeline runs."""
 
+import importlib.util
 import json
 
+import ml_collections
 import pytest
 
 from moeqjax.cli import main
+from moeqjax.pipeline import config as config_io
+from moeqjax.pipeline.qat import compiled_qat_step
 
 # One QAT step: each QAT variant costs one train_step compile (~15 s on a busy 2-core CPU).
 STEPS = ["--config.qat.steps=1", "--config.qat.warmup_steps=1", "--config.qat.batch_size=2",
@@ -52,12 +56,30 @@ def test_demo_from_hf_checkpoint(tmp_path, capsys):
   assert main(args) == 0
   metrics = json.loads((work / "metrics.json").read_text())
   assert set(metrics["variants"]) == {"full_precision", "fp_continued", "rtn_int4", "rtn_ternary",
-                                      "qat_ternary", "qat_int2"}
+                                      "qat_ternary", "qat_int2", "qat_mixed"}
   assert metrics["unit"] == "token"
   assert metrics["data"]["vocab_size"] == make_tokenizer(str(hf_dir)).vocab_size == 22
   assert metrics["data"]["tokenizer"] == str((hf_dir / "tokenizer.json").resolve())
   for r in metrics["variants"].values():
     assert r["perplexity"] == pytest.approx(2.718281828 ** r["nll"], rel=1e-6)
+  # qat_mixed: an MC-MoE allocation within 2.5 code bits from fp_continued's statistics, trained.
+  mixed, allocation = metrics["variants"]["qat_mixed"], metrics["allocations"]["qat_mixed"]
+  assert allocation["method"] == "mc_moe" and allocation["within_budget"]
+  assert mixed["expert_code_bits"] == pytest.approx(allocation["achieved"]["code_bits"])
+  assert mixed["expert_code_bits"] <= 2.5
+  assert json.loads((work / "qat_mixed" / "config.json").read_text())["expert_codes"] == \
+      allocation["codes_LxE"]
+  assert (work / "plots" / "bit_map_qat_mixed.png").stat().st_size > 0
+  assert "bit_map_qat_mixed.png" in (work / "report.md").read_text()
+  # Every delta has its paired standard error; the control's own delta is exactly 0.
+  for r in metrics["variants"].values():
+    assert r["delta_vs_fp_se"] is not None and r["delta_vs_fp_continued_se"] is not None
+  assert metrics["variants"]["fp_continued"]["delta_vs_fp_continued"] == 0.0
+  # The four QAT runs differ only in their codes (traced data), so they share one compiled step.
+  config = ml_collections.ConfigDict(json.loads((work / "qat_ternary" / "config.json").read_text()))
+  _, optim = config_io.phase_configs(config.qat, "qat")
+  step = compiled_qat_step(config_io.model_config(config), optim, config_io.loss_weights(config))
+  assert step._cache_size() == 1
   assert not (work / "pretrain").exists() and (work / "hf_import" / "hf_import.json").is_file()
   assert "import" in metrics["timings_s"] and "pretrain" not in metrics["timings_s"]
   report = (work / "report.md").read_text()
@@ -75,7 +97,17 @@ def test_demo_from_hf_checkpoint(tmp_path, capsys):
     assert f"packed {name}" in out
   assert serving["sample"]["variant"] == "qat_ternary" and serving["sample"]["prompt"]
   assert "## Serving from packed weights" in report and "greedy continuation" in out
-  qat_record = json.loads((work / "qat_ternary" / "config.json").read_text())
+  # ...and deploys the packed ternary student: rows of 16 weights fit no ggml block (Q4_0 needs
+  # 32), so the GGUF row says why it was not written; compressed-tensors is written and checked.
+  deploy = metrics["deploy"]["qat_ternary"]
+  assert deploy["gguf"]["file"] is None and deploy["gguf"]["note"].startswith("not written: ")
+  ct = deploy["compressed_tensors"]
+  assert ct["file_bytes"] == (work / "deploy" / "qat_ternary" / "compressed-tensors" /
+                              "model.safetensors").stat().st_size
+  if importlib.util.find_spec("compressed_tensors"):
+    assert ct["loaded"] and ct["matched"] and ct["max_abs_logit_diff"] <= 1e-5
+  assert "deploy" in metrics["timings_s"] and "## Deploy" in report
+  qat_record = config.to_dict()
   assert qat_record["model"]["vocab_size"] == 32  # the checkpoint's model config, not tiny.py's
   assert qat_record["data"]["tokenizer"] == str(hf_dir.absolute())
 

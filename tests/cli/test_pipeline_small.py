@@ -50,6 +50,91 @@ def test_pretrain_qat_eval(finished_runs, capsys):
   assert "pretrained 6 steps" in capsys.readouterr().out
 
 
+def _allocation(path, codes_LxE):
+  table = {str(l): {str(e): int(c) for e, c in enumerate(row)} for l, row in enumerate(codes_LxE)}
+  path.write_text(json.dumps({"codes": table}))
+  return path
+
+
+def test_ptq_gptq_workdir_reads_as_a_qat_run(finished_runs, capsys):
+  """ptq --method gptq: eval and pack read it (packed experts equal the fake-quant student's), and
+  qat --init-from starts from it."""
+  import jax
+  import numpy as np
+  from moeqjax.model import expert_codes
+  from moeqjax.model.packed_weights import all_experts
+  from moeqjax.pipeline.export import load_student
+  from moeqjax.quant import quantize_dequantize
+  from moeqjax.serve import load_packed
+
+  tmp_path, args = finished_runs
+  codes = [[1, 2, 3, 4], [4, 1, 2, 8]]
+  alloc = _allocation(tmp_path / "mixed.json", codes)
+  work = tmp_path / "ptq_gptq"
+  assert main(["ptq", "--workdir", str(work), "--teacher", str(tmp_path / "fp"), "--method", "gptq",
+               "--allocation", str(alloc), "--calib-batches", "2", *args]) == 0
+  said = capsys.readouterr().out
+  report = json.loads((work / "ptq_report.json").read_text())
+  err = report["calib_output_error"]
+  assert err["gptq"] < err["rtn"] and f"calibration output error {err['gptq']:.4g}" in said
+  assert np.sum(report["calib_tokens_per_expert"]) == 2 * 2 * 4 * 32 * 2  # L x batches x B x S x k
+  cfg, params, quant = load_student(work)
+  np.testing.assert_array_equal(expert_codes(quant, 2), codes)
+  assert main(["eval", "--workdir", str(work), "--teacher", str(tmp_path / "fp"), *args]) == 0
+  student = json.loads((work / "eval.json").read_text())["student"]
+  assert np.isfinite(student["bits_per_token"]) and student["expert_code_bits"] == np.mean(
+      [2, 2, 3, 4, 4, 2, 2, 8])
+  packed = tmp_path / "ptq_packed"
+  assert main(["pack", "--workdir", str(work), "--out", str(packed), "--fp-dtype", "float32"]) == 0
+  # The packed experts dequantize to the fake-quant student's experts, element for element.
+  served, spec = load_packed(packed), cfg.quant.spec()
+  for layer in range(2):
+    for name, shape in (("w_in", (16, 32)), ("w_gate", (16, 32)), ("w_out", (32, 16))):
+      bank = served.variables["packed"][f"layers_{layer}"]["moe"][name]
+      fake = quantize_dequantize(params[f"layers_{layer}"]["moe"][name], np.asarray(codes[layer]),
+                                 spec)
+      np.testing.assert_array_equal(np.asarray(all_experts(bank, shape, spec)), np.asarray(fake))
+  # QAT from the GPTQ student: at step 0 the warmup learning rate is 0, so a 1-step run keeps it.
+  short = [a for a in args if not a.startswith("--config.qat.steps")] + ["--config.qat.steps=1"]
+  assert main(["qat", "--workdir", str(tmp_path / "q_init"), "--teacher", str(tmp_path / "fp"),
+               "--init-from", str(work), *short]) == 0
+  _, started, started_quant = load_student(tmp_path / "q_init")
+  _, ptq_params, ptq_quant = load_student(work)
+  jax.tree.map(np.testing.assert_array_equal, (started, started_quant), (ptq_params, ptq_quant))
+  capsys.readouterr()
+  assert main(["qat", "--workdir", str(tmp_path / "q_bad"), "--teacher", str(tmp_path / "fp"),
+               "--init-from", str(tmp_path / "fp"), *short]) == 2
+  assert "is not a `moeqjax ptq` workdir" in capsys.readouterr().err
+
+
+def test_ptq_rtn_student_is_the_teacher_and_bad_input_is_one_line(finished_runs, capsys):
+  import jax
+  import numpy as np
+  from moeqjax.pipeline.export import load_student
+  from moeqjax.pipeline.serve import model_for_generation
+
+  tmp_path, args = finished_runs
+  work = tmp_path / "ptq_rtn"
+  assert main(["ptq", "--workdir", str(work), "--teacher", str(tmp_path / "fp"), "--method", "rtn",
+               *args]) == 0
+  teacher = model_for_generation(None, str(tmp_path / "fp"))[1]["params"]
+  jax.tree.map(np.testing.assert_array_equal, load_student(work)[1], teacher)
+  capsys.readouterr()
+  for extra, says in ((["--method", "gptq", "--calib-batches", "0"], "--calib-batches 0 must be"),
+                      (["--method", "gptq", "--config.qat.seq_len=100000"], "no calibration data"),
+                      (["--method", "gptq", "--config.quant.scale_init=mse"],
+                       "pass --config.quant.scale_init=absmax"),
+                      (["--method", "rtn", "--config.quant.learn_scale=True"], "no learned clip")):
+    assert main(["ptq", "--workdir", str(tmp_path / "ptq_bad"), "--teacher", str(tmp_path / "fp"),
+                 *args, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1, err
+  with pytest.raises(SystemExit) as exit_info:
+    main(["ptq", "--workdir", str(tmp_path / "ptq_bad"), "--teacher", str(tmp_path / "fp"),
+          "--method", "awq", *args])
+  assert exit_info.value.code == 2
+
+
 def test_qat_learn_clip_from_a_teacher_without_ratios(finished_runs):
   """Issue 11: `qat --config.quant.learn_clip=True` from a teacher that has no `*_clip` params failed
   (restoring the teacher into a template with them, or a ScopeParamNotFoundError): the QAT start

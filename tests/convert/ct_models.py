@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from moeqjax.convert import runtimes
 from moeqjax.model import QuantRules
 
 from gguf_models import gguf_cfg, student
@@ -34,18 +35,12 @@ def ct_student(family, codes_LxE, seed=0, **rules):
 
 def load_ct(path):
   """The exported folder loaded by transformers + compressed-tensors, dequantized on CPU (float32)."""
-  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("transformers")
   pytest.importorskip("compressed_tensors", reason="needs the `export` extra (compressed-tensors)")
-  cfg = transformers.CompressedTensorsConfig(dequantize=True)
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-      path, quantization_config=cfg, attn_implementation="eager", dtype="float32")
-  return model.eval()
+  return runtimes.load_compressed_tensors(path)
 
 
-def logits(model, tokens_BxS):
-  import torch
-  with torch.no_grad():
-    return model(torch.as_tensor(tokens_BxS)).logits.float().numpy()
+logits = runtimes.torch_logits
 
 
 def tokens(batch=2, seq=12, seed=0):

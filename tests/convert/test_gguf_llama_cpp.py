@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from moeqjax.convert.gguf_export import export_gguf
+from moeqjax.convert.runtimes import LLAMA_CTX, llama_greedy, llama_logits
+from moeqjax.convert.runtimes import open_llama as _llama
 from moeqjax.model import MoETransformer, QuantRules
 
 from gguf_models import gguf_cfg, student
@@ -15,7 +17,7 @@ from gguf_models import gguf_cfg, student
 pytest.importorskip("gguf", reason="GGUF export needs the `export` extra (gguf)")
 llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (the `export` extra)")
 
-CTX = 64
+CTX = LLAMA_CTX
 NEW_TOKENS = 16
 PROMPT = list(b"def main():\n  return ")
 KL_TOL = 1e-2  # llama.cpp rounds activations to 8 bits in quantized matmuls
@@ -30,33 +32,6 @@ FAMILIES = {
     "olmoe": dict(qk_norm="full", num_kv_heads=4, norm_topk_prob=False),  # olmoe
 }
 STUDENTS = {"ternary": [[1, 1, 1, 1], [1, 1, 1, 1]], "mixed": [[1, 2, 4, 1], [4, 3, 1, 2]]}
-
-
-def _llama(path):
-  return llama_cpp.Llama(model_path=str(path), n_ctx=CTX, n_batch=CTX, logits_all=True,
-                         verbose=False, n_threads=2, type_k=0, type_v=0)  # f32 KV cache
-
-
-def llama_greedy(path, prompt, steps):
-  """llama.cpp's greedy tokens, decoding one token at a time from its KV cache."""
-  llm = _llama(path)
-  llm.eval(prompt)
-  tokens = []
-  for i in range(steps):
-    tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-    if i + 1 < steps:
-      llm.eval([tokens[-1]])
-  llm.close()
-  return tokens
-
-
-def llama_logits(path, tokens):
-  """llama.cpp's logits [len(tokens), V] for a given sequence (teacher forcing)."""
-  llm = _llama(path)
-  llm.eval(tokens)
-  logits = np.array(llm.scores[:len(tokens)], np.float64)
-  llm.close()
-  return logits
 
 
 @functools.lru_cache(maxsize=None)

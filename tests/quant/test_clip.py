@@ -47,7 +47,7 @@ def _student_with_raw_clip(seed=0):
 
 def test_export_uses_the_effective_clip_ratio():
   """Issue 11 defect 2: export dequantized with the raw ratio, unlike the trained student."""
-  from moeqjax.convert.hf_export import dequantized
+  from moeqjax.convert.student_weights import ParamWeights
   cfg, raw_params, clamped, quant = _student_with_raw_clip()
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, size=(2, 12)), jnp.int32)
   model = MoETransformer(cfg)
@@ -60,7 +60,7 @@ def test_export_uses_the_effective_clip_ratio():
       moe = clamped[f"layers_{l}"]["moe"]
       want = np.asarray(quantize_dequantize(moe[name], quant[f"layers_{l}"]["moe"]["expert_bits"],
                                             cfg.quant.spec(), moe[name + "_clip"]))
-      np.testing.assert_array_equal(dequantized(cfg, raw_params, quant, path), want,
+      np.testing.assert_array_equal(ParamWeights(cfg, raw_params, quant).dequantized(path), want,
                                     err_msg="/".join(path))
 
 

@@ -1,0 +1,120 @@
+"""The demo's deploy check: packed QAT students exported to GGUF and compressed-tensors, run in those runtimes."""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import numpy as np
+
+from moeqjax.convert import ConvertError, runtimes
+from moeqjax.convert.ct_export import write_compressed_tensors
+from moeqjax.convert.gguf_export import write_gguf
+from moeqjax.serve import generate, load_packed
+from moeqjax.serve.packed_source import PackedWeights
+
+DEPLOY_VARIANTS = ("qat_ternary", "qat_mixed")  # each one the demo has (qat_mixed when it has one)
+DEPLOY_DIR = "deploy"  # workdir/deploy/<variant>/{model.gguf, compressed-tensors/}
+NEW_TOKENS = 16  # greedy tokens llama.cpp must produce like our packed model
+PROMPT_TOKENS = 32  # prompt + NEW_TOKENS fit llama.cpp's context of runtimes.LLAMA_CTX
+CT_LOGIT_TOL = 1e-5  # float32 logits of transformers vs our packed forward
+
+
+def _not_checked(packages) -> str:
+  return (f"not checked: install the export extra (pip install -e '.[export]'; missing "
+          f"{', '.join(packages)})")
+
+
+def _ours(folder, prompt) -> tuple[list[int], np.ndarray]:
+  """Our packed model's greedy tokens after `prompt` and the logits [NEW_TOKENS, V] that chose them."""
+  served = load_packed(folder)
+  gen = generate(served.model, served.variables, np.asarray(prompt)[None], NEW_TOKENS,
+                 return_logits=True)
+  return [int(t) for t in gen.tokens[0, :NEW_TOKENS]], np.asarray(gen.logits[0], np.float32)
+
+
+def _gguf(weights: PackedWeights, out: pathlib.Path, prompt, ours) -> dict:
+  """Writes the GGUF file; then llama.cpp's greedy tokens against our packed model's (`ours()`)."""
+  row = {"file": None, "file_bytes": None, "loaded": None, "matched": None, "note": ""}
+  if runtimes.missing(("gguf",)):
+    row["note"] = "not written: the GGUF writer needs the export extra (gguf)"
+    return row
+  try:
+    report = write_gguf(weights, out, tokenizer=weights.tokenizer, overwrite=True,
+                        name=weights.folder.name)
+  except ConvertError as e:
+    row["note"] = f"not written: {e}"
+    return row
+  row.update(file=str(out), file_bytes=report["file_bytes"], ggml_types=sorted(
+      {r["ggml_type"] for r in report["tensors"] if "exps" in r["name"]}))
+  lacking = runtimes.missing(runtimes.GGUF_PACKAGES)
+  if lacking:
+    row["note"] = _not_checked(lacking)
+    return row
+  want = ours()[0]
+  try:
+    theirs = runtimes.llama_greedy(out, prompt, NEW_TOKENS)
+  except (ValueError, RuntimeError) as e:  # llama-cpp-python raises ValueError on a failed load
+    row.update(loaded=False, note=f"llama.cpp did not load it: {e}")
+    return row
+  same = next((i for i, (a, b) in enumerate(zip(want, theirs)) if a != b), NEW_TOKENS)
+  row.update(loaded=True, matched=want == theirs, greedy_tokens_equal=same,
+             runtime=runtimes.versions(("llama_cpp_python",)),
+             note=f"llama.cpp greedy = ours for {same} of {NEW_TOKENS} tokens")
+  return row
+
+
+def _compressed_tensors(weights: PackedWeights, out: pathlib.Path, prompt, ours) -> dict:
+  """Writes the compressed-tensors folder; then transformers' float32 logits against ours, at the
+  positions where our packed model (KV cache) chose its greedy tokens."""
+  row = {"file": None, "file_bytes": None, "loaded": None, "matched": None, "note": ""}
+  try:
+    report = write_compressed_tensors(weights, out, dtype="float32", overwrite=True)
+  except ConvertError as e:
+    row["note"] = f"not written: {e}"
+    return row
+  row.update(file=str(out), file_bytes=report["file_bytes"],
+             expert_container=report["expert_container"])
+  lacking = runtimes.missing(runtimes.CT_PACKAGES)
+  if lacking:
+    row["note"] = _not_checked(lacking)
+    return row
+  tokens, logits = ours()
+  seq = np.asarray(list(prompt) + tokens[:-1], np.int32)[None]
+  try:
+    model = runtimes.load_compressed_tensors(out)
+  except (ValueError, RuntimeError, OSError) as e:
+    row.update(loaded=False, note=f"transformers did not load it: {e}")
+    return row
+  theirs = runtimes.torch_logits(model, seq)[0, len(prompt) - 1:]
+  diff = float(np.abs(theirs - logits).max())
+  row.update(loaded=True, matched=diff <= CT_LOGIT_TOL, max_abs_logit_diff=diff,
+             runtime=runtimes.versions(("transformers", "compressed-tensors")),
+             note=f"transformers + compressed-tensors logits within {diff:.1e} of ours "
+                  f"(bound {CT_LOGIT_TOL:g})")
+  return row
+
+
+def deploy_packed(workdir: pathlib.Path, packed: dict, prompt_ids) -> dict:
+  """Exports each packed student to GGUF and compressed-tensors and checks them in their runtimes.
+
+  Args:
+    workdir: the demo workdir; exports go to workdir/deploy/<variant>/.
+    packed: variant name -> its packed folder (exported from its stored codes, not re-quantized).
+    prompt_ids: held-out token ids; the first PROMPT_TOKENS are the prompt.
+
+  Returns:
+    {variant: {"gguf": row, "compressed_tensors": row}}, each row with file, file_bytes, loaded
+    and matched (None when not checked) and a note saying what was compared or why not.
+  """
+  prompt = [int(t) for t in np.asarray(prompt_ids)[:PROMPT_TOKENS]]
+  out = {}
+  for name, folder in packed.items():
+    weights = PackedWeights(folder)
+    # Our generation runs once per student, and only when a runtime check needs it.
+    ours = functools.cache(functools.partial(_ours, folder, tuple(prompt)))
+    where = workdir / DEPLOY_DIR / name
+    out[name] = {"gguf": _gguf(weights, where / "model.gguf", prompt, ours),
+                 "compressed_tensors": _compressed_tensors(weights, where / "compressed-tensors",
+                                                           prompt, ours)}
+  return out

@@ -1,0 +1,204 @@
+"""`moeqjax ptq`: post-training quantization (RTN or per-expert GPTQ) of a teacher into a student workdir."""
+
+# A ptq workdir is read like a finished QAT workdir (eval, pack, export, generate): the same
+# config.json sections plus a `ptq` section, and one checkpoint at step qat.steps whose params are
+# the quantized student. The fake quantizer re-derives its grid from those params, so GPTQ's result
+# is stored as gptq.exact_latent (weights whose round-to-nearest quantization is GPTQ's), and the
+# integer codes, scales and zero points that pack/export write are GPTQ's, exactly. Only routed
+# experts are GPTQ'd; attention, shared experts, router and lm_head keep their configured codes
+# (round-to-nearest by the fake quantizer, as in QAT).
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from moeqjax.data import TokenCorpus
+from moeqjax.model import default_quant, set_expert_codes
+from moeqjax.model.codes import expert_codes
+from moeqjax.pipeline import config as config_io
+from moeqjax.pipeline import import_hf
+from moeqjax.pipeline.ptq_calib import expert_hessians
+from moeqjax.pipeline.workdirs import (CONFIG_RECORD, finished_state, record_config, state_template,
+                                      teacher_inputs)
+from moeqjax.quant import QuantSpec, quantize_dequantize
+from moeqjax.quant import gptq as gq
+from moeqjax.train import Checkpointer, create_state, make_optimizer
+
+METHODS = ("rtn", "gptq")
+REPORT = "ptq_report.json"
+_MATRICES = (("in", ("w_in", "w_gate")), ("out", ("w_out",)))  # by the input they read
+
+
+class PtqError(config_io.ConfigError):
+  """Bad input to `moeqjax ptq` (printed as one line)."""
+
+
+def _warn(text: str):
+  print(f"moeqjax: warning: {text}", file=sys.stderr)
+
+
+def _check(config, corpus: TokenCorpus, method: str, calib_batches: int):
+  if method not in METHODS:
+    raise PtqError(f"--method {method!r} is unknown; use one of {', '.join(METHODS)}")
+  if calib_batches < 1:
+    raise PtqError(f"--calib-batches {calib_batches} must be at least 1 (e.g. 8)")
+  if config.quant.learn_clip or config.quant.get("learn_scale", False):
+    raise PtqError("ptq trains nothing, so it has no learned clip ratios or scales; drop "
+                   "--config.quant.learn_clip=True / --config.quant.learn_scale=True")
+  if method == "gptq" and config.quant.get("scale_init", "absmax") != "absmax":
+    raise PtqError(f"GPTQ fixes each group's scale on the absmax grid as it goes, and "
+                   f"quant.scale_init={config.quant.scale_init!r} would re-derive other scales from "
+                   "its weights; pass --config.quant.scale_init=absmax (also to a later "
+                   "`qat --init-from`)")
+  need = config.qat.seq_len + 1
+  if method == "gptq" and len(corpus.train) < need:
+    raise PtqError(f"no calibration data: the train split has {len(corpus.train)} tokens, fewer "
+                   f"than one window of {need}; give --data with more text or lower "
+                   "--config.qat.seq_len")
+
+
+def _output_error(w, w_q, h) -> float:
+  """sum over experts of tr((W - W_q)^T H (W - W_q)): the calibration output error (up to 2/n)."""
+  delta = np.asarray(w, np.float64) - np.asarray(w_q, np.float64)
+  return float(np.einsum("eio,eij,ejo->", delta, h, delta))
+
+
+def gptq_experts(cfg, params, hessians, codes_LxE: np.ndarray, *, block_size=gq.DEFAULT_BLOCK,
+                 damp=gq.DEFAULT_DAMP):
+  """GPTQ of every layer's routed experts at their codes; returns (new params, report dict).
+
+  Experts that got no calibration tokens are quantized with H = I, which is round-to-nearest.
+  """
+  spec: QuantSpec = cfg.quant.spec()
+  if jnp.dtype(cfg.param_dtype) != jnp.float32:
+    _warn(f"model.param_dtype is {cfg.param_dtype}: GPTQ's experts are stored rounded to it, so the "
+          "student equals GPTQ's result only up to that rounding; use "
+          "--config.model.param_dtype=float32 for the exact result")
+  params = jax.tree.map(lambda x: x, params)  # new containers; leaves replaced below
+  no_tokens, damped, errors = [], [], {"gptq": 0.0, "rtn": 0.0}
+  for layer in range(cfg.num_layers):
+    counts = hessians.tokens[layer]
+    empty = counts == 0
+    no_tokens += [[layer, int(e)] for e in np.flatnonzero(empty)]
+    codes = jnp.asarray(codes_LxE[layer], jnp.int32)
+    moe = dict(params[f"layers_{layer}"]["moe"])
+    for which, names in _MATRICES:
+      h = hessians.h_in[layer] if which == "in" else hessians.h_out[layer]
+      h = np.where(empty[:, None, None], np.eye(h.shape[-1]), h)
+      u, dead, used = gq.inverse_hessian_factor(h, damp)  # once per input, shared by its matrices
+      damped += [[layer, int(e), "/".join(names), float(used[e])]
+                 for e in np.flatnonzero(used != damp)]
+      for name in names:
+        w = moe[name]
+        res = gq.gptq(w, u, codes, spec, dead=dead, block_size=block_size)
+        errors["gptq"] += _output_error(w, res.w_hat, h)
+        errors["rtn"] += _output_error(w, quantize_dequantize(w, codes, spec), h)
+        moe[name] = gq.exact_latent(res, codes, spec).astype(w.dtype)
+    params[f"layers_{layer}"] = dict(params[f"layers_{layer}"], moe=moe)
+  if no_tokens:
+    _warn(f"{len(no_tokens)} experts got no calibration tokens and were rounded to nearest "
+          f"(layer, expert): {', '.join(f'({l}, {e})' for l, e in no_tokens)}; raise --calib-batches")
+  if damped:
+    _warn("GPTQ Hessians needed more damping (layer, expert, matrix: lambda): "
+          + ", ".join(f"({l}, {e}, {n}: {lam:g})" for l, e, n, lam in damped)
+          + f" instead of {damp:g}; inf means none sufficed and the expert was rounded to nearest")
+  report = {"rtn_fallback_no_tokens": no_tokens, "extra_damping": damped,
+            "calib_output_error": errors}
+  return params, report
+
+
+def ptq(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher, *, method: str,
+        expert_codes_LxE: np.ndarray | None = None, calib_batches: int = 8):
+  """Post-training quantization of `teacher` params into a workdir that reads as a finished QAT run.
+
+  Args:
+    config: the experiment ConfigDict (model, quant, data, qat, loss sections; qat.batch_size,
+      qat.seq_len and qat.seed shape the calibration batches).
+    workdir: output folder (config.json, ckpt/, ptq_report.json).
+    corpus: the data; calibration windows come from corpus.train.
+    teacher: the full-precision params (routing and calibration inputs come from them).
+    method: "rtn" (the fake quantizer's round-to-nearest) or "gptq" (routed experts by GPTQ).
+    expert_codes_LxE: per-layer, per-expert codes; None uses quant.expert_code everywhere.
+    calib_batches: calibration batches of qat.batch_size x qat.seq_len tokens (gptq).
+
+  Returns:
+    (state, report): the saved student state (step = qat.steps) and the ptq report.
+  """
+  _check(config, corpus, method, calib_batches)
+  workdir = pathlib.Path(workdir)
+  cfg = config_io.model_config(config)
+  loop, optim = config_io.phase_configs(config.qat, "qat")
+  quant = default_quant(cfg)
+  if expert_codes_LxE is not None:
+    quant = set_expert_codes(quant, expert_codes_LxE)
+  codes = expert_codes(quant, cfg.num_layers)
+  record = {k: config[k].to_dict() for k in ("model", "quant", "data", "qat", "loss")}
+  record["expert_codes"] = None if expert_codes_LxE is None else codes.tolist()
+  record["ptq"] = {"method": method, "calib_batches": calib_batches if method == "gptq" else 0,
+                   "damp": gq.DEFAULT_DAMP, "block_size": gq.DEFAULT_BLOCK}
+  record_config(workdir, record)
+  tx = make_optimizer(optim)
+  report_path = workdir / REPORT
+
+  def build(params):
+    state = create_state(params, tx, cfg.num_layers, quant=quant,
+                         teacher_params=jax.tree.map(jnp.copy, teacher))
+    return state.replace(step=jnp.asarray(loop.steps, jnp.int32))
+
+  done = finished_state(workdir, jax.eval_shape(build, teacher), loop.steps)
+  if done is not None and report_path.is_file():
+    return done, json.loads(report_path.read_text())
+  report = {"method": method, "expert_codes": codes.tolist()}
+  params = teacher
+  if method == "gptq":
+    hessians = expert_hessians(cfg, teacher, corpus.train, batches=calib_batches,
+                               batch_size=loop.batch_size, seq_len=loop.seq_len, seed=loop.seed)
+    params, found = gptq_experts(cfg, teacher, hessians, codes)
+    report.update(found, calib_tokens_per_expert=hessians.tokens.tolist())
+  state = build(jax.tree.map(jnp.copy, params))
+  ckpt = Checkpointer(workdir / "ckpt", every=0)
+  try:
+    ckpt.save(state, force=True)
+  finally:
+    ckpt.close()
+  report_path.write_text(json.dumps(report, indent=2) + "\n")
+  return state, report
+
+
+def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path, method: str,
+                     allocation_path: str | None, calib_batches: int):
+  """`moeqjax ptq`: the teacher's params, the data and an optional allocation.json."""
+  params, corpus, codes = teacher_inputs(config, teacher_dir, allocation_path)
+  result = ptq(config, workdir, corpus, params, method=method, expert_codes_LxE=codes,
+               calib_batches=calib_batches)
+  import_hf.keep_hf_config(teacher_dir, workdir)
+  return result
+
+
+def ptq_student(config, ptq_dir: pathlib.Path):
+  """(params, codes [L, E]) of a finished `moeqjax ptq` workdir made with this model and quant config.
+
+  Raises:
+    PtqError: not a ptq workdir, another model or quant config, or no finished checkpoint.
+  """
+  record_path = ptq_dir / CONFIG_RECORD
+  record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+  if "ptq" not in record:
+    raise PtqError(f"--init-from {ptq_dir} is not a `moeqjax ptq` workdir (no ptq section in its "
+                   f"{CONFIG_RECORD}); make one with `moeqjax ptq --workdir {ptq_dir} ...`")
+  for section in ("model", "quant"):
+    if record[section] != config[section].to_dict():
+      raise PtqError(f"--init-from {ptq_dir} was made with another {section} config; rerun "
+                     f"`moeqjax ptq` with this one or pass its --config.{section}.* values")
+  made = ml_collections.ConfigDict({k: record[k] for k in ("model", "quant", "qat")})
+  state = finished_state(ptq_dir, state_template(made, "qat"), made.qat.steps)
+  if state is None:
+    raise PtqError(f"--init-from {ptq_dir} has no finished checkpoint; rerun `moeqjax ptq` into it")
+  return state.params, expert_codes(state.quant, config_io.model_config(config).num_layers)

@@ -1,0 +1,60 @@
+"""The demo's deploy check: exports of a packed student loaded in llama.cpp and transformers, or an honest 'not checked'."""
+
+import numpy as np
+import pytest
+
+from moeqjax.convert import runtimes
+from moeqjax.eval.report import _deploy_section
+from moeqjax.model import ModelConfig, QuantRules
+from moeqjax.pipeline import deploy
+from moeqjax.serve import pack
+
+from conftest import numpy_student
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+  """A packed 1-layer mixed student (d = 64, so its ternary experts fall back to Q4_0)."""
+  cfg = ModelConfig(vocab_size=256, d_model=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                    head_dim=16, d_ff=64, num_experts=4, top_k=2, max_seq_len=64,
+                    quant=QuantRules(expert_code=1, granularity="channel"))
+  params, quant = numpy_student(cfg, [[1, 2, 4, 1]], seed=3, embed_scale=40.0)
+  folder = tmp_path_factory.mktemp("deploy") / "packed"
+  pack(cfg, params, quant, folder, fp_dtype="float32")
+  return folder
+
+
+PROMPT = list(b"def main():\n  return x + 1\n")
+
+
+def test_exports_load_and_match_in_both_runtimes(packed, tmp_path):
+  pytest.importorskip("llama_cpp", reason="needs the `export` extra (llama-cpp-python)")
+  pytest.importorskip("compressed_tensors", reason="needs the `export` extra")
+  rows = deploy.deploy_packed(tmp_path, {"s": packed}, PROMPT)["s"]
+  g, c = rows["gguf"], rows["compressed_tensors"]
+  assert g["file_bytes"] == (tmp_path / "deploy" / "s" / "model.gguf").stat().st_size
+  assert g["ggml_types"] == ["Q4_0"]
+  assert (g["loaded"], g["matched"], g["greedy_tokens_equal"]) == (True, True, deploy.NEW_TOKENS)
+  assert c["file_bytes"] == (tmp_path / "deploy" / "s" / "compressed-tensors" /
+                             "model.safetensors").stat().st_size
+  assert c["loaded"] and c["matched"] and c["max_abs_logit_diff"] <= deploy.CT_LOGIT_TOL
+  assert c["expert_container"] == "int4"
+  table = "\n".join(_deploy_section({"s": rows}))
+  assert table.count("| yes | yes |") == 2
+
+
+def test_without_the_export_extra_the_rows_say_not_checked(packed, tmp_path, monkeypatch):
+  monkeypatch.setattr(runtimes, "missing", lambda modules: list(modules))  # the core install
+  rows = deploy.deploy_packed(tmp_path, {"s": packed}, PROMPT)["s"]
+  g, c = rows["gguf"], rows["compressed_tensors"]
+  assert g["file"] is None and g["note"] == ("not written: the GGUF writer needs the export "
+                                             "extra (gguf)")
+  assert not (tmp_path / "deploy" / "s" / "model.gguf").exists()
+  # The compressed-tensors writer needs no extra: the folder is written, the check is not run.
+  assert c["file_bytes"] == (tmp_path / "deploy" / "s" / "compressed-tensors" /
+                             "model.safetensors").stat().st_size
+  assert (c["loaded"], c["matched"]) == (None, None)
+  assert c["note"].startswith("not checked: install the export extra")
+  assert "torch, transformers, compressed_tensors" in c["note"]
+  table = "\n".join(_deploy_section({"s": rows}))
+  assert "| `s` | GGUF (llama.cpp) | - | - | - | not written" in table
