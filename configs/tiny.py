@@ -48,7 +48,7 @@ def get_config():
       ternary_method="absmean",  # BitNet b1.58
       learn_clip=False,
       learn_scale=False,  # LSQ scale ratios for ternary and intN (exclusive with learn_clip)
-      scale_init="absmax",  # "mse": grid-searched MSE-optimal scales (benchmarks/scale_error.py)
+      scale_init="mse",  # grid-searched MSE-optimal scale per group (benchmarks/scale_error.py); "absmax"
       ternary_packing="2bit",
       scale_bytes=2,  # fp16 scales
   ))

@@ -21,7 +21,7 @@ from moeqjax.pipeline.pretrain import pretrain
 from moeqjax.pipeline.qat import qat
 from moeqjax.pipeline.serve import end_of_text_id
 from moeqjax.pipeline.workdirs import load_data
-from moeqjax.serve import generate, load_packed, pack
+from moeqjax.serve import SamplingConfig, generate, load_packed, pack
 from moeqjax.train.metrics_log import read_metrics
 
 # The mixed-precision variant: per-expert codes allocated from the router statistics that the
@@ -144,7 +144,7 @@ def demo_serving(cfg, workdir: pathlib.Path, students: dict, prompt_ids, tokeniz
   served = load_packed(workdir / "packed" / DEMO_PACKED[0])
   prompt_ids = np.asarray(prompt_ids)[:cfg.max_seq_len // 2]  # room to generate in any context
   gen = generate(served.model, served.variables, np.asarray(prompt_ids)[None], DEMO_NEW_TOKENS,
-                 eos_id=eos_id)
+                 eos_id=eos_id, sampling=SamplingConfig(vocab_limit=tokenizer.vocab_size))
   new = gen.tokens[0, :int(gen.lengths[0])]
   if eos_id is not None and new.size and new[-1] == eos_id:
     new = new[:-1]

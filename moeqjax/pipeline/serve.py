@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
 import pathlib
 import sys
@@ -136,6 +137,8 @@ def generate_text(model, variables, tokenizer, eos_id, prompt: str, max_new_toke
     raise BadRequest(str(e)) from None
   stream.write(prompt)
   stream.flush()
+  # Never draw ids the tokenizer cannot decode (the model's vocabulary may be larger).
+  sampling = dataclasses.replace(sampling, vocab_limit=tokenizer.vocab_size)
   gen = generate(model, variables, ids, max_new_tokens, sampling=sampling, seed=seed,
                  eos_id=eos_id, on_tokens=_Streamer(tokenizer, eos_id, stream))
   stream.write("\n")

@@ -68,6 +68,7 @@ def test_ptq_gptq_workdir_reads_as_a_qat_run(finished_runs, capsys):
   from moeqjax.serve import load_packed
 
   tmp_path, args = finished_runs
+  args = [*args, "--config.quant.scale_init=absmax"]  # GPTQ's grid (ptq refuses mse for gptq)
   codes = [[1, 2, 3, 4], [4, 1, 2, 8]]
   alloc = _allocation(tmp_path / "mixed.json", codes)
   work = tmp_path / "ptq_gptq"
@@ -121,7 +122,8 @@ def test_ptq_rtn_student_is_the_teacher_and_bad_input_is_one_line(finished_runs,
   jax.tree.map(np.testing.assert_array_equal, load_student(work)[1], teacher)
   capsys.readouterr()
   for extra, says in ((["--method", "gptq", "--calib-batches", "0"], "--calib-batches 0 must be"),
-                      (["--method", "gptq", "--config.qat.seq_len=100000"], "no calibration data"),
+                      (["--method", "gptq", "--config.qat.seq_len=100000",
+                        "--config.quant.scale_init=absmax"], "no calibration data"),
                       (["--method", "gptq", "--config.quant.scale_init=mse"],
                        "pass --config.quant.scale_init=absmax"),
                       (["--method", "rtn", "--config.quant.learn_scale=True"], "no learned clip")):

@@ -101,7 +101,14 @@ def test_sampling_rules():
   draws = {int(sample(logits[:1], jax.random.key(i), SamplingConfig(1.0, top_p=0.9))[0])
            for i in range(200)}
   assert draws <= set(order[:need].tolist()) and len(draws) > 1
+  # vocab_limit: ids at or past it are never drawn, greedy takes the best id below it.
+  limit = 20
+  np.testing.assert_array_equal(sample(logits, key, SamplingConfig(vocab_limit=limit)),
+                                np.argmax(np.asarray(logits)[:, :limit], axis=-1))
+  draws = np.stack([np.asarray(sample(logits, jax.random.key(i), SamplingConfig(5.0, vocab_limit=limit)))
+                    for i in range(40)])
+  assert draws.max() < limit and len(np.unique(draws)) > 3
   for bad, match in ((dict(temperature=-1.0), "temperature"), (dict(top_k=-1), "top_k"),
-                     (dict(top_p=0.0), "top_p")):
+                     (dict(top_p=0.0), "top_p"), (dict(vocab_limit=-1), "vocab_limit")):
     with pytest.raises(ValueError, match=match):
       SamplingConfig(**bad)
