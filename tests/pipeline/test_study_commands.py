@@ -85,9 +85,13 @@ def test_allocate_cli_writes_allocation_within_budget(pretrained, method, tmp_pa
   assert record["budget"]["bytes"] == alloc_mod.budget_bytes(cfg, 2.5, "code_bits")
   if method in alloc_mod.RULE_METHODS:
     # Rule-based methods share the same counts per level: exactly the same bytes. 2.5 code bits is
-    # ternary (2 stored bits, the same bytes as int2 but a lower error)/int3 half and half.
+    # 2-bit/int3 half and half, the 2-bit code being whichever of ternary and int2 (2 stored bits
+    # each, equal bytes) has the lower mean relative error in the layer.
     assert record["achieved"]["code_bits"] == pytest.approx(2.5)
-    assert sorted(codes[0].tolist()) == [1, 1, 3, 3]
+    params = _restore(pretrained)[1].params
+    err = alloc_mod.quant_error_table(params, cfg, (1, 2))[0].mean(axis=0)
+    low = 1 if err[0] <= err[1] else 2
+    assert sorted(codes[0].tolist()) == [low, low, 3, 3]
 
 
 def test_allocate_cli_levels_and_help(pretrained, tmp_path, capsys):
