@@ -1,6 +1,8 @@
 """Shared tiny shapes for tests (D=16, E=4, k=2)."""
 
 import os
+import pathlib
+import sys
 
 # Tests run tiny shapes, so XLA compile time dominates their cost: LLVM optimization level 0
 # cuts the suite's time by about a third on 2 CPU cores. Set before jax is imported.
@@ -48,3 +50,18 @@ def tokens():
 @pytest.fixture
 def rng():
   return jax.random.key(0)
+
+
+# The 8-device mesh checks run in one subprocess (JAX fixes the CPU device count at start-up). It
+# is started as soon as collection selects its test, so that it compiles beside the rest of the
+# suite instead of after it; tests/train/test_mesh_step.py collects its output.
+MESH_CHILD = {}
+
+
+def pytest_collection_modifyitems(session, config, items):
+  del session, config
+  if any(item.nodeid.endswith("test_mesh_step.py::test_sharded_steps_equal_single_device")
+         for item in items):
+    sys.path.insert(0, str(pathlib.Path(__file__).with_name("train")))
+    from mesh_launch import start_mesh_child
+    MESH_CHILD["proc"] = start_mesh_child()

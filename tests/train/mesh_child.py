@@ -1,0 +1,137 @@
+"""Run in a subprocess with 8 CPU devices: sharded QAT steps vs the single-device step, as JSON.
+
+JAX fixes the CPU device count when it starts, and the pytest process already has one device, so
+tests/train/test_mesh_step.py runs this file once with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 and asserts on what it prints.
+"""
+
+import functools
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moeqjax.model import ModelConfig, QuantRules, init_model, set_expert_codes
+from moeqjax.objectives import LossWeights
+from moeqjax.train import OptimConfig, create_state, jit_train_step, make_optimizer, with_quant
+from moeqjax.train.mesh import MeshConfig
+from moeqjax.train.sharding import init_sharded, placement
+
+STEPS = 3
+BATCH, SEQ = 16, 8
+WEIGHTS = LossWeights(rec=1.0, kd=1.0, value=0.5, struct=0.5)
+# Mixtral-style (top-2 of 8, renormalised gates) and Qwen2-MoE-style (a gated shared expert, qkv
+# bias, gates not renormalised; here top-1 of 4). Mixed allocations: every code in play.
+MODELS = {
+    "mixtral": (dict(num_experts=8, top_k=2),
+                [[1, 2, 4, 8, 0, 3, 1, 2]]),
+    "qwen2moe": (dict(num_experts=4, top_k=1, shared_d_ff=32, shared_expert_gate=True,
+                      attn_bias=True, norm_topk_prob=False),
+                 [[1, 2, 4, 0]]),
+}
+MESHES = [  # (model, mesh sizes)
+    ("mixtral", dict(data=8)),
+    ("mixtral", dict(data=2, fsdp=4)),
+    ("mixtral", dict(data=2, expert=4)),
+    # The tensor axis rides along with expert=2 here: one compile fewer on the 2-core CI.
+    ("qwen2moe", dict(data=2, expert=2, tensor=2)),
+]
+
+
+def model_config(changes):
+  base = dict(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+              d_ff=32, max_seq_len=16, quant=QuantRules(expert_code=1, granularity="channel"))
+  return ModelConfig(**{**base, **changes})
+
+
+def build_state(teacher, quant, *, tx, num_layers):
+  return create_state(jax.tree.map(jnp.copy, teacher), tx, num_layers, quant=quant,
+                      teacher_params=teacher)
+
+
+def run(cfg, codes, mesh_cfg):
+  """3 QAT steps from the same teacher and batches: (metrics per step, state, step fn, batch).
+
+  mesh_cfg None is today's single-device path (no shardings anywhere).
+  """
+  model, teacher, quant = init_model(cfg, jax.random.key(0))
+  quant = set_expert_codes(quant, np.asarray(codes))
+  tx = make_optimizer(OptimConfig(3e-3, 1, 10, 0.1, 0.1, 1.0))
+  build = functools.partial(build_state, tx=tx, num_layers=cfg.num_layers)
+  place = None
+  if mesh_cfg is None:
+    state = build(teacher, quant)
+  else:
+    place = placement(mesh_cfg, cfg, jax.eval_shape(build, teacher, quant), BATCH)
+    state = init_sharded(build, place.state, teacher, quant)
+  step = jit_train_step(model, tx, WEIGHTS, placement=place)
+  r = np.random.default_rng(0)
+  history = []
+  for i in range(STEPS):
+    batch = jnp.asarray(r.integers(0, cfg.vocab_size, size=(BATCH, SEQ + 1)), jnp.int32)
+    if place is not None:
+      batch = place.put_batch(batch)
+    state, metrics = step(state, batch, jax.random.key(i))
+    history.append({k: float(v) for k, v in metrics.items()})
+  return history, state, step, batch
+
+
+def rel_err(a, b):
+  """max |a - b| over max |b|: the error relative to the array's own scale."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def compare(ref, got):
+  (ref_hist, ref_state), (hist, state) = ref, got
+  out = {"metrics": {k: max(abs(h[k] - r[k]) / max(abs(r[k]), 1e-30)
+                            for h, r in zip(hist, ref_hist)) for k in ref_hist[0]}}
+  out["params"] = {jax.tree_util.keystr(path): rel_err(a, b) for (path, a), b in zip(
+      jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(ref_state.params))}
+  out["stats"] = {k: rel_err(state.stats[k], ref_state.stats[k]) for k in ref_state.stats}
+  return out
+
+
+def shard_facts(state, sizes):
+  """Shard shapes that show the state was created in its shardings, not replicated."""
+  moe = state.params["layers_0"]["moe"]
+  nu = state.opt_state[1][0].nu["layers_0"]["moe"]["w_in"]
+  return {"w_in_global": list(moe["w_in"].shape),
+          "w_in_shard": list(moe["w_in"].addressable_shards[0].data.shape),
+          "nu_w_in_shard": list(nu.addressable_shards[0].data.shape),
+          "teacher_w_in_shard": list(
+              state.teacher_params["layers_0"]["moe"]["w_in"].addressable_shards[0].data.shape),
+          "quant_replicated": all(x.sharding.is_fully_replicated
+                                  for x in jax.tree.leaves(state.quant)),
+          "sizes": sizes}
+
+
+def main():
+  t0 = time.perf_counter()
+  results, refs = [], {}
+  for name, sizes in MESHES:
+    changes, codes = MODELS[name]
+    cfg = model_config(changes)
+    if name not in refs:
+      hist, state, _, _ = run(cfg, codes, None)
+      refs[name] = (hist, jax.device_get(state))
+    mesh_cfg = MeshConfig(**sizes)
+    hist, state, step, batch = run(cfg, codes, mesh_cfg)
+    entry = {"model": name, **compare(refs[name], (hist, jax.device_get(state))),
+             **shard_facts(state, mesh_cfg.sizes(len(jax.devices())))}
+    entry["cache_before"] = step._cache_size()
+    # A new allocation on the mesh is new data for the same compiled step.
+    new_codes = np.roll(np.asarray(codes), 1, axis=1)
+    state = with_quant(state, set_expert_codes(jax.device_get(state.quant), new_codes))
+    step(state, batch, jax.random.key(9))
+    entry["cache_after"] = step._cache_size()
+    results.append(entry)
+  print(json.dumps({"devices": len(jax.devices()), "seconds": time.perf_counter() - t0,
+                    "results": results}))
+
+
+if __name__ == "__main__":
+  sys.exit(main())
