@@ -15,10 +15,12 @@ from moeqjax.data import TokenCorpus
 from moeqjax.model import MoETransformer, default_quant, set_expert_codes
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
+from moeqjax.pipeline.mesh import run_placement
 from moeqjax.pipeline.workdirs import finished_state, load_data, record_config, teacher_params
 from moeqjax.train import (TrainState, create_state, jit_train_step, make_optimizer,
                            run_training)
 from moeqjax.train import progressive
+from moeqjax.train.sharding import init_sharded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,17 +101,23 @@ def qat(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher_params
   if expert_codes_LxE is not None:
     quant = set_expert_codes(quant, expert_codes_LxE)
   tx = make_optimizer(optim)
-  student = jax.tree.map(jnp.copy, teacher_params)  # separate buffers: the state is donated
-  state = create_state(student, tx, cfg.num_layers, quant=quant,
-                       teacher_params=jax.tree.map(jnp.copy, teacher_params))
+
+  def build(teacher, codes):
+    student = jax.tree.map(jnp.copy, teacher)  # separate buffers: the state is donated
+    return create_state(student, tx, cfg.num_layers, quant=codes,
+                        teacher_params=jax.tree.map(jnp.copy, teacher))
+
+  place = run_placement(config, jax.eval_shape(build, teacher_params, quant), loop.batch_size)
+  state = build(teacher_params, quant) if place is None else init_sharded(
+      build, place.state, teacher_params, quant)
   done = finished_state(workdir, state, loop.steps)
   if done is not None:
     return done
-  step_fn = jit_train_step(model, tx, weights)
+  step_fn = jit_train_step(model, tx, weights, placement=place)
   if realloc is not None:
     step_fn = progressive_step(step_fn, cfg, realloc)
   return run_training(state, step_fn, corpus.train, loop, workdir, resume=resume,
-                      desc=f"qat {workdir.name}")
+                      desc=f"qat {workdir.name}", placement=place)
 
 
 def qat_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path,

@@ -61,10 +61,14 @@ class MeshConfig:
       if n != -1 and n < 1:
         raise MeshError(f"mesh.{axis}={n} must be >= 1, or -1 for the devices left over")
 
+  def fixed_devices(self) -> int:
+    """The product of the sizes that are not -1: the smallest device count this mesh fits."""
+    return math.prod(n for n in (getattr(self, a) for a in MESH_AXES) if n != -1)
+
   def sizes(self, num_devices: int) -> dict[str, int]:
     """Axis sizes with -1 resolved for `num_devices`; raises MeshError when they cannot fit."""
     sizes = {a: getattr(self, a) for a in MESH_AXES}
-    fixed = math.prod(n for n in sizes.values() if n != -1)
+    fixed = self.fixed_devices()
     given = " x ".join(f"{a}={n}" for a, n in sizes.items())
     free = [a for a, n in sizes.items() if n == -1]
     if free:

@@ -19,6 +19,10 @@ def _run(capsys, *argv):
     (["--config.quant.expert_code=5"], "expert_code=5 is unsupported"),
     (["--config.model.num_layers=two"], "expected an integer"),
     (["--data", "/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
+    (["--config.mesh.data=2"], "mesh data=2 x fsdp=1 x expert=1 x tensor=1 has 2 devices but 1 "
+     "are present; make the product 1"),
+    (["--config.mesh.logical_axis_rules=(('mlp', 'model'),)"],
+     "maps 'mlp' to unknown mesh axis 'model'"),
 ])
 def test_bad_input_is_one_line_error(capsys, tmp_path, argv, words):
   code, err = _run(capsys, "pretrain", "--workdir", str(tmp_path / "w"), *argv)
