@@ -25,3 +25,15 @@ def run_placement(config, abstract_state, batch_size: int, devices=None) -> Plac
   if len(devices) == 1:
     return None
   return placement(mesh_cfg, config_io.model_config(config), abstract_state, batch_size, devices)
+
+
+def sharded_template(config, abstract_state):
+  """`abstract_state` with each leaf's sharding on this run's mesh, so that orbax restores every
+  array straight into its shards; unchanged on one device."""
+  if jax.device_count() == 1:
+    return abstract_state
+  mesh_cfg = config_io.mesh_config(config)
+  # The batch does not matter for a restore: 0 rows split over any mesh.
+  place = placement(mesh_cfg, config_io.model_config(config), abstract_state, 0)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract_state, place.state)
