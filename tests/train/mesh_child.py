@@ -2,11 +2,15 @@
 
 JAX fixes the CPU device count when it starts, and the pytest process already has one device, so
 tests/train/test_mesh_step.py runs this file once with
-XLA_FLAGS=--xla_force_host_platform_device_count=8 and asserts on what it prints.
+XLA_FLAGS=--xla_force_host_platform_device_count=8 and a scratch folder (argv[1]), and asserts on
+what it prints.
 """
 
+import dataclasses
 import functools
 import json
+import pathlib
+import shutil
 import sys
 import time
 
@@ -14,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moeqjax.model import ModelConfig, QuantRules, init_model, set_expert_codes
+from moeqjax.model import ModelConfig, MoETransformer, QuantRules, init_model, set_expert_codes
 from moeqjax.objectives import LossWeights
-from moeqjax.train import OptimConfig, create_state, jit_train_step, make_optimizer, with_quant
+from moeqjax.train import (Checkpointer, LoopConfig, OptimConfig, create_state, jit_train_step,
+                           make_optimizer, run_training, with_quant)
 from moeqjax.train.mesh import MeshConfig
 from moeqjax.train.sharding import init_sharded, placement
 
@@ -109,6 +114,52 @@ def shard_facts(state, sizes):
           "sizes": sizes}
 
 
+# A checkpoint that moves between meshes: pretrain steps 1-2 on data=8, then step 3 resumed on
+# expert=4 x data=2 here and on one device in the pytest process (from a copy of the same folder).
+SAVE_LOOP = LoopConfig(steps=2, batch_size=BATCH, seq_len=SEQ, seed=0, log_every=1, ckpt_every=0)
+NEXT_LOOP = dataclasses.replace(SAVE_LOOP, steps=3)
+
+
+def pretrain_run(workdir, loop, mesh_cfg, resume):
+  """run_training of the full-precision step on `mesh_cfg` (None: one device, unsharded).
+
+  Returns (metrics of each step, the state restored from the latest checkpoint before stepping).
+  """
+  cfg = model_config(MODELS["mixtral"][0])
+  tx = make_optimizer(OptimConfig(3e-3, 1, 10, 0.1, 0.1, 1.0))
+  build = lambda rng: create_state(init_model(cfg, rng)[1], tx, cfg.num_layers)
+  rng = jax.random.key(0)
+  place = None
+  if mesh_cfg is None:
+    state = build(rng)
+  else:
+    place = placement(mesh_cfg, cfg, jax.eval_shape(build, rng), loop.batch_size)
+    state = init_sharded(build, place.state, rng)
+  restored = None
+  if resume:
+    ckpt = Checkpointer(pathlib.Path(workdir) / "ckpt", 0)
+    restored = jax.device_get(ckpt.restore(state).params)  # into this mesh's shardings
+    ckpt.close()
+  tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, size=4000).astype(np.int32)
+  history = []
+  step = jit_train_step(MoETransformer(cfg), tx, LossWeights(), placement=place)
+  run_training(state, step, tokens, loop, workdir, resume=resume, desc="mesh", placement=place,
+               on_step=lambda i, m: history.append(m))
+  return history, restored
+
+
+def moves(tmp):
+  """Save on data=8; resume on expert=4 x data=2; leave a copy of the step-2 folder behind."""
+  pretrain_run(tmp / "run", SAVE_LOOP, MeshConfig(data=8), resume=False)
+  shutil.copytree(tmp / "run", tmp / "for_one_device")
+  history, restored = pretrain_run(tmp / "run", NEXT_LOOP, MeshConfig(data=2, expert=4),
+                                   resume=True)
+  np.savez(tmp / "restored_on_mesh.npz",
+           *[np.asarray(x) for x in jax.tree.leaves(restored)])
+  return {"folder": str(tmp / "for_one_device"), "restored": str(tmp / "restored_on_mesh.npz"),
+          "step3": history[-1]}
+
+
 def main():
   t0 = time.perf_counter()
   results, refs = [], {}
@@ -129,8 +180,9 @@ def main():
     step(state, batch, jax.random.key(9))
     entry["cache_after"] = step._cache_size()
     results.append(entry)
+  moved = moves(pathlib.Path(sys.argv[1]))
   print(json.dumps({"devices": len(jax.devices()), "seconds": time.perf_counter() - t0,
-                    "results": results}))
+                    "results": results, "moves": moved}))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """The sharded QAT step on 8 CPU devices equals the single-device step; mesh errors name the fix."""
 
+import shutil
+
 import jax
+import numpy as np
 import pytest
 
 import conftest
+import mesh_child
 from mesh_launch import mesh_results, start_mesh_child
 from moeqjax.model import init_model
 from moeqjax.train.mesh import MeshConfig, MeshError, check_batch, check_params
@@ -23,9 +27,16 @@ EXPECTED = {  # sizes -> (w_in shard shape) for E=8 (mixtral) or E=4 (qwen2moe),
 }
 
 
-def test_sharded_steps_equal_single_device():
+@pytest.fixture(scope="module")
+def mesh_out():
   proc = conftest.MESH_CHILD.pop("proc", None) or start_mesh_child()
   out = mesh_results(proc)
+  yield out
+  shutil.rmtree(out["scratch"], ignore_errors=True)
+
+
+def test_sharded_steps_equal_single_device(mesh_out):
+  out = mesh_out
   print(f"mesh child: {out['seconds']:.1f} s inside, {out['wall_s']:.1f} s wall")
   assert out["devices"] == 8
   seen = set()
@@ -47,6 +58,22 @@ def test_sharded_steps_equal_single_device():
   assert {k for r in out["results"] for k in r["metrics"]} >= {
       "train/task", "train/rec", "train/kd", "train/value", "train/struct", "train/lb",
       "train/z", "train/loss", "train/grad_norm"}
+
+
+def test_checkpoint_moves_between_meshes(mesh_out, tmp_path):
+  """Saved on data=8, restored on expert=4 x data=2 (in the child) and on this one device."""
+  moved = mesh_out["moves"]
+  folder = tmp_path / "run"
+  shutil.copytree(moved["folder"], folder)
+  history, restored = mesh_child.pretrain_run(folder, mesh_child.NEXT_LOOP, None, resume=True)
+  on_mesh = np.load(moved["restored"])
+  leaves = jax.tree.leaves(restored)
+  assert len(leaves) == len(on_mesh.files)
+  for i, leaf in enumerate(leaves):  # identical params, whichever mesh they land on
+    np.testing.assert_array_equal(np.asarray(leaf), on_mesh[f"arr_{i}"])
+  assert len(history) == 1  # only step 3 ran here
+  for key, value in moved["step3"].items():
+    assert abs(history[0][key] - value) <= RTOL * abs(value), (key, history[0][key], value)
 
 
 def test_mesh_sizes_must_match_the_devices():
