@@ -6,7 +6,6 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 and a scratch folder (argv[1]
 what it prints.
 """
 
-import dataclasses
 import functools
 import json
 import pathlib
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moeqjax.model import ModelConfig, MoETransformer, QuantRules, init_model, set_expert_codes
+from moeqjax.model import ModelConfig, QuantRules, init_model, set_expert_codes
 from moeqjax.objectives import LossWeights
 from moeqjax.train import (Checkpointer, LoopConfig, OptimConfig, create_state, jit_train_step,
                            make_optimizer, run_training, with_quant)
@@ -57,18 +56,24 @@ def build_state(teacher, quant, *, tx, num_layers):
                       teacher_params=teacher)
 
 
+@functools.lru_cache(maxsize=None)
+def _init(cfg):
+  """The model, teacher params and codes of a config, initialised once (eager init is slow)."""
+  return init_model(cfg, jax.random.key(0))
+
+
 def run(cfg, codes, mesh_cfg):
   """3 QAT steps from the same teacher and batches: (metrics per step, state, step fn, batch).
 
   mesh_cfg None is today's single-device path (no shardings anywhere).
   """
-  model, teacher, quant = init_model(cfg, jax.random.key(0))
+  model, teacher, quant = _init(cfg)
   quant = set_expert_codes(quant, np.asarray(codes))
   tx = make_optimizer(OptimConfig(3e-3, 1, 10, 0.1, 0.1, 1.0))
   build = functools.partial(build_state, tx=tx, num_layers=cfg.num_layers)
   place = None
   if mesh_cfg is None:
-    state = build(teacher, quant)
+    state = jax.jit(build)(teacher, quant)  # one compile, not one per eager op
   else:
     place = placement(mesh_cfg, cfg, jax.eval_shape(build, teacher, quant), BATCH)
     state = init_sharded(build, place.state, teacher, quant)
@@ -81,7 +86,7 @@ def run(cfg, codes, mesh_cfg):
       batch = place.put_batch(batch)
     state, metrics = step(state, batch, jax.random.key(i))
     history.append({k: float(v) for k, v in metrics.items()})
-  return history, state, step, batch
+  return history, state, step, batch, place
 
 
 def rel_err(a, b):
@@ -114,73 +119,77 @@ def shard_facts(state, sizes):
           "sizes": sizes}
 
 
-# A checkpoint that moves between meshes: pretrain steps 1-2 on data=8, then step 3 resumed on
-# expert=4 x data=2 here and on one device in the pytest process (from a copy of the same folder).
-SAVE_LOOP = LoopConfig(steps=2, batch_size=BATCH, seq_len=SEQ, seed=0, log_every=1, ckpt_every=0)
-NEXT_LOOP = dataclasses.replace(SAVE_LOOP, steps=3)
+# A checkpoint that moves between meshes: the data=8 state is saved, then restored and stepped
+# once more on expert=4 x data=2 and on one device, with the steps compiled above (no new compile).
+SAVED_ON, MOVED_TO = (8, 1, 1, 1), (2, 1, 4, 1)
 
 
-def pretrain_run(workdir, loop, mesh_cfg, resume):
-  """run_training of the full-precision step on `mesh_cfg` (None: one device, unsharded).
-
-  Returns (metrics of each step, the state restored from the latest checkpoint before stepping).
-  """
-  cfg = model_config(MODELS["mixtral"][0])
-  tx = make_optimizer(OptimConfig(3e-3, 1, 10, 0.1, 0.1, 1.0))
-  build = lambda rng: create_state(init_model(cfg, rng)[1], tx, cfg.num_layers)
-  rng = jax.random.key(0)
-  place = None
-  if mesh_cfg is None:
-    state = build(rng)
-  else:
-    place = placement(mesh_cfg, cfg, jax.eval_shape(build, rng), loop.batch_size)
-    state = init_sharded(build, place.state, rng)
-  restored = None
-  if resume:
-    ckpt = Checkpointer(pathlib.Path(workdir) / "ckpt", 0)
-    restored = jax.device_get(ckpt.restore(state).params)  # into this mesh's shardings
-    ckpt.close()
-  tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, size=4000).astype(np.int32)
+def resume_once(folder, template, step, place):
+  """run_training from the checkpoint in `folder` for one more step: (restored params, metrics)."""
+  ckpt = Checkpointer(folder / "ckpt", 0)
+  restored = jax.device_get(ckpt.restore(template).params)  # into the template's shardings
+  loop = LoopConfig(steps=int(ckpt.latest_step()) + 1, batch_size=BATCH, seq_len=SEQ, seed=0,
+                    log_every=1, ckpt_every=0)
+  ckpt.close()
   history = []
-  step = jit_train_step(MoETransformer(cfg), tx, LossWeights(), placement=place)
-  run_training(state, step, tokens, loop, workdir, resume=resume, desc="mesh", placement=place,
+  tokens = np.random.default_rng(1).integers(0, 64, size=4000).astype(np.int32)
+  run_training(template, step, tokens, loop, folder, resume=True, desc="moved", placement=place,
                on_step=lambda i, m: history.append(m))
-  return history, restored
+  return restored, history[-1]
 
 
-def moves(tmp):
-  """Save on data=8; resume on expert=4 x data=2; leave a copy of the step-2 folder behind."""
-  pretrain_run(tmp / "run", SAVE_LOOP, MeshConfig(data=8), resume=False)
-  shutil.copytree(tmp / "run", tmp / "for_one_device")
-  history, restored = pretrain_run(tmp / "run", NEXT_LOOP, MeshConfig(data=2, expert=4),
-                                   resume=True)
-  np.savez(tmp / "restored_on_mesh.npz",
-           *[np.asarray(x) for x in jax.tree.leaves(restored)])
-  return {"folder": str(tmp / "for_one_device"), "restored": str(tmp / "restored_on_mesh.npz"),
-          "step3": history[-1]}
+def moves(tmp, live):
+  """Saved on data=8; restored on expert=4 x data=2 and on one device (identical params); the
+  next step's metrics from both."""
+  state, _, _ = live[SAVED_ON]
+  saver = Checkpointer(tmp / "saved" / "ckpt", 0)
+  saver.save(state, force=True)
+  saver.close()
+  out = {}
+  for name, key in (("mesh", MOVED_TO), ("one_device", None)):
+    shutil.copytree(tmp / "saved", tmp / name)
+    template, step, place = live[key]
+    restored, metrics = resume_once(tmp / name, template, step, place)
+    out[name] = metrics
+    out[f"{name}_params"] = [np.asarray(x) for x in jax.tree.leaves(restored)]
+  saved = jax.tree.leaves(jax.device_get(state.params))
+  out["params_identical"] = all(
+      np.array_equal(a, b) and np.array_equal(a, c)
+      for a, b, c in zip(saved, out.pop("mesh_params"), out.pop("one_device_params")))
+  out["step"] = int(state.step) + 1
+  return out
 
 
 def main():
   t0 = time.perf_counter()
   results, refs = [], {}
+  live = {}  # sizes (None: one device) -> (state, step, placement) of the mixtral runs
   for name, sizes in MESHES:
     changes, codes = MODELS[name]
     cfg = model_config(changes)
     if name not in refs:
-      hist, state, _, _ = run(cfg, codes, None)
+      hist, state, step, _, _ = run(cfg, codes, None)
       refs[name] = (hist, jax.device_get(state))
+      if name == "mixtral":
+        live[None] = (state, step, None)
     mesh_cfg = MeshConfig(**sizes)
-    hist, state, step, batch = run(cfg, codes, mesh_cfg)
+    hist, state, step, batch, place = run(cfg, codes, mesh_cfg)
     entry = {"model": name, **compare(refs[name], (hist, jax.device_get(state))),
              **shard_facts(state, mesh_cfg.sizes(len(jax.devices())))}
     entry["cache_before"] = step._cache_size()
     # A new allocation on the mesh is new data for the same compiled step.
     new_codes = np.roll(np.asarray(codes), 1, axis=1)
     state = with_quant(state, set_expert_codes(jax.device_get(state.quant), new_codes))
-    step(state, batch, jax.random.key(9))
+    state, _ = step(state, batch, jax.random.key(9))
     entry["cache_after"] = step._cache_size()
     results.append(entry)
-  moved = moves(pathlib.Path(sys.argv[1]))
+    if name == "mixtral":
+      live[tuple(entry["sizes"][a] for a in ("data", "fsdp", "expert", "tensor"))] = (
+          state, step, place)
+  moved = moves(pathlib.Path(sys.argv[1]), live)
+  # The mesh steps after a restore into their shardings (the one-device step above was first
+  # compiled outside run_training, whose committed batches it has not seen).
+  moved["cache_sizes"] = [step._cache_size() for _, step, place in live.values() if place]
   print(json.dumps({"devices": len(jax.devices()), "seconds": time.perf_counter() - t0,
                     "results": results, "moves": moved}))
 
