@@ -1,7 +1,7 @@
 """Mixtral-8x7B (46.7B params, 12.9B active per token): QAT of its 8 experts per layer.
 
 Real shapes of mistralai/Mixtral-8x7B-v0.1. Launch (see `moeqjax plan` for the memory it needs):
-  moeqjax plan --config configs/mixtral_8x7b.py
+  moeqjax plan --config configs/mixtral_8x7b.py --device-memory-gib 95   # per chip on its v5p-64 mesh
   moeqjax import-hf --hf-dir /data/Mixtral-8x7B-v0.1 --out ./imported/mixtral_8x7b --config configs/mixtral_8x7b.py --dtype bfloat16
   moeqjax qat --config ./imported/mixtral_8x7b/config.py --teacher ./imported/mixtral_8x7b --workdir ./moeqjax_runs/mixtral_8x7b_qat --data /data/text
   moeqjax export --workdir ./moeqjax_runs/mixtral_8x7b_qat --format hf --out ./mixtral_8x7b_quantized_hf

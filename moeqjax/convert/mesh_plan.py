@@ -10,10 +10,10 @@ import numpy as np
 from flax.core import meta
 from jax.sharding import PartitionSpec
 
-from moeqjax.convert.plan import _abstract_params, abstract_variables
+from moeqjax.convert.plan import abstract_variables
 from moeqjax.model import ModelConfig
-from moeqjax.train.mesh import (MESH_AXES, MeshConfig, MeshError, check_batch, check_params,
-                                flax_rules)
+from moeqjax.train.mesh import (MESH_AXES, MeshConfig, MeshError, axes_tuple, check_batch,
+                                check_params, flax_rules)
 
 _GIB = 2**30
 GROWABLE = ("expert", "fsdp", "tensor")  # axes that split weights (data only splits the batch)
@@ -22,15 +22,14 @@ GROWABLE = ("expert", "fsdp", "tensor")  # axes that split weights (data only sp
 def _shapes_and_axes(cfg: ModelConfig):
   """(abstract params, logical PartitionSpecs) of a config, from one cached trace of its init."""
   boxed = abstract_variables(cfg)
-  return _abstract_params(cfg), nn.get_partition_spec(boxed)["params"]
+  return meta.unbox(boxed)["params"], nn.get_partition_spec(boxed)["params"]
 
 
 def shard_shape(shape, mesh_axes, sizes: dict[str, int]) -> tuple[int, ...]:
   """The largest shard of an array of `shape` split over `mesh_axes` (one entry per dim)."""
   out = []
   for n, axes in zip(shape, mesh_axes):
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    out.append(-(-n // math.prod(sizes[a] for a in axes)))
+    out.append(-(-n // math.prod(sizes[a] for a in axes_tuple(axes))))
   return tuple(out)
 
 

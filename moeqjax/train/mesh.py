@@ -47,7 +47,7 @@ class MeshConfig:
   logical_axis_rules: tuple = DEFAULT_RULES
 
   def __post_init__(self):
-    rules = tuple((str(name), _axes_tuple(axes)) for name, axes in self.logical_axis_rules)
+    rules = tuple((str(name), axes_tuple(axes)) for name, axes in self.logical_axis_rules)
     object.__setattr__(self, "logical_axis_rules", rules)
     for name, axes in rules:
       for axis in axes:
@@ -86,7 +86,8 @@ class MeshConfig:
     return next((axes for name, axes in self.logical_axis_rules if name == BATCH), ())
 
 
-def _axes_tuple(axes) -> tuple[str, ...]:
+def axes_tuple(axes) -> tuple[str, ...]:
+  """A rule's or flax's mesh axes (None, a name or a sequence of names) as a tuple."""
   if axes is None:
     return ()
   return (axes,) if isinstance(axes, str) else tuple(axes)
@@ -117,11 +118,11 @@ def check_params(config: MeshConfig, sizes: dict[str, int], abstract_params, log
     mesh_axes = nn.logical_to_mesh_axes(tuple(spec), rules)
     shape = shapes[path].shape
     for dim, (name, axes) in enumerate(zip(spec, mesh_axes)):
-      n = math.prod(sizes[a] for a in _axes_tuple(axes))
+      n = math.prod(sizes[a] for a in axes_tuple(axes))
       if shape[dim] % n:
         field = _CONFIG_FIELD.get(name, f"the {name!r} dimension")
         raise MeshError(
-            f"{field} = {shape[dim]} is not divisible by {' x '.join(_axes_tuple(axes))} = {n} "
+            f"{field} = {shape[dim]} is not divisible by {' x '.join(axes_tuple(axes))} = {n} "
             f"(parameter {jax.tree_util.keystr(path)}); choose mesh sizes that divide it")
 
 
