@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import sys
 
 # Tests run tiny shapes, so XLA compile time dominates their cost: LLVM optimization level 0
@@ -64,3 +65,14 @@ def pytest_collection_modifyitems(session, config, items):
     sys.path.insert(0, str(pathlib.Path(__file__).with_name("train")))
     from mesh_launch import start_mesh_child
     MESH_CHILD["proc"] = start_mesh_child()
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """Stops the mesh subprocess this session started if its test never collected it (e.g. -x)."""
+  del session, exitstatus
+  proc = MESH_CHILD.pop("proc", None)
+  if proc is not None:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+    shutil.rmtree(proc.scratch, ignore_errors=True)
