@@ -1,13 +1,15 @@
 """Mixtral-8x7B (46.7B params, 12.9B active per token): QAT of its 8 experts per layer.
 
 Real shapes of mistralai/Mixtral-8x7B-v0.1. Launch (see `moeqjax plan` for the memory it needs):
-  moeqjax plan --config configs/mixtral_8x7b.py
+  moeqjax plan --config configs/mixtral_8x7b.py --device-memory-gib 95   # per chip on its v5p-64 mesh
   moeqjax import-hf --hf-dir /data/Mixtral-8x7B-v0.1 --out ./imported/mixtral_8x7b --config configs/mixtral_8x7b.py --dtype bfloat16
   moeqjax qat --config ./imported/mixtral_8x7b/config.py --teacher ./imported/mixtral_8x7b --workdir ./moeqjax_runs/mixtral_8x7b_qat --data /data/text
   moeqjax export --workdir ./moeqjax_runs/mixtral_8x7b_qat --format hf --out ./mixtral_8x7b_quantized_hf
 Until a subword tokenizer is wired into the data pipeline, --data is read as bytes (ids 0..255).
 """
 import ml_collections
+
+from moeqjax.train.mesh import DEFAULT_RULES
 
 
 def get_config():
@@ -75,7 +77,7 @@ def get_config():
   # Quantization-aware fine-tuning; the student starts at the released weights.
   c.qat = ml_collections.ConfigDict(dict(
       steps=500,  # a short fine-tune: the teacher is already trained
-      batch_size=8,  # global batch (sequences), sharded over the device mesh
+      batch_size=32,  # global batch (sequences): one per chip of the mesh below
       seq_len=2048,
       learning_rate=1e-05,  # small: large steps destroy the pretrained weights
       warmup_steps=50,
@@ -106,5 +108,12 @@ def get_config():
       seq_len=2048,  # window length for held-out perplexity
       num_windows=64,
       batch_size=8,
+  ))
+  # Device mesh for a TPU v5p-64 slice (32 chips, 95 GiB HBM each): experts split 8 ways, every
+  # other weight FSDP 4 ways, the batch over all 32 (-1 = the devices left over). Check it with
+  #   moeqjax plan --config configs/mixtral_8x7b.py --device-memory-gib 95
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=4, expert=8, tensor=1,
+      logical_axis_rules=DEFAULT_RULES,
   ))
   return c

@@ -9,6 +9,8 @@ Until a subword tokenizer is wired into the data pipeline, --data is read as byt
 """
 import ml_collections
 
+from moeqjax.train.mesh import DEFAULT_RULES
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -106,5 +108,12 @@ def get_config():
       seq_len=2048,  # window length for held-out perplexity
       num_windows=64,
       batch_size=8,
+  ))
+  # Device mesh: axis sizes (-1 = the devices left over) and the logical-axis rules that map the
+  # model's parameter names and the batch to mesh axes (first free match wins, as in MaxText).
+  # On one device this is today's unsharded run; on N devices the default is N-way data parallel.
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, expert=1, tensor=1,
+      logical_axis_rules=DEFAULT_RULES,
   ))
   return c

@@ -12,6 +12,8 @@ evaluate on the held-out files of the task slice against the fine-tuned full-pre
 
 import ml_collections
 
+from moeqjax.train.mesh import DEFAULT_RULES
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -118,5 +120,12 @@ def get_config():
       # --quick: 7 methods x {ce, all} x 2 seeds at 1.8, plus 7 x 2 seeds at 2.5 for the best objective.
       quick=dict(seeds=2, objectives=("ce", "all"), pareto_budgets=(1.8, 2.5), qat_steps=30,
                  finetune_steps=100, peers=False),
+  ))
+  # Device mesh: axis sizes (-1 = the devices left over) and the logical-axis rules that map the
+  # model's parameter names and the batch to mesh axes (first free match wins, as in MaxText).
+  # On one device this is today's unsharded run; on N devices the default is N-way data parallel.
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, expert=1, tensor=1,
+      logical_axis_rules=DEFAULT_RULES,
   ))
   return c

@@ -6,6 +6,8 @@ Override any field:  --config.pretrain.steps=100 --config.model.dispatch=dense
 
 import ml_collections
 
+from moeqjax.train.mesh import DEFAULT_RULES
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -109,5 +111,12 @@ def get_config():
       seq_len=128,  # window length for held-out bits per byte
       num_windows=512,  # windows spread evenly over the validation split (65,536 scored bytes)
       batch_size=16,
+  ))
+  # Device mesh: axis sizes (-1 = the devices left over) and the logical-axis rules that map the
+  # model's parameter names and the batch to mesh axes (first free match wins, as in MaxText).
+  # On one device this is today's unsharded run; on N devices the default is N-way data parallel.
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, expert=1, tensor=1,
+      logical_axis_rules=DEFAULT_RULES,
   ))
   return c

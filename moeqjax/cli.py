@@ -147,7 +147,11 @@ def _parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("plan", help="parameter counts, weight bytes and QAT memory, no allocation")
   p.add_argument("--config", default=None, help="configs/<name>.py (default: configs/tiny.py)")
-
+  p.add_argument("--devices", type=int, default=None,
+                 help="device count that resolves a -1 mesh axis (default: the product of the "
+                 "other mesh sizes); per-device bytes are computed from shard shapes, no devices")
+  p.add_argument("--device-memory-gib", type=float, default=None,
+                 help="memory per device: say whether the plan fits and which mesh axis to grow")
 
   p = sub.add_parser("stats", help="router statistics of a pretrain/QAT workdir: table + "
                      "router_stats.json")
@@ -302,7 +306,11 @@ def run_convert(args, overrides: dict[str, str]) -> int:
     from moeqjax.pipeline.plan import plan_text
     config = config_io.load_config(args.config)
     config_io.apply_overrides(config, overrides)
-    print(plan_text(config))
+    if args.devices is not None and args.devices < 1:
+      raise UserError(f"--devices {args.devices} must be >= 1")
+    if args.device_memory_gib is not None and args.device_memory_gib <= 0:
+      raise UserError(f"--device-memory-gib {args.device_memory_gib} must be > 0")
+    print(plan_text(config, args.devices, args.device_memory_gib))
   return 0
 
 
@@ -355,6 +363,9 @@ def run(argv: list[str]) -> int:
     overrides["data.tokenizer"] = args.tokenizer
   config_io.apply_overrides(config, overrides)
   config_io.model_config(config)  # validate the model section before any work
+  if args.command in ("demo", "pretrain", "qat"):
+    from moeqjax.pipeline.mesh import check_mesh_devices
+    check_mesh_devices(config)  # and the mesh against the devices, before data is read
   workdir = _writable_workdir(args.workdir or DEFAULT_WORKDIRS[args.command] or ".")
 
   if args.command == "demo":

@@ -1,6 +1,9 @@
 """Shared tiny shapes for tests (D=16, E=4, k=2)."""
 
 import os
+import pathlib
+import shutil
+import sys
 
 # Tests run tiny shapes, so XLA compile time dominates their cost: LLVM optimization level 0
 # cuts the suite's time by about a third on 2 CPU cores. Set before jax is imported.
@@ -75,3 +78,28 @@ def numpy_student(cfg, codes_LxE, seed=0, embed_scale=1.0):
   for i, codes in enumerate(codes_LxE):
     quant[f"layers_{i}"]["moe"]["expert_bits"] = np.asarray(codes, np.int32)
   return params, quant
+
+
+# The 8-device mesh checks run in one subprocess (JAX fixes the CPU device count at start-up). It
+# is started as soon as collection selects its test, so that it compiles beside the rest of the
+# suite instead of after it; tests/train/test_mesh_step.py collects its output.
+MESH_CHILD = {}
+
+
+def pytest_collection_modifyitems(session, config, items):
+  del session, config
+  if any("mesh_out" in getattr(item, "fixturenames", ()) for item in items):
+    sys.path.insert(0, str(pathlib.Path(__file__).with_name("train")))
+    from mesh_launch import start_mesh_child
+    MESH_CHILD["proc"] = start_mesh_child()
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """Stops the mesh subprocess this session started if its test never collected it (e.g. -x)."""
+  del session, exitstatus
+  proc = MESH_CHILD.pop("proc", None)
+  if proc is not None:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+    shutil.rmtree(proc.scratch, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -40,11 +41,23 @@ def _code(cfg: ModelConfig, path, group) -> int:
           "embed": rules.lm_head_code if path[0] == "lm_head" else 0}.get(group, 0)
 
 
+def abstract_variables(cfg: ModelConfig):
+  """The boxed variables (shapes, dtypes, logical axes) of a config; nothing is allocated.
+
+  Cached: tracing a large model's init takes seconds, and `plan` asks more than once.
+  """
+  return _abstract_variables(cfg)
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_variables(cfg: ModelConfig):
+  return jax.eval_shape(lambda: MoETransformer(cfg).init(jax.random.key(0),
+                                                         jnp.zeros((1, 8), jnp.int32)))
+
+
 def _abstract_params(cfg: ModelConfig):
   """The params tree as shapes and dtypes (jax.eval_shape; nothing is allocated)."""
-  variables = jax.eval_shape(lambda: MoETransformer(cfg).init(jax.random.key(0),
-                                                              jnp.zeros((1, 8), jnp.int32)))
-  return meta.unbox(variables)["params"]
+  return meta.unbox(abstract_variables(cfg))["params"]
 
 
 def plan(cfg: ModelConfig, batch_size: int, seq_len: int, expert_codes_LxE=None) -> dict:

@@ -13,6 +13,7 @@ import ml_collections
 from moeqjax.model import ModelConfig, QuantRules
 from moeqjax.objectives import LossWeights
 from moeqjax.train import LoopConfig, OptimConfig
+from moeqjax.train.mesh import MeshConfig
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "tiny.py"
 
@@ -109,6 +110,13 @@ def _build(cls, section: ml_collections.ConfigDict, name: str, **extra):
 
 def model_config(config) -> ModelConfig:
   return _build(ModelConfig, config.model, "model", quant=_build(QuantRules, config.quant, "quant"))
+
+
+def mesh_config(config) -> MeshConfig:
+  """The `mesh` section (absent: every device on the data axis, which is today's run on one)."""
+  if "mesh" not in config:
+    return MeshConfig()
+  return _build(MeshConfig, config.mesh, "mesh")
 
 
 def loss_weights(config) -> LossWeights:

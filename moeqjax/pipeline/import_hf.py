@@ -77,8 +77,12 @@ def is_imported(folder) -> bool:
   return (pathlib.Path(folder) / IMPORT_MARKER).is_file()
 
 
-def load_imported_params(folder, cfg):
-  """The params of an imported folder, checked against the model config now in use."""
+def load_imported_params(folder, cfg, target=None):
+  """The params of an imported folder, checked against the model config now in use.
+
+  `target` (abstract params, optionally with shardings) is where they are restored; None is the
+  model's abstract params on the default device.
+  """
   import orbax.checkpoint as ocp
   folder = pathlib.Path(folder).absolute()
   record = json.loads((folder / IMPORT_MARKER).read_text())
@@ -91,7 +95,8 @@ def load_imported_params(folder, cfg):
       raise ConvertError(f"--teacher {folder} was imported with a different model config "
                          f"(fields differ: {', '.join(changed)}); pass --config "
                          f"{folder / CONFIG_PY}")
-  target = jax.eval_shape(lambda: init_model(cfg, jax.random.key(0))[1])
+  if target is None:
+    target = jax.eval_shape(lambda: init_model(cfg, jax.random.key(0))[1])
   return ocp.StandardCheckpointer().restore(folder / PARAMS_DIR, target)
 
 

@@ -16,11 +16,13 @@ from moeqjax.model import (MoETransformer, default_quant, init_ratios, set_exper
                            without_ratios)
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
+from moeqjax.pipeline.mesh import run_placement
 from moeqjax.pipeline.ptq import ptq_student
 from moeqjax.pipeline.workdirs import finished_state, record_config, teacher_inputs
 from moeqjax.train import (TrainState, create_state, jit_train_step, make_optimizer,
                            run_training)
 from moeqjax.train import progressive
+from moeqjax.train.sharding import init_sharded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,18 +119,29 @@ def qat(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher_params
   tx = make_optimizer(optim)
   teacher_params = without_ratios(teacher_params)
   start = teacher_params if init_from is None else init_from[1]
-  # Separate buffers (the state is donated); learned ratios start at their initial value.
-  student = init_ratios(cfg, jax.tree.map(jnp.copy, start), quant)
-  state = create_state(student, tx, cfg.num_layers, quant=quant,
-                       teacher_params=jax.tree.map(jnp.copy, teacher_params))
+  # Learned ratios start at their initial value (computed from the concrete codes, outside jit).
+  start = init_ratios(cfg, start, quant)
+
+  def build(teacher, student, codes):
+    # Separate buffers: the state is donated.
+    return create_state(jax.tree.map(jnp.copy, student), tx, cfg.num_layers, quant=codes,
+                        teacher_params=jax.tree.map(jnp.copy, teacher))
+
+  place = run_placement(config, jax.eval_shape(build, teacher_params, start, quant),
+                        loop.batch_size)
+  state = build(teacher_params, start, quant) if place is None else init_sharded(
+      build, place.state, teacher_params, start, quant)
   done = finished_state(workdir, state, loop.steps)
   if done is not None:
     return done
-  step_fn = compiled_qat_step(cfg, optim, weights)
+  if place is None:
+    step_fn = compiled_qat_step(cfg, optim, weights)
+  else:
+    step_fn = jit_train_step(MoETransformer(cfg), tx, weights, placement=place)
   if realloc is not None:
     step_fn = progressive_step(step_fn, cfg, realloc)
   return run_training(state, step_fn, corpus.train, loop, workdir, resume=resume,
-                      desc=f"qat {workdir.name}")
+                      desc=f"qat {workdir.name}", placement=place)
 
 
 def qat_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path,

@@ -12,6 +12,7 @@ from moeqjax.data import TokenCorpus, check_vocab, encode_corpus, load_corpus, m
 from moeqjax.model import default_quant, init_model, without_ratios
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
+from moeqjax.pipeline.mesh import sharded_template
 from moeqjax.train import Checkpointer, TrainState, create_state, make_optimizer
 
 CONFIG_RECORD = "config.json"  # the sections a phase ran with, in its workdir
@@ -114,13 +115,15 @@ def teacher_params(config, teacher_dir: pathlib.Path):
   Nothing is initialised: the restore template comes from jax.eval_shape.
   """
   cfg = config_io.model_config(config)
+  # On a mesh every array is restored straight into its shards (nothing whole on one device).
+  template = sharded_template(config, state_template(config, "pretrain"))
   if import_hf.is_imported(teacher_dir):
-    return import_hf.load_imported_params(teacher_dir, cfg)
+    return import_hf.load_imported_params(teacher_dir, cfg, template.params)
   steps = config.pretrain.steps
   if not (teacher_dir / "ckpt").is_dir():
     raise MissingTeacher(f"--teacher {teacher_dir} has no checkpoint; run `moeqjax pretrain "
                          f"--workdir {teacher_dir}` first")
-  state = finished_state(teacher_dir, state_template(config, "pretrain"), steps)
+  state = finished_state(teacher_dir, template, steps)
   if state is None:
     raise MissingTeacher(
         f"--teacher {teacher_dir} has not finished its {steps} pretraining steps; finish it "

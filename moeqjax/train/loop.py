@@ -75,18 +75,21 @@ class _SignalFlag:
       signal.signal(sig, handler)
 
 
-def commit_to_device(state: TrainState) -> TrainState:
-  """Commits every leaf to the default device before the first step.
+def commit_to_device(state: TrainState, placement=None) -> TrainState:
+  """Commits every leaf to the default device (or its shardings on a mesh) before the first step.
 
   Orbax-restored leaves are committed to a device and freshly created ones are not; jit keys its
   cache on that, so a mixed state would compile the step twice (once more after step one).
   """
+  if placement is not None:
+    return placement.put_state(state)
   return jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
 def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop: LoopConfig,
                  workdir: str | pathlib.Path, *, resume: bool, desc: str,
-                 on_step: Callable[[int, dict], None] | None = None) -> TrainState:
+                 on_step: Callable[[int, dict], None] | None = None,
+                 placement=None) -> TrainState:
   """Runs `step_fn` from the state's step (or the latest checkpoint) to `loop.steps`.
 
   Args:
@@ -99,6 +102,8 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop:
       checkpoint is an error rather than silently overwritten.
     desc: progress bar label.
     on_step: called as on_step(step, metrics) after every step (tests, plots).
+    placement: a moeqjax.train.sharding.Placement when the step runs on a mesh: the state keeps
+      its shardings (a checkpoint is restored into them) and each batch is split by rows.
 
   Returns:
     The final state (checkpointed).
@@ -117,7 +122,7 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop:
           f"{workdir} already holds a checkpoint at step {latest}; pass --resume to continue it "
           "or choose another --workdir")
     state = ckpt.restore(state, latest)
-  state = commit_to_device(state)
+  state = commit_to_device(state, placement)
   start = int(state.step)
   log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
   base_rng = jax.random.key(loop.seed)
@@ -126,6 +131,8 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop:
                                      dynamic_ncols=True, leave=True) as bar:
       for step in range(start, loop.steps):
         batch = sample_batch(tokens, loop.batch_size, loop.seq_len, loop.seed, step)
+        if placement is not None:
+          batch = placement.put_batch(batch)
         state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
         metrics = to_python(jax.device_get(metrics))
         loss = metrics["train/loss"]

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -43,6 +44,14 @@ def create_state(params, tx: optax.GradientTransformation, num_layers: int, quan
 
 
 def with_quant(state: TrainState, quant) -> TrainState:
-  """The same state with new bit codes (same shapes and dtypes, so no recompile)."""
-  new = jax.tree.map(lambda old, v: jnp.asarray(v, old.dtype), state.quant, quant)
+  """The same state with new bit codes (same shapes, dtypes and shardings, so no recompile).
+
+  The new codes are placed as the old ones are (replicated on a mesh, committed or not): jit keys
+  its cache on input shardings and on committedness, so either change would compile the step again.
+  """
+  def like(old, v):
+    v = np.asarray(v, old.dtype)
+    return jax.device_put(v, old.sharding) if old.committed else jnp.asarray(v)
+
+  new = jax.tree.map(like, state.quant, quant)
   return state.replace(quant=new)

@@ -6,6 +6,7 @@ import functools
 
 import jax
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from moeqjax.model import MoETransformer, forward_with_aux
 from moeqjax.objectives import LossWeights, loss_terms, total_loss
@@ -57,8 +58,17 @@ def train_step(state: TrainState, batch, rng, *, model: MoETransformer,
 
 
 def jit_train_step(model: MoETransformer, tx: optax.GradientTransformation,
-                   weights: LossWeights, collect_stats: bool = True):
-  """train_step compiled once for this model/optimizer/objective, with the state donated."""
-  return jax.jit(functools.partial(train_step, model=model, tx=tx, weights=weights,
-                                   collect_stats=collect_stats),
-                 donate_argnums=0)
+                   weights: LossWeights, collect_stats: bool = True, placement=None):
+  """train_step compiled once for this model/optimizer/objective, with the state donated.
+
+  With a `placement` (moeqjax.train.sharding.Placement) the step is compiled for its mesh: the
+  state keeps its shardings in and out, the batch comes split by rows and the metrics come back
+  replicated; GSPMD inserts the collectives.
+  """
+  fn = functools.partial(train_step, model=model, tx=tx, weights=weights,
+                         collect_stats=collect_stats)
+  if placement is None:
+    return jax.jit(fn, donate_argnums=0)
+  rep = NamedSharding(placement.mesh, PartitionSpec())
+  return jax.jit(fn, in_shardings=(placement.state, placement.batch, rep),
+                 out_shardings=(placement.state, rep), donate_argnums=0)

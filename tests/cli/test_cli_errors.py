@@ -21,6 +21,10 @@ def _run(capsys, *argv):
     (["--config.quant.scale_init=best"], "scale_init='best' is unsupported; choose from"),
     (["--config.quant.learn_clip=True", "--config.quant.learn_scale=True"], "choose one"),
     (["--data", "/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
+    (["--config.mesh.data=2"], "mesh data=2 x fsdp=1 x expert=1 x tensor=1 has 2 devices but 1 "
+     "are present; make the product 1"),
+    (["--config.mesh.logical_axis_rules=(('mlp', 'model'),)"],
+     "maps 'mlp' to unknown mesh axis 'model'"),
 ])
 def test_bad_input_is_one_line_error(capsys, tmp_path, argv, words):
   code, err = _run(capsys, "pretrain", "--workdir", str(tmp_path / "w"), *argv)

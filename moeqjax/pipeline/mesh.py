@@ -1,0 +1,39 @@
+"""The device mesh of a run: its `mesh` section checked against the devices, model and batch."""
+
+from __future__ import annotations
+
+import jax
+
+from moeqjax.pipeline import config as config_io
+from moeqjax.train.sharding import Placement, placement
+
+
+def check_mesh_devices(config) -> dict[str, int]:
+  """The `mesh` section's sizes on this process's devices (a MeshError if they do not fit)."""
+  return config_io.mesh_config(config).sizes(jax.device_count())
+
+
+def run_placement(config, abstract_state, batch_size: int, devices=None) -> Placement | None:
+  """The placement of a pretrain/QAT run, or None on one device (today's unsharded path).
+
+  The mesh sizes are checked against the device count first, so a mesh that needs more devices
+  than there are is an error even on one device.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  mesh_cfg = config_io.mesh_config(config)
+  mesh_cfg.sizes(len(devices))
+  if len(devices) == 1:
+    return None
+  return placement(mesh_cfg, config_io.model_config(config), abstract_state, batch_size, devices)
+
+
+def sharded_template(config, abstract_state):
+  """`abstract_state` with each leaf's sharding on this run's mesh, so that orbax restores every
+  array straight into its shards; unchanged on one device."""
+  if jax.device_count() == 1:
+    return abstract_state
+  mesh_cfg = config_io.mesh_config(config)
+  # The batch does not matter for a restore: 0 rows split over any mesh.
+  place = placement(mesh_cfg, config_io.model_config(config), abstract_state, 0)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract_state, place.state)

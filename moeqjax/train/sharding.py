@@ -1,0 +1,75 @@
+"""Where the train state and batches live on a mesh: shardings of every state leaf and sharded init."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+
+from moeqjax.model import ModelConfig
+from moeqjax.model.transformer import param_axes
+from moeqjax.train import mesh as mesh_lib
+from moeqjax.train.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """The mesh, the state's shardings (a TrainState of NamedShardings) and the batch's."""
+
+  mesh: Mesh
+  state: TrainState
+  batch: NamedSharding
+
+  def put_state(self, state: TrainState) -> TrainState:
+    return jax.device_put(state, self.state)
+
+  def put_batch(self, batch):
+    return jax.device_put(batch, self.batch)
+
+
+def state_shardings(config: mesh_lib.MeshConfig, mesh: Mesh, cfg: ModelConfig,
+                    abstract_state: TrainState) -> TrainState:
+  """NamedShardings for every leaf of a (possibly abstract) state.
+
+  Params and teacher follow the model's logical axes through the rules; optimizer-state subtrees
+  shaped like the params (Adam's moments) follow the params; quant codes, router statistics,
+  counters and the step are replicated (they are tiny, and codes stay traced data).
+  """
+  params = mesh_lib.logical_shardings(config, mesh, param_axes(cfg))
+  rep = mesh_lib.replicated(mesh)
+  params_def = jax.tree.structure(abstract_state.params)
+  if jax.tree.structure(params) != params_def:
+    raise ValueError("the state's params do not match the model config's parameter tree")
+
+  def like_params(subtree):
+    return params if jax.tree.structure(subtree) == params_def else rep
+
+  opt = jax.tree.map(like_params, abstract_state.opt_state,
+                     is_leaf=lambda x: jax.tree.structure(x) == params_def)
+  replicate = lambda tree: jax.tree.map(lambda _: rep, tree)
+  return TrainState(
+      step=rep, params=params, opt_state=opt, quant=replicate(abstract_state.quant),
+      teacher_params=None if abstract_state.teacher_params is None else params,
+      stats=replicate(abstract_state.stats))
+
+
+def placement(config: mesh_lib.MeshConfig, cfg: ModelConfig, abstract_state: TrainState,
+              batch_size: int, devices=None) -> Placement:
+  """The mesh over `devices` and the shardings of this state and batch, after checking that the
+  mesh fits the devices, the model's parameter shapes and the global batch."""
+  devices = jax.devices() if devices is None else list(devices)
+  sizes = config.sizes(len(devices))
+  mesh_lib.check_params(config, sizes, abstract_state.params, param_axes(cfg))
+  mesh_lib.check_batch(config, sizes, batch_size)
+  mesh = mesh_lib.make_mesh(config, devices)
+  return Placement(mesh, state_shardings(config, mesh, cfg, abstract_state),
+                   mesh_lib.batch_sharding(config, mesh))
+
+
+def init_sharded(build, shardings: TrainState, *args) -> TrainState:
+  """`build(*args)` compiled with out_shardings: every leaf is created in its own shards.
+
+  Nothing is materialised whole on one device or the host (beyond what `args` already are).
+  """
+  return jax.jit(build, out_shardings=shardings)(*args)

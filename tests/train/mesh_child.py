@@ -1,0 +1,198 @@
+"""Run in a subprocess with 8 CPU devices: sharded QAT steps vs the single-device step, as JSON.
+
+JAX fixes the CPU device count when it starts, and the pytest process already has one device, so
+tests/train/test_mesh_step.py runs this file once with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 and a scratch folder (argv[1]), and asserts on
+what it prints.
+"""
+
+import functools
+import json
+import pathlib
+import shutil
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moeqjax.model import ModelConfig, QuantRules, init_model, set_expert_codes
+from moeqjax.objectives import LossWeights
+from moeqjax.train import (Checkpointer, LoopConfig, OptimConfig, create_state, jit_train_step,
+                           make_optimizer, run_training, with_quant)
+from moeqjax.train.mesh import MeshConfig
+from moeqjax.train.sharding import init_sharded, placement
+
+STEPS = 3
+BATCH, SEQ = 16, 8
+WEIGHTS = LossWeights(rec=1.0, kd=1.0, value=0.5, struct=0.5)
+# Mixtral-style (top-2 of 8, renormalised gates) and Qwen2-MoE-style (a gated shared expert, qkv
+# bias, gates not renormalised; here top-1 of 4). Mixed allocations: every code in play.
+MODELS = {
+    "mixtral": (dict(num_experts=8, top_k=2),
+                [[1, 2, 4, 8, 0, 3, 1, 2]]),
+    "qwen2moe": (dict(num_experts=4, top_k=1, shared_d_ff=32, shared_expert_gate=True,
+                      attn_bias=True, norm_topk_prob=False),
+                 [[1, 2, 4, 0]]),
+}
+MESHES = [  # (model, mesh sizes)
+    ("mixtral", dict(data=8)),
+    ("mixtral", dict(data=2, fsdp=4)),
+    ("mixtral", dict(data=2, expert=4)),
+    # The tensor axis rides along with expert=2 here: one compile fewer on the 2-core CI.
+    ("qwen2moe", dict(data=2, expert=2, tensor=2)),
+]
+
+
+def model_config(changes):
+  base = dict(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+              d_ff=32, max_seq_len=16, quant=QuantRules(expert_code=1, granularity="channel"))
+  return ModelConfig(**{**base, **changes})
+
+
+def build_state(teacher, quant, *, tx, num_layers):
+  return create_state(jax.tree.map(jnp.copy, teacher), tx, num_layers, quant=quant,
+                      teacher_params=teacher)
+
+
+@functools.lru_cache(maxsize=None)
+def _init(cfg):
+  """The model, teacher params and codes of a config, initialised once (eager init is slow)."""
+  return init_model(cfg, jax.random.key(0))
+
+
+def run(cfg, codes, mesh_cfg):
+  """3 QAT steps from the same teacher and batches: (metrics per step, state, step fn, batch).
+
+  mesh_cfg None is today's single-device path (no shardings anywhere).
+  """
+  model, teacher, quant = _init(cfg)
+  quant = set_expert_codes(quant, np.asarray(codes))
+  tx = make_optimizer(OptimConfig(3e-3, 1, 10, 0.1, 0.1, 1.0))
+  build = functools.partial(build_state, tx=tx, num_layers=cfg.num_layers)
+  place = None
+  if mesh_cfg is None:
+    state = jax.jit(build)(teacher, quant)  # one compile, not one per eager op
+  else:
+    place = placement(mesh_cfg, cfg, jax.eval_shape(build, teacher, quant), BATCH)
+    state = init_sharded(build, place.state, teacher, quant)
+  step = jit_train_step(model, tx, WEIGHTS, placement=place)
+  r = np.random.default_rng(0)
+  history = []
+  for i in range(STEPS):
+    batch = jnp.asarray(r.integers(0, cfg.vocab_size, size=(BATCH, SEQ + 1)), jnp.int32)
+    if place is not None:
+      batch = place.put_batch(batch)
+    state, metrics = step(state, batch, jax.random.key(i))
+    history.append({k: float(v) for k, v in metrics.items()})
+  return history, state, step, batch, place
+
+
+def rel_err(a, b):
+  """max |a - b| over max |b|: the error relative to the array's own scale."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def compare(ref, got):
+  (ref_hist, ref_state), (hist, state) = ref, got
+  out = {"metrics": {k: max(abs(h[k] - r[k]) / max(abs(r[k]), 1e-30)
+                            for h, r in zip(hist, ref_hist)) for k in ref_hist[0]}}
+  out["params"] = {jax.tree_util.keystr(path): rel_err(a, b) for (path, a), b in zip(
+      jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(ref_state.params))}
+  out["stats"] = {k: rel_err(state.stats[k], ref_state.stats[k]) for k in ref_state.stats}
+  return out
+
+
+def shard_facts(state, sizes):
+  """Shard shapes that show the state was created in its shardings, not replicated."""
+  moe = state.params["layers_0"]["moe"]
+  nu = state.opt_state[1][0].nu["layers_0"]["moe"]["w_in"]
+  return {"w_in_global": list(moe["w_in"].shape),
+          "w_in_shard": list(moe["w_in"].addressable_shards[0].data.shape),
+          "nu_w_in_shard": list(nu.addressable_shards[0].data.shape),
+          "teacher_w_in_shard": list(
+              state.teacher_params["layers_0"]["moe"]["w_in"].addressable_shards[0].data.shape),
+          "quant_replicated": all(x.sharding.is_fully_replicated
+                                  for x in jax.tree.leaves(state.quant)),
+          "sizes": sizes}
+
+
+# A checkpoint that moves between meshes: the data=8 state is saved, then restored and stepped
+# once more on expert=4 x data=2 and on one device, with the steps compiled above (no new compile).
+SAVED_ON, MOVED_TO = (8, 1, 1, 1), (2, 1, 4, 1)
+
+
+def resume_once(folder, template, step, place):
+  """run_training from the checkpoint in `folder` for one more step: (restored params, metrics)."""
+  ckpt = Checkpointer(folder / "ckpt", 0)
+  restored = jax.device_get(ckpt.restore(template).params)  # into the template's shardings
+  loop = LoopConfig(steps=int(ckpt.latest_step()) + 1, batch_size=BATCH, seq_len=SEQ, seed=0,
+                    log_every=1, ckpt_every=0)
+  ckpt.close()
+  history = []
+  tokens = np.random.default_rng(1).integers(0, 64, size=4000).astype(np.int32)
+  run_training(template, step, tokens, loop, folder, resume=True, desc="moved", placement=place,
+               on_step=lambda i, m: history.append(m))
+  return restored, history[-1]
+
+
+def moves(tmp, live):
+  """Saved on data=8; restored on expert=4 x data=2 and on one device (identical params); the
+  next step's metrics from both."""
+  state, _, _ = live[SAVED_ON]
+  saver = Checkpointer(tmp / "saved" / "ckpt", 0)
+  saver.save(state, force=True)
+  saver.close()
+  out = {}
+  for name, key in (("mesh", MOVED_TO), ("one_device", None)):
+    shutil.copytree(tmp / "saved", tmp / name)
+    template, step, place = live[key]
+    restored, metrics = resume_once(tmp / name, template, step, place)
+    out[name] = metrics
+    out[f"{name}_params"] = [np.asarray(x) for x in jax.tree.leaves(restored)]
+  saved = jax.tree.leaves(jax.device_get(state.params))
+  out["params_identical"] = all(
+      np.array_equal(a, b) and np.array_equal(a, c)
+      for a, b, c in zip(saved, out.pop("mesh_params"), out.pop("one_device_params")))
+  out["step"] = int(state.step) + 1
+  return out
+
+
+def main():
+  t0 = time.perf_counter()
+  results, refs = [], {}
+  live = {}  # sizes (None: one device) -> (state, step, placement) of the mixtral runs
+  for name, sizes in MESHES:
+    changes, codes = MODELS[name]
+    cfg = model_config(changes)
+    if name not in refs:
+      hist, state, step, _, _ = run(cfg, codes, None)
+      refs[name] = (hist, jax.device_get(state))
+      if name == "mixtral":
+        live[None] = (state, step, None)
+    mesh_cfg = MeshConfig(**sizes)
+    hist, state, step, batch, place = run(cfg, codes, mesh_cfg)
+    entry = {"model": name, **compare(refs[name], (hist, jax.device_get(state))),
+             **shard_facts(state, mesh_cfg.sizes(len(jax.devices())))}
+    entry["cache_before"] = step._cache_size()
+    # A new allocation on the mesh is new data for the same compiled step.
+    new_codes = np.roll(np.asarray(codes), 1, axis=1)
+    state = with_quant(state, set_expert_codes(jax.device_get(state.quant), new_codes))
+    state, _ = step(state, batch, jax.random.key(9))
+    entry["cache_after"] = step._cache_size()
+    results.append(entry)
+    if name == "mixtral":
+      live[tuple(entry["sizes"][a] for a in ("data", "fsdp", "expert", "tensor"))] = (
+          state, step, place)
+  moved = moves(pathlib.Path(sys.argv[1]), live)
+  # The mesh steps after a restore into their shardings (the one-device step above was first
+  # compiled outside run_training, whose committed batches it has not seen).
+  moved["cache_sizes"] = [step._cache_size() for _, step, place in live.values() if place]
+  print(json.dumps({"devices": len(jax.devices()), "seconds": time.perf_counter() - t0,
+                    "results": results, "moves": moved}))
+
+
+if __name__ == "__main__":
+  sys.exit(main())
