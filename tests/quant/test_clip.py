@@ -104,7 +104,7 @@ def test_quant_error_table_uses_the_learned_clip_ratio(symmetric):
 def test_learned_scale_range_and_export_of_ternary_ratios():
   """learn_scale: the same params hold LSQ scale ratios in [0.05, 4]; export (one reader,
   quant.clip.learned_ratio) dequantizes ternary experts with them too, above 1 included."""
-  from moeqjax.convert.hf_export import dequantized
+  from moeqjax.convert.student_weights import ParamWeights
   rules = QuantRules(expert_code=1, learn_scale=True)
   np.testing.assert_array_equal(effective_clip_ratio(RAW, rules.spec()),
                                 np.clip(RAW, 0.05, 4.0))
@@ -115,7 +115,7 @@ def test_learned_scale_range_and_export_of_ternary_ratios():
       np.float32)
   params = {**params, "layers_0": {**params["layers_0"], "moe": moe}}
   codes = quant["layers_0"]["moe"]["expert_bits"]  # ternary everywhere
-  got = dequantized(cfg, params, quant, ("layers_0", "moe", "w_in"))
+  got = ParamWeights(cfg, params, quant).dequantized(("layers_0", "moe", "w_in"))
   want = quantize_dequantize(moe["w_in"], codes, rules.spec(), np.minimum(moe["w_in_clip"], 4.0))
   np.testing.assert_array_equal(got, np.asarray(want))
   absmean = quantize_dequantize(moe["w_in"], codes, rules.spec())
