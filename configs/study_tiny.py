@@ -117,6 +117,10 @@ def get_config():
       # whose bytes bracket the budget (ternary/int2 at 1.8 here, since base3 ternary is cheaper).
       levels=(),
       peers=True,  # Qwix QAT rows (int4 / int8 weights) when qwix is installed
+      # Post-training rows (no training) of every allocation: () = none, or ("rtn", "gptq");
+      # GPTQ's Hessians come from ptq_calib_batches task batches (qat.batch_size x qat.seq_len).
+      ptq=(),
+      ptq_calib_batches=8,
       # --quick: 7 methods x {ce, all} x 2 seeds at 1.8, plus 7 x 2 seeds at 2.5 for the best objective.
       quick=dict(seeds=2, objectives=("ce", "all"), pareto_budgets=(1.8, 2.5), qat_steps=30,
                  finetune_steps=100, peers=False),

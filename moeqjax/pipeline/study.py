@@ -30,7 +30,7 @@ from moeqjax.data.corpus import _corpus_from_documents  # pylint: disable=protec
 from moeqjax.eval import evaluate_variants
 from moeqjax.model import MoETransformer, default_quant, init_ratios, set_expert_codes
 from moeqjax.pipeline import config as config_io
-from moeqjax.pipeline import study_peers, study_report
+from moeqjax.pipeline import study_peers, study_ptq, study_report
 from moeqjax.pipeline.pretrain import pretrain
 from moeqjax.pipeline.study_summary import summ, summarize
 from moeqjax.pipeline.workdirs import finished_state, record_config
@@ -60,6 +60,10 @@ def _settings(config, quick: bool) -> dict:
          "choices": tuple(int(c) for c in s["choices"]),
          "levels": tuple(int(c) for c in s["levels"]), "qat_steps": int(config.qat.steps),
          "finetune_steps": int(s["finetune_steps"]), "peers": bool(s["peers"]), "quick": quick}
+  # Post-training rows (study_ptq): only in the settings when asked for, so that studies without
+  # them keep their fingerprint (and their finished cells).
+  if s.get("ptq"):
+    out.update(ptq=tuple(s["ptq"]), ptq_calib_batches=int(s.get("ptq_calib_batches", 8)))
   if quick:
     q = s["quick"]
     out.update(seeds=int(q["seeds"]), pareto_budgets=tuple(float(b) for b in q["pareto_budgets"]),
@@ -193,6 +197,9 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
                                                       **a.achieved, "budget_bytes": a.budget_bytes}
                                for (m, b, seed), a in allocs.items()}
   store.save()
+
+  if st.get("ptq"):
+    study_ptq.run_ptq_rows(store, config, cfg, teacher, task, windows, st, allocs, budgets)
 
   base_weights = config_io.loss_weights(config)
   loop, optim = qat_cfg

@@ -246,6 +246,8 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
     lines.append(f"| {m} | " + " | ".join(cells) + " |")
   lines += ["", "Each cell: bits per byte @ achieved code bits / expert bytes.", ""]
 
+  lines += _ptq_section(summ.get("ptq_table", {}), st)
+
   peers = data.get("peers", {})
   lines += ["## Peer rows: Qwix QAT", ""]
   if peers:
@@ -263,6 +265,29 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
   text = "\n".join(lines) + "\n"
   (workdir / "study.md").write_text(text)
   return text
+
+
+def _ptq_section(table: dict, st: dict) -> list[str]:
+  """Post-training rows: bits per byte of each allocation at each budget, by RTN and by GPTQ."""
+  if not table:
+    return []
+  budgets = sorted({r["budget"] for r in table.values()})
+  lines = ["## Post-training quantization (no training)", "",
+           "The fine-tuned teacher quantized at each allocation's codes, by round-to-nearest (rtn) "
+           f"or by GPTQ per expert (gptq, Hessians from {st.get('ptq_calib_batches', 8)} task "
+           "batches routed by the teacher; GPTQ sets its scales on the absmax grid, RTN uses the "
+           "config's quant.scale_init). One run each (random: mean ± std over its seeds). "
+           "Cell: bits per byte (rank among the methods at that budget).", "",
+           "| ptq | method | " + " | ".join(f"{b:g}" for b in budgets) + " |",
+           "|---|---|" + "---|" * len(budgets)]
+  for p in st.get("ptq", ()):
+    for m in st["methods"]:
+      cells = []
+      for b in budgets:
+        r = table.get(f"{p}|{m}|{b:g}")
+        cells.append(f"{_fmt(r['bits_per_byte'])} ({r['rank']})" if r else "-")
+      lines.append(f"| {p} | {m} | " + " | ".join(cells) + " |")
+  return lines + [""]
 
 
 def write_outputs(workdir: pathlib.Path, data: dict):

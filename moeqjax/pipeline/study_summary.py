@@ -60,7 +60,29 @@ def summarize(data: dict) -> dict:
         w[f"vs_{other_name}"] = _paired(rows[0], other)
       winners[f"{o}|{b:g}"] = w
   return {"table": table, "objective_mean_bpb_at_main": obj_means,
-          "best_objective_at_main": best_obj, "winners": winners}
+          "best_objective_at_main": best_obj, "winners": winners,
+          "ptq_table": ptq_table(data.get("ptq_cells", {}))}
+
+
+def ptq_table(cells: dict) -> dict:
+  """Post-training rows per (PTQ method, allocation method, budget): mean +- std over seeds (only
+  "random" has more than one) and the rank of each allocation method within (PTQ method, budget)."""
+  groups: dict = {}
+  for c in cells.values():
+    groups.setdefault((c["ptq"], c["method"], c["budget"]), []).append(c)
+  table = {}
+  for (p, m, b), rows in groups.items():
+    table[f"{p}|{m}|{b:g}"] = {
+        "ptq": p, "method": m, "budget": b, "seeds": sorted(c["seed"] for c in rows),
+        "bits_per_byte": summ([c["bits_per_byte"] for c in rows]),
+        "topk_agree": summ([c["topk_agree"] for c in rows]),
+        "expert_bytes": summ([c["expert_bytes"] for c in rows]),
+        "expert_code_bits": summ([c["expert_code_bits"] for c in rows])}
+  for r in table.values():
+    same = sorted((o for o in table.values() if o["ptq"] == r["ptq"] and o["budget"] == r["budget"]),
+                  key=lambda o: o["bits_per_byte"]["mean"])
+    r["rank"] = 1 + same.index(r)
+  return table
 
 
 def _paired(a: dict, b: dict) -> dict:

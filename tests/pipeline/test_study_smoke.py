@@ -24,6 +24,8 @@ def minuscule_config():
       "study.finetune_steps": "3", "study.seeds": "2", "study.main_budget": "2.5",
       "study.pareto_budgets": "(2.5,)", "study.peers": "false",
       "study.methods": "('paper_combined', 'exact', 'random', 'uniform')",
+      "study.ptq": "('rtn', 'gptq')", "study.ptq_calib_batches": "2",
+      "quant.scale_init": "mse",  # GPTQ rows still use the absmax grid (checked below)
   })
   with config.study.unlocked():
     config.study.objectives = ml_collections.ConfigDict(
@@ -56,7 +58,19 @@ def test_study_smoke(tmp_path):
   assert "lower mean weight error" in flat
   on_disk = json.loads((tmp_path / "study.json").read_text())
   assert set(on_disk["cells"]) == set(cells)
+  # Post-training rows: rtn and gptq of every allocation (random: one per seed), at the bytes of
+  # the QAT cells with the same allocation; GPTQ lowers the calibration output error of each.
+  ptq = data["ptq_cells"]
+  assert len(ptq) == 2 * (3 + 2)
+  for c in ptq.values():
+    qat_cell = cells[f"ce|{c['method']}|2.5|{c['seed']}"]
+    assert c["expert_bytes"] == qat_cell["expert_bytes"]
+    assert c["scale_init"] == ("absmax" if c["ptq"] == "gptq" else "mse")
+  errors = [c["calib_output_error"] for c in ptq.values() if c["ptq"] == "gptq"]
+  assert all(e["gptq"] < e["rtn"] for e in errors)
+  assert "Post-training quantization" in md and "| gptq | exact |" in md
   # Resume: a second invocation finds every cell finished and trains none.
   again = run_study(config, tmp_path, quick=False, config_path="minuscule")
   assert again["invocations"][-1]["new_cells"] == 0
   assert set(again["cells"]) == set(cells)
+  assert again["ptq_cells"] == ptq
