@@ -285,7 +285,12 @@ def _ptq_section(table: dict, st: dict) -> list[str]:
       cells = []
       for b in budgets:
         r = table.get(f"{p}|{m}|{b:g}")
-        cells.append(f"{_fmt(r['bits_per_byte'])} ({r['rank']})" if r else "-")
+        if r is None:
+          cells.append("-")
+        else:  # one run: no spread to show
+          value = (_fmt(r["bits_per_byte"]) if len(r["seeds"]) > 1
+                   else f"{r['bits_per_byte']['mean']:.4f}")
+          cells.append(f"{value} ({r['rank']})")
       lines.append(f"| {p} | {m} | " + " | ".join(cells) + " |")
   return lines + [""]
 
