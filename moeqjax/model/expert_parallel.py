@@ -1,4 +1,4 @@
-"""Dropless expert parallelism: tokens travel to the shard that holds their expert and back (shard_map)."""
+"""Dropless expert parallelism: tokens travel to their expert's shard and back (shard_map)."""
 
 # Each device of the mesh's `expert` axis holds E/n experts and its own rows of the batch. Inside
 # jax.shard_map a device sorts its (token, k) pairs by expert, sends every pair to the shard that

@@ -58,7 +58,7 @@ def train_step(state: TrainState, batch, rng, *, model: MoETransformer,
 
 
 def _in_mesh(fn, mesh):
-  """fn traced with `mesh` as the context (abstract) mesh, which shard_map inside the model reads."""
+  """fn traced with `mesh` as the context (abstract) mesh, which the model's shard_map reads."""
   @functools.wraps(fn)
   def traced(*args):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):

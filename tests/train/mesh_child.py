@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moeqjax.model import ModelConfig, MoETransformer, QuantRules, init_model, set_expert_codes
-from moeqjax.model.expert_parallel import pair_counts
+from moeqjax.model.expert_parallel import expert_parallel_experts, pair_counts
 from moeqjax.model.moe import MoE
 from moeqjax.objectives import LossWeights
 from moeqjax.train import (Checkpointer, LoopConfig, OptimConfig, create_state, jit_train_step,
@@ -50,7 +50,8 @@ MESHES = [  # (model, mesh sizes, dispatch on the mesh; the single-device step i
 ]
 # One MoE block, forward and gradients: model.dispatch="ep" on a mesh vs "dense" on one device.
 # (model, mesh sizes, act_bits): int8 activations on one of them (per-expert x_q inputs).
-EP_BLOCKS = [("mixtral", dict(data=2, expert=4), 0), ("qwen2moe", dict(data=2, expert=2, tensor=2), 8)]
+EP_BLOCKS = [("mixtral", dict(data=2, expert=4), 0),
+             ("qwen2moe", dict(data=2, expert=2, tensor=2), 8)]
 
 
 def model_config(changes):
@@ -108,7 +109,7 @@ def ep_block(name, sizes, act_bits):
   r = np.random.default_rng(1)
   x = jnp.asarray(r.normal(size=(BATCH, SEQ, cfg.d_model)), jnp.float32)
   probe = jnp.asarray(r.normal(size=x.shape), jnp.float32)  # a loss whose gradient is not flat
-  variables = nn.meta.unbox(MoE(cfg).init(jax.random.key(2), x))
+  variables = nn.meta.unbox(jax.jit(MoE(cfg).init)(jax.random.key(2), x))  # eager init is slow
   quant = {"expert_bits": jnp.asarray(codes[0], jnp.int32)}
 
   def value_and_grads(dispatch):
@@ -135,6 +136,23 @@ def ep_block(name, sizes, act_bits):
           "same_routing": bool(np.array_equal(np.asarray(got[3]), idx)),
           "pairs": int(idx.size), "pairs_done_once": bool(np.all(done == 1)),
           "pairs_by_own_expert": bool(np.array_equal(expert, idx)), "rows_computed": int(rows)}
+
+
+def ep_errors():
+  """The one-line errors of model.dispatch="ep" on an expert=4 x data=2 mesh (traced, not run)."""
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  idx = lambda t: jax.ShapeDtypeStruct((t, 2), jnp.int32)
+  cases = {"tokens": (f32(12, 4), f32(8, 4, 4), f32(8, 4, 4), f32(8, 4, 4), f32(12, 2), idx(12)),
+           "experts": (f32(16, 4), f32(6, 4, 4), f32(6, 4, 4), f32(6, 4, 4), f32(16, 2), idx(16))}
+  out = {}
+  with jax.set_mesh(make_mesh(MeshConfig(data=2, expert=4))):
+    for name, args in cases.items():
+      try:
+        jax.eval_shape(expert_parallel_experts, *args)
+        out[name] = None
+      except ValueError as e:
+        out[name] = str(e)
+  return out
 
 
 def rel_err(a, b):
@@ -222,7 +240,8 @@ def main():
         live[None] = (state, step, None)
     mesh_cfg = MeshConfig(**sizes)
     hist, state, step, batch, place = run(cfg.replace(dispatch=dispatch), codes, mesh_cfg)
-    entry = {"model": name, "dispatch": dispatch, **compare(refs[name], (hist, jax.device_get(state))),
+    entry = {"model": name, "dispatch": dispatch,
+             **compare(refs[name], (hist, jax.device_get(state))),
              **shard_facts(state, mesh_cfg.sizes(len(jax.devices())))}
     entry["cache_before"] = step._cache_size()
     # A new allocation on the mesh is new data for the same compiled step.
@@ -243,7 +262,7 @@ def main():
   moved["cache_sizes"] = [step._cache_size() for _, step, place in live.values() if place]
   print(json.dumps({"devices": len(jax.devices()), "seconds": time.perf_counter() - t0,
                     "results": results, "moves": moved, "ep_blocks": ep,
-                    "ep_seconds": ep_seconds}))
+                    "ep_seconds": ep_seconds, "ep_errors": ep_errors()}))
 
 
 if __name__ == "__main__":

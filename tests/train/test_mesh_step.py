@@ -76,7 +76,17 @@ def test_expert_parallel_block_equals_dense_oracle(mesh_out):
     assert r["pairs_done_once"] and r["pairs_by_own_expert"], where
     assert r["rows_computed"] == r["pairs"], where
   assert seen == {("mixtral", 4, 0), ("qwen2moe", 2, 8)}
-  assert {r["pairs"] for r in mesh_out["ep_blocks"]} == {16 * 8 * 2, 16 * 8 * 1}  # T*k, E=8 k=2; E=4 k=1
+  # T*k pairs: 16 x 8 tokens, k=2 (E=8) and k=1 (E=4).
+  assert {r["pairs"] for r in mesh_out["ep_blocks"]} == {16 * 8 * 2, 16 * 8 * 1}
+
+
+def test_expert_parallel_errors_name_the_fix(mesh_out):
+  errors = mesh_out["ep_errors"]
+  assert errors["tokens"] == (
+      "model.dispatch='ep': 12 tokens do not split over the 8 token shards (data=2 x fsdp=1 x "
+      "expert=4); use a batch that is a multiple of 8")
+  assert errors["experts"] == ("model.num_experts = 6 is not divisible by expert = 4; choose "
+                               "mesh sizes that divide it")
 
 
 def test_checkpoint_moves_between_meshes(mesh_out):
