@@ -10,6 +10,9 @@
 # supported by XLA:CPU ThunkEmitter"), so the exact-size jax.lax.ragged_all_to_all cannot run or
 # be tested here. A slot holds every row a source could send to one shard, so nothing is ever
 # dropped; the counts decide which slot rows are real.
+#
+# The local experts enter whole (in_specs split only their E axis): weights sharded over fsdp or
+# tensor are gathered for the block, as FSDP does, and devices along `tensor` compute the same rows.
 
 from __future__ import annotations
 
@@ -68,6 +71,7 @@ def _exchange(x_MxD, expert_M, num_experts, n, compute):
 
 
 def _grouped_swiglu(w_in_LxDxF, w_gate_LxDxF, w_out_LxFxD):
+  """The owner's computation: SwiGLU of its local experts as one grouped matmul per projection."""
   def compute(rows, group_sizes_L):
     h = swiglu(jax.lax.ragged_dot(rows, w_gate_LxDxF, group_sizes_L),
                jax.lax.ragged_dot(rows, w_in_LxDxF, group_sizes_L))
