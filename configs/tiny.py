@@ -31,7 +31,9 @@ def get_config():
       attn_bias=False,
       clip_qkv=0.0,
       tie_embeddings=False,
-      dispatch="ragged",  # dropless grouped matmul (jax.lax.ragged_dot); "dense" is the oracle
+      # dropless grouped matmul (jax.lax.ragged_dot); "dense" is the oracle; "ep" sends tokens to
+      # their experts' shards over mesh.expert (expert parallelism)
+      dispatch="ragged",
       max_seq_len=128,
       dtype="float32",
       param_dtype="float32",

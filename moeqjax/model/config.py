@@ -9,7 +9,7 @@ import dataclasses
 #   E experts, K top-k, V vocab, H query heads, G kv heads, A head_dim, L layers.
 
 QK_NORM_CHOICES = ("none", "head", "full")
-DISPATCH_CHOICES = ("ragged", "dense")
+DISPATCH_CHOICES = ("ragged", "dense", "ep")
 DTYPE_CHOICES = ("float32", "bfloat16")
 EXPERT_CODE_CHOICES = (1, 2, 3, 4, 8)
 OPTIONAL_CODE_CHOICES = (0, 1, 2, 3, 4, 8)
@@ -99,7 +99,9 @@ class ModelConfig:
   attn_out_bias: bool = False  # bias on the o projection too (HF `attention_bias` of Qwen3-MoE / OLMoE)
   clip_qkv: float = 0.0  # clamp q/k/v to [-c, c] when > 0, after a "full" q/k norm (OLMoE option)
   tie_embeddings: bool = False
-  dispatch: str = "ragged"  # "ragged" (dropless grouped matmul) | "dense" (masked, test oracle)
+  # "ragged" (dropless grouped matmul) | "dense" (masked, test oracle) | "ep" (dropless expert
+  # parallelism over the context mesh's expert axis; "ragged" without one)
+  dispatch: str = "ragged"
   max_seq_len: int = 128
   dtype: str = "float32"  # activation dtype
   param_dtype: str = "float32"

@@ -9,10 +9,12 @@ import jax.numpy as jnp
 from moeqjax import quant as q
 from moeqjax.model.config import ModelConfig
 from moeqjax.model import packed_weights
-from moeqjax.model.dispatch import DISPATCH, gathered_experts, swiglu
+from moeqjax.model.dispatch import DISPATCH as _LOCAL_DISPATCH, gathered_experts, swiglu
+from moeqjax.model.expert_parallel import expert_parallel_experts
 from moeqjax.model.layers import QDense, expert_act_quant, maybe_quant_act, quant_codes
 from moeqjax.model.routing import load_balance_loss, router_z_loss, topk_gates
 
+DISPATCH = {**_LOCAL_DISPATCH, "ep": expert_parallel_experts}
 _expert_init = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
 
 

@@ -57,18 +57,28 @@ def train_step(state: TrainState, batch, rng, *, model: MoETransformer,
   return new_state, metrics
 
 
+def _in_mesh(fn, mesh):
+  """fn traced with `mesh` as the context (abstract) mesh, which the model's shard_map reads."""
+  @functools.wraps(fn)
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return traced
+
+
 def jit_train_step(model: MoETransformer, tx: optax.GradientTransformation,
                    weights: LossWeights, collect_stats: bool = True, placement=None):
   """train_step compiled once for this model/optimizer/objective, with the state donated.
 
   With a `placement` (moeqjax.train.sharding.Placement) the step is compiled for its mesh: the
   state keeps its shardings in and out, the batch comes split by rows and the metrics come back
-  replicated; GSPMD inserts the collectives.
+  replicated; GSPMD inserts the collectives. The step is traced with the placement's mesh as the
+  context mesh, so model.dispatch="ep" exchanges tokens over its expert axis (shard_map).
   """
   fn = functools.partial(train_step, model=model, tx=tx, weights=weights,
                          collect_stats=collect_stats)
   if placement is None:
     return jax.jit(fn, donate_argnums=0)
   rep = NamedSharding(placement.mesh, PartitionSpec())
-  return jax.jit(fn, in_shardings=(placement.state, placement.batch, rep),
+  return jax.jit(_in_mesh(fn, placement.mesh), in_shardings=(placement.state, placement.batch, rep),
                  out_shardings=(placement.state, rep), donate_argnums=0)

@@ -8,6 +8,7 @@ import pytest
 from conftest import expert_inputs, tiny_model_config
 from moeqjax.model import MoETransformer, init_model
 from moeqjax.model.dispatch import dense_experts, gathered_experts, ragged_experts
+from moeqjax.model.expert_parallel import expert_parallel_experts
 
 
 def _loop_oracle(x, w_in, w_gate, w_out, gates, idx):
@@ -47,6 +48,14 @@ def test_full_precision_decode_size_forward_equals_grouped(tiny_cfg):
   got = model.apply({"params": params}, toks[:, :1])
   want = model.apply({"params": params}, toks)[:, :1]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_parallel_without_an_expert_axis_is_ragged():
+  """model.dispatch="ep" off a mesh (or on one whose expert axis is 1) is the one-shard grouped
+  matmul, so one config runs on a laptop and on a pod; on a mesh it is tested against the dense
+  oracle in tests/train/test_mesh_step.py."""
+  args = expert_inputs(seed=3)
+  np.testing.assert_array_equal(expert_parallel_experts(*args), ragged_experts(*args))
 
 
 def test_ragged_handles_empty_experts():

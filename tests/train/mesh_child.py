@@ -6,6 +6,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 and a scratch folder (argv[1]
 what it prints.
 """
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -13,15 +14,18 @@ import shutil
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moeqjax.model import ModelConfig, QuantRules, init_model, set_expert_codes
+from moeqjax.model import ModelConfig, MoETransformer, QuantRules, init_model, set_expert_codes
+from moeqjax.model.expert_parallel import expert_parallel_experts, pair_counts
+from moeqjax.model.moe import MoE
 from moeqjax.objectives import LossWeights
 from moeqjax.train import (Checkpointer, LoopConfig, OptimConfig, create_state, jit_train_step,
                            make_optimizer, run_training, with_quant)
-from moeqjax.train.mesh import MeshConfig
+from moeqjax.train.mesh import MeshConfig, make_mesh
 from moeqjax.train.sharding import init_sharded, placement
 
 STEPS = 3
@@ -36,13 +40,18 @@ MODELS = {
                       attn_bias=True, norm_topk_prob=False),
                  [[1, 2, 4, 0]]),
 }
-MESHES = [  # (model, mesh sizes)
-    ("mixtral", dict(data=8)),
-    ("mixtral", dict(data=2, fsdp=4)),
-    ("mixtral", dict(data=2, expert=4)),
-    # The tensor axis rides along with expert=2 here: one compile fewer on the 2-core CI.
-    ("qwen2moe", dict(data=2, expert=2, tensor=2)),
+MESHES = [  # (model, mesh sizes, dispatch on the mesh; the single-device step is "ragged")
+    ("mixtral", dict(data=8), "ragged"),
+    ("mixtral", dict(data=2, fsdp=4), "ragged"),
+    ("mixtral", dict(data=2, expert=4), "ragged"),  # experts sharded, GSPMD's collectives
+    # The tensor axis rides along with expert=2 here: one compile fewer on the 2-core CI. This
+    # step runs the shard_map expert-parallel exchange (model.dispatch="ep").
+    ("qwen2moe", dict(data=2, expert=2, tensor=2), "ep"),
 ]
+# One MoE block, forward and gradients: model.dispatch="ep" on a mesh vs "dense" on one device.
+# (model, mesh sizes, act_bits): int8 activations on one of them (per-expert x_q inputs).
+EP_BLOCKS = [("mixtral", dict(data=2, expert=4), 0),
+             ("qwen2moe", dict(data=2, expert=2, tensor=2), 8)]
 
 
 def model_config(changes):
@@ -67,7 +76,9 @@ def run(cfg, codes, mesh_cfg):
 
   mesh_cfg None is today's single-device path (no shardings anywhere).
   """
-  model, teacher, quant = _init(cfg)
+  # The dispatch changes no parameter: one init serves every dispatch of a model.
+  _, teacher, quant = _init(cfg.replace(dispatch="ragged"))
+  model = MoETransformer(cfg)
   quant = set_expert_codes(quant, np.asarray(codes))
   tx = make_optimizer(OptimConfig(3e-3, 1, 10, 0.1, 0.1, 1.0))
   build = functools.partial(build_state, tx=tx, num_layers=cfg.num_layers)
@@ -87,6 +98,61 @@ def run(cfg, codes, mesh_cfg):
     state, metrics = step(state, batch, jax.random.key(i))
     history.append({k: float(v) for k, v in metrics.items()})
   return history, state, step, batch, place
+
+
+def ep_block(name, sizes, act_bits):
+  """EP vs dense oracle for one MoE block: relative errors of y, the loss and every gradient, and
+  the dropless count (each (token, k) pair computed once, by its own expert)."""
+  changes, codes = MODELS[name]
+  cfg = model_config(changes)
+  cfg = cfg.replace(quant=dataclasses.replace(cfg.quant, act_bits=act_bits))
+  r = np.random.default_rng(1)
+  x = jnp.asarray(r.normal(size=(BATCH, SEQ, cfg.d_model)), jnp.float32)
+  probe = jnp.asarray(r.normal(size=x.shape), jnp.float32)  # a loss whose gradient is not flat
+  variables = nn.meta.unbox(jax.jit(MoE(cfg).init)(jax.random.key(2), x))  # eager init is slow
+  quant = {"expert_bits": jnp.asarray(codes[0], jnp.int32)}
+
+  def value_and_grads(dispatch):
+    def loss(params, x):
+      y, aux = MoE(cfg.replace(dispatch=dispatch)).apply({"params": params, "quant": quant}, x)
+      return jnp.sum(y * probe), (y, aux["expert_idx"])
+    (value, (y, idx)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        variables["params"], x)
+    return value, y, grads, idx
+
+  ref = jax.jit(lambda: value_and_grads("dense"))()
+  def ep_and_counts():
+    out = value_and_grads("ep")
+    return out, pair_counts(out[3], cfg.num_experts)
+
+  with jax.set_mesh(make_mesh(MeshConfig(**sizes))):
+    got, counts = jax.jit(ep_and_counts)()
+  done, expert, rows = (np.asarray(c) for c in counts)
+  idx = np.asarray(ref[3])
+  return {"model": name, "sizes": sizes, "act_bits": act_bits,
+          "loss": rel_err(got[0], ref[0]), "y": rel_err(got[1], ref[1]),
+          "grads": {jax.tree_util.keystr(p): rel_err(a, b) for (p, a), b in zip(
+              jax.tree_util.tree_leaves_with_path(got[2]), jax.tree.leaves(ref[2]))},
+          "same_routing": bool(np.array_equal(np.asarray(got[3]), idx)),
+          "pairs": int(idx.size), "pairs_done_once": bool(np.all(done == 1)),
+          "pairs_by_own_expert": bool(np.array_equal(expert, idx)), "rows_computed": int(rows)}
+
+
+def ep_errors():
+  """The one-line errors of model.dispatch="ep" on an expert=4 x data=2 mesh (traced, not run)."""
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  idx = lambda t: jax.ShapeDtypeStruct((t, 2), jnp.int32)
+  cases = {"tokens": (f32(12, 4), f32(8, 4, 4), f32(8, 4, 4), f32(8, 4, 4), f32(12, 2), idx(12)),
+           "experts": (f32(16, 4), f32(6, 4, 4), f32(6, 4, 4), f32(6, 4, 4), f32(16, 2), idx(16))}
+  out = {}
+  with jax.set_mesh(make_mesh(MeshConfig(data=2, expert=4))):
+    for name, args in cases.items():
+      try:
+        jax.eval_shape(expert_parallel_experts, *args)
+        out[name] = None
+      except ValueError as e:
+        out[name] = str(e)
+  return out
 
 
 def rel_err(a, b):
@@ -164,7 +230,7 @@ def main():
   t0 = time.perf_counter()
   results, refs = [], {}
   live = {}  # sizes (None: one device) -> (state, step, placement) of the mixtral runs
-  for name, sizes in MESHES:
+  for name, sizes, dispatch in MESHES:
     changes, codes = MODELS[name]
     cfg = model_config(changes)
     if name not in refs:
@@ -173,8 +239,9 @@ def main():
       if name == "mixtral":
         live[None] = (state, step, None)
     mesh_cfg = MeshConfig(**sizes)
-    hist, state, step, batch, place = run(cfg, codes, mesh_cfg)
-    entry = {"model": name, **compare(refs[name], (hist, jax.device_get(state))),
+    hist, state, step, batch, place = run(cfg.replace(dispatch=dispatch), codes, mesh_cfg)
+    entry = {"model": name, "dispatch": dispatch,
+             **compare(refs[name], (hist, jax.device_get(state))),
              **shard_facts(state, mesh_cfg.sizes(len(jax.devices())))}
     entry["cache_before"] = step._cache_size()
     # A new allocation on the mesh is new data for the same compiled step.
@@ -187,11 +254,15 @@ def main():
       live[tuple(entry["sizes"][a] for a in ("data", "fsdp", "expert", "tensor"))] = (
           state, step, place)
   moved = moves(pathlib.Path(sys.argv[1]), live)
+  t_ep = time.perf_counter()
+  ep = [ep_block(*block) for block in EP_BLOCKS]
+  ep_seconds = time.perf_counter() - t_ep
   # The mesh steps after a restore into their shardings (the one-device step above was first
   # compiled outside run_training, whose committed batches it has not seen).
   moved["cache_sizes"] = [step._cache_size() for _, step, place in live.values() if place]
   print(json.dumps({"devices": len(jax.devices()), "seconds": time.perf_counter() - t0,
-                    "results": results, "moves": moved}))
+                    "results": results, "moves": moved, "ep_blocks": ep,
+                    "ep_seconds": ep_seconds, "ep_errors": ep_errors()}))
 
 
 if __name__ == "__main__":

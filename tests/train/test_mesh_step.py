@@ -53,9 +53,40 @@ def test_sharded_steps_equal_single_device(mesh_out):
     assert r["cache_before"] == r["cache_after"] == 1, "a new allocation recompiled on a mesh"
   assert seen == {("mixtral", (8, 1, 1, 1)), ("mixtral", (2, 4, 1, 1)),
                   ("mixtral", (2, 1, 4, 1)), ("qwen2moe", (2, 1, 2, 2))}
+  # The expert-parallel exchange (shard_map) ran one of them: its loss, metric terms (routing
+  # alignment included), params and router statistics are among those checked above.
+  assert [r["model"] for r in out["results"] if r["dispatch"] == "ep"] == ["qwen2moe"]
   assert {k for r in out["results"] for k in r["metrics"]} >= {
       "train/task", "train/rec", "train/kd", "train/value", "train/struct", "train/lb",
       "train/z", "train/loss", "train/grad_norm"}
+
+
+def test_expert_parallel_block_equals_dense_oracle(mesh_out):
+  """model.dispatch="ep" (tokens sent to their experts' shards and back) vs the dense oracle on one
+  device: forward and every gradient within RTOL, and each (token, k) pair computed exactly once."""
+  print(f"EP blocks: {mesh_out['ep_seconds']:.1f} s inside the mesh child")
+  seen = set()
+  for r in mesh_out["ep_blocks"]:
+    where = (r["model"], r["sizes"], r["act_bits"])
+    seen.add((r["model"], r["sizes"].get("expert"), r["act_bits"]))
+    assert r["same_routing"], where
+    assert r["loss"] <= RTOL and r["y"] <= RTOL, (where, r["loss"], r["y"])
+    assert r["grads"] and max(r["grads"].values()) <= RTOL, (where, r["grads"])
+    # Dropless: every pair came back from its own expert, and no shard ran a row twice.
+    assert r["pairs_done_once"] and r["pairs_by_own_expert"], where
+    assert r["rows_computed"] == r["pairs"], where
+  assert seen == {("mixtral", 4, 0), ("qwen2moe", 2, 8)}
+  # T*k pairs: 16 x 8 tokens, k=2 (E=8) and k=1 (E=4).
+  assert {r["pairs"] for r in mesh_out["ep_blocks"]} == {16 * 8 * 2, 16 * 8 * 1}
+
+
+def test_expert_parallel_errors_name_the_fix(mesh_out):
+  errors = mesh_out["ep_errors"]
+  assert errors["tokens"] == (
+      "model.dispatch='ep': 12 tokens do not split over the 8 token shards (data=2 x fsdp=1 x "
+      "expert=4); use a batch that is a multiple of 8")
+  assert errors["experts"] == ("model.num_experts = 6 is not divisible by expert = 4; choose "
+                               "mesh sizes that divide it")
 
 
 def test_checkpoint_moves_between_meshes(mesh_out):
