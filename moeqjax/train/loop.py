@@ -103,7 +103,10 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop:
     desc: progress bar label.
     on_step: called as on_step(step, metrics) after every step (tests, plots).
     placement: a moeqjax.train.sharding.Placement when the step runs on a mesh: the state keeps
-      its shardings (a checkpoint is restored into them) and each batch is split by rows.
+      its shardings (a checkpoint is restored into them) and each batch is split by rows. With
+      several processes (jax.distributed) each draws only its rows of the global batch, so
+      `tokens` must be the whole train stream on every process; all save the checkpoints
+      (orbax multi-host) and process 0 alone writes metrics.jsonl and the progress bar.
 
   Returns:
     The final state (checkpointed).
@@ -124,15 +127,20 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop:
     state = ckpt.restore(state, latest)
   state = commit_to_device(state, placement)
   start = int(state.step)
-  log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
+  # Every process computes; process 0 alone writes metrics.jsonl and draws the progress bar.
+  primary = jax.process_index() == 0
+  log = MetricsLog(workdir / "metrics.jsonl", resume_step=start) if primary else None
   base_rng = jax.random.key(loop.seed)
+  # This process's block of the global batch's rows: (0, 1) on one process.
+  rows = (0, 1) if placement is None else placement.batch_rows(loop.batch_size)
   try:
     with _SignalFlag() as flag, tqdm(total=loop.steps, initial=start, desc=desc,
-                                     dynamic_ncols=True, leave=True) as bar:
+                                     dynamic_ncols=True, leave=True, disable=not primary) as bar:
       for step in range(start, loop.steps):
-        batch = sample_batch(tokens, loop.batch_size, loop.seq_len, loop.seed, step)
+        # The global batch is a function of (seed, step) alone, whatever the process count.
+        batch = sample_batch(tokens, loop.batch_size, loop.seq_len, loop.seed, step, *rows)
         if placement is not None:
-          batch = placement.put_batch(batch)
+          batch = placement.put_process_rows(batch, loop.batch_size)
         state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
         metrics = to_python(jax.device_get(metrics))
         loss = metrics["train/loss"]
@@ -143,7 +151,7 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop:
               f"good checkpoint (step {last}) is kept in {ckpt.directory}. Lower the learning "
               "rate or raise grad_clip, then rerun with --resume.")
         done = step + 1
-        if done % loop.log_every == 0 or done == loop.steps:
+        if log is not None and (done % loop.log_every == 0 or done == loop.steps):
           log.write(done, metrics)
         if on_step is not None:
           on_step(done, metrics)

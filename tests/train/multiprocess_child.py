@@ -1,0 +1,95 @@
+"""One process of the two-process QAT check (tests/train/test_multiprocess.py starts them).
+
+  single SCRATCH        one process, 4 CPU devices: pretrain the teacher (prints "teacher ready"),
+                        QAT it into SCRATCH/one; after a line on stdin, resume SCRATCH/moved (the
+                        two-process run's workdir without its last checkpoint) for that last step
+                        and print, as JSON, how far the checkpoints of the runs are apart.
+  proc I PORT SCRATCH   process I of 2 (2 CPU devices each, jax.distributed on 127.0.0.1:PORT):
+                        the same QAT into SCRATCH/two.
+"""
+
+import json
+import pathlib
+import shutil
+import sys
+
+import jax
+import numpy as np
+
+# Tiny model, 3 QAT steps on a data=4 mesh (the default mesh: data = every device), checkpoints
+# at steps 2 and 3. The global batch of 4 rows puts one row on each device.
+ARGS = ["--config.model.d_model=16", "--config.model.num_heads=2",
+        "--config.model.num_kv_heads=1", "--config.model.head_dim=8", "--config.model.d_ff=16",
+        "--config.model.num_experts=4", "--config.model.num_layers=1",
+        "--config.model.max_seq_len=16", "--config.quant.scale_init=absmax",
+        "--config.pretrain.steps=1", "--config.pretrain.warmup_steps=0",
+        "--config.pretrain.batch_size=4",
+        "--config.pretrain.seq_len=16", "--config.qat.steps=3", "--config.qat.warmup_steps=1",
+        "--config.qat.batch_size=4", "--config.qat.seq_len=16", "--config.qat.log_every=1",
+        "--config.qat.ckpt_every=2"]
+
+
+def cli(scratch: pathlib.Path, *argv) -> None:
+  from moeqjax.cli import main
+  common = ["--data", str(scratch / "corpus.txt"), *ARGS]
+  code = main([*argv, *common])
+  if code:
+    raise SystemExit(f"moeqjax {' '.join(argv)} exited {code}")
+
+
+def restored_params(workdir: pathlib.Path, step: int):
+  from moeqjax.pipeline.config import apply_overrides, load_config
+  from moeqjax.pipeline.mesh import sharded_template
+  from moeqjax.pipeline.workdirs import state_template
+  from moeqjax.train import Checkpointer
+  config = load_config(None)
+  apply_overrides(config, dict(a[len("--config."):].split("=", 1) for a in ARGS))
+  ckpt = Checkpointer(workdir / "ckpt", 0)
+  try:
+    state = ckpt.restore(sharded_template(config, state_template(config, "qat")), step)
+  finally:
+    ckpt.close()
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
+
+
+def max_rel(a_list, b_list) -> float:
+  return max(float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+             for a, b in zip(a_list, b_list))
+
+
+def single(scratch: pathlib.Path) -> None:
+  cli(scratch, "pretrain", "--workdir", str(scratch / "teacher"))
+  print("teacher ready", flush=True)
+  cli(scratch, "qat", "--workdir", str(scratch / "one"), "--teacher", str(scratch / "teacher"))
+  sys.stdin.readline()  # the two processes have finished
+  moved = scratch / "moved"
+  shutil.copytree(scratch / "two", moved)
+  shutil.rmtree(moved / "ckpt" / "3")
+  cli(scratch, "qat", "--workdir", str(moved), "--teacher", str(scratch / "teacher"), "--resume")
+  two_2, two_3 = restored_params(scratch / "two", 2), restored_params(scratch / "two", 3)
+  print(json.dumps({
+      "devices": jax.device_count(), "processes": jax.process_count(),
+      # the two-process checkpoint vs the one-process run at the same step
+      "params_2_vs_one": max_rel(two_2, restored_params(scratch / "one", 2)),
+      "params_3_vs_one": max_rel(two_3, restored_params(scratch / "one", 3)),
+      # resumed in one process from the two processes' step 2 vs their own step 3
+      "params_3_moved_vs_two": max_rel(restored_params(moved, 3), two_3),
+  }), flush=True)
+
+
+def proc(index: int, port: int, scratch: pathlib.Path) -> None:
+  # CPU devices of several processes talk through gloo (set before the backend starts).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  cli(scratch, "qat", "--workdir", str(scratch / "two"), "--teacher", str(scratch / "teacher"),
+      "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(index),
+      "--distributed-timeout", "60")
+  print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
+                    "local_devices": jax.local_device_count(), "devices": jax.device_count()}),
+        flush=True)
+
+
+if __name__ == "__main__":
+  if sys.argv[1] == "single":
+    single(pathlib.Path(sys.argv[2]))
+  else:
+    proc(int(sys.argv[2]), int(sys.argv[3]), pathlib.Path(sys.argv[4]))

@@ -1,0 +1,128 @@
+"""Two `moeqjax qat` processes (jax.distributed on 127.0.0.1, 2 CPU devices each) equal one
+process with 4 devices, and their checkpoint resumes in one process."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from moeqjax.train.metrics_log import read_metrics
+
+CHILD = pathlib.Path(__file__).with_name("multiprocess_child.py")
+REPO = pathlib.Path(__file__).resolve().parents[2]
+RTOL = 1e-5
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def child_env(devices: int) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                      f" --xla_force_host_platform_device_count={devices}").strip()
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    env.pop(name, None)
+  return env
+
+
+def start(argv, devices: int, log: pathlib.Path) -> subprocess.Popen:
+  """A child with `devices` CPU devices; its stderr goes to `log` (a pipe could fill and block)."""
+  with log.open("w") as err:
+    proc = subprocess.Popen([sys.executable, *map(str, argv)], env=child_env(devices),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+  proc.log = log
+  return proc
+
+
+def finish(proc: subprocess.Popen, what: str, stdin: str | None = None) -> tuple[str, str]:
+  out, _ = proc.communicate(stdin, timeout=300)
+  err = proc.log.read_text()
+  if proc.returncode and what:
+    raise AssertionError(f"{what} failed ({proc.returncode}):\n{err[-4000:]}")
+  return out, err
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  scratch = tmp_path_factory.mktemp("multiprocess")
+  (scratch / "corpus.txt").write_text("".join(
+      f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(200)))
+  t0 = time.perf_counter()
+  single = start([CHILD, "single", scratch], 4, scratch / "single.err")
+  # Process 1 of 2 whose coordinator never comes (nothing listens on its port): a process of its
+  # own, since jax.distributed must start before JAX's backend.
+  lonely_port = free_port()
+  lonely = start(["-m", "moeqjax.cli", "qat", "--teacher", scratch / "none", "--coordinator",
+                  f"127.0.0.1:{lonely_port}", "--num-processes", 2, "--process-id", 1,
+                  "--distributed-timeout", 1], 1, scratch / "lonely.err")
+  procs = []
+  try:
+    for line in single.stdout:  # the CLI's own lines come first
+      if line.strip() == "teacher ready":
+        break
+    else:
+      finish(single, "the teacher's pretraining")
+    port = free_port()
+    procs = [start([CHILD, "proc", i, port, scratch], 2, scratch / f"proc{i}.err")
+             for i in range(2)]
+    outs = [finish(p, f"process {i}") for i, p in enumerate(procs)]
+    out, _ = finish(single, "the one-process run", stdin="go\n")
+    _, lonely_err = finish(lonely, "")
+  finally:
+    for p in (single, lonely, *procs):
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  wall = time.perf_counter() - t0
+  print(f"two-process check: {wall:.1f} s wall")
+  return (scratch, outs, json.loads(out.strip().splitlines()[-1]),
+          (lonely.returncode, lonely_err.strip(), lonely_port))
+
+
+def test_two_processes_equal_one_process_with_four_devices(runs):
+  scratch, outs, _, _ = runs
+  facts = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  assert facts == [{"process": i, "processes": 2, "local_devices": 2, "devices": 4}
+                   for i in range(2)]
+  one, two = read_metrics(scratch / "one" / "metrics.jsonl"), read_metrics(
+      scratch / "two" / "metrics.jsonl")
+  assert [m["step"] for m in two] == [m["step"] for m in one] == [1, 2, 3]
+  assert {"train/task", "train/rec", "train/kd", "train/value", "train/struct", "train/lb",
+          "train/z", "train/loss", "train/grad_norm"} <= set(one[0])
+  for a, b in zip(two, one):
+    for key, want in b.items():
+      assert abs(a[key] - want) <= RTOL * abs(want), (a["step"], key, a[key], want)
+  # Process 0 alone reports: only its stdout says the run finished and only it drew the bar.
+  (out0, err0), (out1, err1) = outs
+  assert "QAT finished at step 3" in out0 and "QAT finished" not in out1
+  assert "qat two" in err0 and "qat two" not in err1
+
+
+def test_two_process_checkpoint_resumes_in_one_process(runs):
+  scratch, _, moved, _ = runs
+  assert moved["devices"] == 4 and moved["processes"] == 1
+  # The checkpoint the two processes saved holds what one process computes (params at steps 2
+  # and 3), and resumed from step 2 in one process, step 3 lands on the two processes' step 3.
+  for key in ("params_2_vs_one", "params_3_vs_one", "params_3_moved_vs_two"):
+    assert moved[key] <= RTOL, (key, moved[key])
+  two = read_metrics(scratch / "two" / "metrics.jsonl")
+  resumed = read_metrics(scratch / "moved" / "metrics.jsonl")
+  assert [m["step"] for m in resumed] == [1, 2, 3]
+  for key, want in two[2].items():
+    assert abs(resumed[2][key] - want) <= RTOL * abs(want), (key, resumed[2][key], want)
+
+
+def test_unreachable_coordinator_is_one_line(runs):
+  code, err, port = runs[3]
+  assert code == 2 and "\n" not in err, err
+  assert f"could not reach the coordinator 127.0.0.1:{port} within 1 s" in err
+  assert "start process 0 there with the same --coordinator" in err
