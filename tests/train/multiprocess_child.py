@@ -12,6 +12,7 @@ import json
 import pathlib
 import shutil
 import sys
+import time
 
 import jax
 import numpy as np
@@ -58,14 +59,19 @@ def max_rel(a_list, b_list) -> float:
 
 
 def single(scratch: pathlib.Path) -> None:
+  times = [("start", time.perf_counter())]
   cli(scratch, "pretrain", "--workdir", str(scratch / "teacher"))
+  times.append(("teacher", time.perf_counter()))
   print("teacher ready", flush=True)
   cli(scratch, "qat", "--workdir", str(scratch / "one"), "--teacher", str(scratch / "teacher"))
+  times.append(("qat", time.perf_counter()))
   sys.stdin.readline()  # the two processes have finished
+  times.append(("waited", time.perf_counter()))
   moved = scratch / "moved"
   shutil.copytree(scratch / "two", moved)
   shutil.rmtree(moved / "ckpt" / "3")
   cli(scratch, "qat", "--workdir", str(moved), "--teacher", str(scratch / "teacher"), "--resume")
+  times.append(("resumed", time.perf_counter()))
   two_2, two_3 = restored_params(scratch / "two", 2), restored_params(scratch / "two", 3)
   print(json.dumps({
       "devices": jax.device_count(), "processes": jax.process_count(),
@@ -74,17 +80,21 @@ def single(scratch: pathlib.Path) -> None:
       "params_3_vs_one": max_rel(two_3, restored_params(scratch / "one", 3)),
       # resumed in one process from the two processes' step 2 vs their own step 3
       "params_3_moved_vs_two": max_rel(restored_params(moved, 3), two_3),
+      "seconds": {b[0]: round(b[1] - a[1], 2) for a, b in zip(times, times[1:] + [
+          ("restores", time.perf_counter())])},
   }), flush=True)
 
 
 def proc(index: int, port: int, scratch: pathlib.Path) -> None:
+  t0 = time.perf_counter()
   # CPU devices of several processes talk through gloo (set before the backend starts).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   cli(scratch, "qat", "--workdir", str(scratch / "two"), "--teacher", str(scratch / "teacher"),
       "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(index),
       "--distributed-timeout", "60")
   print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
-                    "local_devices": jax.local_device_count(), "devices": jax.device_count()}),
+                    "local_devices": jax.local_device_count(), "devices": jax.device_count(),
+                    "seconds": round(time.perf_counter() - t0, 2)}),
         flush=True)
 
 

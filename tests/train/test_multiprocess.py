@@ -83,14 +83,16 @@ def runs(tmp_path_factory):
         p.kill()
         p.wait()
   wall = time.perf_counter() - t0
-  print(f"two-process check: {wall:.1f} s wall")
-  return (scratch, outs, json.loads(out.strip().splitlines()[-1]),
+  moved = json.loads(out.strip().splitlines()[-1])
+  print(f"two-process check: {wall:.1f} s wall; one process: {moved.pop('seconds')}")
+  return (scratch, outs, moved,
           (lonely.returncode, lonely_err.strip(), lonely_port))
 
 
 def test_two_processes_equal_one_process_with_four_devices(runs):
   scratch, outs, _, _ = runs
   facts = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  print("two processes:", [f.pop("seconds") for f in facts], "s each")
   assert facts == [{"process": i, "processes": 2, "local_devices": 2, "devices": 4}
                    for i in range(2)]
   one, two = read_metrics(scratch / "one" / "metrics.jsonl"), read_metrics(
