@@ -24,8 +24,11 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def child_env(devices: int) -> dict:
+def child_env(devices: int, cache: pathlib.Path | None = None) -> dict:
   env = dict(os.environ)
+  if cache is not None:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       f" --xla_force_host_platform_device_count={devices}").strip()
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
@@ -34,10 +37,12 @@ def child_env(devices: int) -> dict:
   return env
 
 
-def start(argv, devices: int, log: pathlib.Path) -> subprocess.Popen:
-  """A child with `devices` CPU devices; its stderr goes to `log` (a pipe could fill and block)."""
+def start(argv, devices: int, log: pathlib.Path, cache=None) -> subprocess.Popen:
+  """A child with `devices` CPU devices; its stderr goes to `log` (a pipe could fill and block);
+  `cache`: a folder for JAX's persistent compilation cache."""
   with log.open("w") as err:
-    proc = subprocess.Popen([sys.executable, *map(str, argv)], env=child_env(devices),
+    proc = subprocess.Popen([sys.executable, *map(str, argv)],
+                            env=child_env(devices, cache),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
   proc.log = log
   return proc
@@ -57,7 +62,9 @@ def runs(tmp_path_factory):
   (scratch / "corpus.txt").write_text("".join(
       f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(200)))
   t0 = time.perf_counter()
-  single = start([CHILD, "single", scratch], 4, scratch / "single.err")
+  # The one-process child compiles its QAT programs twice (its run, then the resume): the second
+  # time they come from its compilation cache.
+  single = start([CHILD, "single", scratch], 4, scratch / "single.err", scratch / "jax_cache")
   # Process 1 of 2 whose coordinator never comes (nothing listens on its port): a process of its
   # own, since jax.distributed must start before JAX's backend.
   lonely_port = free_port()
