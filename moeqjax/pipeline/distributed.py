@@ -95,6 +95,9 @@ def initialize(dist: DistributedConfig) -> None:
   except RuntimeError as e:  # called after JAX's backend started: a caller's bug
     raise DistributedError(f"{str(e).strip()} Initialize moeqjax.pipeline.distributed "
                            "first.") from None
+  except ValueError as e:  # "auto" outside a cluster JAX knows
+    raise DistributedError(f"--coordinator auto: JAX found no cluster ({e}); give --coordinator "
+                           "HOST:PORT --num-processes N --process-id I instead") from None
 
 
 def _wait_for_port(dist: DistributedConfig) -> None:

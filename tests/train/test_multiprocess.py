@@ -16,6 +16,7 @@ from moeqjax.train.metrics_log import read_metrics
 CHILD = pathlib.Path(__file__).with_name("multiprocess_child.py")
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RTOL = 1e-5
+DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
 def free_port() -> int:
@@ -24,25 +25,23 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def child_env(devices: int, cache: pathlib.Path | None = None) -> dict:
-  env = dict(os.environ)
+def child_env(devices: int, cache: pathlib.Path | None, extra: dict) -> dict:
+  env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
   if cache is not None:
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       f" --xla_force_host_platform_device_count={devices}").strip()
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-    env.pop(name, None)
-  return env
+  return {**env, **extra}
 
 
-def start(argv, devices: int, log: pathlib.Path, cache=None) -> subprocess.Popen:
+def start(argv, devices: int, log: pathlib.Path, cache=None, **extra) -> subprocess.Popen:
   """A child with `devices` CPU devices; its stderr goes to `log` (a pipe could fill and block);
-  `cache`: a folder for JAX's persistent compilation cache."""
+  `cache`: a folder for JAX's persistent compilation cache; `extra`: more environment."""
   with log.open("w") as err:
     proc = subprocess.Popen([sys.executable, *map(str, argv)],
-                            env=child_env(devices, cache),
+                            env=child_env(devices, cache, extra),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
   proc.log = log
   return proc
@@ -65,12 +64,14 @@ def runs(tmp_path_factory):
   # The one-process child compiles its QAT programs twice (its run, then the resume): the second
   # time they come from its compilation cache.
   single = start([CHILD, "single", scratch], 4, scratch / "single.err", scratch / "jax_cache")
-  # Process 1 of 2 whose coordinator never comes (nothing listens on its port): a process of its
-  # own, since jax.distributed must start before JAX's backend.
+  # Process 1 of 2 whose coordinator never comes (nothing listens on its port), set up through
+  # the environment variables: a process of its own, since jax.distributed must start before
+  # JAX's backend.
   lonely_port = free_port()
-  lonely = start(["-m", "moeqjax.cli", "qat", "--teacher", scratch / "none", "--coordinator",
-                  f"127.0.0.1:{lonely_port}", "--num-processes", 2, "--process-id", 1,
-                  "--distributed-timeout", 1], 1, scratch / "lonely.err")
+  lonely = start(["-m", "moeqjax.cli", "qat", "--teacher", scratch / "none",
+                  "--distributed-timeout", 1], 1, scratch / "lonely.err",
+                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{lonely_port}", JAX_NUM_PROCESSES="2",
+                 JAX_PROCESS_ID="1")
   procs = []
   try:
     for line in single.stdout:  # the CLI's own lines come first
