@@ -10,6 +10,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from moeqjax.data import sample_batch
@@ -52,14 +53,20 @@ class LoopConfig:
 
 
 class _SignalFlag:
-  """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
+  """Turns SIGINT/SIGTERM into a flag the loop checks after each step.
 
-  def __init__(self):
+  With several processes it leaves the signals alone: a SIGTERM on any host reaches JAX's
+  preemption service (jax.distributed), which agrees with every host on a step at which all of
+  them save (see `_preempted`); a host saving on its own would wait forever for the others.
+  """
+
+  def __init__(self, multi_process: bool = False):
     self.received = None
     self._old = {}
+    self._signals = () if multi_process else (signal.SIGINT, signal.SIGTERM)
 
   def __enter__(self):
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in self._signals:
       try:
         self._old[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: leave signals alone
@@ -73,6 +80,13 @@ class _SignalFlag:
   def __exit__(self, *exc):
     for sig, handler in self._old.items():
       signal.signal(sig, handler)
+
+
+def _preempted(step: int) -> str | None:
+  """'preemption notice' when the hosts of a multi-process run agreed to save at `step`."""
+  if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+    return "preemption notice (SIGTERM)"
+  return None
 
 
 def commit_to_device(state: TrainState, placement=None) -> TrainState:
@@ -134,7 +148,7 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop:
   # This process's block of the global batch's rows: (0, 1) on one process.
   rows = (0, 1) if placement is None else placement.batch_rows(loop.batch_size)
   try:
-    with _SignalFlag() as flag, tqdm(total=loop.steps, initial=start, desc=desc,
+    with _SignalFlag(jax.process_count() > 1) as flag, tqdm(total=loop.steps, initial=start, desc=desc,
                                      dynamic_ncols=True, leave=True, disable=not primary) as bar:
       for step in range(start, loop.steps):
         # The global batch is a function of (seed, step) alone, whatever the process count.
@@ -158,10 +172,11 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop:
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         bar.update(1)
         ckpt.save(state)
-        if flag.received:
+        stop = flag.received or _preempted(done)
+        if stop:
           ckpt.save(state, force=True)
           raise Interrupted(
-              f"{desc}: {flag.received} at step {done}; checkpoint saved in {ckpt.directory}. "
+              f"{desc}: {stop} at step {done}; checkpoint saved in {ckpt.directory}. "
               "Rerun the same command with --resume to continue.")
     ckpt.save(state, force=True)
   finally:
