@@ -84,7 +84,9 @@ class _SignalFlag:
 
 def _preempted(step: int) -> str | None:
   """'preemption notice' when the hosts of a multi-process run agreed to save at `step`."""
-  if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+  # The service is on unless jax_enable_preemption_service was turned off (then no notices).
+  if (jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+      and multihost_utils.reached_preemption_sync_point(step)):
     return "preemption notice (SIGTERM)"
   return None
 
