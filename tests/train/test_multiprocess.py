@@ -20,7 +20,11 @@ RTOL = 1e-5
 @pytest.fixture(scope="module")
 def multiprocess_runs():
   proc = conftest.BACKGROUND.pop("multiprocess", None) or start_launcher()
-  out = launcher_results(proc)
+  try:
+    out = launcher_results(proc)
+  except BaseException:
+    shutil.rmtree(proc.scratch, ignore_errors=True)
+    raise
   moved = out["moved"]
   print(f"two-process check: {out['wall_s']} s wall; one process: {moved.pop('seconds')}")
   yield (pathlib.Path(out["scratch"]), out["outs"], moved, out["lonely"])
