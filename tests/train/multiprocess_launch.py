@@ -9,11 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 CHILD = pathlib.Path(__file__).with_name("multiprocess_child.py")
 REPO = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from mesh_launch import start_background  # noqa: E402
+
 DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
@@ -86,25 +88,14 @@ def orchestrate(scratch: pathlib.Path) -> dict:
         p.kill()
         p.wait()
   wall = time.perf_counter() - t0
-  return {"scratch": str(scratch), "outs": outs, "wall_s": round(wall, 1),
+  return {"outs": outs, "children_wall_s": round(wall, 1),
           "moved": json.loads(out.strip().splitlines()[-1]),
           "lonely": [lonely.returncode, lonely_err.strip(), lonely_port]}
 
 
 def start_launcher() -> subprocess.Popen:
   """This file as a background process in a fresh scratch folder."""
-  scratch = tempfile.mkdtemp(prefix="moeqjax_multiprocess_")
-  proc = subprocess.Popen([sys.executable, __file__, scratch], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  proc.scratch = scratch
-  return proc
-
-
-def launcher_results(proc: subprocess.Popen, timeout=600) -> dict:
-  out, err = proc.communicate(timeout=timeout)
-  if proc.returncode:
-    raise AssertionError(f"multiprocess_launch.py failed ({proc.returncode}):\n{err[-4000:]}")
-  return json.loads(out.strip().splitlines()[-1])
+  return start_background(pathlib.Path(__file__), "moeqjax_multiprocess_")
 
 
 if __name__ == "__main__":

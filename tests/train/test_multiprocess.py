@@ -12,7 +12,8 @@ import pytest
 
 import conftest
 from moeqjax.train.metrics_log import read_metrics
-from multiprocess_launch import launcher_results, start_launcher
+from mesh_launch import background_json
+from multiprocess_launch import start_launcher
 
 RTOL = 1e-5
 
@@ -21,12 +22,13 @@ RTOL = 1e-5
 def multiprocess_runs():
   proc = conftest.BACKGROUND.pop("multiprocess", None) or start_launcher()
   try:
-    out = launcher_results(proc)
+    out = background_json(proc)
   except BaseException:
     shutil.rmtree(proc.scratch, ignore_errors=True)
     raise
   moved = out["moved"]
-  print(f"two-process check: {out['wall_s']} s wall; one process: {moved.pop('seconds')}")
+  print(f"two-process check: {out['wall_s']:.1f} s wall since collection, "
+        f"{out['children_wall_s']} s its children; one process: {moved.pop('seconds')}")
   yield (pathlib.Path(out["scratch"]), out["outs"], moved, out["lonely"])
   shutil.rmtree(out["scratch"], ignore_errors=True)
 
