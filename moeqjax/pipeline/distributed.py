@@ -54,9 +54,11 @@ def from_flags(coordinator: str | None, num_processes: int | None, process_id: i
     raise DistributedError(f"--distributed-timeout {timeout_s} must be >= 1 second")
   if coordinator is None:
     if num_processes is not None or process_id is not None:
+      given = " ".join(f"{flag} {v}" for flag, v in (("--num-processes", num_processes),
+                                                      ("--process-id", process_id)) if v is not None)
       raise DistributedError(
-          f"--num-processes {num_processes} / --process-id {process_id} need a coordinator; "
-          f"add --coordinator HOST:PORT (process 0's address) or set {ENV['coordinator']}")
+          f"{given} needs a coordinator; add --coordinator HOST:PORT (process 0's address) "
+          f"or set {ENV['coordinator']}")
     return DistributedConfig(timeout_s=timeout_s)
   if coordinator != AUTO:
     host, _, port = coordinator.rpartition(":")

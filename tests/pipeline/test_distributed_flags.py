@@ -40,7 +40,9 @@ def test_environment_fills_what_the_flags_leave_out(monkeypatch):
     (("10.0.0.2:1234", None, 0), r"also needs --num-processes"),
     (("10.0.0.2:1234", 2, None), r"also needs --process-id"),
     (("10.0.0.2:1234", 2, 2), r"--process-id 2 of --num-processes 2: need 0 <= process id"),
-    ((None, 2, 1), r"need a coordinator; add --coordinator HOST:PORT"),
+    ((None, 2, 1), r"^--num-processes 2 --process-id 1 needs a coordinator; add --coordinator "
+                   r"HOST:PORT"),
+    ((None, None, 1), r"^--process-id 1 needs a coordinator"),
 ])
 def test_incomplete_or_wrong_settings_name_the_fix(args, message):
   with pytest.raises(DistributedError, match=message):
