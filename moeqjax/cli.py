@@ -47,14 +47,29 @@ def _parser() -> argparse.ArgumentParser:
                       "instead of pretraining; its model config is used, and its tokenizer.json "
                       "unless --tokenizer is given")
 
+  def distributed(p):
+    g = p.add_argument_group("multi-process (jax.distributed; all processes share --workdir)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's address, the same on every process; 'auto' lets JAX detect "
+                        "a Cloud TPU / SLURM / Open MPI cluster (default: $JAX_COORDINATOR_ADDRESS, "
+                        "else a single process)")
+    g.add_argument("--num-processes", type=int, default=None,
+                   help="processes in the run (default: $JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, default=None,
+                   help="this process, 0 .. N-1 (default: $JAX_PROCESS_ID)")
+    g.add_argument("--distributed-timeout", type=int, default=300, metavar="SECONDS",
+                   help="how long to wait for the coordinator and the other processes (300)")
+
   p = sub.add_parser("pretrain", help="train the full-precision model (the teacher)")
   common(p, f"output folder (default {DEFAULT_WORKDIRS['pretrain']})")
+  distributed(p)
   p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
 
   p = sub.add_parser("qat", help="quantization-aware fine-tuning from a pretrained teacher")
   common(p, f"output folder (default {DEFAULT_WORKDIRS['qat']})")
   p.add_argument("--teacher", required=True, help="workdir of a finished `moeqjax pretrain`")
   p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+  distributed(p)
   p.add_argument("--allocation", default=None,
                  help="allocation.json from `moeqjax allocate` (default: quant.expert_code everywhere)")
   p.add_argument("--init-from", default=None,
@@ -354,6 +369,13 @@ def run(argv: list[str]) -> int:
   if args.command in _STUDY_COMMANDS:
     return run_study_command(args, overrides)
   # Heavy imports after argument parsing so that --help is instant.
+  from moeqjax.pipeline import distributed
+  primary = True
+  if args.command in ("pretrain", "qat"):
+    # Before anything asks JAX for its devices.
+    distributed.initialize(distributed.from_flags(args.coordinator, args.num_processes,
+                                                  args.process_id, args.distributed_timeout))
+    primary = distributed.is_primary()
   from moeqjax.pipeline import config as config_io
   from moeqjax.pipeline import workdirs
   config = config_io.load_config(args.config)
@@ -375,12 +397,14 @@ def run(argv: list[str]) -> int:
   elif args.command == "pretrain":
     from moeqjax.pipeline.pretrain import pretrain
     state = pretrain(config, workdir, workdirs.load_data(config), resume=args.resume)
-    print(f"pretrained {int(state.step)} steps; checkpoint in {workdir / 'ckpt'}")
+    if primary:
+      print(f"pretrained {int(state.step)} steps; checkpoint in {workdir / 'ckpt'}")
   elif args.command == "qat":
     from moeqjax.pipeline.qat import qat_from_teacher
     state = qat_from_teacher(config, workdir, pathlib.Path(args.teacher), args.allocation,
                              resume=args.resume, init_from=args.init_from)
-    print(f"QAT finished at step {int(state.step)}; checkpoint in {workdir / 'ckpt'}")
+    if primary:
+      print(f"QAT finished at step {int(state.step)}; checkpoint in {workdir / 'ckpt'}")
   elif args.command == "ptq":
     from moeqjax.pipeline.ptq import ptq_from_teacher
     _, report = ptq_from_teacher(config, workdir, pathlib.Path(args.teacher), args.method,

@@ -84,22 +84,36 @@ def numpy_student(cfg, codes_LxE, seed=0, embed_scale=1.0):
 # is started as soon as collection selects its test, so that it compiles beside the rest of the
 # suite instead of after it; tests/train/test_mesh_step.py collects its output.
 MESH_CHILD = {}
+# Likewise the two-process check (tests/train/test_multiprocess.py), under "multiprocess".
+BACKGROUND = {}
 
 
 def pytest_collection_modifyitems(session, config, items):
   del session, config
-  if any("mesh_out" in getattr(item, "fixturenames", ()) for item in items):
+  wanted = {name for item in items for name in getattr(item, "fixturenames", ())}
+  if wanted & {"mesh_out", "multiprocess_runs"}:
     sys.path.insert(0, str(pathlib.Path(__file__).with_name("train")))
+  if "mesh_out" in wanted:
     from mesh_launch import start_mesh_child
     MESH_CHILD["proc"] = start_mesh_child()
+  if "multiprocess_runs" in wanted:
+    from multiprocess_launch import start_launcher
+    BACKGROUND["multiprocess"] = start_launcher()
 
 
 def pytest_sessionfinish(session, exitstatus):
-  """Stops the mesh subprocess this session started if its test never collected it (e.g. -x)."""
+  """Stops the background subprocesses this session started if their tests never collected
+  them (e.g. -x)."""
   del session, exitstatus
   proc = MESH_CHILD.pop("proc", None)
   if proc is not None:
     if proc.poll() is None:
       proc.kill()
+      proc.wait()
+    shutil.rmtree(proc.scratch, ignore_errors=True)
+  proc = BACKGROUND.pop("multiprocess", None)
+  if proc is not None:
+    if proc.poll() is None:
+      proc.terminate()  # the launcher then stops its own children
       proc.wait()
     shutil.rmtree(proc.scratch, ignore_errors=True)

@@ -12,6 +12,7 @@ from moeqjax.data import TokenCorpus, check_vocab, encode_corpus, load_corpus, m
 from moeqjax.model import default_quant, init_model, without_ratios
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
+from moeqjax.pipeline.distributed import is_primary
 from moeqjax.pipeline.mesh import sharded_template
 from moeqjax.train import Checkpointer, TrainState, create_state, make_optimizer
 
@@ -26,24 +27,20 @@ class MissingTeacher(config_io.ConfigError):
   """--teacher does not point at a finished pretraining run or an imported checkpoint."""
 
 
-def load_data(config, process_index: int | None = None,
-              process_count: int | None = None) -> TokenCorpus:
+def load_data(config, process_index: int = 0, process_count: int = 1) -> TokenCorpus:
   """Loads `config.data` and tokenizes it for `config.model`.
 
   Args:
     config: the experiment config; uses data.path, data.valid_fraction, data.text_field,
       data.tokenizer ("" = bytes, else a folder with tokenizer.json) and model.vocab_size.
     process_index, process_count: this host's shard of the train documents (see
-      moeqjax.data.load_corpus); None means jax.process_index() / jax.process_count(), which
-      is (0, 1) on a single host, where nothing changes.
+      moeqjax.data.load_corpus). The default (0, 1) is the whole train split, which the
+      training phases read on every process of a multi-process run: each process then draws
+      its rows of one global batch that does not depend on the process count (run_training).
 
   Returns:
     The train / validation token streams; `.unit` is "byte" or "token" for reports.
   """
-  if process_index is None:
-    process_index = jax.process_index()
-  if process_count is None:
-    process_count = jax.process_count()
   tokenizer = make_tokenizer(config.data.tokenizer)
   # Check the vocab before reading (and tokenizing) a possibly large corpus.
   vocab_size = config_io.model_config(config).vocab_size
@@ -55,8 +52,13 @@ def load_data(config, process_index: int | None = None,
 
 
 def record_config(workdir: pathlib.Path, section: dict):
-  """Writes the config a phase ran with, or checks it matches the one recorded before."""
+  """Writes the config a phase ran with, or checks it matches the one recorded before.
+
+  In a multi-process run process 0 alone reads and writes it (the workdir is shared).
+  """
   workdir.mkdir(parents=True, exist_ok=True)
+  if not is_primary():
+    return
   path = workdir / CONFIG_RECORD
   text = json.dumps(section, indent=2, sort_keys=True, default=str)
   if path.exists():

@@ -10,6 +10,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from moeqjax.data import sample_batch
@@ -52,14 +53,20 @@ class LoopConfig:
 
 
 class _SignalFlag:
-  """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
+  """Turns SIGINT/SIGTERM into a flag the loop checks after each step.
 
-  def __init__(self):
+  With several processes it leaves the signals alone: a SIGTERM on any host reaches JAX's
+  preemption service (jax.distributed), which agrees with every host on a step at which all of
+  them save (see `_preempted`); a host saving on its own would wait forever for the others.
+  """
+
+  def __init__(self, multi_process: bool = False):
     self.received = None
     self._old = {}
+    self._signals = () if multi_process else (signal.SIGINT, signal.SIGTERM)
 
   def __enter__(self):
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in self._signals:
       try:
         self._old[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: leave signals alone
@@ -73,6 +80,15 @@ class _SignalFlag:
   def __exit__(self, *exc):
     for sig, handler in self._old.items():
       signal.signal(sig, handler)
+
+
+def _preempted(step: int) -> str | None:
+  """'preemption notice' when the hosts of a multi-process run agreed to save at `step`."""
+  # The service is on unless jax_enable_preemption_service was turned off (then no notices).
+  if (jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+      and multihost_utils.reached_preemption_sync_point(step)):
+    return "preemption notice (SIGTERM)"
+  return None
 
 
 def commit_to_device(state: TrainState, placement=None) -> TrainState:
@@ -103,7 +119,10 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop:
     desc: progress bar label.
     on_step: called as on_step(step, metrics) after every step (tests, plots).
     placement: a moeqjax.train.sharding.Placement when the step runs on a mesh: the state keeps
-      its shardings (a checkpoint is restored into them) and each batch is split by rows.
+      its shardings (a checkpoint is restored into them) and each batch is split by rows. With
+      several processes (jax.distributed) each draws only its rows of the global batch, so
+      `tokens` must be the whole train stream on every process; all save the checkpoints
+      (orbax multi-host) and process 0 alone writes metrics.jsonl and the progress bar.
 
   Returns:
     The final state (checkpointed).
@@ -124,15 +143,20 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop:
     state = ckpt.restore(state, latest)
   state = commit_to_device(state, placement)
   start = int(state.step)
-  log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
+  # Every process computes; process 0 alone writes metrics.jsonl and draws the progress bar.
+  primary = jax.process_index() == 0
+  log = MetricsLog(workdir / "metrics.jsonl", resume_step=start) if primary else None
   base_rng = jax.random.key(loop.seed)
+  # This process's block of the global batch's rows: (0, 1) on one process.
+  rows = (0, 1) if placement is None else placement.batch_rows(loop.batch_size)
   try:
-    with _SignalFlag() as flag, tqdm(total=loop.steps, initial=start, desc=desc,
-                                     dynamic_ncols=True, leave=True) as bar:
+    with _SignalFlag(jax.process_count() > 1) as flag, tqdm(total=loop.steps, initial=start, desc=desc,
+                                     dynamic_ncols=True, leave=True, disable=not primary) as bar:
       for step in range(start, loop.steps):
-        batch = sample_batch(tokens, loop.batch_size, loop.seq_len, loop.seed, step)
+        # The global batch is a function of (seed, step) alone, whatever the process count.
+        batch = sample_batch(tokens, loop.batch_size, loop.seq_len, loop.seed, step, *rows)
         if placement is not None:
-          batch = placement.put_batch(batch)
+          batch = placement.put_process_rows(batch, loop.batch_size)
         state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
         metrics = to_python(jax.device_get(metrics))
         loss = metrics["train/loss"]
@@ -143,17 +167,18 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop:
               f"good checkpoint (step {last}) is kept in {ckpt.directory}. Lower the learning "
               "rate or raise grad_clip, then rerun with --resume.")
         done = step + 1
-        if done % loop.log_every == 0 or done == loop.steps:
+        if log is not None and (done % loop.log_every == 0 or done == loop.steps):
           log.write(done, metrics)
         if on_step is not None:
           on_step(done, metrics)
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         bar.update(1)
         ckpt.save(state)
-        if flag.received:
+        stop = flag.received or _preempted(done)
+        if stop:
           ckpt.save(state, force=True)
           raise Interrupted(
-              f"{desc}: {flag.received} at step {done}; checkpoint saved in {ckpt.directory}. "
+              f"{desc}: {stop} at step {done}; checkpoint saved in {ckpt.directory}. "
               "Rerun the same command with --resume to continue.")
     ckpt.save(state, force=True)
   finally:

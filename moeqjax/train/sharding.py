@@ -27,6 +27,28 @@ class Placement:
   def put_batch(self, batch):
     return jax.device_put(batch, self.batch)
 
+  def batch_rows(self, batch_size: int) -> tuple[int, int]:
+    """(i, n): this process's devices hold block i of n equal row blocks of the global batch.
+
+    One process holds all rows, (0, 1). With several processes each feeds only its block, which
+    is what `sample_batch(..., process_index=i, process_count=n)` draws.
+    """
+    index_map = self.batch.addressable_devices_indices_map((batch_size, 1))
+    spans = sorted({idx[0].indices(batch_size)[:2] for idx in index_map.values()})
+    lo, hi = spans[0]
+    for start, stop in spans[1:]:
+      hi = max(hi, stop) if start <= hi else -1  # -1: a gap between this process's rows
+    if hi <= lo or batch_size % (hi - lo) or lo % (hi - lo):
+      raise mesh_lib.MeshError(
+          f"this process's devices hold batch rows {spans} of {batch_size}, not one block of "
+          "equal blocks; order the devices so that each process's are adjacent on the batch axes")
+    return lo // (hi - lo), batch_size // (hi - lo)
+
+  def put_process_rows(self, rows, batch_size: int):
+    """The global [batch_size, ...] array from this process's block of rows (batch_rows)."""
+    return jax.make_array_from_process_local_data(self.batch, rows,
+                                                  (batch_size, *rows.shape[1:]))
+
 
 def state_shardings(config: mesh_lib.MeshConfig, mesh: Mesh, cfg: ModelConfig,
                     abstract_state: TrainState) -> TrainState:

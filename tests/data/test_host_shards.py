@@ -73,13 +73,13 @@ def test_shard_errors(jsonl):
     load_corpus(jsonl, valid_fraction=0.2, process_index=63, process_count=64)
 
 
-def test_runs_load_data_uses_jax_process_defaults(jsonl):
+def test_load_data_reads_the_whole_train_split_unless_given_a_shard(jsonl):
   from moeqjax.pipeline import config as config_io
   from moeqjax.pipeline import workdirs
   config = config_io.load_config(None)
   config.data.path = str(jsonl)
   config.data.valid_fraction = 0.2
-  corpus = workdirs.load_data(config)  # single process: jax says (0, 1)
+  corpus = workdirs.load_data(config)  # every process reads all train documents
   np.testing.assert_array_equal(corpus.train, load_corpus(jsonl, valid_fraction=0.2).train)
   assert corpus.unit == "byte"
   half = workdirs.load_data(config, process_index=1, process_count=2)
