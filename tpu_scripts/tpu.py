@@ -18,6 +18,7 @@ RUNTIME_VERSIONS = {
 }
 REMOTE_DIR = "moeqjax"  # the project's folder in each worker's home
 LOG = "moeqjax_run.log"  # each worker's log, in its home
+DISTRIBUTED_COMMANDS = ("pretrain", "qat")  # the moeqjax commands that take --coordinator
 
 
 class UsageError(ValueError):
@@ -73,14 +74,18 @@ def install_commands(args) -> list[list[str]]:
 def launch_commands(args) -> list[list[str]]:
   """Starts the same `moeqjax ...` on every worker, detached, its output in ~/LOG.
 
-  On a TPU VM every worker's JAX finds the others from the TPU metadata (jax.distributed needs no
-  address), so the command line is the same on all of them.
+  On a TPU VM every worker's JAX finds the others from the TPU metadata, so the command line is the
+  same on all of them: `pretrain` and `qat` get `--coordinator auto` (jax.distributed.initialize()
+  with no arguments) unless the command names a coordinator.
   """
   if not args.moeqjax_args:
     raise UsageError("give the moeqjax command after --, e.g. -- qat --config configs/mixtral_8x7b.py "
-                     "--teacher DIR --workdir gs://bucket/run")
+                     "--teacher DIR --workdir /mnt/shared/run")
   env = " ".join(f"{k}={shlex.quote(v)}" for k, v in (kv.split("=", 1) for kv in args.env))
-  run = " ".join(shlex.quote(a) for a in args.moeqjax_args)
+  argv = list(args.moeqjax_args)
+  if argv[0] in DISTRIBUTED_COMMANDS and not any(a.startswith("--coordinator") for a in argv):
+    argv[1:1] = ["--coordinator", "auto"]
+  run = " ".join(shlex.quote(a) for a in argv)
   command = (f"cd ~/{REMOTE_DIR} && {env + ' ' if env else ''}nohup python3 -m moeqjax.cli {run} "
              f"> ~/{LOG} 2>&1 < /dev/null &")
   return [_ssh(args, "all", command)]

@@ -58,8 +58,13 @@ def test_install_launch_logs(tpu, capsys):
   assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "mq"]
   assert "--worker=all" in argv
   assert argv[-1] == ("--command=cd ~/moeqjax && XLA_FLAGS='--a --b' nohup python3 -m moeqjax.cli "
-                      "qat --config configs/mixtral_8x7b.py --workdir gs://b/run > "
+                      "qat --coordinator auto --config configs/mixtral_8x7b.py --workdir gs://b/run > "
                       "~/moeqjax_run.log 2>&1 < /dev/null &")
+  # A coordinator the user names is kept; commands without the flag (eval, ...) get none.
+  for given, want in ((["qat", "--coordinator", "10.0.0.2:1234"], "qat --coordinator 10.0.0.2:1234"),
+                      (["eval", "--workdir", "w"], "eval --workdir w")):
+    line = dry(tpu, capsys, "launch", *WHERE, "--", *given)[0]
+    assert f"moeqjax.cli {want} >" in shlex.split(line)[-1]
   assert dry(tpu, capsys, "logs", *WHERE) == [
       f"gcloud compute tpus tpu-vm ssh mq {Z} --worker=0 '--command=tail -n 200 -f "
       "~/moeqjax_run.log'"]
