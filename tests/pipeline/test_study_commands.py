@@ -139,3 +139,16 @@ def test_qat_uses_allocation(pretrained, tmp_path):
   assert cli.main(["stats", "--workdir", str(qat_dir)]) == 0
   record = json.loads((qat_dir / "router_stats.json").read_text())
   assert record["phase"] == "qat" and record["expert_codes"] == want.tolist()
+
+
+def test_study_small_is_the_larger_study():
+  """Issue 11: at least 4x study_tiny's parameters, budgets 2.0/2.25/2.5/3.0, PTQ and QAT rows."""
+  from moeqjax.convert.plan import plan
+  from moeqjax.pipeline.study import _settings
+  tiny, small = (config_io.load_config(f"configs/{n}.py") for n in ("study_tiny", "study_small"))
+  params = [plan(config_io.model_config(c), 1, 8)["params_total"] for c in (tiny, small)]
+  assert params[1] >= 4 * params[0]
+  st = _settings(small, quick=False)
+  assert st["pareto_budgets"] == (2.0, 2.25, 2.5, 3.0) and st["main_budget"] in st["pareto_budgets"]
+  assert st["ptq"] == ("rtn", "gptq") and len(st["objectives"]) == 5
+  assert _settings(tiny, quick=False).get("ptq") is None  # study_tiny's cells keep their fingerprint
