@@ -18,13 +18,20 @@ def ptq_key(ptq_method: str, method: str, budget: float, seed: int) -> str:
   return f"{ptq_method}|{method}|{budget:g}|{seed}"
 
 
+def row_config(cfg, ptq_method: str):
+  """The model config a PTQ row quantizes and evaluates with: GPTQ fixes its scales on the absmax
+  grid as it goes, so its rows use scale_init="absmax" whatever `cfg` says; RTN rows use `cfg`."""
+  if ptq_method != "gptq" or cfg.quant.scale_init == "absmax":
+    return cfg
+  return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, scale_init="absmax"))
+
+
 def run_ptq_rows(store, config, cfg, teacher, task, windows, st: dict, allocs: dict, budgets):
   """Fills store.data["ptq_cells"]: for each PTQ method in st["ptq"], allocation method and budget
   (every seed for "random", whose allocation depends on it; seed 0 otherwise), the teacher quantized
   at the allocation's codes and evaluated like the QAT cells. GPTQ's per-expert Hessians come from
   st["ptq_calib_batches"] batches of the task's training split, routed by the teacher, once.
-  GPTQ fixes its scales on the absmax grid, so its rows use quant.scale_init="absmax" whatever the
-  config says (RTN rows use the config's).
+  GPTQ rows quantize and evaluate with `row_config` (the absmax grid).
   """
   for name in st["ptq"]:
     if name not in PTQ_METHODS:
@@ -36,19 +43,17 @@ def run_ptq_rows(store, config, cfg, teacher, task, windows, st: dict, allocs: d
   if not todo:
     return
   quant = default_quant(cfg)
-  gptq_cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, scale_init="absmax"))
   hessians = None
   for p, m, b, seed in tqdm(todo, desc="ptq rows", dynamic_ncols=True):
     t = time.perf_counter()
     codes = allocs[(m, b, seed)].codes_LxE
-    params, report, row_cfg = teacher, {}, cfg
+    params, report, row_cfg = teacher, {}, row_config(cfg, p)
     if p == "gptq":
-      row_cfg = gptq_cfg
       if hessians is None:
         hessians = expert_hessians(cfg, teacher, task.train, batches=st["ptq_calib_batches"],
                                    batch_size=config.qat.batch_size, seq_len=config.qat.seq_len,
                                    seed=config.qat.seed)
-      params, report = gptq_experts(gptq_cfg, teacher, hessians, codes)
+      params, report = gptq_experts(row_cfg, teacher, hessians, codes)
     r = evaluate_variants(row_cfg, {"full_precision": {"params": teacher},
                                 "student": {"params": params,
                                             "quant": set_expert_codes(quant, codes)}},

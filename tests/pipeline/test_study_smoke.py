@@ -25,7 +25,6 @@ def minuscule_config():
       "study.pareto_budgets": "(2.5,)", "study.peers": "false",
       "study.methods": "('paper_combined', 'exact', 'random', 'uniform')",
       "study.ptq": "('rtn', 'gptq')", "study.ptq_calib_batches": "2",
-      "quant.scale_init": "mse",  # GPTQ rows still use the absmax grid (checked below)
   })
   with config.study.unlocked():
     config.study.objectives = ml_collections.ConfigDict(
@@ -65,7 +64,7 @@ def test_study_smoke(tmp_path):
   for c in ptq.values():
     qat_cell = cells[f"ce|{c['method']}|2.5|{c['seed']}"]
     assert c["expert_bytes"] == qat_cell["expert_bytes"]
-    assert c["scale_init"] == ("absmax" if c["ptq"] == "gptq" else "mse")
+    assert c["scale_init"] == "absmax"  # study_tiny's grid (with mse too: the test below)
   errors = [c["calib_output_error"] for c in ptq.values() if c["ptq"] == "gptq"]
   assert all(e["gptq"] < e["rtn"] for e in errors)
   assert "Post-training quantization" in md and "| gptq | exact |" in md
@@ -74,3 +73,13 @@ def test_study_smoke(tmp_path):
   assert again["invocations"][-1]["new_cells"] == 0
   assert set(again["cells"]) == set(cells)
   assert again["ptq_cells"] == ptq
+
+
+def test_gptq_rows_use_the_absmax_grid_whatever_the_config():
+  from moeqjax.pipeline.study_ptq import row_config
+  config = minuscule_config()
+  config_io.apply_overrides(config, {"quant.scale_init": "mse"})
+  cfg = config_io.model_config(config)
+  assert row_config(cfg, "rtn") is cfg
+  gptq = row_config(cfg, "gptq")
+  assert gptq.quant.scale_init == "absmax" and gptq.replace(quant=cfg.quant) == cfg
