@@ -16,7 +16,8 @@ REFERENCE = "full_precision"
 
 
 def evaluate_variants(cfg: ModelConfig, variants: dict, windows_NxS1: np.ndarray,
-                      batch_size: int, *, control: str | None = None) -> dict:
+                      batch_size: int, *, control: str | None = None,
+                      reference_eval: dict | None = None) -> dict:
   """Held-out loss, routing consistency, expert load and true memory of every variant.
 
   Args:
@@ -27,6 +28,8 @@ def evaluate_variants(cfg: ModelConfig, variants: dict, windows_NxS1: np.ndarray
     batch_size: windows per forward pass.
     control: optional name of a variant (e.g. "fp_continued") that every variant is also compared
       with: `delta_vs_<control>` and its paired standard error `delta_vs_<control>_se`.
+    reference_eval: optional evaluate_lm result of the reference on these windows, used instead
+      of evaluating it again (loops that score many students against one teacher).
 
   Returns:
     name -> metrics dict (floats and per-layer lists; JSON-ready). Every variant has
@@ -39,7 +42,8 @@ def evaluate_variants(cfg: ModelConfig, variants: dict, windows_NxS1: np.ndarray
     raise ValueError(f"the control {control!r} is not among the variants {sorted(variants)}")
   baselines = {"fp": REFERENCE} if control is None else {"fp": REFERENCE, control: control}
   order = [REFERENCE] + [n for n in variants if n != REFERENCE]
-  raw = {name: evaluate_lm(cfg, variants[name], windows_NxS1, batch_size) for name in order}
+  raw = {name: (reference_eval if name == REFERENCE and reference_eval is not None
+                else evaluate_lm(cfg, variants[name], windows_NxS1, batch_size)) for name in order}
   ref_idx = raw[REFERENCE]["expert_idx"]
   ref_load = expert_load(ref_idx, cfg.num_experts)
   results = {}

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from moeqjax.alloc import allocation as alloc_mod
 from moeqjax.data import TextCorpus, eval_windows, sample_batch, stdlib_files, stdlib_root
 from moeqjax.data.corpus import _corpus_from_documents  # pylint: disable=protected-access
-from moeqjax.eval import evaluate_variants
+from moeqjax.eval import evaluate_lm, evaluate_variants
 from moeqjax.model import MoETransformer, default_quant, init_ratios, set_expert_codes
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import study_peers, study_ptq, study_report
@@ -169,8 +169,10 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
   store.data["command"] = ("moeqjax study --config " + (config_path or "configs/study_tiny.py")
                            + (" --quick" if quick else ""))
   # Reference (no quantization) and the statistics the allocations used.
+  # The teacher's scores on the eval windows, shared by every cell's comparison with it.
+  teacher_eval = evaluate_lm(cfg, {"params": teacher}, windows, config.eval.batch_size)
   ref = evaluate_variants(cfg, {"full_precision": {"params": teacher}}, windows,
-                          config.eval.batch_size)["full_precision"]
+                          config.eval.batch_size, reference_eval=teacher_eval)["full_precision"]
   pre_ref = evaluate_variants(cfg, {"full_precision": {"params": teacher0}}, windows,
                               config.eval.batch_size)["full_precision"]
   store.data["reference"] = {"finetuned_fp_bits_per_byte": ref["bits_per_token"],
@@ -199,7 +201,8 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
   store.save()
 
   if st.get("ptq"):
-    study_ptq.run_ptq_rows(store, config, cfg, teacher, task, windows, st, allocs, budgets)
+    study_ptq.run_ptq_rows(store, config, cfg, teacher, task, windows, st, allocs, budgets,
+                           teacher_eval)
 
   base_weights = config_io.loss_weights(config)
   loop, optim = qat_cfg
@@ -221,7 +224,7 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
                               config.qat.seed + 100 * seed)
       r = evaluate_variants(cfg, {"full_precision": {"params": teacher},
                                   "student": {"params": state.params, "quant": state.quant}},
-                            windows, config.eval.batch_size)["student"]
+                            windows, config.eval.batch_size, reference_eval=teacher_eval)["student"]
       store.data["cells"][_cell_key(objective, method, budget, seed)] = {
           "objective": objective, "method": method, "budget": budget, "seed": seed,
           "bits_per_byte": r["bits_per_token"], "topk_agree": r["topk_agree"],

@@ -26,12 +26,14 @@ def row_config(cfg, ptq_method: str):
   return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, scale_init="absmax"))
 
 
-def run_ptq_rows(store, config, cfg, teacher, task, windows, st: dict, allocs: dict, budgets):
+def run_ptq_rows(store, config, cfg, teacher, task, windows, st: dict, allocs: dict, budgets,
+                 teacher_eval: dict | None = None):
   """Fills store.data["ptq_cells"]: for each PTQ method in st["ptq"], allocation method and budget
   (every seed for "random", whose allocation depends on it; seed 0 otherwise), the teacher quantized
   at the allocation's codes and evaluated like the QAT cells. GPTQ's per-expert Hessians come from
   st["ptq_calib_batches"] batches of the task's training split, routed by the teacher, once.
-  GPTQ rows quantize and evaluate with `row_config` (the absmax grid).
+  GPTQ rows quantize and evaluate with `row_config` (the absmax grid). `teacher_eval` (the
+  teacher's evaluate_lm result on `windows`) saves evaluating the teacher again for every row.
   """
   for name in st["ptq"]:
     if name not in PTQ_METHODS:
@@ -57,7 +59,7 @@ def run_ptq_rows(store, config, cfg, teacher, task, windows, st: dict, allocs: d
     r = evaluate_variants(row_cfg, {"full_precision": {"params": teacher},
                                 "student": {"params": params,
                                             "quant": set_expert_codes(quant, codes)}},
-                          windows, config.eval.batch_size)["student"]
+                          windows, config.eval.batch_size, reference_eval=teacher_eval)["student"]
     cells[ptq_key(p, m, b, seed)] = {
         "ptq": p, "method": m, "budget": b, "seed": seed, "bits_per_byte": r["bits_per_token"],
         "topk_agree": r["topk_agree"], "top1_agree": r["top1_agree"],

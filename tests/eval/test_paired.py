@@ -57,3 +57,21 @@ def test_evaluate_variants_paired_deltas(tiny_cfg):
   assert r["tern"]["delta_vs_fp_se"] > 0
   with pytest.raises(ValueError, match="control"):
     evaluate_variants(tiny_cfg, variants, windows, batch_size=2, control="missing")
+
+
+def test_reference_eval_is_reused_not_recomputed(tiny_cfg, monkeypatch):
+  """A precomputed reference evaluation gives the same results as evaluating it again."""
+  from moeqjax.eval import variants as variants_mod
+  _, params, quant = init_model(tiny_cfg, jax.random.key(0))
+  shape = (tiny_cfg.num_layers, tiny_cfg.num_experts)
+  windows = np.random.default_rng(1).integers(0, tiny_cfg.vocab_size, size=(3, 9)).astype(np.int32)
+  models = {"full_precision": {"params": params},
+            "tern": {"params": params, "quant": set_expert_codes(quant, np.full(shape, 1))}}
+  want = evaluate_variants(tiny_cfg, models, windows, batch_size=2)
+  ref = evaluate_lm(tiny_cfg, models["full_precision"], windows, batch_size=2)
+  calls = []
+  real = variants_mod.evaluate_lm
+  monkeypatch.setattr(variants_mod, "evaluate_lm", lambda *a, **k: calls.append(1) or real(*a, **k))
+  got = evaluate_variants(tiny_cfg, models, windows, batch_size=2, reference_eval=ref)
+  assert len(calls) == 1  # the student only
+  assert got == want
