@@ -2,7 +2,6 @@
 
 import os
 import pathlib
-import shutil
 import sys
 
 # Tests run tiny shapes, so XLA compile time dominates their cost: LLVM optimization level 0
@@ -80,40 +79,44 @@ def numpy_student(cfg, codes_LxE, seed=0, embed_scale=1.0):
   return params, quant
 
 
-# The 8-device mesh checks run in one subprocess (JAX fixes the CPU device count at start-up). It
-# is started as soon as collection selects its test, so that it compiles beside the rest of the
-# suite instead of after it; tests/train/test_mesh_step.py collects its output.
-MESH_CHILD = {}
-# Likewise the two-process check (tests/train/test_multiprocess.py), under "multiprocess".
-BACKGROUND = {}
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto` (addopts): one worker per CPU this process may use (os.cpu_count counts the host's
+  in a container), at most 4, since every worker imports JAX and torch."""
+  del config
+  return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+# The 8-device mesh checks run in one subprocess (JAX fixes the CPU device count at start-up), and
+# the two-process check in others. They start as soon as collection selects their tests, so that
+# they compile beside the rest of the suite instead of after it. Under pytest-xdist every worker
+# collects every test, so worker gw0 alone starts them; their tests, on whichever worker, read
+# what they left in the run's shared folder (tests/train/mesh_launch.py).
+STARTED = {}
 
 
 def pytest_collection_modifyitems(session, config, items):
   del session, config
   wanted = {name for item in items for name in getattr(item, "fixturenames", ())}
-  if wanted & {"mesh_out", "multiprocess_runs"}:
-    sys.path.insert(0, str(pathlib.Path(__file__).with_name("train")))
+  if not wanted & {"mesh_out", "multiprocess_runs"}:
+    return
+  sys.path.insert(0, str(pathlib.Path(__file__).with_name("train")))
+  if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
+    return
   if "mesh_out" in wanted:
     from mesh_launch import start_mesh_child
-    MESH_CHILD["proc"] = start_mesh_child()
+    STARTED["mesh"] = start_mesh_child()
   if "multiprocess_runs" in wanted:
     from multiprocess_launch import start_launcher
-    BACKGROUND["multiprocess"] = start_launcher()
+    STARTED["multiprocess"] = start_launcher()
 
 
 def pytest_sessionfinish(session, exitstatus):
-  """Stops the background subprocesses this session started if their tests never collected
-  them (e.g. -x)."""
-  del session, exitstatus
-  proc = MESH_CHILD.pop("proc", None)
-  if proc is not None:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-    shutil.rmtree(proc.scratch, ignore_errors=True)
-  proc = BACKGROUND.pop("multiprocess", None)
-  if proc is not None:
-    if proc.poll() is None:
-      proc.terminate()  # the launcher then stops its own children
-      proc.wait()
-    shutil.rmtree(proc.scratch, ignore_errors=True)
+  """Waits for the background scripts this process started (another worker may still read them),
+  or stops them when the run was cut short (-x, Ctrl-C) and their tests may never come."""
+  cut_short = bool(session.shouldstop or session.shouldfail) or exitstatus == 2
+  for started in STARTED.values():
+    if cut_short:
+      started.stop()
+    else:
+      started.wait()
+  STARTED.clear()

@@ -93,9 +93,9 @@ def orchestrate(scratch: pathlib.Path) -> dict:
           "lonely": [lonely.returncode, lonely_err.strip(), lonely_port]}
 
 
-def start_launcher() -> subprocess.Popen:
-  """This file as a background process in a fresh scratch folder."""
-  return start_background(pathlib.Path(__file__), "moeqjax_multiprocess_")
+def start_launcher():
+  """This file as a background process (mesh_launch.start_background) named "multiprocess"."""
+  return start_background(pathlib.Path(__file__), "multiprocess")
 
 
 if __name__ == "__main__":

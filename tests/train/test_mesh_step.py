@@ -1,12 +1,10 @@
 """The sharded QAT step on 8 CPU devices equals the single-device step; mesh errors name the fix."""
 
-import shutil
 
 import jax
 import pytest
 
-import conftest
-from mesh_launch import mesh_results, start_mesh_child
+import mesh_launch
 from moeqjax.model import init_model
 from moeqjax.train.mesh import MeshConfig, MeshError, check_batch, check_params
 from moeqjax.model.transformer import param_axes
@@ -27,10 +25,9 @@ EXPECTED = {  # sizes -> (w_in shard shape) for E=8 (mixtral) or E=4 (qwen2moe),
 
 @pytest.fixture(scope="module")
 def mesh_out():
-  proc = conftest.MESH_CHILD.pop("proc", None) or start_mesh_child()
-  out = mesh_results(proc)
+  out = mesh_launch.background_json("mesh")
   yield out
-  shutil.rmtree(out["scratch"], ignore_errors=True)
+  mesh_launch.forget("mesh")
 
 
 def test_sharded_steps_equal_single_device(mesh_out):

@@ -6,31 +6,27 @@ The processes run in the background from collection on (tests/train/multiprocess
 import json
 import pathlib
 import re
-import shutil
 
 import pytest
 
-import conftest
 from moeqjax.train.metrics_log import read_metrics
-from mesh_launch import background_json
-from multiprocess_launch import start_launcher
+import mesh_launch
 
 RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def multiprocess_runs():
-  proc = conftest.BACKGROUND.pop("multiprocess", None) or start_launcher()
   try:
-    out = background_json(proc)
+    out = mesh_launch.background_json("multiprocess")
   except BaseException:
-    shutil.rmtree(proc.scratch, ignore_errors=True)
+    mesh_launch.forget("multiprocess")
     raise
   moved = out["moved"]
   print(f"two-process check: {out['wall_s']:.1f} s wall since collection, "
         f"{out['children_wall_s']} s its children; one process: {moved.pop('seconds')}")
   yield (pathlib.Path(out["scratch"]), out["outs"], moved, out["lonely"])
-  shutil.rmtree(out["scratch"], ignore_errors=True)
+  mesh_launch.forget("multiprocess")
 
 
 def test_two_processes_equal_one_process_with_four_devices(multiprocess_runs):
