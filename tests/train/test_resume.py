@@ -14,6 +14,7 @@ import pytest
 from helpers_train import JOINT, make_states, synthetic_tokens
 from moeqjax.train import (Checkpointer, CheckpointExists, Interrupted, LoopConfig, NonFiniteLoss,
                            jit_train_step, run_training)
+from moeqjax.train.loop import _SignalFlag
 from moeqjax.train.metrics_log import read_metrics
 
 LOOP = LoopConfig(steps=6, batch_size=4, seq_len=16, seed=0, log_every=1, ckpt_every=2)
@@ -109,7 +110,8 @@ def test_save_killed_before_its_commit_is_never_restored(killed_save, uninterrup
   assert sorted(p.name for p in ckpt.iterdir()) == ["2", uncommitted.name]
   # Everything but the commit was written: the state's arrays and orbax's step metadata.
   assert (uncommitted / "_CHECKPOINT_METADATA").is_file()
-  assert any(p.name == "manifest.ocdbt" for p in uncommitted.rglob("*")), list(uncommitted.rglob("*"))
+  written = [p.name for p in uncommitted.rglob("*")]
+  assert "manifest.ocdbt" in written, written
   assert [r["step"] for r in read_metrics(workdir / "metrics.jsonl")] == [1, 2, 3, 4]
   reader = Checkpointer(ckpt, 0)
   assert reader.latest_step() == 2
@@ -145,3 +147,24 @@ def test_state_mixing_restored_and_fresh_leaves_compiles_once(tmp_path):
   loop = LoopConfig(steps=3, batch_size=4, seq_len=16, seed=0, log_every=1, ckpt_every=0)
   run_training(state, step_fn, synthetic_tokens(), loop, tmp_path, resume=False, desc="mixed")
   assert step_fn._cache_size() == 1
+
+
+def test_ctrl_c_stops_like_sigterm_in_one_process():
+  """One process: SIGINT sets the same flag as SIGTERM (the checkpoint-and-stop path above)."""
+  with _SignalFlag() as flag:
+    signal.raise_signal(signal.SIGINT)
+  assert flag.received == "SIGINT"
+
+
+def test_ctrl_c_of_one_host_becomes_its_preemption_notice(monkeypatch):
+  """Several processes: SIGINT is passed on as this process's SIGTERM (jaxlib's preemption
+  handler takes it there; see tests/train/test_multiprocess.py), once: a second Ctrl-C gets the
+  handler that was there before, KeyboardInterrupt."""
+  sent = []
+  monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append((pid, sig)))
+  with _SignalFlag(multi_process=True) as flag:
+    signal.raise_signal(signal.SIGINT)
+    assert sent == [(os.getpid(), signal.SIGTERM)] and flag.received is None
+    with pytest.raises(KeyboardInterrupt):
+      signal.raise_signal(signal.SIGINT)
+  assert sent == [(os.getpid(), signal.SIGTERM)]
