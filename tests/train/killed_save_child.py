@@ -1,4 +1,4 @@
-"""Trains like test_resume's runs and SIGKILLs itself inside orbax's save of step 4 (test_resume.py).
+"""Trains like test_resume.py's runs and SIGKILLs itself inside orbax's save of step 4.
 
 The kill lands in AtomicRenameTemporaryPath.finalize, after every array and metadata file of the
 step was written to `4.orbax-checkpoint-tmp` and before the rename to `4` that commits it.

@@ -3,9 +3,11 @@
 import shutil
 
 import jax
+import numpy as np
 import pytest
 
 import conftest
+from capacity_oracle import reference_keep
 from mesh_launch import mesh_results, start_mesh_child
 from moeqjax.model import init_model
 from moeqjax.train.mesh import MeshConfig, MeshError, check_batch, check_params
@@ -78,6 +80,18 @@ def test_expert_parallel_block_equals_dense_oracle(mesh_out):
   assert seen == {("mixtral", 4, 0), ("qwen2moe", 2, 8)}
   # T*k pairs: 16 x 8 tokens, k=2 (E=8) and k=1 (E=4).
   assert {r["pairs"] for r in mesh_out["ep_blocks"]} == {16 * 8 * 2, 16 * 8 * 1}
+
+
+def test_expert_parallel_capacity_drops_by_the_reference_rule(mesh_out):
+  """With model.capacity_factor the EP exchange sends only the kept pairs (the loop's rule, over
+  all 32 tokens of the 8 shards), each to its own expert once, and equals the dense oracle."""
+  r = mesh_out["ep_capacity"]
+  keep = reference_keep(r["idx"], r["num_experts"], r["factor"])
+  assert 0 < (~keep).sum() and np.array_equal(r["keep"], keep)
+  assert np.array_equal(r["done"], keep.astype(int))
+  assert np.array_equal(r["expert"], np.where(keep, r["idx"], -1))
+  assert r["rows"] == keep.sum()  # dropped pairs were not sent, nor computed
+  assert r["y"] <= RTOL, r["y"]
 
 
 def test_expert_parallel_errors_name_the_fix(mesh_out):
