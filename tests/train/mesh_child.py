@@ -46,6 +46,7 @@ MESHES = [  # (model, mesh sizes, dispatch on the mesh; the single-device step i
     ("mixtral", dict(data=8), "ragged"),
     ("mixtral", dict(data=2, fsdp=4), "ragged"),
     ("mixtral", dict(data=2, expert=4), "ragged"),  # experts sharded, GSPMD's collectives
+    ("mixtral", dict(data=4, tensor=2), "ragged"),  # the tensor axis alone: heads, mlp, vocab
     # The tensor axis rides along with expert=2 here: one compile fewer on the 2-core CI. This
     # step runs the shard_map expert-parallel exchange (model.dispatch="ep").
     ("qwen2moe", dict(data=2, expert=2, tensor=2), "ep"),
