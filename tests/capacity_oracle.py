@@ -1,4 +1,4 @@
-"""The expert-capacity drop rule as a plain loop, and routings that overflow (tests/model, tests/train)."""
+"""The expert-capacity drop rule as a plain loop, and routings that overflow it."""
 
 import math
 

@@ -38,7 +38,8 @@ def get_config():
 '''
 
 
-# Model fields that say how a run computes, not what the weights are: they may differ from the import.
+# Model fields that say how a run computes, not what the weights are: they may differ from
+# the import's.
 _HOW_IT_RUNS = ("dispatch", "max_seq_len", "capacity_factor")
 
 
