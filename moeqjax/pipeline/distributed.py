@@ -124,9 +124,10 @@ def registration_timeout_message(dist: DistributedConfig) -> str:
            f"{dist.coordinator} and --num-processes {n} (or make --num-processes the number "
            "you start)")
   # jaxlib's coordination service does not expose how many processes had registered.
-  return (f"process {'?' if dist.process_id is None else dist.process_id} waited "
-          f"{dist.timeout_s} s for all processes to register with {where}, and they did not "
-          f"(jaxlib does not say how many arrived); {fix}, or raise --distributed-timeout")
+  who = "this process" if dist.process_id is None else f"process {dist.process_id}"
+  return (f"{who} waited {dist.timeout_s} s for all processes to register with {where}, and "
+          f"they did not (jaxlib does not say how many arrived); {fix}, or raise "
+          "--distributed-timeout")
 
 
 @contextlib.contextmanager

@@ -102,3 +102,11 @@ def test_auto_outside_a_cluster_is_one_line(monkeypatch):
   with pytest.raises(DistributedError, match=r"--coordinator auto: JAX found no cluster "
                      r"\(coordinator_address should be defined.\); give --coordinator HOST:PORT"):
     distributed.initialize(from_flags("auto", None, None, 9))
+
+
+def test_registration_timeout_with_auto_names_the_cluster():
+  """--coordinator auto: JAX picks the process ids, so the line names none."""
+  assert distributed.registration_timeout_message(from_flags("auto", None, None, 9)) == (
+      "this process waited 9 s for all processes to register with the coordinator JAX detected "
+      "(--coordinator auto), and they did not (jaxlib does not say how many arrived); start the "
+      "same command on every worker of the cluster, or raise --distributed-timeout")
