@@ -102,6 +102,10 @@ class ModelConfig:
   # "ragged" (dropless grouped matmul) | "dense" (masked, test oracle) | "ep" (dropless expert
   # parallelism over the context mesh's expert axis; "ragged" without one)
   dispatch: str = "ragged"
+  # 0 = dropless (the default). C > 0: each expert accepts at most ceil(C * T*k / E) of the T*k
+  # (token, k) pairs of a forward pass, the first in token order; the others are dropped (their
+  # gate contribution is zero) on every dispatch (model.capacity.capacity_keep)
+  capacity_factor: float = 0.0
   max_seq_len: int = 128
   dtype: str = "float32"  # activation dtype
   param_dtype: str = "float32"
@@ -120,6 +124,9 @@ class ModelConfig:
       raise ValueError(f"model.qk_norm={self.qk_norm!r}; choose from {QK_NORM_CHOICES}")
     if self.dispatch not in DISPATCH_CHOICES:
       raise ValueError(f"model.dispatch={self.dispatch!r}; choose from {DISPATCH_CHOICES}")
+    if not self.capacity_factor >= 0 or self.capacity_factor == float("inf"):
+      raise ValueError(f"model.capacity_factor={self.capacity_factor} must be a finite number "
+                       ">= 0 (0 = dropless, the default; e.g. 1.25 drops the overflow)")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPE_CHOICES:
         raise ValueError(f"model.{name}={getattr(self, name)!r}; choose from {DTYPE_CHOICES}")

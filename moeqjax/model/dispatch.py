@@ -3,6 +3,9 @@
 # Both paths take an optional second input: with W*A8 activation quantization, experts whose
 # act_quant_E flag is set read the int8 fake-quantized x_q_TxD and the others (full-precision experts)
 # read x_TxD. The choice is made per expert by selection, never by arithmetic, so it is exact.
+#
+# All paths take an optional keep_TxK (model.capacity.capacity_keep, with model.capacity_factor
+# > 0): a pair whose keep is False contributes nothing, and the grouped paths do not compute it.
 
 from __future__ import annotations
 
@@ -20,8 +23,16 @@ def _check_alt_input(x_q_TxD, act_quant_E):
                      "read it), or neither")
 
 
+def combine(y_TxKxD, gates_TxK, keep_TxK=None):
+  """sum_k gate * expert output per token; dropped pairs (keep False) count as zero rows."""
+  if keep_TxK is not None:
+    # A selection, not a product: a dropped row may never have been computed.
+    y_TxKxD = jnp.where(keep_TxK[..., None], y_TxKxD, 0)
+  return jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype))
+
+
 def dense_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_TxK, *,
-                  x_q_TxD=None, act_quant_E=None):
+                  x_q_TxD=None, act_quant_E=None, keep_TxK=None):
   """Every expert on every token, combined with zero weight for unselected experts.
 
   E/k times the FLOPs of the grouped path; kept as the test oracle and for tiny E.
@@ -32,6 +43,7 @@ def dense_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_T
     gates_TxK, idx_TxK: gate weights and expert ids of the top-k routing.
     x_q_TxD: optional second input (the activation-quantized x), read by the experts in act_quant_E.
     act_quant_E: optional bool [E]: True where an expert reads x_q_TxD instead of x_TxD.
+    keep_TxK: optional bool: False for the pairs an expert's capacity dropped.
 
   Returns:
     [T, D] combined expert outputs.
@@ -49,6 +61,8 @@ def dense_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_T
     # be with a single input, which a per-expert stacked input would not guarantee.
     h = jnp.where(act_quant_E[None, :, None], hidden(x_q_TxD), h)
   y_TxExD = jnp.einsum("tef,efd->ted", h, w_out_ExFxD)
+  if keep_TxK is not None:
+    gates_TxK = jnp.where(keep_TxK, gates_TxK, 0)
   combine_TxE = jnp.sum(
       jax.nn.one_hot(idx_TxK, num_experts, dtype=y_TxExD.dtype) * gates_TxK[..., None].astype(
           y_TxExD.dtype), axis=1)
@@ -56,22 +70,25 @@ def dense_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_T
 
 
 def ragged_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_TxK, *,
-                   x_q_TxD=None, act_quant_E=None):
+                   x_q_TxD=None, act_quant_E=None, keep_TxK=None):
   """Dropless MoE: sort the T*k (token, expert) pairs by expert and run one grouped matmul.
 
-  No capacity factor and no token dropping: group sizes are the exact per-expert counts.
-  Arguments and result as in dense_experts.
+  Without keep_TxK nothing is dropped: group sizes are the exact per-expert counts. Arguments and
+  result as in dense_experts.
   """
   _check_alt_input(x_q_TxD, act_quant_E)
   t, k = idx_TxK.shape
   num_experts = w_in_ExDxF.shape[0]
   flat_expert_M = idx_TxK.reshape(-1)
+  if keep_TxK is not None:
+    # Dropped pairs get the id E: they sort after every group and no group counts them.
+    flat_expert_M = jnp.where(keep_TxK.reshape(-1), flat_expert_M, num_experts)
   order_M = jnp.argsort(flat_expert_M, stable=True)
   token_M = order_M // k
   x_MxD = jnp.take(x_TxD, token_M, axis=0)
   if x_q_TxD is not None:
     # Row m belongs to expert flat_expert_M[order_M[m]]; it reads x_q when that expert quantizes.
-    reads_q_M = act_quant_E[jnp.take(flat_expert_M, order_M)]
+    reads_q_M = act_quant_E[jnp.minimum(jnp.take(flat_expert_M, order_M), num_experts - 1)]
     x_MxD = jnp.where(reads_q_M[:, None], jnp.take(x_q_TxD, token_M, axis=0), x_MxD)
   group_sizes_E = jnp.bincount(flat_expert_M, length=num_experts).astype(jnp.int32)
   h = swiglu(jax.lax.ragged_dot(x_MxD, w_gate_ExDxF, group_sizes_E),
@@ -79,10 +96,10 @@ def ragged_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_
   y_MxD = jax.lax.ragged_dot(h, w_out_ExFxD, group_sizes_E)
   inverse_M = jnp.argsort(order_M)
   y_TxKxD = jnp.take(y_MxD, inverse_M, axis=0).reshape(t, k, -1)
-  return jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype))
+  return combine(y_TxKxD, gates_TxK, keep_TxK)
 
 
-def gathered_experts(x_TxD, w_in_MxDxF, w_gate_MxDxF, w_out_MxFxD, gates_TxK):
+def gathered_experts(x_TxD, w_in_MxDxF, w_gate_MxDxF, w_out_MxFxD, gates_TxK, keep_TxK=None):
   """Each (token, slot) pair with its own gathered expert weights, M = T*k pairs in token order.
 
   The decode path of packed serving: with fewer pairs than experts, reading only the selected
@@ -93,7 +110,7 @@ def gathered_experts(x_TxD, w_in_MxDxF, w_gate_MxDxF, w_out_MxFxD, gates_TxK):
   h = swiglu(jnp.einsum("md,mdf->mf", x_MxD, w_gate_MxDxF),
              jnp.einsum("md,mdf->mf", x_MxD, w_in_MxDxF))
   y_TxKxD = jnp.einsum("mf,mfd->md", h, w_out_MxFxD).reshape(t, k, -1)
-  return jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype))
+  return combine(y_TxKxD, gates_TxK, keep_TxK)
 
 
 DISPATCH = {"ragged": ragged_experts, "dense": dense_experts}

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from moeqjax.model.dispatch import ragged_experts, swiglu
+from moeqjax.model.dispatch import combine, ragged_experts, swiglu
 
 EXPERT_AXIS = "expert"
 # Mesh axes the token rows may be split over (moeqjax.train.mesh's default batch rule). Tokens
@@ -35,7 +35,8 @@ def _exchange(x_MxD, expert_M, num_experts, n, compute):
 
   Args:
     x_MxD: this device's rows, sorted by expert_M.
-    expert_M: the global expert of each row (ascending).
+    expert_M: the global expert of each row (ascending); E for a row dropped by the capacity,
+      which is sent nowhere (its output row is unspecified; the caller masks it).
     num_experts: E, all shards together.
     n: the size of the expert axis.
     compute: (rows_RxD, group_sizes_L) -> [R, D'] on the owner; rows arrive grouped by local
@@ -65,8 +66,8 @@ def _exchange(x_MxD, expert_M, num_experts, n, compute):
   y = compute(rows, jnp.sum(recv_counts_NxL, axis=0))
   y = jnp.take(y, jnp.argsort(order_R), axis=0).reshape(n, m, -1)
   back = jax.lax.all_to_all(y, EXPERT_AXIS, 0, 0, tiled=True)
-  # Row r went to shard expert_M[r] // local, slot r - start of that shard.
-  dest_M = expert_M // local
+  # Row r went to shard expert_M[r] // local, slot r - start of that shard (dropped rows: any).
+  dest_M = jnp.minimum(expert_M // local, n - 1)
   return back[dest_M, jnp.arange(m) - start_N[dest_M]]
 
 
@@ -86,19 +87,23 @@ def _sorted_pairs(idx_TxK):
   return order_M, jnp.take(flat_M, order_M)
 
 
-def _local_experts(x_TxD, w_in, w_gate, w_out, gates_TxK, idx_TxK, act_quant_E, x_q_TxD, *,
-                   num_experts, n):
+def _local_experts(x_TxD, w_in, w_gate, w_out, gates_TxK, idx_TxK, act_quant_E, x_q_TxD,
+                   keep_TxK, *, num_experts, n):
   """One device's part of expert_parallel_experts (inside shard_map)."""
   t, k = idx_TxK.shape
+  if keep_TxK is not None:
+    # Pairs over capacity get the id E: sorted last, counted for no shard, never sent.
+    idx_TxK = jnp.where(keep_TxK, idx_TxK, num_experts)
   order_M, expert_M = _sorted_pairs(idx_TxK)
   token_M = order_M // k
   x_MxD = jnp.take(x_TxD, token_M, axis=0)
   if x_q_TxD is not None:
     # The source knows each row's expert, so it sends the input that expert reads.
-    x_MxD = jnp.where(act_quant_E[expert_M][:, None], jnp.take(x_q_TxD, token_M, axis=0), x_MxD)
+    reads_q_M = act_quant_E[jnp.minimum(expert_M, num_experts - 1)]
+    x_MxD = jnp.where(reads_q_M[:, None], jnp.take(x_q_TxD, token_M, axis=0), x_MxD)
   y_MxD = _exchange(x_MxD, expert_M, num_experts, n, _grouped_swiglu(w_in, w_gate, w_out))
   y_TxKxD = jnp.take(y_MxD, jnp.argsort(order_M), axis=0).reshape(t, k, -1)
-  return jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype))
+  return combine(y_TxKxD, gates_TxK, keep_TxK)
 
 
 def _expert_mesh():
@@ -122,16 +127,18 @@ def _token_spec(mesh, num_tokens):
 
 
 def expert_parallel_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_TxK, *,
-                            x_q_TxD=None, act_quant_E=None):
+                            x_q_TxD=None, act_quant_E=None, keep_TxK=None):
   """Dropless expert-parallel MoE over the context mesh's `expert` axis (jax.set_mesh).
 
   Arguments and result as in dispatch.dense_experts. Without a context mesh, or with an expert
-  axis of size 1, this is dispatch.ragged_experts (the same grouped matmul on one shard).
+  axis of size 1, this is dispatch.ragged_experts (the same grouped matmul on one shard). With
+  keep_TxK (a capacity), the dropped pairs are not sent: a shard receives at most the capacity
+  of rows per local expert, from all sources together.
   """
   mesh = _expert_mesh()
   if mesh is None:
     return ragged_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_TxK,
-                          x_q_TxD=x_q_TxD, act_quant_E=act_quant_E)
+                          x_q_TxD=x_q_TxD, act_quant_E=act_quant_E, keep_TxK=keep_TxK)
   num_experts, n = w_in_ExDxF.shape[0], mesh.shape[EXPERT_AXIS]
   if num_experts % n:
     raise ValueError(f"model.num_experts = {num_experts} is not divisible by expert = {n}; "
@@ -141,17 +148,19 @@ def expert_parallel_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_
   return jax.shard_map(
       body, mesh=mesh, out_specs=tok,
       in_specs=(tok, ex, ex, ex, tok, tok, None if act_quant_E is None else rep,
-                None if x_q_TxD is None else tok),
-  )(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_TxK, act_quant_E, x_q_TxD)
+                None if x_q_TxD is None else tok, None if keep_TxK is None else tok),
+  )(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_TxK, act_quant_E, x_q_TxD,
+    keep_TxK)
 
 
-def pair_counts(idx_TxK, num_experts):
+def pair_counts(idx_TxK, num_experts, keep_TxK=None):
   """Which (token, k) pairs came back computed, by which expert, and how many rows ran in all.
 
-  The same exchange as expert_parallel_experts with a computation that reports, per received row,
-  1 and the global expert that ran it (padding rows report 0 and -1). Returns (done_TxK,
-  expert_TxK, rows): a dropped pair shows as done 0, a misrouted one as an expert other than
-  idx_TxK's, and a duplicated one as rows (summed over all shards) above the T*K pairs.
+  The same exchange as expert_parallel_experts (with keep_TxK: its capacity drops) with a
+  computation that reports, per received row, 1 and the global expert that ran it (padding rows
+  report 0 and -1). Returns (done_TxK, expert_TxK, rows): a dropped pair shows as done 0 and
+  expert -1, a misrouted one as an expert other than idx_TxK's, and a duplicated one as rows
+  (summed over all shards) above the pairs sent.
   """
   mesh = _expert_mesh()
   if mesh is None:
@@ -160,8 +169,10 @@ def pair_counts(idx_TxK, num_experts):
   tok = _token_spec(mesh, idx_TxK.shape[0])
   computed = []  # the rows this shard ran, from inside the exchange
 
-  def body(idx):
+  def body(idx, keep):
     t, k = idx.shape
+    if keep is not None:
+      idx = jnp.where(keep, idx, num_experts)  # as _local_experts: never sent
     order_M, expert_M = _sorted_pairs(idx)
     base = jax.lax.axis_index(EXPERT_AXIS) * (num_experts // n)
 
@@ -175,7 +186,9 @@ def pair_counts(idx_TxK, num_experts):
     ones = jnp.ones((t * k, 1), jnp.int32)
     got = _exchange(ones, expert_M, num_experts, n, report)
     got = jnp.take(got, jnp.argsort(order_M), axis=0).reshape(t, k, 2)
+    if keep is not None:  # a dropped pair's row came back from nowhere
+      got = jnp.where(keep[..., None], got, jnp.asarray([0, -1], jnp.int32))
     return got[..., 0], got[..., 1], jax.lax.psum(computed[0], tok[0])
 
-  return jax.shard_map(body, mesh=mesh, in_specs=(tok,),
-                       out_specs=(tok, tok, PartitionSpec()))(idx_TxK)
+  return jax.shard_map(body, mesh=mesh, in_specs=(tok, None if keep_TxK is None else tok),
+                       out_specs=(tok, tok, PartitionSpec()))(idx_TxK, keep_TxK)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from moeqjax import quant as q
 from moeqjax.model.config import ModelConfig
 from moeqjax.model import packed_weights
+from moeqjax.model.capacity import capacity_keep
 from moeqjax.model.dispatch import DISPATCH as _LOCAL_DISPATCH, gathered_experts, swiglu
 from moeqjax.model.expert_parallel import expert_parallel_experts
 from moeqjax.model.layers import QDense, expert_act_quant, maybe_quant_act, quant_codes
@@ -62,11 +63,15 @@ class MoE(nn.Module):
     logits_TxE = QDense(e, ("embed", "expert"), rules, rules.router_code, dtype=jnp.float32,
                         param_dtype=pdtype, name="router")(x_TxD)
     probs_TxE, gates_TxK, idx_TxK = topk_gates(logits_TxE, cfg.top_k, cfg.norm_topk_prob)
+    # With a capacity, the pairs over it are dropped from the experts' computation only: the
+    # routing in aux (and so the losses and router statistics) is the router's own.
+    keep_TxK = (capacity_keep(idx_TxK, e, cfg.capacity_factor) if cfg.capacity_factor > 0
+                else None)
 
     if self.has_variable(packed_weights.COLLECTION, "w_in"):
-      y_TxD = self._packed_experts(x_TxD, gates_TxK, idx_TxK)
+      y_TxD = self._packed_experts(x_TxD, gates_TxK, idx_TxK, keep_TxK)
     else:
-      y_TxD = self._float_experts(x_TxD, gates_TxK, idx_TxK)
+      y_TxD = self._float_experts(x_TxD, gates_TxK, idx_TxK, keep_TxK)
     if cfg.shared_d_ff:
       y_TxD = y_TxD + SharedExpert(cfg, name="shared_expert")(x_TxD)
 
@@ -78,10 +83,13 @@ class MoE(nn.Module):
         "lb_loss": load_balance_loss(probs_TxE, idx_TxK),
         "z_loss": router_z_loss(logits_TxE),
         "moe_out": y_BxSxD,
+        # fraction of the T*k pairs dropped by the capacity (0 when dropless)
+        "drop_rate": (jnp.zeros((), jnp.float32) if keep_TxK is None
+                      else 1.0 - jnp.mean(keep_TxK.astype(jnp.float32))),
     }
     return y_BxSxD, aux
 
-  def _float_experts(self, x_TxD, gates_TxK, idx_TxK):
+  def _float_experts(self, x_TxD, gates_TxK, idx_TxK, keep_TxK):
     """Experts from float params: full precision, or fake-quantized at the `quant` codes."""
     cfg, rules = self.cfg, self.cfg.quant
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -108,13 +116,13 @@ class MoE(nn.Module):
       idx_M = idx_TxK.reshape(-1)
       w_in, w_gate, w_out = (jnp.take(w, idx_M, axis=0).astype(dtype)
                              for w in (w_in, w_gate, w_out))
-      return gathered_experts(x_TxD.astype(dtype), w_in, w_gate, w_out, gates_TxK)
+      return gathered_experts(x_TxD.astype(dtype), w_in, w_gate, w_out, gates_TxK, keep_TxK)
     return DISPATCH[cfg.dispatch](
         x_TxD.astype(dtype), w_in.astype(dtype), w_gate.astype(dtype), w_out.astype(dtype),
         gates_TxK, idx_TxK, x_q_TxD=None if x_q is None else x_q.astype(dtype),
-        act_quant_E=act_quant_E)
+        act_quant_E=act_quant_E, keep_TxK=keep_TxK)
 
-  def _packed_experts(self, x_TxD, gates_TxK, idx_TxK):
+  def _packed_experts(self, x_TxD, gates_TxK, idx_TxK, keep_TxK):
     """Experts from the `packed` collection, dequantized inside the computation.
 
     When fewer (token, expert) pairs than experts are routed (decode), only the selected experts
@@ -131,10 +139,11 @@ class MoE(nn.Module):
       idx_M = idx_TxK.reshape(-1)
       w = {name: packed_weights.experts(nodes[name], idx_M, shape, spec).astype(dtype)
            for name, shape in shapes.items()}
-      return gathered_experts(x_in, w["w_in"], w["w_gate"], w["w_out"], gates_TxK)
+      return gathered_experts(x_in, w["w_in"], w["w_gate"], w["w_out"], gates_TxK, keep_TxK)
     w = {name: packed_weights.all_experts(nodes[name], shape, spec).astype(dtype)
          for name, shape in shapes.items()}
-    return DISPATCH[cfg.dispatch](x_in, w["w_in"], w["w_gate"], w["w_out"], gates_TxK, idx_TxK)
+    return DISPATCH[cfg.dispatch](x_in, w["w_in"], w["w_gate"], w["w_out"], gates_TxK, idx_TxK,
+                                  keep_TxK=keep_TxK)
 
   def _ratios(self, spec, e, d, f, pdtype):
     """Learned scale ratios (clip ratios or LSQ scales), one per quantization group, initialised at 1.

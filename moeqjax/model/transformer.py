@@ -12,7 +12,7 @@ from moeqjax.model.layers import QDense, RMSNorm
 from moeqjax.model.moe import MoE
 
 # Routing tensors every forward pass sows into the `intermediates` collection, stacked over layers.
-AUX_KEYS = ("router_logits", "expert_idx", "gates", "lb_loss", "z_loss", "moe_out")
+AUX_KEYS = ("router_logits", "expert_idx", "gates", "lb_loss", "z_loss", "moe_out", "drop_rate")
 
 
 class Block(nn.Module):

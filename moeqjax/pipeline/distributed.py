@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
+import sys
+import threading
 import time
 
 import jax
@@ -14,6 +17,8 @@ from moeqjax.pipeline.config import ConfigError
 AUTO = "auto"  # --coordinator auto: jax detects the cluster (Cloud TPU, SLURM, Open MPI, k8s)
 ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
        "process_id": "JAX_PROCESS_ID"}
+# jaxlib gets this much longer than --distributed-timeout, so that our watchdog speaks first.
+JAXLIB_GRACE_S = 60
 
 
 class DistributedError(ConfigError):
@@ -81,19 +86,24 @@ def initialize(dist: DistributedConfig) -> None:
 
   Call it before anything else asks JAX for its devices. With "auto" JAX finds the coordinator
   and the process ids itself (on a Cloud TPU VM pod slice, every worker runs the same command).
+  Waiting for the coordinator and for every process to register takes at most `timeout_s` in
+  all; then the process prints a one-line error and exits 2 (see `_registration_watchdog`).
   """
   if not dist.enabled:
     return
+  deadline = time.monotonic() + dist.timeout_s
   if dist.coordinator != AUTO and dist.process_id != 0:
     # jaxlib aborts the whole process (no Python exception) when it cannot register with the
     # coordinator, so a worker first waits for the coordinator's port itself.
-    _wait_for_port(dist)
+    _wait_for_port(dist, deadline)
+  jax_timeout = max(1, round(deadline - time.monotonic())) + JAXLIB_GRACE_S
   try:
-    if dist.coordinator == AUTO:
-      jax.distributed.initialize(initialization_timeout=dist.timeout_s)
-    else:
-      jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id,
-                                 initialization_timeout=dist.timeout_s)
+    with _registration_watchdog(dist, deadline):
+      if dist.coordinator == AUTO:
+        jax.distributed.initialize(initialization_timeout=jax_timeout)
+      else:
+        jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id,
+                                   initialization_timeout=jax_timeout)
   except RuntimeError as e:  # called after JAX's backend started: a caller's bug
     raise DistributedError(f"{str(e).strip()} Initialize moeqjax.pipeline.distributed "
                            "first.") from None
@@ -102,11 +112,54 @@ def initialize(dist: DistributedConfig) -> None:
                            "HOST:PORT --num-processes N --process-id I instead") from None
 
 
-def _wait_for_port(dist: DistributedConfig) -> None:
-  """Returns once the coordinator accepts TCP connections; a DistributedError after timeout_s."""
+def registration_timeout_message(dist: DistributedConfig) -> str:
+  """The one line for processes that did not all register with the coordinator in time."""
+  if dist.coordinator == AUTO:
+    where = "the coordinator JAX detected (--coordinator auto)"
+    fix = "start the same command on every worker of the cluster"
+  else:
+    n = dist.num_processes
+    where = f"the coordinator {dist.coordinator}"
+    fix = (f"start all {n} processes (--process-id 0 to {n - 1}) with the same --coordinator "
+           f"{dist.coordinator} and --num-processes {n} (or make --num-processes the number "
+           "you start)")
+  # jaxlib's coordination service does not expose how many processes had registered.
+  who = "this process" if dist.process_id is None else f"process {dist.process_id}"
+  return (f"{who} waited {dist.timeout_s} s for all processes to register with {where}, and "
+          f"they did not (jaxlib does not say how many arrived); {fix}, or raise "
+          "--distributed-timeout")
+
+
+@contextlib.contextmanager
+def _registration_watchdog(dist: DistributedConfig, deadline: float):
+  """Prints the one-line error and exits 2 if the body is still running at `deadline`.
+
+  When not every process registers in time, jaxlib's client does not raise: it LOG(FATAL)s,
+  aborting the process (SIGABRT) with a C++ stack trace. A Python exception cannot come out of
+  that, so a daemon thread watches the clock while the main thread waits inside jaxlib (which
+  releases the GIL there) and ends the process first, with os._exit because the main thread
+  cannot be unwound from inside the C++ call. jaxlib's own deadline is JAXLIB_GRACE_S later.
+  """
+  done = threading.Event()
+
+  def watch():
+    if not done.wait(max(0.0, deadline - time.monotonic())):
+      print(f"moeqjax: error: {registration_timeout_message(dist)}", file=sys.stderr, flush=True)
+      os._exit(2)
+
+  thread = threading.Thread(target=watch, name="jax.distributed watchdog", daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    done.set()
+    thread.join()
+
+
+def _wait_for_port(dist: DistributedConfig, deadline: float) -> None:
+  """Returns once the coordinator accepts TCP connections; a DistributedError at `deadline`."""
   host, _, port = dist.coordinator.rpartition(":")
   host = host.strip("[]")  # [::1]:1234
-  deadline = time.monotonic() + dist.timeout_s
   while True:
     try:
       with socket.create_connection((host, int(port)), timeout=max(

@@ -38,6 +38,11 @@ def get_config():
 '''
 
 
+# Model fields that say how a run computes, not what the weights are: they may differ from
+# the import's.
+_HOW_IT_RUNS = ("dispatch", "max_seq_len", "capacity_factor")
+
+
 def model_section(cfg) -> dict:
   return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "quant"}
 
@@ -89,8 +94,7 @@ def load_imported_params(folder, cfg, target=None):
   now = json.loads(json.dumps(model_section(cfg)))
   if record["model"] != now:
     changed = sorted(k for k in set(record["model"]) | set(now)
-                     if record["model"].get(k) != now.get(k) and k not in ("dispatch",
-                                                                           "max_seq_len"))
+                     if record["model"].get(k) != now.get(k) and k not in _HOW_IT_RUNS)
     if changed:
       raise ConvertError(f"--teacher {folder} was imported with a different model config "
                          f"(fields differ: {', '.join(changed)}); pass --config "

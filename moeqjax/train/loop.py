@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 import signal
 from typing import Callable
@@ -55,20 +56,29 @@ class LoopConfig:
 class _SignalFlag:
   """Turns SIGINT/SIGTERM into a flag the loop checks after each step.
 
-  With several processes it leaves the signals alone: a SIGTERM on any host reaches JAX's
-  preemption service (jax.distributed), which agrees with every host on a step at which all of
-  them save (see `_preempted`); a host saving on its own would wait forever for the others.
+  With several processes a host must not stop on its own (it would wait forever for the others
+  in the next collective or save): a SIGTERM on any host reaches JAX's preemption service
+  (jax.distributed; jaxlib handles the signal), which agrees with every host on a step at which
+  all of them save (see `_preempted`). A Ctrl-C (SIGINT) there is passed on as this process's own
+  SIGTERM, so it stops every host cleanly the same way; a second Ctrl-C interrupts at once. With
+  the preemption service turned off, SIGINT is left alone (KeyboardInterrupt, no save: a save it
+  cuts short is never committed, so it is never restored).
   """
 
   def __init__(self, multi_process: bool = False):
     self.received = None
     self._old = {}
-    self._signals = () if multi_process else (signal.SIGINT, signal.SIGTERM)
+    if not multi_process:
+      self._handlers = {signal.SIGINT: self._handle, signal.SIGTERM: self._handle}
+    elif jax.config.jax_enable_preemption_service:
+      self._handlers = {signal.SIGINT: self._forward}
+    else:
+      self._handlers = {}
 
   def __enter__(self):
-    for sig in self._signals:
+    for sig, handler in self._handlers.items():
       try:
-        self._old[sig] = signal.signal(sig, self._handle)
+        self._old[sig] = signal.signal(sig, handler)
       except ValueError:  # not the main thread: leave signals alone
         pass
     return self
@@ -77,17 +87,22 @@ class _SignalFlag:
     del frame
     self.received = signal.Signals(signum).name
 
+  def _forward(self, signum, frame):
+    del signum, frame
+    signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
+    os.kill(os.getpid(), signal.SIGTERM)
+
   def __exit__(self, *exc):
     for sig, handler in self._old.items():
       signal.signal(sig, handler)
 
 
 def _preempted(step: int) -> str | None:
-  """'preemption notice' when the hosts of a multi-process run agreed to save at `step`."""
+  """A reason to stop when the hosts of a multi-process run agreed to save at `step`."""
   # The service is on unless jax_enable_preemption_service was turned off (then no notices).
   if (jax.process_count() > 1 and jax.config.jax_enable_preemption_service
       and multihost_utils.reached_preemption_sync_point(step)):
-    return "preemption notice (SIGTERM)"
+    return "preemption notice (SIGTERM or Ctrl-C on a host)"
   return None
 
 

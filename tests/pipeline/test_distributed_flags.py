@@ -1,11 +1,20 @@
 """Multi-process settings: flags over JAX_* environment variables, one-line errors, and the
 arguments jax.distributed.initialize receives (the real two-process run: tests/train)."""
 
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
 import jax
 import pytest
 
 from moeqjax.pipeline import distributed
 from moeqjax.pipeline.distributed import DistributedConfig, DistributedError, from_flags
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -56,8 +65,34 @@ def test_what_jax_distributed_receives(monkeypatch):
   monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
   distributed.initialize(from_flags("127.0.0.1:1", 2, 0, 7))  # process 0 hosts the service
   distributed.initialize(from_flags("auto", None, None, 9))  # JAX detects the cluster
-  assert calls == [(("127.0.0.1:1", 2, 0), {"initialization_timeout": 7}),
-                   ((), {"initialization_timeout": 9})]
+  # jaxlib's own deadline comes after ours (the watchdog's, see the next test)
+  grace = distributed.JAXLIB_GRACE_S
+  assert calls == [(("127.0.0.1:1", 2, 0), {"initialization_timeout": 7 + grace}),
+                   ((), {"initialization_timeout": 9 + grace})]
+
+
+def test_peers_that_never_arrive_are_one_line_and_exit_2(tmp_path):
+  """Process 0 of 2 alone: jaxlib would abort (SIGABRT, a C++ stack trace) at its deadline; the
+  watchdog prints one line and exits 2 at --distributed-timeout instead."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if k not in distributed.ENV.values()}
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+  argv = [sys.executable, "-m", "moeqjax.cli", "qat", "--teacher", str(tmp_path), "--coordinator",
+          f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0",
+          "--distributed-timeout", "2"]
+  t0 = time.perf_counter()
+  run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+  elapsed = time.perf_counter() - t0
+  err = run.stderr.strip()
+  assert run.returncode == 2 and "\n" not in err, (run.returncode, err[-3000:])
+  assert err == (f"moeqjax: error: process 0 waited 2 s for all processes to register with the "
+                 f"coordinator 127.0.0.1:{port}, and they did not (jaxlib does not say how many "
+                 f"arrived); start all 2 processes (--process-id 0 to 1) with the same "
+                 f"--coordinator 127.0.0.1:{port} and --num-processes 2 (or make --num-processes "
+                 "the number you start), or raise --distributed-timeout")
+  assert elapsed >= 2
 
 
 def test_auto_outside_a_cluster_is_one_line(monkeypatch):
@@ -67,3 +102,11 @@ def test_auto_outside_a_cluster_is_one_line(monkeypatch):
   with pytest.raises(DistributedError, match=r"--coordinator auto: JAX found no cluster "
                      r"\(coordinator_address should be defined.\); give --coordinator HOST:PORT"):
     distributed.initialize(from_flags("auto", None, None, 9))
+
+
+def test_registration_timeout_with_auto_names_the_cluster():
+  """--coordinator auto: JAX picks the process ids, so the line names none."""
+  assert distributed.registration_timeout_message(from_flags("auto", None, None, 9)) == (
+      "this process waited 9 s for all processes to register with the coordinator JAX detected "
+      "(--coordinator auto), and they did not (jaxlib does not say how many arrived); start the "
+      "same command on every worker of the cluster, or raise --distributed-timeout")

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from moeqjax.model import ModelConfig, MoETransformer, QuantRules, init_model, set_expert_codes
+from moeqjax.model.capacity import capacity_keep
+from moeqjax.model.dispatch import dense_experts
 from moeqjax.model.expert_parallel import expert_parallel_experts, pair_counts
 from moeqjax.model.moe import MoE
 from moeqjax.objectives import LossWeights
@@ -44,6 +46,7 @@ MESHES = [  # (model, mesh sizes, dispatch on the mesh; the single-device step i
     ("mixtral", dict(data=8), "ragged"),
     ("mixtral", dict(data=2, fsdp=4), "ragged"),
     ("mixtral", dict(data=2, expert=4), "ragged"),  # experts sharded, GSPMD's collectives
+    ("mixtral", dict(data=4, tensor=2), "ragged"),  # the tensor axis alone: heads, mlp, vocab
     # The tensor axis rides along with expert=2 here: one compile fewer on the 2-core CI. This
     # step runs the shard_map expert-parallel exchange (model.dispatch="ep").
     ("qwen2moe", dict(data=2, expert=2, tensor=2), "ep"),
@@ -136,6 +139,29 @@ def ep_block(name, sizes, act_bits):
           "same_routing": bool(np.array_equal(np.asarray(got[3]), idx)),
           "pairs": int(idx.size), "pairs_done_once": bool(np.all(done == 1)),
           "pairs_by_own_expert": bool(np.array_equal(expert, idx)), "rows_computed": int(rows)}
+
+
+def ep_capacity(factor=0.75):
+  """model.dispatch="ep" with a capacity on expert=4 x data=2, E=8, k=2: the pairs kept and sent,
+  and the output vs the dense oracle on one device with the same keep mask."""
+  sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
+  from capacity_oracle import skewed_idx
+  r = np.random.default_rng(4)
+  t, d, f, e = 32, 8, 8, 8
+  x = jnp.asarray(r.normal(size=(t, d)), jnp.float32)
+  w_in, w_gate, w_out = (jnp.asarray(r.normal(size=s) / 3, jnp.float32)
+                         for s in ((e, d, f), (e, d, f), (e, f, d)))
+  idx = jnp.asarray(skewed_idx(6, t, e, 2), jnp.int32)
+  gates = jax.nn.softmax(jnp.asarray(r.normal(size=(t, 2)), jnp.float32))
+  keep = capacity_keep(idx, e, factor)
+  ref = dense_experts(x, w_in, w_gate, w_out, gates, idx, keep_TxK=keep)
+  with jax.set_mesh(make_mesh(MeshConfig(data=2, expert=4))):
+    y, (done, expert, rows) = jax.jit(lambda *a: (
+        expert_parallel_experts(*a, keep_TxK=keep), pair_counts(a[-1], e, keep)))(
+            x, w_in, w_gate, w_out, gates, idx)
+  return {"factor": factor, "num_experts": e, "idx": np.asarray(idx).tolist(),
+          "keep": np.asarray(keep).tolist(), "done": np.asarray(done).tolist(),
+          "expert": np.asarray(expert).tolist(), "rows": int(rows), "y": rel_err(y, ref)}
 
 
 def ep_errors():
@@ -262,7 +288,8 @@ def main():
   moved["cache_sizes"] = [step._cache_size() for _, step, place in live.values() if place]
   print(json.dumps({"devices": len(jax.devices()), "seconds": time.perf_counter() - t0,
                     "results": results, "moves": moved, "ep_blocks": ep,
-                    "ep_seconds": ep_seconds, "ep_errors": ep_errors()}))
+                    "ep_seconds": ep_seconds, "ep_errors": ep_errors(),
+                    "ep_capacity": ep_capacity()}))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
                         copy of the preempted two-process run) to the end and print, as JSON, how
                         far its final params are from SCRATCH/one's.
   proc I PORT SCRATCH   process I of 2 (2 CPU devices each, jax.distributed on 127.0.0.1:PORT):
-                        the same QAT into SCRATCH/two; process 1 gets SIGTERM after step 1, so
-                        both save at the step JAX's preemption service agrees on and exit 130.
+                        the same QAT into SCRATCH/two; process 1 gets SIGINT (Ctrl-C) after
+                        step 1, passed on as its SIGTERM, so both save at the step JAX's
+                        preemption service agrees on and exit 130.
 """
 
 import json
@@ -86,10 +87,10 @@ def single(scratch: pathlib.Path) -> None:
   }), flush=True)
 
 
-def sigterm_after_step_1(metrics: pathlib.Path) -> None:
+def sigint_after_step_1(metrics: pathlib.Path) -> None:
   while not (metrics.exists() and '"step": 1' in metrics.read_text()):
     time.sleep(0.05)
-  os.kill(os.getpid(), signal.SIGTERM)
+  os.kill(os.getpid(), signal.SIGINT)
 
 
 def proc(index: int, port: int, scratch: pathlib.Path) -> None:
@@ -97,8 +98,8 @@ def proc(index: int, port: int, scratch: pathlib.Path) -> None:
   # CPU devices of several processes talk through gloo (set before the backend starts).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if index == 1:
-    # A preemption notice on this host alone, once step 1 is logged (by process 0).
-    threading.Thread(target=sigterm_after_step_1, args=(scratch / "two" / "metrics.jsonl",),
+    # A Ctrl-C on this host alone, once step 1 is logged (by process 0).
+    threading.Thread(target=sigint_after_step_1, args=(scratch / "two" / "metrics.jsonl",),
                      daemon=True).start()
   code = cli(scratch, "qat", "--workdir", str(scratch / "two"), "--teacher",
              str(scratch / "teacher"), "--coordinator", f"127.0.0.1:{port}", "--num-processes",

@@ -1,10 +1,11 @@
 """The sharded QAT step on 8 CPU devices equals the single-device step; mesh errors name the fix."""
 
-
 import jax
+import numpy as np
 import pytest
 
 import mesh_launch
+from capacity_oracle import reference_keep
 from moeqjax.model import init_model
 from moeqjax.train.mesh import MeshConfig, MeshError, check_batch, check_params
 from moeqjax.model.transformer import param_axes
@@ -19,7 +20,7 @@ RTOL = 1e-5
 RTOL_K_BIAS = 2e-4
 EXPECTED = {  # sizes -> (w_in shard shape) for E=8 (mixtral) or E=4 (qwen2moe), D=F=32
     (8, 1, 1, 1): [8, 32, 32], (2, 4, 1, 1): [8, 8, 32], (2, 1, 4, 1): [2, 32, 32],
-    (2, 1, 2, 2): [2, 32, 16],
+    (2, 1, 2, 2): [2, 32, 16], (4, 1, 1, 2): [8, 32, 16],
 }
 
 
@@ -49,7 +50,7 @@ def test_sharded_steps_equal_single_device(mesh_out):
     assert r["quant_replicated"]
     assert r["cache_before"] == r["cache_after"] == 1, "a new allocation recompiled on a mesh"
   assert seen == {("mixtral", (8, 1, 1, 1)), ("mixtral", (2, 4, 1, 1)),
-                  ("mixtral", (2, 1, 4, 1)), ("qwen2moe", (2, 1, 2, 2))}
+                  ("mixtral", (2, 1, 4, 1)), ("mixtral", (4, 1, 1, 2)), ("qwen2moe", (2, 1, 2, 2))}
   # The expert-parallel exchange (shard_map) ran one of them: its loss, metric terms (routing
   # alignment included), params and router statistics are among those checked above.
   assert [r["model"] for r in out["results"] if r["dispatch"] == "ep"] == ["qwen2moe"]
@@ -77,6 +78,18 @@ def test_expert_parallel_block_equals_dense_oracle(mesh_out):
   assert {r["pairs"] for r in mesh_out["ep_blocks"]} == {16 * 8 * 2, 16 * 8 * 1}
 
 
+def test_expert_parallel_capacity_drops_by_the_reference_rule(mesh_out):
+  """With model.capacity_factor the EP exchange sends only the kept pairs (the loop's rule, over
+  all 32 tokens of the 8 shards), each to its own expert once, and equals the dense oracle."""
+  r = mesh_out["ep_capacity"]
+  keep = reference_keep(r["idx"], r["num_experts"], r["factor"])
+  assert 0 < (~keep).sum() and np.array_equal(r["keep"], keep)
+  assert np.array_equal(r["done"], keep.astype(int))
+  assert np.array_equal(r["expert"], np.where(keep, r["idx"], -1))
+  assert r["rows"] == keep.sum()  # dropped pairs were not sent, nor computed
+  assert r["y"] <= RTOL, r["y"]
+
+
 def test_expert_parallel_errors_name_the_fix(mesh_out):
   errors = mesh_out["ep_errors"]
   assert errors["tokens"] == (
@@ -95,7 +108,7 @@ def test_checkpoint_moves_between_meshes(mesh_out):
   assert set(moved["mesh"]) >= {"train/loss", "train/task", "train/kd", "train/rec"}
   for key, value in moved["one_device"].items():
     assert abs(moved["mesh"][key] - value) <= RTOL * abs(value), (key, moved["mesh"][key], value)
-  assert moved["cache_sizes"] == [1, 1, 1]
+  assert moved["cache_sizes"] == [1, 1, 1, 1]
 
 
 def test_mesh_sizes_must_match_the_devices():
