@@ -3,7 +3,7 @@
 study_tiny's protocol, slices and grid on 7.2x its parameters (0.871M vs 0.122M: D=64, 4 layers,
 8 experts of F=128, 0.79M expert weights vs 0.10M), pretrained 4x longer, at budgets 2.0 / 2.25 /
 2.5 / 3.0 code bits, with MSE-optimal scales and post-training rows. Estimated at up to about 60
-minutes on a 2-core CPU; not yet run end to end.
+minutes on a 2-core CPU; measured: 69.4 min from scratch on a shared 2-core CPU (docs/results/study.md).
 
 Launch:  moeqjax study --config configs/study_small.py --workdir ./moeqjax_runs/study_small [--quick]
 """
