@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import re
 import sys
 
 # Help text only: `moeqjax allocate --help` says how rule-based methods become bytes.
@@ -91,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
   p = sub.add_parser("eval", help="evaluate a QAT run against its full-precision teacher")
   common(p, "workdir of a finished `moeqjax qat`")
   p.add_argument("--teacher", required=True, help="workdir of the teacher's `moeqjax pretrain`")
+  distributed(p)
 
   p = sub.add_parser("import-hf", help="import a local Hugging Face MoE checkpoint (Mixtral, "
                      "Qwen2-MoE, Qwen3-MoE, OLMoE) as a teacher folder for `moeqjax qat`")
@@ -356,9 +358,26 @@ def _writable_workdir(path: str) -> pathlib.Path:
   return workdir
 
 
+# Arguments that name files or folders, which moeqjax reads and writes with the local file system.
+_PATH_ARGS = ("workdir", "teacher", "data", "out", "packed", "init_from", "hf_dir", "allocation",
+              "config", "tokenizer", "prompt_file", "hf_config")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _local_paths(args):
+  """A URL (gs://, s3://, ...) is not a local path: say so, instead of making a folder "gs:"."""
+  for name in _PATH_ARGS:
+    value = getattr(args, name, None)
+    if isinstance(value, str) and _URL.match(value):
+      flag = "--" + name.replace("_", "-")
+      raise UserError(f"{flag} {value}: URLs are not supported; mount the bucket (e.g. gcsfuse, "
+                      f"or a Filestore/NFS share on every host) and pass {flag} the mounted path")
+
+
 def run(argv: list[str]) -> int:
   argv, overrides = _split_overrides(argv)
   args = _parser().parse_args(argv)
+  _local_paths(args)
   if args.command in _NO_CONFIG_COMMANDS:
     return run_convert(args, overrides)
   if args.command in _SERVE_COMMANDS:
@@ -371,7 +390,7 @@ def run(argv: list[str]) -> int:
   # Heavy imports after argument parsing so that --help is instant.
   from moeqjax.pipeline import distributed
   primary = True
-  if args.command in ("pretrain", "qat"):
+  if args.command in ("pretrain", "qat", "eval"):
     # Before anything asks JAX for its devices.
     distributed.initialize(distributed.from_flags(args.coordinator, args.num_processes,
                                                   args.process_id, args.distributed_timeout))
@@ -385,7 +404,7 @@ def run(argv: list[str]) -> int:
     overrides["data.tokenizer"] = args.tokenizer
   config_io.apply_overrides(config, overrides)
   config_io.model_config(config)  # validate the model section before any work
-  if args.command in ("demo", "pretrain", "qat"):
+  if args.command in ("demo", "pretrain", "qat", "eval"):
     from moeqjax.pipeline.mesh import check_mesh_devices
     check_mesh_devices(config)  # and the mesh against the devices, before data is read
   workdir = _writable_workdir(args.workdir or DEFAULT_WORKDIRS[args.command] or ".")
@@ -416,7 +435,8 @@ def run(argv: list[str]) -> int:
     from moeqjax.pipeline.evaluate import evaluate_qat_run
     metrics = evaluate_qat_run(config, workdir, workdirs.teacher_params(
         config, pathlib.Path(args.teacher)))
-    _print_summary({"variants": metrics, "unit": "token"}, workdir)
+    if primary:
+      _print_summary({"variants": metrics, "unit": "token"}, workdir)
   return 0
 
 

@@ -8,27 +8,36 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from moeqjax.model import ModelConfig, MoETransformer, forward_with_aux
 from moeqjax.objectives import token_nll
+from moeqjax.train.mesh import replicated, traced_in_mesh
+from moeqjax.train.sharding import EvalPlacement
 
 
 @functools.lru_cache(maxsize=None)
-def _eval_fn(cfg: ModelConfig):
-  """One compiled eval function per model config; the variables are arguments, so every
-  variant (full precision or any bit allocation) of a config reuses it."""
+def _eval_fn(cfg: ModelConfig, mesh: Mesh | None = None):
+  """One compiled eval function per model config (and mesh); the variables are arguments, so
+  every variant (full precision or any bit allocation) of a config reuses it.
+
+  On a mesh the variables and the batch keep the shardings they come with, and the results come
+  back replicated, so every process can read them.
+  """
   model = MoETransformer(cfg)
 
-  @jax.jit
   def fn(variables, batch):
     logits, aux = forward_with_aux(model, variables, batch[:, :-1])
     return jnp.sum(token_nll(logits, batch[:, 1:]), axis=1), aux["expert_idx"]
 
-  return fn
+  if mesh is None:
+    return jax.jit(fn)
+  rep = replicated(mesh)
+  return jax.jit(traced_in_mesh(fn, mesh), out_shardings=(rep, rep))
 
 
 def evaluate_lm(cfg: ModelConfig, variables: dict, windows_NxS1: np.ndarray,
-                batch_size: int) -> dict:
+                batch_size: int, placement: EvalPlacement | None = None) -> dict:
   """Scores next-token prediction on fixed windows.
 
   Args:
@@ -36,7 +45,10 @@ def evaluate_lm(cfg: ModelConfig, variables: dict, windows_NxS1: np.ndarray,
     variables: {"params": ...} (full precision) or with "quant" codes (fake-quantized).
     windows_NxS1: token windows [N, S+1]; a last partial batch is padded, and the padding
       rows are dropped from every result.
-    batch_size: windows per forward pass.
+    batch_size: windows per forward pass; on a mesh rounded up to a multiple of the batch shards.
+    placement: a mesh to evaluate on (moeqjax.train.sharding.eval_placement): the variables are
+      put in their shardings and each batch is split by rows; every process of a multi-process
+      run calls this with the same windows and gets the same results. None: the default device.
 
   Returns:
     {"nll": nats per token, "bits_per_token": nll / ln 2, "tokens": count,
@@ -44,7 +56,12 @@ def evaluate_lm(cfg: ModelConfig, variables: dict, windows_NxS1: np.ndarray,
      bits_per_token, since windows have equal length),
      "expert_idx": np.ndarray [L, N*S, K] routing decisions in window order}.
   """
-  fn = _eval_fn(cfg)
+  if placement is None:
+    fn, put = _eval_fn(cfg), jnp.asarray
+  else:
+    fn, put = _eval_fn(cfg, placement.mesh), placement.put_batch
+    variables = placement.put_variables(variables)
+    batch_size = placement.rows(batch_size)
   n, seq = windows_NxS1.shape[0], windows_NxS1.shape[1] - 1
   nll_parts, idx_parts = [], []
   for start in range(0, n, batch_size):
@@ -52,7 +69,7 @@ def evaluate_lm(cfg: ModelConfig, variables: dict, windows_NxS1: np.ndarray,
     real = batch.shape[0]
     if real < batch_size:  # pad to keep one compiled shape
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
-    nll_B, idx = fn(variables, jnp.asarray(batch))
+    nll_B, idx = fn(variables, put(batch))
     nll_parts.append(np.asarray(nll_B, np.float64)[:real])
     idx_parts.append(np.asarray(idx)[:, :real * seq])
   tokens = n * seq

@@ -17,7 +17,7 @@ REFERENCE = "full_precision"
 
 def evaluate_variants(cfg: ModelConfig, variants: dict, windows_NxS1: np.ndarray,
                       batch_size: int, *, control: str | None = None,
-                      reference_eval: dict | None = None) -> dict:
+                      reference_eval: dict | None = None, placement=None) -> dict:
   """Held-out loss, routing consistency, expert load and true memory of every variant.
 
   Args:
@@ -30,6 +30,7 @@ def evaluate_variants(cfg: ModelConfig, variants: dict, windows_NxS1: np.ndarray
       with: `delta_vs_<control>` and its paired standard error `delta_vs_<control>_se`.
     reference_eval: optional evaluate_lm result of the reference on these windows, used instead
       of evaluating it again (loops that score many students against one teacher).
+    placement: evaluate on this mesh (see evaluate_lm); None: the default device.
 
   Returns:
     name -> metrics dict (floats and per-layer lists; JSON-ready). Every variant has
@@ -43,7 +44,7 @@ def evaluate_variants(cfg: ModelConfig, variants: dict, windows_NxS1: np.ndarray
   baselines = {"fp": REFERENCE} if control is None else {"fp": REFERENCE, control: control}
   order = [REFERENCE] + [n for n in variants if n != REFERENCE]
   raw = {name: (reference_eval if name == REFERENCE and reference_eval is not None
-                else evaluate_lm(cfg, variants[name], windows_NxS1, batch_size)) for name in order}
+                else evaluate_lm(cfg, variants[name], windows_NxS1, batch_size, placement)) for name in order}
   ref_idx = raw[REFERENCE]["expert_idx"]
   ref_load = expert_load(ref_idx, cfg.num_experts)
   results = {}

@@ -17,6 +17,7 @@ from moeqjax.model import default_quant, init_ratios, set_expert_codes
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
 from moeqjax.pipeline.deploy import DEPLOY_VARIANTS, deploy_packed
+from moeqjax.pipeline.mesh import eval_mesh
 from moeqjax.pipeline.pretrain import pretrain
 from moeqjax.pipeline.qat import qat
 from moeqjax.pipeline.serve import end_of_text_id
@@ -227,7 +228,8 @@ def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | N
 
   t = time.perf_counter()
   windows = eval_windows(corpus.valid, config.eval.seq_len, config.eval.num_windows)
-  results = evaluate_variants(cfg, variants, windows, config.eval.batch_size, control=CONTROL)
+  results = evaluate_variants(cfg, variants, windows, config.eval.batch_size, control=CONTROL,
+                              placement=eval_mesh(config))
   baseline = unigram_bits_per_token(corpus.train, corpus.valid, cfg.vocab_size)
   timings["eval"] = time.perf_counter() - t
   t = time.perf_counter()

@@ -6,6 +6,8 @@ import json
 import pathlib
 
 from moeqjax.pipeline import config as config_io
+from moeqjax.pipeline.distributed import is_primary
+from moeqjax.pipeline.mesh import eval_mesh, sharded_template
 from moeqjax.pipeline.workdirs import finished_state, load_data, state_template
 from moeqjax.data import eval_windows
 from moeqjax.eval import evaluate_variants
@@ -16,9 +18,10 @@ class UnfinishedRun(config_io.ConfigError):
 
 
 def restore_qat_state(config, workdir: pathlib.Path):
-  """The final state of a finished QAT run in `workdir` (no params are initialised)."""
+  """The final state of a finished QAT run in `workdir` (no params are initialised; on a mesh
+  every array is restored straight into its shards)."""
   steps = config.qat.steps
-  state = finished_state(workdir, state_template(config, "qat"), steps)
+  state = finished_state(workdir, sharded_template(config, state_template(config, "qat")), steps)
   if state is None:
     raise UnfinishedRun(f"{workdir} holds no finished QAT run of {steps} steps; finish it "
                         f"with `moeqjax qat --workdir {workdir} --resume ...`")
@@ -26,7 +29,8 @@ def restore_qat_state(config, workdir: pathlib.Path):
 
 
 def evaluate_qat_run(config, workdir: pathlib.Path, teacher_params) -> dict:
-  """Evaluates teacher and student; writes workdir/eval.json and returns the metrics."""
+  """Evaluates teacher and student on the config's mesh (every device of every process; one
+  device: unsharded); process 0 writes workdir/eval.json. Returns the metrics (on every process)."""
   workdir = pathlib.Path(workdir)
   cfg = config_io.model_config(config)
   state = restore_qat_state(config, workdir)
@@ -35,6 +39,7 @@ def evaluate_qat_run(config, workdir: pathlib.Path, teacher_params) -> dict:
   results = evaluate_variants(cfg, {
       "full_precision": {"params": teacher_params},
       "student": {"params": state.params, "quant": state.quant},
-  }, windows, config.eval.batch_size)
-  (workdir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+  }, windows, config.eval.batch_size, placement=eval_mesh(config))
+  if is_primary():
+    (workdir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
   return results

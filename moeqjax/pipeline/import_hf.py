@@ -89,6 +89,7 @@ def load_imported_params(folder, cfg, target=None):
   model's abstract params on the default device.
   """
   import orbax.checkpoint as ocp
+  from moeqjax.train.checkpoint import restore_target
   folder = pathlib.Path(folder).absolute()
   record = json.loads((folder / IMPORT_MARKER).read_text())
   now = json.loads(json.dumps(model_section(cfg)))
@@ -101,7 +102,7 @@ def load_imported_params(folder, cfg, target=None):
                          f"{folder / CONFIG_PY}")
   if target is None:
     target = jax.eval_shape(lambda: init_model(cfg, jax.random.key(0))[1])
-  return ocp.StandardCheckpointer().restore(folder / PARAMS_DIR, target)
+  return ocp.StandardCheckpointer().restore(folder / PARAMS_DIR, restore_target(target))
 
 
 def keep_hf_config(teacher_dir, qat_workdir):

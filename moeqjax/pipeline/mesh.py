@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from moeqjax.pipeline import config as config_io
-from moeqjax.train.sharding import Placement, placement
+from moeqjax.train.sharding import EvalPlacement, Placement, eval_placement, placement
 
 
 def check_mesh_devices(config) -> dict[str, int]:
@@ -37,3 +37,14 @@ def sharded_template(config, abstract_state):
   place = placement(mesh_cfg, config_io.model_config(config), abstract_state, 0)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract_state, place.state)
+
+
+def eval_mesh(config, devices=None) -> EvalPlacement | None:
+  """Where `moeqjax eval` and the demo's evaluation run: the config's mesh over the devices of all
+  processes, or None on one device (today's unsharded path)."""
+  devices = jax.devices() if devices is None else list(devices)
+  mesh_cfg = config_io.mesh_config(config)
+  mesh_cfg.sizes(len(devices))
+  if len(devices) == 1:
+    return None
+  return eval_placement(mesh_cfg, config_io.model_config(config), devices)

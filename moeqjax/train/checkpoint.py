@@ -21,6 +21,24 @@ def _as_tree(state: TrainState) -> dict:
   return tree
 
 
+def restore_target(tree):
+  """Orbax's restore target for a tree of arrays or ShapeDtypeStructs: each leaf keeps its
+  sharding, and a leaf without one goes to this process's first device.
+
+  Without a sharding orbax would use the one recorded at save time, which fails on another device
+  count ("Topology mismatch"): a run trained on 8 devices is then read on one, and vice versa.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def leaf(x):
+    x = ocp.utils.to_shape_dtype_struct(x)
+    if getattr(x, "sharding", None) is None:
+      x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+    return x
+
+  return jax.tree.map(leaf, tree)
+
+
 class Checkpointer:
   """Saves the state every `every` steps (and on demand), keeping the newest `keep`."""
 
@@ -50,7 +68,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _as_tree(template))
+    target = restore_target(_as_tree(template))
     tree = self.manager.restore(step, args=ocp.args.StandardRestore(target))
     return template.replace(**tree)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -102,7 +103,7 @@ def flax_rules(config: MeshConfig) -> tuple:
 def check_batch(config: MeshConfig, sizes: dict[str, int], batch_size: int, what="batch_size"):
   """The global batch must split evenly over the batch's mesh axes."""
   axes = config.batch_axes()
-  shards = math.prod(sizes[a] for a in axes)
+  shards = batch_shards(config, sizes)
   if batch_size % shards:
     raise MeshError(f"{what}={batch_size} is not divisible by the {shards} batch shards "
                     f"({' x '.join(f'{a}={sizes[a]}' for a in axes)}); use a multiple of {shards}")
@@ -136,6 +137,21 @@ def make_mesh(config: MeshConfig, devices=None) -> Mesh:
 def logical_shardings(config: MeshConfig, mesh: Mesh, logical_specs):
   """A tree of logical PartitionSpecs -> the same tree of NamedShardings on `mesh`."""
   return nn.logical_to_mesh_sharding(logical_specs, mesh, flax_rules(config))
+
+
+def traced_in_mesh(fn, mesh: Mesh):
+  """fn traced with `mesh` as the context (abstract) mesh, which the model's shard_map reads
+  (model.dispatch="ep")."""
+  @functools.wraps(fn)
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return traced
+
+
+def batch_shards(config: MeshConfig, sizes: dict[str, int]) -> int:
+  """How many row blocks the batch is split into (the product of its mesh axes' sizes)."""
+  return math.prod(sizes[a] for a in config.batch_axes())
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

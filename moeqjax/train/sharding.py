@@ -7,7 +7,7 @@ import dataclasses
 import jax
 from jax.sharding import Mesh, NamedSharding
 
-from moeqjax.model import ModelConfig
+from moeqjax.model import ModelConfig, init_model, without_ratios
 from moeqjax.model.transformer import param_axes
 from moeqjax.train import mesh as mesh_lib
 from moeqjax.train.state import TrainState
@@ -50,6 +50,17 @@ class Placement:
                                                   (batch_size, *rows.shape[1:]))
 
 
+def param_shardings(config: mesh_lib.MeshConfig, mesh: Mesh, cfg: ModelConfig, params):
+  """NamedShardings of a param tree of this model: a student's (with learned ratio params when
+  the config learns them) or a teacher's (never with them); `params` may be abstract."""
+  full = mesh_lib.logical_shardings(config, mesh, param_axes(cfg))
+  want = jax.tree.structure(params)
+  for candidate in (full, without_ratios(full)):
+    if jax.tree.structure(candidate) == want:
+      return candidate
+  raise ValueError("these params do not match the model config's parameter tree")
+
+
 def state_shardings(config: mesh_lib.MeshConfig, mesh: Mesh, cfg: ModelConfig,
                     abstract_state: TrainState) -> TrainState:
   """NamedShardings for every leaf of a (possibly abstract) state.
@@ -58,11 +69,9 @@ def state_shardings(config: mesh_lib.MeshConfig, mesh: Mesh, cfg: ModelConfig,
   shaped like the params (Adam's moments) follow the params; quant codes, router statistics,
   counters and the step are replicated (they are tiny, and codes stay traced data).
   """
-  params = mesh_lib.logical_shardings(config, mesh, param_axes(cfg))
+  params = param_shardings(config, mesh, cfg, abstract_state.params)
   rep = mesh_lib.replicated(mesh)
   params_def = jax.tree.structure(abstract_state.params)
-  if jax.tree.structure(params) != params_def:
-    raise ValueError("the state's params do not match the model config's parameter tree")
 
   def like_params(subtree):
     return params if jax.tree.structure(subtree) == params_def else rep
@@ -72,7 +81,9 @@ def state_shardings(config: mesh_lib.MeshConfig, mesh: Mesh, cfg: ModelConfig,
   replicate = lambda tree: jax.tree.map(lambda _: rep, tree)
   return TrainState(
       step=rep, params=params, opt_state=opt, quant=replicate(abstract_state.quant),
-      teacher_params=None if abstract_state.teacher_params is None else params,
+      # The teacher never has learned ratios, also when the student learns them.
+      teacher_params=(None if abstract_state.teacher_params is None else
+                      param_shardings(config, mesh, cfg, abstract_state.teacher_params)),
       stats=replicate(abstract_state.stats))
 
 
@@ -95,3 +106,46 @@ def init_sharded(build, shardings: TrainState, *args) -> TrainState:
   Nothing is materialised whole on one device or the host (beyond what `args` already are).
   """
   return jax.jit(build, out_shardings=shardings)(*args)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPlacement:
+  """Where evaluation puts a model's variables (params in their shardings, quant codes replicated)
+  and its windows (rows split over the batch axes) on a mesh."""
+
+  mesh: Mesh
+  mesh_config: mesh_lib.MeshConfig
+  cfg: ModelConfig
+  batch: NamedSharding
+  batch_shards: int
+
+  def put_variables(self, variables: dict) -> dict:
+    """`variables` ({"params"} or {"params", "quant"}) in their shardings (already-placed arrays
+    stay where they are)."""
+    rep = mesh_lib.replicated(self.mesh)
+    shardings = {"params": param_shardings(self.mesh_config, self.mesh, self.cfg,
+                                           variables["params"])}
+    if variables.get("quant") is not None:
+      shardings["quant"] = jax.tree.map(lambda _: rep, variables["quant"])
+    return jax.device_put({k: variables[k] for k in shardings}, shardings)
+
+  def rows(self, batch_size: int) -> int:
+    """`batch_size` rounded up to a multiple of the batch shards (padding rows are dropped)."""
+    return -(-batch_size // self.batch_shards) * self.batch_shards
+
+  def put_batch(self, batch):
+    """A host array [B, ...], the same on every process, as a global array split by rows; each
+    process copies only the rows of its own devices."""
+    return jax.make_array_from_callback(batch.shape, self.batch, lambda index: batch[index])
+
+
+def eval_placement(config: mesh_lib.MeshConfig, cfg: ModelConfig, devices=None) -> EvalPlacement:
+  """The mesh of `config` over `devices` for evaluation, after checking that it fits the devices
+  and the model's parameter shapes (evaluation pads its batch, so any batch size fits)."""
+  devices = jax.devices() if devices is None else list(devices)
+  sizes = config.sizes(len(devices))
+  abstract = jax.eval_shape(lambda: init_model(cfg, jax.random.key(0))[1])
+  mesh_lib.check_params(config, sizes, abstract, param_axes(cfg))
+  mesh = mesh_lib.make_mesh(config, devices)
+  return EvalPlacement(mesh, config, cfg, mesh_lib.batch_sharding(config, mesh),
+                       mesh_lib.batch_shards(config, sizes))

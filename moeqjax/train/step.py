@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from moeqjax.model import MoETransformer, forward_with_aux
 from moeqjax.objectives import LossWeights, loss_terms, total_loss
 from moeqjax.quant.clip import ratio_max
+from moeqjax.train.mesh import traced_in_mesh
 from moeqjax.train.optim import project_params
 from moeqjax.train.router_stats import update_router_stats
 from moeqjax.train.state import TrainState
@@ -61,15 +62,6 @@ def train_step(state: TrainState, batch, rng, *, model: MoETransformer,
   return new_state, metrics
 
 
-def _in_mesh(fn, mesh):
-  """fn traced with `mesh` as the context (abstract) mesh, which the model's shard_map reads."""
-  @functools.wraps(fn)
-  def traced(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return fn(*args)
-  return traced
-
-
 def jit_train_step(model: MoETransformer, tx: optax.GradientTransformation,
                    weights: LossWeights, collect_stats: bool = True, placement=None):
   """train_step compiled once for this model/optimizer/objective, with the state donated.
@@ -84,5 +76,5 @@ def jit_train_step(model: MoETransformer, tx: optax.GradientTransformation,
   if placement is None:
     return jax.jit(fn, donate_argnums=0)
   rep = NamedSharding(placement.mesh, PartitionSpec())
-  return jax.jit(_in_mesh(fn, placement.mesh), in_shardings=(placement.state, placement.batch, rep),
+  return jax.jit(traced_in_mesh(fn, placement.mesh), in_shardings=(placement.state, placement.batch, rep),
                  out_shardings=(placement.state, rep), donate_argnums=0)

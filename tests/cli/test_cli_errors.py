@@ -59,3 +59,21 @@ def test_workdir_that_is_a_file(capsys, tmp_path):
   blocker.write_text("x")
   code, err = _run(capsys, "pretrain", "--workdir", str(blocker / "sub"))
   assert code == 2 and "--workdir" in err and "writable" in err
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["qat", "--workdir", "gs://bucket/run", "--teacher", "t"], "--workdir gs://bucket/run"),
+    (["eval", "--workdir", "w", "--teacher", "gs://bucket/teacher"], "--teacher gs://bucket/teacher"),
+    (["pretrain", "--data", "s3://bucket/corpus.txt"], "--data s3://bucket/corpus.txt"),
+    (["pack", "--workdir", "w", "--out", "gs://bucket/packed"], "--out gs://bucket/packed"),
+    (["qat", "--teacher", "t", "--init-from", "gs://b/ptq"], "--init-from gs://b/ptq"),
+])
+def test_urls_are_refused_not_made_into_local_folders(capsys, tmp_path, monkeypatch, argv, flag):
+  """`gs://b/run` would otherwise become a local folder `gs:/b/run`, written as if it were GCS."""
+  monkeypatch.chdir(tmp_path)
+  code, err = _run(capsys, *argv)
+  assert code == 2 and err.count("\n") == 1
+  assert err == (f"moeqjax: error: {flag}: URLs are not supported; mount the bucket (e.g. "
+                 f"gcsfuse, or a Filestore/NFS share on every host) and pass "
+                 f"{flag.split()[0]} the mounted path\n")
+  assert list(tmp_path.iterdir()) == []  # nothing was created

@@ -24,11 +24,12 @@ from moeqjax.model.capacity import capacity_keep
 from moeqjax.model.dispatch import dense_experts
 from moeqjax.model.expert_parallel import expert_parallel_experts, pair_counts
 from moeqjax.model.moe import MoE
+from moeqjax.eval import evaluate_variants
 from moeqjax.objectives import LossWeights
 from moeqjax.train import (Checkpointer, LoopConfig, OptimConfig, create_state, jit_train_step,
                            make_optimizer, run_training, with_quant)
 from moeqjax.train.mesh import MeshConfig, make_mesh
-from moeqjax.train.sharding import init_sharded, placement
+from moeqjax.train.sharding import eval_placement, init_sharded, placement
 
 STEPS = 3
 BATCH, SEQ = 16, 8
@@ -41,6 +42,12 @@ MODELS = {
     "qwen2moe": (dict(num_experts=4, top_k=1, shared_d_ff=32, shared_expert_gate=True,
                       attn_bias=True, norm_topk_prob=False),
                  [[1, 2, 4, 0]]),
+    # Options that change the step on a mesh, each on its own: learned clip ratios (student params
+    # the teacher does not have) and an expert capacity (pairs dropped by the global rule).
+    "mixtral_clip": (dict(num_experts=8, top_k=2, quant=QuantRules(
+        expert_code=1, granularity="channel", learn_clip=True)), [[1, 2, 4, 8, 0, 3, 1, 2]]),
+    "mixtral_cap": (dict(num_experts=8, top_k=2, capacity_factor=1.0),
+                    [[1, 2, 4, 8, 0, 3, 1, 2]]),
 }
 MESHES = [  # (model, mesh sizes, dispatch on the mesh; the single-device step is "ragged")
     ("mixtral", dict(data=8), "ragged"),
@@ -50,7 +57,12 @@ MESHES = [  # (model, mesh sizes, dispatch on the mesh; the single-device step i
     # The tensor axis rides along with expert=2 here: one compile fewer on the 2-core CI. This
     # step runs the shard_map expert-parallel exchange (model.dispatch="ep").
     ("qwen2moe", dict(data=2, expert=2, tensor=2), "ep"),
+    ("mixtral_clip", dict(data=2, expert=4), "ragged"),
+    ("mixtral_cap", dict(data=2, expert=4), "ep"),
 ]
+# Evaluation (evaluate_variants) on a mesh vs one device: the teacher and a quantized student.
+EVAL_MESHES = [("mixtral", dict(data=2, expert=4), "ep"), ("mixtral", dict(data=4, tensor=2),
+               "ragged"), ("qwen2moe", dict(data=2, expert=2, tensor=2), "ep")]
 # One MoE block, forward and gradients: model.dispatch="ep" on a mesh vs "dense" on one device.
 # (model, mesh sizes, act_bits): int8 activations on one of them (per-expert x_q inputs).
 EP_BLOCKS = [("mixtral", dict(data=2, expert=4), 0),
@@ -61,6 +73,17 @@ def model_config(changes):
   base = dict(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
               d_ff=32, max_seq_len=16, quant=QuantRules(expert_code=1, granularity="channel"))
   return ModelConfig(**{**base, **changes})
+
+
+OPTIM = OptimConfig(3e-3, 1, 10, 0.1, 0.1, 1.0)
+
+
+def abstract_state(cfg):
+  """The shape-only QAT state of `cfg` (no sharding on any leaf), as the pipeline restores into."""
+  def build():
+    _, teacher, quant = init_model(cfg, jax.random.key(0))
+    return build_state(teacher, quant, tx=make_optimizer(OPTIM), num_layers=cfg.num_layers)
+  return jax.eval_shape(build)
 
 
 def build_state(teacher, quant, *, tx, num_layers):
@@ -83,7 +106,7 @@ def run(cfg, codes, mesh_cfg):
   _, teacher, quant = _init(cfg.replace(dispatch="ragged"))
   model = MoETransformer(cfg)
   quant = set_expert_codes(quant, np.asarray(codes))
-  tx = make_optimizer(OptimConfig(3e-3, 1, 10, 0.1, 0.1, 1.0))
+  tx = make_optimizer(OPTIM)
   build = functools.partial(build_state, tx=tx, num_layers=cfg.num_layers)
   place = None
   if mesh_cfg is None:
@@ -164,6 +187,35 @@ def ep_capacity(factor=0.75):
           "expert": np.asarray(expert).tolist(), "rows": int(rows), "y": rel_err(y, ref)}
 
 
+def eval_on_meshes():
+  """evaluate_variants on each of EVAL_MESHES vs one device, 13 windows in batches of 3 (rounded
+  up to the batch shards, the last one padded): per variant the largest relative difference of
+  each float metric, and whether the rest (routing shares, counts, bytes) are equal."""
+  windows = np.random.default_rng(5).integers(0, 64, size=(13, SEQ + 1)).astype(np.int32)
+  out = []
+  for name, sizes, dispatch in EVAL_MESHES:
+    changes, codes = MODELS[name]
+    # Two layers: the second one's routing reads the quantized experts of the first.
+    cfg = model_config({**changes, "num_layers": 2})
+    _, teacher, quant = _init(cfg)
+    variants = {"full_precision": {"params": teacher},
+                "student": {"params": teacher, "quant": set_expert_codes(quant, np.asarray(codes * 2))}}
+    ref = evaluate_variants(cfg, variants, windows, 3)
+    mesh_cfg = cfg.replace(dispatch=dispatch)
+    got = evaluate_variants(mesh_cfg, variants, windows, 3,
+                            placement=eval_placement(MeshConfig(**sizes), mesh_cfg))
+    entry = {"model": name, "sizes": sizes, "dispatch": dispatch,
+             "student_topk_agree": ref["student"]["topk_agree"], "rel": {}, "equal": {}}
+    for variant, metrics in ref.items():
+      for key, want in metrics.items():
+        if isinstance(want, float) or key.endswith("_per_layer"):
+          entry["rel"][f"{variant}.{key}"] = rel_err(got[variant][key], want)
+        else:
+          entry["equal"][f"{variant}.{key}"] = got[variant][key] == want
+    out.append(entry)
+  return out
+
+
 def ep_errors():
   """The one-line errors of model.dispatch="ep" on an expert=4 x data=2 mesh (traced, not run)."""
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -237,6 +289,8 @@ def moves(tmp, live):
   saver = Checkpointer(tmp / "saved" / "ckpt", 0)
   saver.save(state, force=True)
   saver.close()
+  # For the pytest process (one device) to restore: the params as saved.
+  np.savez(tmp / "saved" / "params.npz", *jax.tree.leaves(jax.device_get(state.params)))
   out = {}
   for name, key in (("mesh", MOVED_TO), ("one_device", None)):
     shutil.copytree(tmp / "saved", tmp / name)
@@ -267,6 +321,8 @@ def main():
     mesh_cfg = MeshConfig(**sizes)
     hist, state, step, batch, place = run(cfg.replace(dispatch=dispatch), codes, mesh_cfg)
     entry = {"model": name, "dispatch": dispatch,
+             "drop_rate": [h.get("train/drop_rate") for h in hist],
+             "clip_params": sorted(k for k in state.params["layers_0"]["moe"] if "clip" in k),
              **compare(refs[name], (hist, jax.device_get(state))),
              **shard_facts(state, mesh_cfg.sizes(len(jax.devices())))}
     entry["cache_before"] = step._cache_size()
@@ -289,7 +345,7 @@ def main():
   print(json.dumps({"devices": len(jax.devices()), "seconds": time.perf_counter() - t0,
                     "results": results, "moves": moved, "ep_blocks": ep,
                     "ep_seconds": ep_seconds, "ep_errors": ep_errors(),
-                    "ep_capacity": ep_capacity()}))
+                    "ep_capacity": ep_capacity(), "eval": eval_on_meshes()}))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 
   single SCRATCH        one process, 4 CPU devices: pretrain the teacher (prints "teacher ready"),
                         QAT it into SCRATCH/one; after a line on stdin, resume SCRATCH/moved (a
-                        copy of the preempted two-process run) to the end and print, as JSON, how
-                        far its final params are from SCRATCH/one's.
+                        copy of the preempted two-process run) to the end, `moeqjax eval`
+                        SCRATCH/one, and print, as JSON, how far the resumed run's final params
+                        are from SCRATCH/one's.
   proc I PORT SCRATCH   process I of 2 (2 CPU devices each, jax.distributed on 127.0.0.1:PORT):
                         the same QAT into SCRATCH/two; process 1 gets SIGINT (Ctrl-C) after
                         step 1, passed on as its SIGTERM, so both save at the step JAX's
                         preemption service agrees on and exit 130.
+  eval I PORT SCRATCH   process I of 2: `moeqjax eval` of SCRATCH/eval2 (a copy of the finished
+                        SCRATCH/one) across both processes.
 """
 
 import json
@@ -32,7 +35,9 @@ ARGS = ["--config.model.d_model=16", "--config.model.num_heads=2",
         "--config.pretrain.batch_size=4",
         "--config.pretrain.seq_len=16", "--config.qat.steps=5", "--config.qat.warmup_steps=1",
         "--config.qat.batch_size=4", "--config.qat.seq_len=16", "--config.qat.log_every=1",
-        "--config.qat.ckpt_every=2"]
+        "--config.qat.ckpt_every=2",
+        # 7 windows in batches of 3: rounded up to 4 rows (one per device), the last one padded.
+        "--config.eval.seq_len=16", "--config.eval.num_windows=7", "--config.eval.batch_size=3"]
 
 
 def cli(scratch: pathlib.Path, *argv, allow=(0,)) -> int:
@@ -77,6 +82,8 @@ def single(scratch: pathlib.Path) -> None:
   shutil.copytree(scratch / "two", moved)  # as the preempted processes left it
   cli(scratch, "qat", "--workdir", str(moved), "--teacher", str(scratch / "teacher"), "--resume")
   times.append(("resumed", time.perf_counter()))
+  cli(scratch, "eval", "--workdir", str(scratch / "one"), "--teacher", str(scratch / "teacher"))
+  times.append(("eval", time.perf_counter()))
   print(json.dumps({
       "devices": jax.device_count(), "processes": jax.process_count(),
       # resumed in one process from the preempted two processes vs one process throughout
@@ -85,6 +92,14 @@ def single(scratch: pathlib.Path) -> None:
       "seconds": {b[0]: round(b[1] - a[1], 2) for a, b in zip(times, times[1:] + [
           ("restores", time.perf_counter())])},
   }), flush=True)
+
+
+def two_process_eval(index: int, port: int, scratch: pathlib.Path) -> None:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  cli(scratch, "eval", "--workdir", str(scratch / "eval2"), "--teacher", str(scratch / "teacher"),
+      "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(index),
+      "--distributed-timeout", "60")
+  print(json.dumps({"process": jax.process_index(), "devices": jax.device_count()}), flush=True)
 
 
 def sigint_after_step_1(metrics: pathlib.Path) -> None:
@@ -113,5 +128,7 @@ def proc(index: int, port: int, scratch: pathlib.Path) -> None:
 if __name__ == "__main__":
   if sys.argv[1] == "single":
     single(pathlib.Path(sys.argv[2]))
+  elif sys.argv[1] == "eval":
+    two_process_eval(int(sys.argv[2]), int(sys.argv[3]), pathlib.Path(sys.argv[4]))
   else:
     proc(int(sys.argv[2]), int(sys.argv[3]), pathlib.Path(sys.argv[4]))

@@ -5,6 +5,7 @@ tests/train/test_multiprocess.py, so that it runs beside the rest of the suite."
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -81,6 +82,12 @@ def orchestrate(scratch: pathlib.Path) -> dict:
              for i in range(2)]
     outs = [finish(p, f"process {i}") for i, p in enumerate(procs)]
     out, _ = finish(single, "the one-process run", stdin="go\n")
+    # `moeqjax eval` of the one-process run's student across two processes.
+    shutil.copytree(scratch / "one", scratch / "eval2", ignore=shutil.ignore_patterns("eval.json"))
+    port = free_port()
+    procs += [start([CHILD, "eval", i, port, scratch], 2, scratch / f"eval{i}.err")
+              for i in range(2)]
+    eval_outs = [finish(p, f"eval process {i}") for i, p in enumerate(procs[2:])]
     _, lonely_err = finish(lonely, "")
   finally:
     for p in (single, lonely, *procs):
@@ -88,7 +95,7 @@ def orchestrate(scratch: pathlib.Path) -> dict:
         p.kill()
         p.wait()
   wall = time.perf_counter() - t0
-  return {"outs": outs, "children_wall_s": round(wall, 1),
+  return {"outs": outs, "eval_outs": eval_outs, "children_wall_s": round(wall, 1),
           "moved": json.loads(out.strip().splitlines()[-1]),
           "lonely": [lonely.returncode, lonely_err.strip(), lonely_port]}
 

@@ -1,5 +1,7 @@
 """The sharded QAT step on 8 CPU devices equals the single-device step; mesh errors name the fix."""
 
+import pathlib
+
 import jax
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import pytest
 import mesh_launch
 from capacity_oracle import reference_keep
 from moeqjax.model import init_model
+from moeqjax.train import Checkpointer
 from moeqjax.train.mesh import MeshConfig, MeshError, check_batch, check_params
 from moeqjax.model.transformer import param_axes
 from conftest import tiny_model_config
@@ -50,10 +53,12 @@ def test_sharded_steps_equal_single_device(mesh_out):
     assert r["quant_replicated"]
     assert r["cache_before"] == r["cache_after"] == 1, "a new allocation recompiled on a mesh"
   assert seen == {("mixtral", (8, 1, 1, 1)), ("mixtral", (2, 4, 1, 1)),
-                  ("mixtral", (2, 1, 4, 1)), ("mixtral", (4, 1, 1, 2)), ("qwen2moe", (2, 1, 2, 2))}
-  # The expert-parallel exchange (shard_map) ran one of them: its loss, metric terms (routing
+                  ("mixtral", (2, 1, 4, 1)), ("mixtral", (4, 1, 1, 2)), ("qwen2moe", (2, 1, 2, 2)),
+                  ("mixtral_clip", (2, 1, 4, 1)), ("mixtral_cap", (2, 1, 4, 1))}
+  # The expert-parallel exchange (shard_map) ran two of them: their loss, metric terms (routing
   # alignment included), params and router statistics are among those checked above.
-  assert [r["model"] for r in out["results"] if r["dispatch"] == "ep"] == ["qwen2moe"]
+  assert [r["model"] for r in out["results"] if r["dispatch"] == "ep"] == ["qwen2moe",
+                                                                           "mixtral_cap"]
   assert {k for r in out["results"] for k in r["metrics"]} >= {
       "train/task", "train/rec", "train/kd", "train/value", "train/struct", "train/lb",
       "train/z", "train/loss", "train/grad_norm"}
@@ -111,6 +116,28 @@ def test_checkpoint_moves_between_meshes(mesh_out):
   assert moved["cache_sizes"] == [1, 1, 1, 1]
 
 
+def test_a_mesh_checkpoint_restores_on_one_device_from_a_shape_only_template(mesh_out):
+  """The data=8 checkpoint, restored in this one-device process into a template with no
+  shardings (jax.eval_shape, as `eval`, `pack` and `generate` restore): orbax would otherwise use
+  the 8-device shardings recorded at save time ("Topology mismatch")."""
+  import mesh_child
+  cfg = mesh_child.model_config(mesh_child.MODELS["mixtral"][0])
+  template = mesh_child.abstract_state(cfg)
+  assert all(getattr(x, "sharding", None) is None for x in jax.tree.leaves(template))
+  saved = pathlib.Path(mesh_out["scratch"]) / "saved"
+  ckpt = Checkpointer(saved / "ckpt", 0)
+  try:
+    state = ckpt.restore(template)
+  finally:
+    ckpt.close()
+  with np.load(saved / "params.npz") as npz:
+    want = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+  got = jax.tree.leaves(state.params)
+  assert len(got) == len(want) > 0
+  assert all(np.array_equal(np.asarray(a), b) for a, b in zip(got, want))
+  assert {x.sharding.device_set.pop() for x in got} == {jax.devices()[0]}
+
+
 def test_mesh_sizes_must_match_the_devices():
   assert MeshConfig().sizes(8) == {"data": 8, "fsdp": 1, "expert": 1, "tensor": 1}
   assert MeshConfig(data=2, expert=-1).sizes(8)["expert"] == 4
@@ -143,3 +170,32 @@ def test_experts_and_batch_must_divide():
                      r"\(data=2 x fsdp=1 x expert=2\); use a multiple of 4"):
     check_batch(config, config.sizes(4), 6)
   check_batch(config, config.sizes(4), 8)
+
+
+def test_options_on_a_mesh(mesh_out):
+  """Learned clip ratios (student params the teacher lacks) and an expert capacity, each alone,
+  in the full sharded QAT step: held to the single-device step above; here, that they were on."""
+  runs = {r["model"]: r for r in mesh_out["results"]}
+  assert runs["mixtral_clip"]["clip_params"] == ["w_gate_clip", "w_in_clip", "w_out_clip"]
+  assert any("_clip" in path for path in runs["mixtral_clip"]["params"])  # compared above
+  assert runs["mixtral"]["clip_params"] == []
+  drops = runs["mixtral_cap"]["drop_rate"]
+  assert all(0 < d < 1 for d in drops), drops  # the capacity dropped pairs on every step
+  assert "train/drop_rate" in runs["mixtral_cap"]["metrics"]  # equal to one device's: above
+  assert runs["mixtral"]["drop_rate"] == [None] * 3
+
+
+def test_evaluation_on_a_mesh_equals_one_device(mesh_out):
+  """evaluate_variants with an eval placement (expert-parallel, tensor-parallel, the Qwen2-MoE
+  style model with its shared expert) vs one device: every float metric within RTOL (bits per
+  token and window, routing agreement per layer, load KL), the rest equal."""
+  seen = set()
+  for r in mesh_out["eval"]:
+    where = (r["model"], r["sizes"], r["dispatch"])
+    seen.add((r["model"], r["dispatch"]))
+    assert r["rel"] and max(r["rel"].values()) <= RTOL, (where, r["rel"])
+    assert r["equal"] and all(r["equal"].values()), (where, r["equal"])
+    assert {"student.nll", "student.topk_agree_per_layer", "full_precision.load_kl"} <= set(r["rel"])
+    assert {"student.expert_load", "student.expert_bytes", "student.eval_tokens"} <= set(r["equal"])
+    assert r["student_topk_agree"] < 1.0, where  # the student routes differently somewhere
+  assert seen == {("mixtral", "ep"), ("mixtral", "ragged"), ("qwen2moe", "ep")}
