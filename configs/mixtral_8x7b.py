@@ -3,15 +3,16 @@
 Real shapes of mistralai/Mixtral-8x7B-v0.1. Launch (see `moeqjax plan` for the memory it needs):
   moeqjax plan --config configs/mixtral_8x7b.py --device-memory-gib 95   # per chip on its v5p-64 mesh
   moeqjax import-hf --hf-dir /data/Mixtral-8x7B-v0.1 --out ./imported/mixtral_8x7b --config configs/mixtral_8x7b.py --dtype bfloat16
-  moeqjax qat --config ./imported/mixtral_8x7b/config.py --teacher ./imported/mixtral_8x7b --workdir ./moeqjax_runs/mixtral_8x7b_qat --data /data/text
+  moeqjax qat --config ./imported/mixtral_8x7b/config.py --teacher ./imported/mixtral_8x7b --workdir ./moeqjax_runs/mixtral_8x7b_qat --data /data/text --tokenizer /data/Mixtral-8x7B-v0.1
   moeqjax export --workdir ./moeqjax_runs/mixtral_8x7b_qat --format hf --out ./mixtral_8x7b_quantized_hf
 On a Cloud TPU v5p-64 (32 chips, the mesh below), from this checkout (tpu_scripts/README.md):
   python tpu_scripts/tpu.py create --name mq-mixtral --zone us-east5-a --accelerator v5p-64 --queued
   python tpu_scripts/tpu.py install --name mq-mixtral --zone us-east5-a
-  python tpu_scripts/tpu.py launch --name mq-mixtral --zone us-east5-a -- qat --config configs/mixtral_8x7b.py --teacher /mnt/shared/imported/mixtral_8x7b --workdir /mnt/shared/runs/mixtral_8x7b_qat --data /data/text
+  python tpu_scripts/tpu.py launch --name mq-mixtral --zone us-east5-a -- qat --config configs/mixtral_8x7b.py --teacher /mnt/shared/imported/mixtral_8x7b --workdir /mnt/shared/runs/mixtral_8x7b_qat --data /data/text --tokenizer /mnt/shared/Mixtral-8x7B-v0.1
   python tpu_scripts/tpu.py logs --name mq-mixtral --zone us-east5-a
   python tpu_scripts/tpu.py delete --name mq-mixtral --zone us-east5-a --queued
-Until a subword tokenizer is wired into the data pipeline, --data is read as bytes (ids 0..255).
+--tokenizer is the checkpoint's folder (its tokenizer.json, read offline; needs the `data` extra):
+without it --data is read as UTF-8 bytes (ids 0..255), which the checkpoint's embeddings do not know.
 """
 import ml_collections
 

@@ -3,9 +3,10 @@
 Real shapes of allenai/OLMoE-1B-7B-0924. Launch (see `moeqjax plan` for the memory it needs):
   moeqjax plan --config configs/olmoe_1b_7b.py
   moeqjax import-hf --hf-dir /data/OLMoE-1B-7B-0924 --out ./imported/olmoe_1b_7b --config configs/olmoe_1b_7b.py --dtype bfloat16
-  moeqjax qat --config ./imported/olmoe_1b_7b/config.py --teacher ./imported/olmoe_1b_7b --workdir ./moeqjax_runs/olmoe_1b_7b_qat --data /data/text
+  moeqjax qat --config ./imported/olmoe_1b_7b/config.py --teacher ./imported/olmoe_1b_7b --workdir ./moeqjax_runs/olmoe_1b_7b_qat --data /data/text --tokenizer /data/OLMoE-1B-7B-0924
   moeqjax export --workdir ./moeqjax_runs/olmoe_1b_7b_qat --format hf --out ./olmoe_1b_7b_quantized_hf
-Until a subword tokenizer is wired into the data pipeline, --data is read as bytes (ids 0..255).
+--tokenizer is the checkpoint's folder (its tokenizer.json, read offline; needs the `data` extra):
+without it --data is read as UTF-8 bytes (ids 0..255), which the checkpoint's embeddings do not know.
 """
 import ml_collections
 

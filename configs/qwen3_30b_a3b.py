@@ -3,9 +3,10 @@
 Real shapes of Qwen/Qwen3-30B-A3B. Launch (see `moeqjax plan` for the memory it needs):
   moeqjax plan --config configs/qwen3_30b_a3b.py
   moeqjax import-hf --hf-dir /data/Qwen3-30B-A3B --out ./imported/qwen3_30b_a3b --config configs/qwen3_30b_a3b.py --dtype bfloat16
-  moeqjax qat --config ./imported/qwen3_30b_a3b/config.py --teacher ./imported/qwen3_30b_a3b --workdir ./moeqjax_runs/qwen3_30b_a3b_qat --data /data/text
+  moeqjax qat --config ./imported/qwen3_30b_a3b/config.py --teacher ./imported/qwen3_30b_a3b --workdir ./moeqjax_runs/qwen3_30b_a3b_qat --data /data/text --tokenizer /data/Qwen3-30B-A3B
   moeqjax export --workdir ./moeqjax_runs/qwen3_30b_a3b_qat --format hf --out ./qwen3_30b_a3b_quantized_hf
-Until a subword tokenizer is wired into the data pipeline, --data is read as bytes (ids 0..255).
+--tokenizer is the checkpoint's folder (its tokenizer.json, read offline; needs the `data` extra):
+without it --data is read as UTF-8 bytes (ids 0..255), which the checkpoint's embeddings do not know.
 """
 import ml_collections
 

@@ -18,7 +18,7 @@ RUNTIME_VERSIONS = {
 }
 REMOTE_DIR = "moeqjax"  # the project's folder in each worker's home
 LOG = "moeqjax_run.log"  # each worker's log, in its home
-DISTRIBUTED_COMMANDS = ("pretrain", "qat")  # the moeqjax commands that take --coordinator
+DISTRIBUTED_COMMANDS = ("pretrain", "qat", "eval")  # the moeqjax commands that take --coordinator
 
 
 class UsageError(ValueError):
@@ -75,7 +75,7 @@ def launch_commands(args) -> list[list[str]]:
   """Starts the same `moeqjax ...` on every worker, detached, its output in ~/LOG.
 
   On a TPU VM every worker's JAX finds the others from the TPU metadata, so the command line is the
-  same on all of them: `pretrain` and `qat` get `--coordinator auto` (jax.distributed.initialize()
+  same on all of them: `pretrain`, `qat` and `eval` get `--coordinator auto` (jax.distributed.initialize()
   with no arguments) unless the command names a coordinator.
   """
   if not args.moeqjax_args:

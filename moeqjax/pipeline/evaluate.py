@@ -18,10 +18,11 @@ class UnfinishedRun(config_io.ConfigError):
 
 
 def restore_qat_state(config, workdir: pathlib.Path):
-  """The final state of a finished QAT run in `workdir` (no params are initialised; on a mesh
-  every array is restored straight into its shards)."""
+  """The student (params and codes; the state's other fields are None) of a finished QAT run in
+  `workdir` (no params are initialised; on a mesh every array is restored into its shards)."""
   steps = config.qat.steps
-  state = finished_state(workdir, sharded_template(config, state_template(config, "qat")), steps)
+  state = finished_state(workdir, sharded_template(config, state_template(config, "qat")), steps,
+                         parts=("params", "quant"))  # not the optimizer state nor the teacher
   if state is None:
     raise UnfinishedRun(f"{workdir} holds no finished QAT run of {steps} steps; finish it "
                         f"with `moeqjax qat --workdir {workdir} --resume ...`")

@@ -50,7 +50,7 @@ def load_student(workdir: pathlib.Path):
   # Shapes only: the restore brings the recorded codes and the trained student.
   template = state_template(config, "qat")
   try:
-    state = latest_state(workdir, template)
+    state = latest_state(workdir, template, parts=("params", "quant"))
   except Exception as e:  # orbax raises many types for a damaged checkpoint
     raise ConvertError(f"--workdir {workdir}: the checkpoint in ckpt/ cannot be read "
                        f"({type(e).__name__}); it is corrupted, rerun `moeqjax qat --resume`") from e

@@ -198,7 +198,8 @@ def ptq_student(config, ptq_dir: pathlib.Path):
       raise PtqError(f"--init-from {ptq_dir} was made with another {section} config; rerun "
                      f"`moeqjax ptq` with this one or pass its --config.{section}.* values")
   made = ml_collections.ConfigDict({k: record[k] for k in ("model", "quant", "qat")})
-  state = finished_state(ptq_dir, state_template(made, "qat"), made.qat.steps)
+  state = finished_state(ptq_dir, state_template(made, "qat"), made.qat.steps,
+                         parts=("params", "quant"))
   if state is None:
     raise PtqError(f"--init-from {ptq_dir} has no finished checkpoint; rerun `moeqjax ptq` into it")
   return state.params, expert_codes(state.quant, config_io.model_config(config).num_layers)

@@ -46,7 +46,8 @@ def finished_student(workdir: pathlib.Path):
     raise NotARun(f"{workdir} is not a `moeqjax qat` run (its {CONFIG_RECORD} has no qat "
                   "section); pack a QAT student")
   config = ml_collections.ConfigDict({k: record[k] for k in ("model", "quant", "data", "qat")})
-  state = finished_state(workdir, state_template(config, "qat"), config.qat.steps)
+  state = finished_state(workdir, state_template(config, "qat"), config.qat.steps,
+                         parts=("params", "quant"))
   if state is None:
     raise UnfinishedRun(f"{workdir} holds no finished QAT run of {config.qat.steps} steps; finish "
                         f"it with `moeqjax qat --workdir {workdir} --resume ...` before packing")
@@ -81,8 +82,8 @@ def model_for_generation(packed: str | None, workdir: str | None):
     config = ml_collections.ConfigDict(_record(workdir))
     with config.unlocked():  # a pretrain run records no quant section; its model needs none
       config.quant = config_io.load_config(None).quant
-    state = finished_state(workdir, state_template(config, "pretrain"),
-                                config.pretrain.steps)
+    state = finished_state(workdir, state_template(config, "pretrain"), config.pretrain.steps,
+                           parts=("params",))
     if state is None:
       raise UnfinishedRun(f"{workdir} holds no finished pretraining run; finish it with "
                           f"`moeqjax pretrain --workdir {workdir} --resume`")

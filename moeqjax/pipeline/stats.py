@@ -44,13 +44,15 @@ def workdir_config(config, workdir: pathlib.Path):
 
 
 def restore_latest(config, workdir: str | pathlib.Path):
-  """(config, phase, state) of the latest checkpoint in a pretrain or QAT workdir (finished or not)."""
+  """(config, phase, state) of the latest checkpoint in a pretrain or QAT workdir (finished or not);
+  the state holds the params, statistics, step and a QAT run's codes (its other fields are None)."""
   workdir = pathlib.Path(workdir)
   config, phase = workdir_config(config, workdir)
   # A fine-tune's state has no quant codes and no teacher: it restores like a pretrain state (the
   # optimizer state's structure does not depend on its hyper-parameters).
   template = state_template(config, "qat" if phase == "qat" else "pretrain")
-  state = latest_state(workdir, template)
+  state = latest_state(workdir, template,
+                       parts=("params", "stats", "quant") if phase == "qat" else ("params", "stats"))
   if state is None:
     raise NoRun(f"{workdir}/ckpt holds no checkpoint yet; let the run save one first")
   return config, phase, state

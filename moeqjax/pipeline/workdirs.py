@@ -73,22 +73,25 @@ def record_config(workdir: pathlib.Path, section: dict):
   path.write_text(text + "\n")
 
 
-def latest_state(workdir: pathlib.Path, template: TrainState, steps: int | None = None):
+def latest_state(workdir: pathlib.Path, template: TrainState, steps: int | None = None,
+                 parts: tuple[str, ...] | None = None):
   """The latest state in workdir/ckpt restored into `template`, or None when there is none
-  (or, with `steps`, when the latest checkpoint is not at that step)."""
+  (or, with `steps`, when the latest checkpoint is not at that step). `parts`: restore only those
+  fields (Checkpointer.restore), e.g. ("params", "quant") to read a trained student."""
   ckpt = Checkpointer(pathlib.Path(workdir) / "ckpt", every=0)
   try:
     latest = ckpt.latest_step()
     if latest is None or (steps is not None and latest != steps):
       return None
-    return ckpt.restore(template, latest)
+    return ckpt.restore(template, latest, parts=parts)
   finally:
     ckpt.close()
 
 
-def finished_state(workdir: pathlib.Path, template: TrainState, steps: int):
-  """The final state of a phase that already ran to `steps`, or None."""
-  return latest_state(workdir, template, steps)
+def finished_state(workdir: pathlib.Path, template: TrainState, steps: int,
+                   parts: tuple[str, ...] | None = None):
+  """The final state of a phase that already ran to `steps`, or None (`parts`: latest_state)."""
+  return latest_state(workdir, template, steps, parts)
 
 
 def state_template(config, phase: str) -> TrainState:
@@ -125,7 +128,8 @@ def teacher_params(config, teacher_dir: pathlib.Path):
   if not (teacher_dir / "ckpt").is_dir():
     raise MissingTeacher(f"--teacher {teacher_dir} has no checkpoint; run `moeqjax pretrain "
                          f"--workdir {teacher_dir}` first")
-  state = finished_state(teacher_dir, template, steps)
+  # The params alone: the pretraining run's optimizer state (2x the params) is never read.
+  state = finished_state(teacher_dir, template, steps, parts=("params",))
   if state is None:
     raise MissingTeacher(
         f"--teacher {teacher_dir} has not finished its {steps} pretraining steps; finish it "

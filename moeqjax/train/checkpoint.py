@@ -10,6 +10,10 @@ import orbax.checkpoint as ocp
 from moeqjax.train.state import TrainState
 
 
+ITEM = "default"  # the folder of a step's one item, as CheckpointManager names it
+_FIELDS = ("step", "params", "opt_state", "quant", "teacher_params", "stats")
+
+
 def _as_tree(state: TrainState) -> dict:
   # A plain dict keeps checkpoints readable without this dataclass and drops None fields.
   tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
@@ -63,14 +67,37 @@ class Checkpointer:
     self.manager.wait_until_finished()
     return True
 
-  def restore(self, template: TrainState, step: int | None = None) -> TrainState:
-    """Restores into the structure, shapes and dtypes of `template`."""
+  def restore(self, template: TrainState, step: int | None = None,
+              parts: tuple[str, ...] | None = None) -> TrainState:
+    """Restores into the structure, shapes, dtypes and shardings of `template`.
+
+    Args:
+      template: a state of arrays or ShapeDtypeStructs (see restore_target for leaves without a
+        sharding).
+      step: the step to restore (default: the latest).
+      parts: restore only these fields (e.g. ("params", "quant")) and the step; the other fields
+        come back None and are never read from disk, so reading a trained model does not hold its
+        optimizer state (twice the params under Adam) or the teacher copy in memory. None: all.
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    target = restore_target(_as_tree(template))
-    tree = self.manager.restore(step, args=ocp.args.StandardRestore(target))
-    return template.replace(**tree)
+    tree = _as_tree(template)
+    if parts is None:
+      restored = self.manager.restore(step, args=ocp.args.StandardRestore(restore_target(tree)))
+      return template.replace(**restored)
+    unknown = set(parts) - set(tree)
+    if unknown:
+      raise ValueError(f"no {sorted(unknown)} in this state; it has {sorted(tree)}")
+    target = restore_target({k: tree[k] for k in ("step", *parts)})
+    # The manager's handler restores whole trees only; a PyTree restore of the same item folder
+    # with partial_restore reads just the arrays of `target`.
+    restored = ocp.PyTreeCheckpointer().restore(
+        self.directory / str(step) / ITEM,
+        args=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(
+            target), partial_restore=True))
+    left_out = {k: None for k in _FIELDS if k not in restored}
+    return template.replace(**left_out, **restored)
 
   def close(self):
     self.manager.close()

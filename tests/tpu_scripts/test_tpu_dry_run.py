@@ -52,17 +52,18 @@ def test_install_launch_logs(tpu, capsys):
       "'jax[tpu]'")
   assert all("--worker=all" in line for line in lines)
   lines = dry(tpu, capsys, "launch", *WHERE, "--env", "XLA_FLAGS=--a --b", "--", "qat", "--config",
-              "configs/mixtral_8x7b.py", "--workdir", "gs://b/run")
+              "configs/mixtral_8x7b.py", "--workdir", "/mnt/shared/run")
   assert len(lines) == 1
   argv = shlex.split(lines[0])
   assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "mq"]
   assert "--worker=all" in argv
   assert argv[-1] == ("--command=cd ~/moeqjax && XLA_FLAGS='--a --b' nohup python3 -m moeqjax.cli "
-                      "qat --coordinator auto --config configs/mixtral_8x7b.py --workdir gs://b/run > "
+                      "qat --coordinator auto --config configs/mixtral_8x7b.py --workdir /mnt/shared/run > "
                       "~/moeqjax_run.log 2>&1 < /dev/null &")
-  # A coordinator the user names is kept; commands without the flag (eval, ...) get none.
+  # A coordinator the user names is kept; eval takes the flag too; commands without it get none.
   for given, want in ((["qat", "--coordinator", "10.0.0.2:1234"], "qat --coordinator 10.0.0.2:1234"),
-                      (["eval", "--workdir", "w"], "eval --workdir w")):
+                      (["eval", "--workdir", "w"], "eval --coordinator auto --workdir w"),
+                      (["stats", "--workdir", "w"], "stats --workdir w")):
     line = dry(tpu, capsys, "launch", *WHERE, "--", *given)[0]
     assert f"moeqjax.cli {want} >" in shlex.split(line)[-1]
   assert dry(tpu, capsys, "logs", *WHERE) == [

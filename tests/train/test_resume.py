@@ -168,3 +168,28 @@ def test_ctrl_c_of_one_host_becomes_its_preemption_notice(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
       signal.raise_signal(signal.SIGINT)
   assert sent == [(os.getpid(), signal.SIGTERM)]
+
+
+def test_partial_restore_reads_only_the_parts_asked_for(tmp_path):
+  """parts=("params", "quant"): those (and the step) equal a whole restore, into a shape-only
+  template; the optimizer state, teacher and statistics come back None. Unknown parts: an error."""
+  state = make_states(qat=True, steps=LOOP.steps)[3]
+  state = state.replace(step=state.step + 3, params=jax.tree.map(lambda x: x * 1.5, state.params))
+  ckpt = Checkpointer(tmp_path / "ckpt", every=0)
+  try:
+    ckpt.save(state, force=True)
+    template = jax.eval_shape(lambda: state)
+    whole = ckpt.restore(template)
+    part = ckpt.restore(template, parts=("params", "quant"))
+    with pytest.raises(ValueError, match=r"no \['optimizer'\] in this state; it has"):
+      ckpt.restore(template, parts=("optimizer",))
+  finally:
+    ckpt.close()
+  assert int(part.step) == int(whole.step) == 3
+  assert part.opt_state is None and part.teacher_params is None and part.stats is None
+  assert whole.opt_state is not None and whole.teacher_params is not None
+  for name in ("params", "quant"):
+    got, want = jax.tree.leaves(getattr(part, name)), jax.tree.leaves(getattr(state, name))
+    assert jax.tree.structure(getattr(part, name)) == jax.tree.structure(getattr(state, name))
+    assert len(got) == len(want) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
