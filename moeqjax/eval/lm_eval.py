@@ -9,11 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
 from moeqjax.model import ModelConfig, MoETransformer, forward_with_aux
 from moeqjax.objectives import token_nll
 from moeqjax.train.mesh import replicated, traced_in_mesh
 from moeqjax.train.sharding import EvalPlacement
+
+# A progress bar appears only for an evaluation that takes longer than this (seconds), so that
+# small evaluations print nothing; process 0 alone draws it.
+BAR_DELAY_S = 5.0
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,7 +42,8 @@ def _eval_fn(cfg: ModelConfig, mesh: Mesh | None = None):
 
 
 def evaluate_lm(cfg: ModelConfig, variables: dict, windows_NxS1: np.ndarray,
-                batch_size: int, placement: EvalPlacement | None = None) -> dict:
+                batch_size: int, placement: EvalPlacement | None = None,
+                desc: str | None = None) -> dict:
   """Scores next-token prediction on fixed windows.
 
   Args:
@@ -49,6 +55,8 @@ def evaluate_lm(cfg: ModelConfig, variables: dict, windows_NxS1: np.ndarray,
     placement: a mesh to evaluate on (moeqjax.train.sharding.eval_placement): the variables are
       put in their shardings and each batch is split by rows; every process of a multi-process
       run calls this with the same windows and gets the same results. None: the default device.
+    desc: the label of a progress bar over the batches (stderr, process 0, only when the
+      evaluation takes over BAR_DELAY_S seconds, removed when done); None: no bar.
 
   Returns:
     {"nll": nats per token, "bits_per_token": nll / ln 2, "tokens": count,
@@ -64,7 +72,10 @@ def evaluate_lm(cfg: ModelConfig, variables: dict, windows_NxS1: np.ndarray,
     batch_size = placement.rows(batch_size)
   n, seq = windows_NxS1.shape[0], windows_NxS1.shape[1] - 1
   nll_parts, idx_parts = [], []
-  for start in range(0, n, batch_size):
+  starts = range(0, n, batch_size)
+  bar = tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True, delay=BAR_DELAY_S,
+             disable=desc is None or jax.process_index() != 0)
+  for start in bar:
     batch = windows_NxS1[start:start + batch_size]
     real = batch.shape[0]
     if real < batch_size:  # pad to keep one compiled shape

@@ -44,7 +44,8 @@ def evaluate_variants(cfg: ModelConfig, variants: dict, windows_NxS1: np.ndarray
   baselines = {"fp": REFERENCE} if control is None else {"fp": REFERENCE, control: control}
   order = [REFERENCE] + [n for n in variants if n != REFERENCE]
   raw = {name: (reference_eval if name == REFERENCE and reference_eval is not None
-                else evaluate_lm(cfg, variants[name], windows_NxS1, batch_size, placement)) for name in order}
+                else evaluate_lm(cfg, variants[name], windows_NxS1, batch_size, placement,
+                                 desc=f"eval {name}")) for name in order}
   ref_idx = raw[REFERENCE]["expert_idx"]
   ref_load = expert_load(ref_idx, cfg.num_experts)
   results = {}
