@@ -13,17 +13,22 @@ def check_mesh_devices(config) -> dict[str, int]:
   return config_io.mesh_config(config).sizes(jax.device_count())
 
 
-def run_placement(config, abstract_state, batch_size: int, devices=None) -> Placement | None:
-  """The placement of a pretrain/QAT run, or None on one device (today's unsharded path).
-
-  The mesh sizes are checked against the device count first, so a mesh that needs more devices
-  than there are is an error even on one device.
-  """
+def _several_devices(config, devices):
+  """(mesh section, devices) when the run spans several devices, else None; the mesh sizes are
+  checked against the device count first, so a mesh that needs more devices than there are is
+  an error even on one device."""
   devices = jax.devices() if devices is None else list(devices)
   mesh_cfg = config_io.mesh_config(config)
   mesh_cfg.sizes(len(devices))
-  if len(devices) == 1:
+  return None if len(devices) == 1 else (mesh_cfg, devices)
+
+
+def run_placement(config, abstract_state, batch_size: int, devices=None) -> Placement | None:
+  """The placement of a pretrain/QAT run, or None on one device (today's unsharded path)."""
+  several = _several_devices(config, devices)
+  if several is None:
     return None
+  mesh_cfg, devices = several
   return placement(mesh_cfg, config_io.model_config(config), abstract_state, batch_size, devices)
 
 
@@ -42,9 +47,8 @@ def sharded_template(config, abstract_state):
 def eval_mesh(config, devices=None) -> EvalPlacement | None:
   """Where `moeqjax eval` and the demo's evaluation run: the config's mesh over the devices of all
   processes, or None on one device (today's unsharded path)."""
-  devices = jax.devices() if devices is None else list(devices)
-  mesh_cfg = config_io.mesh_config(config)
-  mesh_cfg.sizes(len(devices))
-  if len(devices) == 1:
+  several = _several_devices(config, devices)
+  if several is None:
     return None
+  mesh_cfg, devices = several
   return eval_placement(mesh_cfg, config_io.model_config(config), devices)

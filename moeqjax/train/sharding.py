@@ -50,26 +50,26 @@ class Placement:
                                                   (batch_size, *rows.shape[1:]))
 
 
-def param_shardings(config: mesh_lib.MeshConfig, mesh: Mesh, cfg: ModelConfig, params):
-  """NamedShardings of a param tree of this model: a student's (with learned ratio params when
-  the config learns them) or a teacher's (never with them); `params` may be abstract."""
-  full = mesh_lib.logical_shardings(config, mesh, param_axes(cfg))
+def matching_shardings(model_shardings, params):
+  """Of the model's param shardings (every param of the config, learned ratios included), the
+  tree for `params`: a student's (with learned ratio params when the config learns them) or a
+  teacher's (never with them); `params` may be abstract."""
   want = jax.tree.structure(params)
-  for candidate in (full, without_ratios(full)):
+  for candidate in (model_shardings, without_ratios(model_shardings)):
     if jax.tree.structure(candidate) == want:
       return candidate
   raise ValueError("these params do not match the model config's parameter tree")
 
 
-def state_shardings(config: mesh_lib.MeshConfig, mesh: Mesh, cfg: ModelConfig,
-                    abstract_state: TrainState) -> TrainState:
+def state_shardings(model_shardings, mesh: Mesh, abstract_state: TrainState) -> TrainState:
   """NamedShardings for every leaf of a (possibly abstract) state.
 
-  Params and teacher follow the model's logical axes through the rules; optimizer-state subtrees
-  shaped like the params (Adam's moments) follow the params; quant codes, router statistics,
-  counters and the step are replicated (they are tiny, and codes stay traced data).
+  Params and teacher follow the model's param shardings (`model_shardings`: its logical axes
+  through the rules); optimizer-state subtrees shaped like the params (Adam's moments) follow the
+  params; quant codes, router statistics, counters and the step are replicated (they are tiny,
+  and codes stay traced data).
   """
-  params = param_shardings(config, mesh, cfg, abstract_state.params)
+  params = matching_shardings(model_shardings, abstract_state.params)
   rep = mesh_lib.replicated(mesh)
   params_def = jax.tree.structure(abstract_state.params)
 
@@ -83,7 +83,7 @@ def state_shardings(config: mesh_lib.MeshConfig, mesh: Mesh, cfg: ModelConfig,
       step=rep, params=params, opt_state=opt, quant=replicate(abstract_state.quant),
       # The teacher never has learned ratios, also when the student learns them.
       teacher_params=(None if abstract_state.teacher_params is None else
-                      param_shardings(config, mesh, cfg, abstract_state.teacher_params)),
+                      matching_shardings(model_shardings, abstract_state.teacher_params)),
       stats=replicate(abstract_state.stats))
 
 
@@ -93,10 +93,12 @@ def placement(config: mesh_lib.MeshConfig, cfg: ModelConfig, abstract_state: Tra
   mesh fits the devices, the model's parameter shapes and the global batch."""
   devices = jax.devices() if devices is None else list(devices)
   sizes = config.sizes(len(devices))
-  mesh_lib.check_params(config, sizes, abstract_state.params, param_axes(cfg))
+  axes = param_axes(cfg)
+  mesh_lib.check_params(config, sizes, abstract_state.params, axes)
   mesh_lib.check_batch(config, sizes, batch_size)
   mesh = mesh_lib.make_mesh(config, devices)
-  return Placement(mesh, state_shardings(config, mesh, cfg, abstract_state),
+  model_shardings = mesh_lib.logical_shardings(config, mesh, axes)
+  return Placement(mesh, state_shardings(model_shardings, mesh, abstract_state),
                    mesh_lib.batch_sharding(config, mesh))
 
 
@@ -114,8 +116,7 @@ class EvalPlacement:
   and its windows (rows split over the batch axes) on a mesh."""
 
   mesh: Mesh
-  mesh_config: mesh_lib.MeshConfig
-  cfg: ModelConfig
+  params: dict  # the model's param shardings (see matching_shardings)
   batch: NamedSharding
   batch_shards: int
 
@@ -123,8 +124,7 @@ class EvalPlacement:
     """`variables` ({"params"} or {"params", "quant"}) in their shardings (already-placed arrays
     stay where they are)."""
     rep = mesh_lib.replicated(self.mesh)
-    shardings = {"params": param_shardings(self.mesh_config, self.mesh, self.cfg,
-                                           variables["params"])}
+    shardings = {"params": matching_shardings(self.params, variables["params"])}
     if variables.get("quant") is not None:
       shardings["quant"] = jax.tree.map(lambda _: rep, variables["quant"])
     return jax.device_put({k: variables[k] for k in shardings}, shardings)
@@ -145,7 +145,8 @@ def eval_placement(config: mesh_lib.MeshConfig, cfg: ModelConfig, devices=None) 
   devices = jax.devices() if devices is None else list(devices)
   sizes = config.sizes(len(devices))
   abstract = jax.eval_shape(lambda: init_model(cfg, jax.random.key(0))[1])
-  mesh_lib.check_params(config, sizes, abstract, param_axes(cfg))
+  axes = param_axes(cfg)
+  mesh_lib.check_params(config, sizes, abstract, axes)
   mesh = mesh_lib.make_mesh(config, devices)
-  return EvalPlacement(mesh, config, cfg, mesh_lib.batch_sharding(config, mesh),
-                       mesh_lib.batch_shards(config, sizes))
+  return EvalPlacement(mesh, mesh_lib.logical_shardings(config, mesh, axes),
+                       mesh_lib.batch_sharding(config, mesh), mesh_lib.batch_shards(config, sizes))
