@@ -90,8 +90,10 @@ def _parser() -> argparse.ArgumentParser:
                  help="calibration batches of qat.batch_size x qat.seq_len train tokens (gptq)")
 
   p = sub.add_parser("eval", help="evaluate a QAT run against its full-precision teacher")
-  common(p, "workdir of a finished `moeqjax qat`")
-  p.add_argument("--teacher", required=True, help="workdir of the teacher's `moeqjax pretrain`")
+  common(p, "workdir of a finished `moeqjax qat` or `moeqjax ptq`")
+  p.add_argument("--teacher", default=None,
+                 help="the teacher's `moeqjax pretrain` workdir or `import-hf` folder (default: "
+                      "the teacher the student's run recorded)")
   distributed(p)
 
   p = sub.add_parser("import-hf", help="import a local Hugging Face MoE checkpoint (Mixtral, "
@@ -106,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="ignore config.json keys moeqjax does not know (default: error)")
 
   p = sub.add_parser("export", help="write a QAT student for another runtime: HF layout "
-                     "(dequantized) or one GGUF file for llama.cpp (from the integer codes)")
+                     "(dequantized), one GGUF file for llama.cpp, or a compressed-tensors folder "
+                     "for vLLM (both from the integer codes)")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--workdir", default=None,
                    help="a finished `moeqjax qat` workdir (or an `import-hf` folder)")
@@ -161,6 +164,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
   p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--tokenizer", default=None,
+                 help="the model's tokenizer.json (or its folder), for a run whose recorded "
+                      "tokenizer has moved; it must be the one the model was made with "
+                      "(default: the run's or packed folder's own)")
 
   p = sub.add_parser("plan", help="parameter counts, weight bytes and QAT memory, no allocation")
   p.add_argument("--config", default=None, help="configs/<name>.py (default: configs/tiny.py)")
@@ -238,11 +245,16 @@ def run_serve(args) -> int:
       raise UserError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
   else:
     prompt = args.prompt
+    try:
+      prompt.encode("utf-8")
+    except UnicodeEncodeError:
+      raise UserError("--prompt holds bytes that are not UTF-8 text; pass UTF-8 text, or put the "
+                      "prompt in a UTF-8 file and pass --prompt-file") from None
   sampling = serve.sampling_from_flags(args.temperature, args.top_k, args.top_p)
   if args.max_new_tokens < 1:
     raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
-  model, variables, tokenizer, eos_id, label = serve.model_for_generation(args.packed,
-                                                                              args.workdir)
+  model, variables, tokenizer, eos_id, label = serve.model_for_generation(
+      args.packed, args.workdir, tokenizer=args.tokenizer)
   gen = serve.generate_text(model, variables, tokenizer, eos_id, prompt, args.max_new_tokens,
                                sampling, args.seed)
   note = " (stopped at the model's context)" if gen.clamped_to_context else ""
@@ -258,6 +270,11 @@ def run_study_command(args, overrides: dict[str, str]) -> int:
   config = config_io.load_config(args.config)
   config_io.apply_overrides(config, overrides)
   workdir = pathlib.Path(args.workdir)
+  if args.command in ("stats", "allocate"):
+    from moeqjax.pipeline import runs
+    # The run's recorded sections are the truth; an override that contradicts them is an error.
+    runs.inherit(config, overrides, workdir, "--workdir", runs.RECORDED_SECTIONS,
+                 config_given=args.config is not None)
   if args.command == "stats":
     from moeqjax.pipeline.stats import format_table, write_stats
     record = write_stats(config, workdir)
@@ -290,13 +307,18 @@ def run_convert(args, overrides: dict[str, str]) -> int:
   """import-hf / export / plan: thin wrappers over the pipeline's import, export and plan."""
   from moeqjax.pipeline import config as config_io
   if args.command == "import-hf":
+    from moeqjax.pipeline import import_hf
     from moeqjax.pipeline.import_hf import import_checkpoint
     base = config_io.load_config(args.config)
     config_io.apply_overrides(base, overrides)
     out = import_checkpoint(args.hf_dir, args.out, base, args.config or "configs/tiny.py",
                             args.dtype, args.allow_unknown_config)
-    print(f"imported {args.hf_dir} into {out}\nnext: moeqjax qat --config {out}/config.py "
-          f"--teacher {out} --workdir <qat workdir>")
+    tokenizer = import_hf.imported_tokenizer(out)
+    said = (f"its tokenizer in {tokenizer}" if tokenizer else
+            f"no tokenizer.json in {args.hf_dir}: later phases read UTF-8 bytes unless given "
+            "--tokenizer")
+    print(f"imported {args.hf_dir} into {out} ({said})\nnext: moeqjax qat --teacher {out} "
+          "--workdir <qat workdir>")
   elif args.command == "export":
     from moeqjax.pipeline.export import export_student
     source = args.workdir or args.packed
@@ -374,6 +396,10 @@ def _local_paths(args):
                       f"or a Filestore/NFS share on every host) and pass {flag} the mounted path")
 
 
+def _path(value: str | None) -> pathlib.Path | None:
+  return None if value is None else pathlib.Path(value)
+
+
 def run(argv: list[str]) -> int:
   argv, overrides = _split_overrides(argv)
   args = _parser().parse_args(argv)
@@ -403,6 +429,14 @@ def run(argv: list[str]) -> int:
   if getattr(args, "tokenizer", None) is not None:
     overrides["data.tokenizer"] = args.tokenizer
   config_io.apply_overrides(config, overrides)
+  teacher = None
+  if args.command in ("qat", "ptq", "eval"):
+    from moeqjax.pipeline import runs
+    # The finished runs this phase continues set their sections; --config only the new phase's.
+    teacher = runs.continue_config(
+        args.command, config, overrides, workdir=_path(args.workdir or "."),
+        teacher=_path(args.teacher), init_from=_path(getattr(args, "init_from", None)),
+        config_given=args.config is not None)
   config_io.model_config(config)  # validate the model section before any work
   if args.command in ("demo", "pretrain", "qat", "eval"):
     from moeqjax.pipeline.mesh import check_mesh_devices
@@ -420,23 +454,23 @@ def run(argv: list[str]) -> int:
       print(f"pretrained {int(state.step)} steps; checkpoint in {workdir / 'ckpt'}")
   elif args.command == "qat":
     from moeqjax.pipeline.qat import qat_from_teacher
-    state = qat_from_teacher(config, workdir, pathlib.Path(args.teacher), args.allocation,
+    state = qat_from_teacher(config, workdir, teacher, args.allocation,
                              resume=args.resume, init_from=args.init_from)
     if primary:
       print(f"QAT finished at step {int(state.step)}; checkpoint in {workdir / 'ckpt'}")
   elif args.command == "ptq":
     from moeqjax.pipeline.ptq import ptq_from_teacher
-    _, report = ptq_from_teacher(config, workdir, pathlib.Path(args.teacher), args.method,
+    _, report = ptq_from_teacher(config, workdir, teacher, args.method,
                                  args.allocation, args.calib_batches)
     err = report.get("calib_output_error")
     note = (f"; calibration output error {err['gptq']:.4g} (RTN {err['rtn']:.4g})" if err else "")
     print(f"ptq {args.method} finished{note}; checkpoint in {workdir / 'ckpt'}")
   elif args.command == "eval":
     from moeqjax.pipeline.evaluate import evaluate_qat_run
-    metrics = evaluate_qat_run(config, workdir, workdirs.teacher_params(
-        config, pathlib.Path(args.teacher)))
+    metrics = evaluate_qat_run(config, workdir, workdirs.teacher_params(config, teacher))
     if primary:
-      _print_summary({"variants": metrics, "unit": "token"}, workdir)
+      unit = next(iter(metrics.values()))["unit"]
+      _print_summary({"variants": metrics, "unit": unit}, workdir)
   return 0
 
 

@@ -255,6 +255,24 @@ class Allocation:
     return out
 
 
+EXPERT_CODES = (1, 2, 3, 4, 8)  # what an expert can be: ternary or intN (never full precision)
+
+
+def check_choices(choices) -> tuple[int, ...]:
+  """The candidate codes as ints, each an expert code and none twice, else an AllocationError."""
+  try:
+    choices = tuple(int(c) for c in choices)
+  except (TypeError, ValueError):
+    raise AllocationError(f"choices {choices!r} must be integer codes, e.g. 1,2,3,4,8") from None
+  bad = [c for c in choices if c not in EXPERT_CODES]
+  if bad or not choices or len(set(choices)) != len(choices):
+    what = (f"code {bad[0]} is not an expert code" if bad else
+            "no codes given" if not choices else "a code is given twice")
+    raise AllocationError(f"choices {','.join(map(str, choices))}: {what}; choose among "
+                          f"{','.join(map(str, EXPERT_CODES))} (1 = ternary, 2/3/4/8 = intN)")
+  return choices
+
+
 def allocate(method: str, cfg, params, stats: dict, budget_value: float, budget_unit: str, *,
              choices=DEFAULT_CHOICES, seed: int = 0, err_LxExC: np.ndarray | None = None,
              levels=None) -> Allocation:
@@ -282,7 +300,7 @@ def allocate(method: str, cfg, params, stats: dict, budget_value: float, budget_
   if method not in METHODS:
     raise AllocationError(f"allocation method {method!r} is unknown; use one of {', '.join(METHODS)}")
   levels = check_levels(levels, method)
-  choices = tuple(int(c) for c in choices)
+  choices = check_choices(choices)
   budget = budget_bytes(cfg, budget_value, budget_unit)
   table = bytes_table(cfg, choices)
   num_layers, num_experts = cfg.num_layers, cfg.num_experts
@@ -361,18 +379,30 @@ def write_allocation(path, allocation: Allocation, sensitivity: dict | None = No
 
 
 def read_allocation(path, num_layers: int, num_experts: int) -> np.ndarray:
-  """codes [L, E] from an allocation.json (the `codes` layer -> expert -> code mapping)."""
+  """codes [L, E] from an allocation.json (the `codes` layer -> expert -> code mapping).
+
+  The table must be for exactly this model: L layers of E experts each (no fewer, no more).
+  """
   path = pathlib.Path(path)
   if not path.is_file():
     raise AllocationError(f"allocation file {path} does not exist; write one with `moeqjax allocate`")
+  fix = "write it with `moeqjax allocate` for this model"
   try:
     record = json.loads(path.read_text())
     table = record["codes"]
+    shape = (len(table), *sorted({len(row) for row in table.values()}))
     codes = np.array([[int(table[str(l)][str(e)]) for e in range(num_experts)]
                       for l in range(num_layers)], np.int32)
-  except (KeyError, ValueError, TypeError) as e:
+  except (KeyError, ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
     raise AllocationError(
         f"{path} is not an allocation for {num_layers} layers x {num_experts} experts ({e!r}); "
-        "write it with `moeqjax allocate` for this model") from None
-  formats.validate_codes(codes)
+        f"{fix}") from None
+  if shape != (num_layers, num_experts):
+    found = f"{shape[0]} layers x " + "/".join(str(n) for n in shape[1:]) + " experts"
+    raise AllocationError(f"{path} allocates {found}, but the model has {num_layers} layers x "
+                          f"{num_experts} experts; {fix}")
+  try:
+    formats.validate_codes(codes)
+  except ValueError as e:
+    raise AllocationError(f"{path}: {e}") from None
   return codes

@@ -16,6 +16,7 @@ from moeqjax.eval.report import CONTROL, write_report
 from moeqjax.model import default_quant, init_ratios, set_expert_codes
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
+from moeqjax.pipeline import runs
 from moeqjax.pipeline.deploy import DEPLOY_VARIANTS, deploy_packed
 from moeqjax.pipeline.mesh import eval_mesh
 from moeqjax.pipeline.pretrain import pretrain
@@ -82,8 +83,10 @@ def import_teacher(config, hf_dir: str | pathlib.Path, out: pathlib.Path):
     record = json.loads((out / import_hf.IMPORT_MARKER).read_text())
   with config.unlocked():
     config.model = ml_collections.ConfigDict(record["model"])
-  if not config.data.tokenizer and (hf_dir / "tokenizer.json").is_file():
-    config.data.tokenizer = str(hf_dir.absolute())
+  if not config.data.tokenizer:
+    # The checkpoint's own tokenizer (copied on import; an older import points at hf_dir's).
+    config.data.tokenizer = runs.run_tokenizer(out) or (
+        str(hf_dir.absolute()) if (hf_dir / "tokenizer.json").is_file() else "")
   return import_hf.load_imported_params(out, config_io.model_config(config))
 
 

@@ -41,6 +41,8 @@ def evaluate_qat_run(config, workdir: pathlib.Path, teacher_params) -> dict:
       "full_precision": {"params": teacher_params},
       "student": {"params": state.params, "quant": state.quant},
   }, windows, config.eval.batch_size, placement=eval_mesh(config))
+  for result in results.values():
+    result["unit"] = corpus.unit  # "byte" (bits per byte) or "token"
   if is_primary():
     (workdir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
   return results

@@ -16,6 +16,7 @@ from moeqjax.convert.hf_export import write_hf
 from moeqjax.convert.student_weights import ParamWeights
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
+from moeqjax.pipeline import runs
 from moeqjax.pipeline.workdirs import CONFIG_RECORD, latest_state, state_template
 from moeqjax.serve.packed_source import PackedWeights
 
@@ -119,10 +120,5 @@ def _hf_config_template(hf_config_path, workdir) -> dict | None:
 
 
 def _recorded_tokenizer(workdir: pathlib.Path):
-  """The tokenizer a qat run trained with (its recorded data.tokenizer), None for bytes."""
-  record_path = workdir / CONFIG_RECORD
-  if not record_path.is_file():
-    return None
-  data = json.loads(record_path.read_text()).get("data") or {}
-  name = data.get("tokenizer") or ""
-  return None if name in ("", "bytes") else name
+  """The tokenizer a run was made with (its own copy, else its recorded path), None for bytes."""
+  return runs.run_tokenizer(workdir) or None

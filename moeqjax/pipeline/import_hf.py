@@ -17,13 +17,16 @@ IMPORT_MARKER = "hf_import.json"  # its presence makes a folder an imported teac
 HF_CONFIG = "hf_config.json"  # the original config.json, kept for export
 CONFIG_PY = "config.py"  # the experiment config for `moeqjax qat --config`
 PARAMS_DIR = "params"  # orbax checkpoint of the params tree
+TOKENIZER_DIR = "tokenizer"  # the checkpoint's tokenizer files, copied (the folder stays movable)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 _CONFIG_TEMPLATE = '''"""Experiment config for the model imported by `moeqjax import-hf` from {hf_dir}.
 
-Launch QAT from the imported weights:
-  moeqjax qat --config {out}/config.py --teacher {out} --workdir ./moeqjax_runs/qat_imported
+Launch QAT from the imported weights (the model section and tokenizer come from {out}):
+  moeqjax qat --teacher {out} --workdir ./moeqjax_runs/qat_imported
 Then export:  moeqjax export --workdir ./moeqjax_runs/qat_imported --format hf --out ./exported
 The model section mirrors the checkpoint's config.json; the other sections come from {base}.
+Pass this file as --config to use its other sections (quant, qat, ...) too.
 """
 
 import json
@@ -40,7 +43,7 @@ def get_config():
 
 # Model fields that say how a run computes, not what the weights are: they may differ from
 # the import's.
-_HOW_IT_RUNS = ("dispatch", "max_seq_len", "capacity_factor")
+HOW_IT_RUNS = ("dispatch", "max_seq_len", "capacity_factor")
 
 
 def model_section(cfg) -> dict:
@@ -63,6 +66,16 @@ def import_checkpoint(hf_dir, out, base_config: ml_collections.ConfigDict, base_
   config = ml_collections.ConfigDict(base_config.to_dict())
   with config.unlocked():
     config.model = ml_collections.ConfigDict(model_section(cfg))
+  # The tokenizer travels with the weights: later phases (qat, eval, generate, export) read it.
+  tokenizer = ""
+  if (pathlib.Path(hf_dir) / "tokenizer.json").is_file():
+    tokenizer = TOKENIZER_DIR
+    (out / TOKENIZER_DIR).mkdir(exist_ok=True)
+    for name in TOKENIZER_FILES:
+      if (pathlib.Path(hf_dir) / name).is_file():
+        shutil.copyfile(pathlib.Path(hf_dir) / name, out / TOKENIZER_DIR / name)
+  with config.unlocked():
+    config.data.tokenizer = str(out / TOKENIZER_DIR) if tokenizer else ""
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(out / PARAMS_DIR, params)
   ckptr.wait_until_finished()
@@ -74,8 +87,14 @@ def import_checkpoint(hf_dir, out, base_config: ml_collections.ConfigDict, base_
   (out / IMPORT_MARKER).write_text(json.dumps({
       "hf_dir": str(pathlib.Path(hf_dir).absolute()), "dtype": dtype,
       "model_type": read_hf_config(hf_dir)["model_type"], "params": int(n),
-      "model": model_section(cfg)}, indent=2) + "\n")
+      "tokenizer": tokenizer, "model": model_section(cfg)}, indent=2) + "\n")
   return out
+
+
+def imported_tokenizer(folder) -> str:
+  """The imported checkpoint's tokenizer folder (its copy), or "" when it came without one."""
+  own = pathlib.Path(folder).absolute() / TOKENIZER_DIR
+  return str(own) if (own / "tokenizer.json").is_file() else ""
 
 
 def is_imported(folder) -> bool:
@@ -95,7 +114,7 @@ def load_imported_params(folder, cfg, target=None):
   now = json.loads(json.dumps(model_section(cfg)))
   if record["model"] != now:
     changed = sorted(k for k in set(record["model"]) | set(now)
-                     if record["model"].get(k) != now.get(k) and k not in _HOW_IT_RUNS)
+                     if record["model"].get(k) != now.get(k) and k not in HOW_IT_RUNS)
     if changed:
       raise ConvertError(f"--teacher {folder} was imported with a different model config "
                          f"(fields differ: {', '.join(changed)}); pass --config "

@@ -115,7 +115,8 @@ def gptq_experts(cfg, params, hessians, codes_LxE: np.ndarray, *, block_size=gq.
 
 
 def ptq(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher, *, method: str,
-        expert_codes_LxE: np.ndarray | None = None, calib_batches: int = 8):
+        expert_codes_LxE: np.ndarray | None = None, calib_batches: int = 8,
+        provenance: dict | None = None):
   """Post-training quantization of `teacher` params into a workdir that reads as a finished QAT run.
 
   Args:
@@ -127,6 +128,7 @@ def ptq(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher, *, me
     method: "rtn" (the fake quantizer's round-to-nearest) or "gptq" (routed experts by GPTQ).
     expert_codes_LxE: per-layer, per-expert codes; None uses quant.expert_code everywhere.
     calib_batches: calibration batches of qat.batch_size x qat.seq_len tokens (gptq).
+    provenance: recorded in config.json but not compared on resume (e.g. {"teacher": path}).
 
   Returns:
     (state, report): the saved student state (step = qat.steps) and the ptq report.
@@ -143,7 +145,7 @@ def ptq(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher, *, me
   record["expert_codes"] = None if expert_codes_LxE is None else codes.tolist()
   record["ptq"] = {"method": method, "calib_batches": calib_batches if method == "gptq" else 0,
                    "damp": gq.DEFAULT_DAMP, "block_size": gq.DEFAULT_BLOCK}
-  record_config(workdir, record)
+  record_config(workdir, record, provenance)
   tx = make_optimizer(optim)
   report_path = workdir / REPORT
 
@@ -177,7 +179,8 @@ def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path, m
   """`moeqjax ptq`: the teacher's params, the data and an optional allocation.json."""
   params, corpus, codes = teacher_inputs(config, teacher_dir, allocation_path)
   result = ptq(config, workdir, corpus, params, method=method, expert_codes_LxE=codes,
-               calib_batches=calib_batches)
+               calib_batches=calib_batches,
+               provenance={"teacher": str(pathlib.Path(teacher_dir).absolute())})
   import_hf.keep_hf_config(teacher_dir, workdir)
   return result
 

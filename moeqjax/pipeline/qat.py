@@ -84,7 +84,8 @@ def progressive_step(step_fn, cfg, realloc: ReallocConfig, log=None):
 
 def qat(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher_params, *,
         expert_codes_LxE: np.ndarray | None, resume: bool, realloc=None,
-        init_from: tuple[str, object] | None = None) -> TrainState:
+        init_from: tuple[str, object] | None = None,
+        provenance: dict | None = None) -> TrainState:
   """Quantization-aware fine-tuning of a student initialised from `teacher_params`.
 
   Args:
@@ -98,6 +99,7 @@ def qat(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher_params
       from the statistics gathered so far (progressive QAT, no recompile).
     init_from: optional (name, params): the student starts from these params (e.g. a `moeqjax ptq`
       workdir's GPTQ student) instead of the teacher's; the name is recorded in config.json.
+    provenance: recorded in config.json but not compared on resume (e.g. {"teacher": path}).
 
   Returns:
     The final state; its `quant` holds the codes and `params` the fine-tuned student.
@@ -112,7 +114,7 @@ def qat(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher_params
     record["init_from"] = init_from[0]
   if realloc is not None:
     record["realloc"] = dataclasses.asdict(realloc)
-  record_config(workdir, record)
+  record_config(workdir, record, provenance)
   quant = default_quant(cfg)
   if expert_codes_LxE is not None:
     quant = set_expert_codes(quant, expert_codes_LxE)
@@ -141,7 +143,12 @@ def qat(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher_params
   if realloc is not None:
     step_fn = progressive_step(step_fn, cfg, realloc)
   return run_training(state, step_fn, corpus.train, loop, workdir, resume=resume,
-                      desc=f"qat {workdir.name}", placement=place)
+                      desc=_progress_label(workdir), placement=place)
+
+
+def _progress_label(workdir: pathlib.Path) -> str:
+  """"qat" and the run's folder name, once (a folder named qat_ternary is not "qat qat_ternary")."""
+  return workdir.name if "qat" in workdir.name else f"qat {workdir.name}"
 
 
 def qat_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path,
@@ -160,6 +167,7 @@ def qat_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path,
     start = (str(pathlib.Path(init_from).absolute()), start_params)
     codes = start_codes if codes is None else codes
   state = qat(config, workdir, corpus, params, expert_codes_LxE=codes, resume=resume,
-              realloc=realloc_from_config(config), init_from=start)
+              realloc=realloc_from_config(config), init_from=start,
+              provenance={"teacher": str(pathlib.Path(teacher_dir).absolute())})
   import_hf.keep_hf_config(teacher_dir, workdir)
   return state

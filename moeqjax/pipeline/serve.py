@@ -10,10 +10,11 @@ import sys
 
 import ml_collections
 
-from moeqjax.data import DOC_SEPARATOR, make_tokenizer
+from moeqjax.data import DOC_SEPARATOR, check_vocab, make_tokenizer
 from moeqjax.model import MoETransformer
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
+from moeqjax.pipeline import runs
 from moeqjax.pipeline.evaluate import UnfinishedRun
 from moeqjax.pipeline.workdirs import CONFIG_RECORD, finished_state, state_template
 from moeqjax.serve import SamplingConfig, generate, load_packed, pack
@@ -58,18 +59,39 @@ def pack_workdir(workdir, out, *, fp_dtype: str = "bfloat16", overwrite: bool = 
   """Packs the student of a finished QAT workdir into `out`; returns the manifest."""
   workdir = pathlib.Path(workdir)
   config, state = finished_student(workdir)
-  tokenizer = make_tokenizer(config.data.tokenizer)
+  tokenizer_name = runs.run_tokenizer(workdir)
+  tokenizer = make_tokenizer(tokenizer_name)
   return pack(config_io.model_config(config), state.params, state.quant, out, fp_dtype=fp_dtype,
-              tokenizer=config.data.tokenizer or None, eos_id=end_of_text_id(tokenizer),
+              tokenizer=tokenizer_name or None, eos_id=end_of_text_id(tokenizer),
               overwrite=overwrite, source=str(workdir.absolute()))
 
 
-def model_for_generation(packed: str | None, workdir: str | None):
-  """(model, variables, tokenizer, eos_id, label) from a packed folder or a run's workdir."""
+def _generation_tokenizer(folder, recorded, given: str | None, vocab_size: int):
+  """The tokenizer to generate with: the model's own; `given` (--tokenizer) must be the same one,
+  and replaces it only where the recorded one has moved away (`recorded` is then None)."""
+  if given is None:
+    if recorded is None:
+      recorded = runs.run_tokenizer(folder)  # raises: it says the tokenizer has moved
+    return make_tokenizer(recorded)
+  if recorded is not None:
+    runs.check_same_tokenizer(given, recorded, "--tokenizer", f"{folder}")
+  tokenizer = make_tokenizer(given)
+  check_vocab(tokenizer, vocab_size)
+  return tokenizer
+
+
+def model_for_generation(packed: str | None, workdir: str | None, tokenizer: str | None = None):
+  """(model, variables, tokenizer, eos_id, label) from a packed folder or a run's workdir.
+
+  The tokenizer is the one the model was made with (the packed folder's, or the run's own copy or
+  recorded path); `tokenizer` (generate's --tokenizer) must be that same one.
+  """
   if packed:
     served = load_packed(packed)
-    tokenizer = make_tokenizer(served.tokenizer_path)
-    return served.model, served.variables, tokenizer, served.manifest["eos_id"], "packed"
+    tok = _generation_tokenizer(packed, served.tokenizer_path, tokenizer,
+                                served.model.cfg.vocab_size)
+    eos_id = served.manifest["eos_id"]
+    return served.model, served.variables, tok, eos_id, "packed"
   workdir = pathlib.Path(workdir)
   if import_hf.is_imported(workdir):
     config = config_io.load_config(workdir / import_hf.CONFIG_PY)
@@ -88,9 +110,17 @@ def model_for_generation(packed: str | None, workdir: str | None):
       raise UnfinishedRun(f"{workdir} holds no finished pretraining run; finish it with "
                           f"`moeqjax pretrain --workdir {workdir} --resume`")
     variables, label = {"params": state.params}, "full precision"
-  tokenizer = make_tokenizer(config.data.tokenizer)
-  model = MoETransformer(config_io.model_config(config))
-  return model, variables, tokenizer, end_of_text_id(tokenizer), label
+  cfg = config_io.model_config(config)
+  try:
+    recorded = runs.run_tokenizer(workdir)
+    if import_hf.is_imported(workdir) and not recorded:
+      recorded = None  # the checkpoint came without a tokenizer.json: --tokenizer may name it
+  except runs.RunMismatch:
+    if tokenizer is None:
+      raise
+    recorded = None  # moved away: --tokenizer stands in for it
+  tok = _generation_tokenizer(workdir, recorded, tokenizer, cfg.vocab_size)
+  return MoETransformer(cfg), variables, tok, end_of_text_id(tok), label
 
 
 class _Streamer:

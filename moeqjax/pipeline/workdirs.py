@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 import jax
 
@@ -12,11 +13,16 @@ from moeqjax.data import TokenCorpus, check_vocab, encode_corpus, load_corpus, m
 from moeqjax.model import default_quant, init_model, without_ratios
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
+from moeqjax.pipeline import runs
 from moeqjax.pipeline.distributed import is_primary
 from moeqjax.pipeline.mesh import sharded_template
 from moeqjax.train import Checkpointer, TrainState, create_state, make_optimizer
 
-CONFIG_RECORD = "config.json"  # the sections a phase ran with, in its workdir
+CONFIG_RECORD = runs.CONFIG_RECORD  # the sections a phase ran with, in its workdir
+
+
+# A byte model needs 256 ids; a vocab this much larger was made for a subword tokenizer.
+BYTE_VOCAB_WARN = 1024
 
 
 class StaleWorkdir(config_io.ConfigError):
@@ -45,32 +51,51 @@ def load_data(config, process_index: int = 0, process_count: int = 1) -> TokenCo
   # Check the vocab before reading (and tokenizing) a possibly large corpus.
   vocab_size = config_io.model_config(config).vocab_size
   check_vocab(tokenizer, vocab_size)
+  if tokenizer.name == "bytes" and vocab_size > BYTE_VOCAB_WARN:
+    print(f"moeqjax: warning: the model has {vocab_size} token ids but the data are read as UTF-8 "
+          "bytes (ids < 256); if the model was made with a subword tokenizer, pass --tokenizer "
+          "with its tokenizer.json", file=sys.stderr)
   corpus = load_corpus(config.data.path or None, config.data.valid_fraction,
                        config.data.text_field, process_index=process_index,
                        process_count=process_count)
   return encode_corpus(corpus, tokenizer, vocab_size)
 
 
-def record_config(workdir: pathlib.Path, section: dict):
+def record_config(workdir: pathlib.Path, section: dict, provenance: dict | None = None):
   """Writes the config a phase ran with, or checks it matches the one recorded before.
 
-  In a multi-process run process 0 alone reads and writes it (the workdir is shared).
+  Paths in the data section are recorded absolute, and the tokenizer's files are copied into
+  WORKDIR/tokenizer, so that later phases find them from any folder and after a move.
+  `provenance` (e.g. {"teacher": path}) is recorded but not compared on resume. In a
+  multi-process run process 0 alone reads and writes it (the workdir is shared).
   """
   workdir.mkdir(parents=True, exist_ok=True)
   if not is_primary():
     return
+  section = dict(section)
+  if "data" in section:
+    data = dict(section["data"])
+    if data.get("path"):
+      data["path"] = str(pathlib.Path(data["path"]).absolute())
+    if data.get("tokenizer") in ("", "bytes", None):
+      data["tokenizer"] = ""
+    else:
+      data["tokenizer"] = str(pathlib.Path(data["tokenizer"]).absolute())
+    section["data"] = data
   path = workdir / CONFIG_RECORD
-  text = json.dumps(section, indent=2, sort_keys=True, default=str)
+  text = json.dumps({**section, **(provenance or {})}, indent=2, sort_keys=True, default=str)
   if path.exists():
-    before = json.loads(path.read_text())
-    now = json.loads(text)
+    before = runs.comparable(json.loads(path.read_text()))
+    now = runs.comparable(json.loads(text))
     if before != now:
       changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
       raise StaleWorkdir(
           f"{workdir} was made with a different config (sections differ: {', '.join(changed)}); "
           "choose another --workdir or delete this one")
-    return
-  path.write_text(text + "\n")
+  else:
+    path.write_text(text + "\n")
+  if "data" in section:
+    runs.keep_tokenizer(workdir, section["data"]["tokenizer"])
 
 
 def latest_state(workdir: pathlib.Path, template: TrainState, steps: int | None = None,
@@ -117,14 +142,20 @@ def state_template(config, phase: str) -> TrainState:
 def teacher_params(config, teacher_dir: pathlib.Path):
   """The params of a finished `moeqjax pretrain` workdir or an `moeqjax import-hf` folder.
 
-  Nothing is initialised: the restore template comes from jax.eval_shape.
+  The teacher's recorded config is the truth: its model must be `config`'s (runtime fields
+  aside) and its step count is the one it recorded. Nothing is initialised: the restore template
+  comes from jax.eval_shape.
   """
+  teacher_dir = pathlib.Path(teacher_dir)
+  runs.require_kind(teacher_dir, "--teacher", runs.TEACHER_KINDS, runs.TEACHER_HINT)
   cfg = config_io.model_config(config)
+  runs.check_same_model(runs.recorded_sections(teacher_dir)["model"], config.model.to_dict(),
+                        f"--teacher {teacher_dir} and this run")
   # On a mesh every array is restored straight into its shards (nothing whole on one device).
   template = sharded_template(config, state_template(config, "pretrain"))
   if import_hf.is_imported(teacher_dir):
     return import_hf.load_imported_params(teacher_dir, cfg, template.params)
-  steps = config.pretrain.steps
+  steps = int(runs.recorded_sections(teacher_dir)["pretrain"]["steps"])
   if not (teacher_dir / "ckpt").is_dir():
     raise MissingTeacher(f"--teacher {teacher_dir} has no checkpoint; run `moeqjax pretrain "
                          f"--workdir {teacher_dir}` first")

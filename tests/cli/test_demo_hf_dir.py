@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import pathlib
 
 import ml_collections
 import pytest
@@ -59,7 +60,10 @@ def test_demo_from_hf_checkpoint(tmp_path, capsys):
                                       "qat_ternary", "qat_int2", "qat_mixed"}
   assert metrics["unit"] == "token"
   assert metrics["data"]["vocab_size"] == make_tokenizer(str(hf_dir)).vocab_size == 22
-  assert metrics["data"]["tokenizer"] == str((hf_dir / "tokenizer.json").resolve())
+  # the checkpoint's own tokenizer, as import-hf copied it into the import folder
+  used = pathlib.Path(metrics["data"]["tokenizer"])
+  assert used == (work / "hf_import" / "tokenizer" / "tokenizer.json").resolve()
+  assert used.read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
   for r in metrics["variants"].values():
     assert r["perplexity"] == pytest.approx(2.718281828 ** r["nll"], rel=1e-6)
   # qat_mixed: an MC-MoE allocation within 2.5 code bits from fp_continued's statistics, trained.

@@ -105,7 +105,7 @@ def test_ptq_gptq_workdir_reads_as_a_qat_run(finished_runs, capsys):
   capsys.readouterr()
   assert main(["qat", "--workdir", str(tmp_path / "q_bad"), "--teacher", str(tmp_path / "fp"),
                "--init-from", str(tmp_path / "fp"), *short]) == 2
-  assert "is not a `moeqjax ptq` workdir" in capsys.readouterr().err
+  assert "is a `moeqjax pretrain` run, not a `moeqjax ptq` student" in capsys.readouterr().err
 
 
 def test_ptq_rtn_student_is_the_teacher_and_bad_input_is_one_line(finished_runs, capsys):
