@@ -35,7 +35,7 @@ class Vocab:
   note: str = ""
 
 
-def _byte_chars() -> list:
+def byte_chars() -> list:
   """GPT-2's byte-level alphabet: the printable character that stands for each byte value."""
   printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
                + list(range(ord("\xae"), ord("\xff") + 1)))
@@ -61,7 +61,7 @@ def byte_vocab(vocab_size: int) -> Vocab:
   if vocab_size < 256:
     raise ConvertError(f"model.vocab_size={vocab_size} is below 256: the byte vocabulary needs "
                        "one token per byte value")
-  chars = _byte_chars()
+  chars = byte_chars()
   tokens = chars + [f"<unused{i}>" for i in range(vocab_size - 256)]
   types = [NORMAL] * 256 + [UNUSED] * (vocab_size - 256)
   # llama.cpp requires a merges array and gguf cannot write an empty one. This merge joins two

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
 from moeqjax.data import TokenCorpus
 from moeqjax.model import default_quant, set_expert_codes
@@ -71,10 +72,11 @@ def _output_error(w, w_q, h) -> float:
 
 
 def gptq_experts(cfg, params, hessians, codes_LxE: np.ndarray, *, block_size=gq.DEFAULT_BLOCK,
-                 damp=gq.DEFAULT_DAMP):
+                 damp=gq.DEFAULT_DAMP, progress: bool = False):
   """GPTQ of every layer's routed experts at their codes; returns (new params, report dict).
 
   Experts that got no calibration tokens are quantized with H = I, which is round-to-nearest.
+  `progress` draws a bar over the layers.
   """
   spec: QuantSpec = cfg.quant.spec()
   if jnp.dtype(cfg.param_dtype) != jnp.float32:
@@ -83,7 +85,8 @@ def gptq_experts(cfg, params, hessians, codes_LxE: np.ndarray, *, block_size=gq.
           "--config.model.param_dtype=float32 for the exact result")
   params = jax.tree.map(lambda x: x, params)  # new containers; leaves replaced below
   no_tokens, damped, errors = [], [], {"gptq": 0.0, "rtn": 0.0}
-  for layer in range(cfg.num_layers):
+  for layer in tqdm(range(cfg.num_layers), desc="gptq layers", disable=not progress,
+                    dynamic_ncols=True):
     counts = hessians.tokens[layer]
     empty = counts == 0
     no_tokens += [[layer, int(e)] for e in np.flatnonzero(empty)]
@@ -161,8 +164,9 @@ def ptq(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher, *, me
   params = teacher
   if method == "gptq":
     hessians = expert_hessians(cfg, teacher, corpus.train, batches=calib_batches,
-                               batch_size=loop.batch_size, seq_len=loop.seq_len, seed=loop.seed)
-    params, found = gptq_experts(cfg, teacher, hessians, codes)
+                               batch_size=loop.batch_size, seq_len=loop.seq_len, seed=loop.seed,
+                               progress=True)
+    params, found = gptq_experts(cfg, teacher, hessians, codes, progress=True)
     report.update(found, calib_tokens_per_expert=hessians.tokens.tolist())
   state = build(jax.tree.map(jnp.copy, params))
   ckpt = Checkpointer(workdir / "ckpt", every=0)

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from moeqjax.data import sample_batch
 from moeqjax.model import MoETransformer
@@ -57,7 +58,7 @@ def _batch_sums(model: MoETransformer, params, tokens_BxS):
 
 
 def expert_hessians(cfg, params, train_tokens: np.ndarray, *, batches: int, batch_size: int,
-                    seq_len: int, seed: int) -> ExpertHessians:
+                    seq_len: int, seed: int, progress: bool = False) -> ExpertHessians:
   """Accumulates every layer's per-expert Hessians over `batches` random training windows.
 
   Args:
@@ -65,13 +66,15 @@ def expert_hessians(cfg, params, train_tokens: np.ndarray, *, batches: int, batc
     params: the full-precision params (routing and inputs come from them).
     train_tokens: the training split's token ids.
     batches, batch_size, seq_len, seed: the calibration batches (sample_batch at steps 0..batches-1).
+    progress: draw a progress bar over the batches.
 
   Returns:
     ExpertHessians; an expert that got no tokens has an all-zero Hessian and a count of 0.
   """
   model = MoETransformer(cfg)
   total = None
-  for step in range(batches):
+  for step in tqdm(range(batches), desc="gptq calibration", disable=not progress,
+                   dynamic_ncols=True):
     tokens = jnp.asarray(sample_batch(train_tokens, batch_size, seq_len, seed, step)[:, :-1])
     sums = _batch_sums(model, params, tokens)
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)

@@ -347,8 +347,8 @@ def read_packed_tensors(folder, manifest: dict, cfg: ModelConfig, *, verify: boo
           f"says {rec['dtype']}{rec['shape']}")
     if tuple(rec["shape"]) != want[name]:
       raise PackedCheckpointError(
-          f"tensor {name} has shape {rec['shape']}, but the manifest's model config implies "
-          f"{list(want[name])}; the manifest and the tensors disagree")
+          f"{folder}: tensor {name} has shape {rec['shape']}, but the manifest's model config "
+          f"implies {list(want[name])}; the manifest and the tensors disagree (repack it)")
     try:
       arr = read_tensor(info)
     except ValueError as e:
