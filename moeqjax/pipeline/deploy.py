@@ -54,12 +54,12 @@ def _gguf(weights: PackedWeights, out: pathlib.Path, prompt, ours) -> dict:
   want = ours()[0]
   try:
     theirs = runtimes.llama_greedy(out, prompt, NEW_TOKENS)
-  except (ValueError, RuntimeError) as e:  # llama-cpp-python raises ValueError on a failed load
+  except RuntimeError as e:  # xllamacpp's server raises RuntimeError on a failed load
     row.update(loaded=False, note=f"llama.cpp did not load it: {e}")
     return row
   same = next((i for i, (a, b) in enumerate(zip(want, theirs)) if a != b), NEW_TOKENS)
   row.update(loaded=True, matched=want == theirs, greedy_tokens_equal=same,
-             runtime=runtimes.versions(("llama_cpp_python",)),
+             runtime=runtimes.versions(("xllamacpp",)),
              note=f"llama.cpp greedy = ours for {same} of {NEW_TOKENS} tokens")
   return row
 

@@ -28,7 +28,7 @@ PROMPT = list(b"def main():\n  return x + 1\n")
 
 
 def test_exports_load_and_match_in_both_runtimes(packed, tmp_path):
-  pytest.importorskip("llama_cpp", reason="needs the `export` extra (llama-cpp-python)")
+  pytest.importorskip("xllamacpp", reason="needs the `export` extra (xllamacpp)")
   pytest.importorskip("compressed_tensors", reason="needs the `export` extra")
   rows = deploy.deploy_packed(tmp_path, {"s": packed}, PROMPT)["s"]
   g, c = rows["gguf"], rows["compressed_tensors"]
