@@ -221,7 +221,10 @@ def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | N
         codes = np.asarray(allocation.codes_LxE)
       else:
         codes = np.full(shape, code)
-      state = qat(config, workdir / name, corpus, params, expert_codes_LxE=codes, resume=True)
+      # The teacher is recorded, so that `moeqjax eval --workdir DEMO/<variant>` finds it.
+      teacher_dir = workdir / (HF_IMPORT_DIR if hf_dir is not None else "pretrain")
+      state = qat(config, workdir / name, corpus, params, expert_codes_LxE=codes, resume=True,
+                  provenance={"teacher": str(teacher_dir.absolute())})
       timings[name] = time.perf_counter() - t
       states[name] = state
       variants[name] = {"params": state.params, "quant": state.quant}
