@@ -21,6 +21,9 @@ CT_LOGIT_TOL = 1e-5  # float32 logits of transformers vs our packed forward
 
 
 def _not_checked(packages) -> str:
+  if "xllamacpp" in packages:  # a core dependency, with wheels for Linux only
+    return ("not checked: llama.cpp (xllamacpp) is not installed; it ships wheels for Linux "
+            "x86-64 and aarch64 (pip install xllamacpp==2026.10.11549)")
   return (f"not checked: install the export extra (pip install -e '.[export]'; missing "
           f"{', '.join(packages)})")
 
@@ -37,7 +40,7 @@ def _gguf(weights: PackedWeights, out: pathlib.Path, prompt, ours) -> dict:
   """Writes the GGUF file; then llama.cpp's greedy tokens against our packed model's (`ours()`)."""
   row = {"file": None, "file_bytes": None, "loaded": None, "matched": None, "note": ""}
   if runtimes.missing(("gguf",)):
-    row["note"] = "not written: the GGUF writer needs the export extra (gguf)"
+    row["note"] = "not written: the GGUF writer needs the gguf package (pip install gguf)"
     return row
   try:
     report = write_gguf(weights, out, tokenizer=weights.tokenizer, overwrite=True,
