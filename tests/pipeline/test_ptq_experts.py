@@ -49,3 +49,22 @@ def test_no_token_expert_is_rtn_and_singular_hessian_is_damped(capsys, scale_ini
   with pytest.raises(ValueError, match="stored_ratio=True"):
     gptq_experts(dataclasses.replace(cfg, quant=QuantRules(expert_code=1)), params,
                  ExpertHessians([h_in], [h_out], tokens), codes)
+
+
+def test_stored_ratio_gets_no_gradient_and_the_weight_a_plain_ste():
+  """Under quant.stored_ratio the experts' forward uses the ratio (GPTQ's scale), the ratio gets no
+  gradient (so QAT from a GPTQ student keeps it) and the weight's gradient is not clipped."""
+  import jax
+  import jax.numpy as jnp
+  from moeqjax.model.moe import _fixed_ratio_quant
+  spec = QuantRules(expert_code=2, stored_ratio=True).spec()
+  w = jnp.asarray(np.random.default_rng(3).normal(size=(2, 8, 4)), jnp.float32)
+  codes = jnp.array([2, 3], jnp.int32)
+  ratio = jnp.full((2, 1, 4), 0.5, jnp.float32)
+  np.testing.assert_array_equal(_fixed_ratio_quant(w, codes, spec, ratio),
+                                quantize_dequantize(w, codes, spec, ratio))
+  probe = jnp.asarray(np.random.default_rng(4).normal(size=w.shape), jnp.float32)
+  g_w, g_r = jax.grad(lambda a, r: jnp.sum(probe * _fixed_ratio_quant(a, codes, spec, r)),
+                      argnums=(0, 1))(w, ratio)
+  np.testing.assert_array_equal(g_w, probe)  # ratio 0.5 clips some weights; learn_clip would zero them
+  np.testing.assert_array_equal(g_r, 0.0)
