@@ -56,6 +56,7 @@ def get_config():
       ternary_method="absmean",  # BitNet b1.58, for experts the allocator sets to ternary
       learn_clip=False,
       learn_scale=False,  # LSQ scale ratios for ternary and intN (exclusive with learn_clip)
+      stored_ratio=False,  # ptq --method gptq sets it: GPTQ's scale ratios, kept fixed
       scale_init="absmax",  # "mse": grid-searched MSE-optimal scale per group
       ternary_packing="2bit",
       scale_bytes=2,  # fp16 scales

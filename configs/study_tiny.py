@@ -56,6 +56,7 @@ def get_config():
       ternary_method="absmean",
       learn_clip=False,
       learn_scale=False,  # LSQ scale ratios for ternary and intN (exclusive with learn_clip)
+      stored_ratio=False,  # ptq --method gptq sets it: GPTQ's scale ratios, kept fixed
       scale_init="absmax",  # "mse": grid-searched MSE-optimal scale per group
       ternary_packing="base3",  # ternary stored at 1.6 bits so that budgets below 2 bits are reachable
       scale_bytes=2,

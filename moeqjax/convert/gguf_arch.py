@@ -141,7 +141,7 @@ def tensors(cfg: ModelConfig, arch: Arch) -> list[Tensor]:
                       moe + ("router", "bits")))
     for ours, gg in (("w_gate", "ffn_gate_exps"), ("w_in", "ffn_up_exps"),
                      ("w_out", "ffn_down_exps")):
-      clip = moe + (f"{ours}_clip",) if cfg.quant.learns_ratio else None
+      clip = moe + (f"{ours}_clip",) if cfg.quant.has_ratio else None
       out.append(Tensor(f"{b}.{gg}.weight", moe + (ours,), "experts", moe + ("expert_bits",),
                         0, clip))
     if cfg.shared_d_ff:

@@ -39,6 +39,7 @@ class QuantRules:
   scale_bytes: int = 2  # bytes per stored scale (fp16)
   scale_init: str = "absmax"  # "absmax" | "mse": grid-searched MSE-optimal scale per group
   learn_scale: bool = False  # LSQ scale ratio per group, ternary and intN (exclusive with learn_clip)
+  stored_ratio: bool = False  # fixed intN scale ratios per group in `*_clip` params (GPTQ's scales)
 
   def __post_init__(self):
     if self.expert_code not in EXPERT_CODE_CHOICES:
@@ -60,6 +61,11 @@ class QuantRules:
     """Whether the student trains scale ratios (`*_clip` params): learn_clip or learn_scale."""
     return bool(self.learn_clip or self.learn_scale)
 
+  @property
+  def has_ratio(self) -> bool:
+    """Whether the student carries `*_clip` ratio params: learned, or stored by GPTQ."""
+    return bool(self.learns_ratio or self.stored_ratio)
+
   def spec(self):
     """The array-level quantizer spec (moeqjax.quant.QuantSpec) for these rules."""
     from moeqjax.quant import QuantSpec  # local: keeps config importable without jax
@@ -73,6 +79,7 @@ class QuantRules:
         scale_bytes=self.scale_bytes,
         scale_init=self.scale_init,
         learn_scale=self.learn_scale,
+        stored_ratio=self.stored_ratio,
     )
 
 

@@ -19,6 +19,17 @@ DISPATCH = {**_LOCAL_DISPATCH, "ep": expert_parallel_experts}
 _expert_init = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
 
 
+def _fixed_ratio_quant(w, codes, spec, ratio):
+  """Fake quantization at a stored (GPTQ) ratio: a plain straight-through estimator, no ratio grad.
+
+  The ratio is GPTQ's choice, not a parameter to train, so it gets no gradient (Adam then leaves it
+  unchanged) and the weight's gradient is not clipped as learn_clip's is.
+  """
+  w_f = w.astype(jnp.promote_types(w.dtype, jnp.float32))
+  w_q = q.quantize_dequantize(w_f, codes, spec, jax.lax.stop_gradient(ratio))
+  return (w_f + jax.lax.stop_gradient(w_q - w_f)).astype(w.dtype)
+
+
 class SharedExpert(nn.Module):
   """A dense SwiGLU FFN every token passes through, optionally scaled by a sigmoid gate."""
 
@@ -107,10 +118,11 @@ class MoE(nn.Module):
     x_q, act_quant_E = expert_act_quant(x_TxD, rules, codes_E)
     if codes_E is not None:
       spec = rules.spec()
-      clip = self._ratios(spec, e, d, f, pdtype) if spec.learns_ratio else (None, None, None)
-      w_in = q.fake_quant(w_in, codes_E, spec, clip[0])
-      w_gate = q.fake_quant(w_gate, codes_E, spec, clip[1])
-      w_out = q.fake_quant(w_out, codes_E, spec, clip[2])
+      clip = self._ratios(spec, e, d, f, pdtype) if spec.has_ratio else (None, None, None)
+      quantize = q.fake_quant if not spec.stored_ratio else _fixed_ratio_quant
+      w_in = quantize(w_in, codes_E, spec, clip[0])
+      w_gate = quantize(w_gate, codes_E, spec, clip[1])
+      w_out = quantize(w_out, codes_E, spec, clip[2])
     elif idx_TxK.size < e:
       # Full precision at decode size: read only the selected experts, as the packed path does.
       idx_M = idx_TxK.reshape(-1)
@@ -146,9 +158,10 @@ class MoE(nn.Module):
                                   keep_TxK=keep_TxK)
 
   def _ratios(self, spec, e, d, f, pdtype):
-    """Learned scale ratios (clip ratios or LSQ scales), one per quantization group, initialised at 1.
+    """Scale ratios (clip ratios, LSQ scales or GPTQ's stored ones), one per quantization group, at 1.
 
-    A QAT start replaces the 1s with its initial ratios (model.ratios.init_ratios). The train step
+    A QAT start replaces the 1s with its initial ratios (model.ratios.init_ratios), and a ptq GPTQ
+    run with GPTQ's. The train step
     projects the raw params into range after each update; the forward pass reads them through
     q.effective_clip_ratio like export does, with a straight-through gradient.
     """

@@ -1,9 +1,11 @@
-"""A student's learned scale ratios (`*_clip` params): created at the start of QAT, absent from teachers."""
+"""A student's scale ratios (`*_clip` params): created at the start of QAT or by GPTQ, absent from teachers."""
 
 # A teacher (pretrained, imported, or fine-tuned in full precision) has no ratio params; the student's
-# forward pass needs one per expert weight when its rules learn ratios. init_ratios creates them from
-# the weights the student starts from, at their initial value: 1 (the absmax / absmean scale) or, with
-# scale_init="mse", the grid-searched MSE-optimal ratio at each expert's code.
+# forward pass needs one per expert weight when its rules learn or store ratios. init_ratios creates
+# them from the weights the student starts from, at their initial value: 1 (the absmax / absmean
+# scale) or, with scale_init="mse", the grid-searched MSE-optimal ratio at each expert's code. Ratios
+# the start already holds (a GPTQ student's, stored_ratio) are kept: they are what makes its
+# weights quantize to GPTQ's integers.
 
 import jax
 import jax.numpy as jnp
@@ -44,16 +46,21 @@ def init_ratios(cfg, params, quant):
     quant: the student's `quant` collection (the per-expert codes).
 
   Returns:
-    A new tree; unchanged (a copy without ratios) when the rules learn no ratio.
+    A new tree; unchanged (a copy without ratios) when the rules carry no ratio. Under
+    `stored_ratio` a ratio param that `params` already holds is kept.
   """
-  params = without_ratios(params)
   spec = cfg.quant.spec()
-  if not spec.learns_ratio:
+  kept = params
+  params = without_ratios(params)
+  if not spec.has_ratio:
     return params
   codes_LxE = expert_codes(quant, cfg.num_layers)
   for layer in range(cfg.num_layers):
     moe = params[f"layers_{layer}"]["moe"]
+    had = kept[f"layers_{layer}"]["moe"]
     codes_E = np.asarray(codes_LxE[layer], np.int32)
     for name in _EXPERT_WEIGHTS:
-      moe[name + clip.CLIP_SUFFIX] = initial_ratio(moe[name], codes_E, spec)
+      key = name + clip.CLIP_SUFFIX
+      moe[key] = (had[key] if spec.stored_ratio and key in had
+                  else initial_ratio(moe[name], codes_E, spec))
   return params

@@ -3,8 +3,9 @@
 # A ptq workdir is read like a finished QAT workdir (eval, pack, export, generate): the same
 # config.json sections plus a `ptq` section, and one checkpoint at step qat.steps whose params are
 # the quantized student. The fake quantizer re-derives its grid from those params, so GPTQ's result
-# is stored as gptq.exact_latent (weights whose round-to-nearest quantization is GPTQ's), and the
-# integer codes, scales and zero points that pack/export write are GPTQ's, exactly. Only routed
+# is stored as gptq.exact_latent (weights whose round-to-nearest quantization is GPTQ's) with
+# gptq.exact_ratio in the experts' `*_clip` params (a GPTQ run records quant.stored_ratio=True),
+# and the integer codes, scales and zero points that pack/export write are GPTQ's, exactly. Only routed
 # experts are GPTQ'd; attention, shared experts, router and lm_head keep their configured codes
 # (round-to-nearest by the fake quantizer, as in QAT).
 
@@ -21,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moeqjax.data import TokenCorpus
-from moeqjax.model import default_quant, set_expert_codes
+from moeqjax.model import default_quant, init_ratios, set_expert_codes
 from moeqjax.model.codes import expert_codes
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
@@ -53,11 +54,6 @@ def _check(config, corpus: TokenCorpus, method: str, calib_batches: int):
   if config.quant.learn_clip or config.quant.get("learn_scale", False):
     raise PtqError("ptq trains nothing, so it has no learned clip ratios or scales; drop "
                    "--config.quant.learn_clip=True / --config.quant.learn_scale=True")
-  if method == "gptq" and config.quant.get("scale_init", "absmax") != "absmax":
-    raise PtqError(f"GPTQ fixes each group's scale on the absmax grid as it goes, and "
-                   f"quant.scale_init={config.quant.scale_init!r} would re-derive other scales from "
-                   "its weights; pass --config.quant.scale_init=absmax (also to a later "
-                   "`qat --init-from`)")
   need = config.qat.seq_len + 1
   if method == "gptq" and len(corpus.train) < need:
     raise PtqError(f"no calibration data: the train split has {len(corpus.train)} tokens, fewer "
@@ -75,16 +71,21 @@ def gptq_experts(cfg, params, hessians, codes_LxE: np.ndarray, *, block_size=gq.
                  damp=gq.DEFAULT_DAMP, progress: bool = False):
   """GPTQ of every layer's routed experts at their codes; returns (new params, report dict).
 
-  Experts that got no calibration tokens are quantized with H = I, which is round-to-nearest.
-  `progress` draws a bar over the layers.
+  Experts that got no calibration tokens are quantized with H = I, which is round-to-nearest (on
+  GPTQ's grid). `cfg.quant.stored_ratio` must be True: each expert weight's `*_clip` param gets
+  GPTQ's ratios. `progress` draws a bar over the layers.
   """
   spec: QuantSpec = cfg.quant.spec()
+  if not spec.stored_ratio:
+    raise ValueError("gptq_experts needs quant.stored_ratio=True: GPTQ's scale ratios are stored in "
+                     "the experts' *_clip params (ptq sets it; pass a config with it)")
   if jnp.dtype(cfg.param_dtype) != jnp.float32:
     _warn(f"model.param_dtype is {cfg.param_dtype}: GPTQ's experts are stored rounded to it, so the "
           "student equals GPTQ's result only up to that rounding; use "
           "--config.model.param_dtype=float32 for the exact result")
   params = jax.tree.map(lambda x: x, params)  # new containers; leaves replaced below
   no_tokens, damped, errors = [], [], {"gptq": 0.0, "rtn": 0.0}
+  searched = []  # per matrix: the fraction of columns that kept the MSE grid
   for layer in tqdm(range(cfg.num_layers), desc="gptq layers", disable=not progress,
                     dynamic_ncols=True):
     counts = hessians.tokens[layer]
@@ -100,10 +101,12 @@ def gptq_experts(cfg, params, hessians, codes_LxE: np.ndarray, *, block_size=gq.
                  for e in np.flatnonzero(used != damp)]
       for name in names:
         w = moe[name]
-        res = gq.gptq(w, u, codes, spec, dead=dead, block_size=block_size)
+        res = gq.gptq(w, u, codes, spec, dead=dead, h=h, block_size=block_size)
         errors["gptq"] += _output_error(w, res.w_hat, h)
         errors["rtn"] += _output_error(w, quantize_dequantize(w, codes, spec), h)
+        searched.append(float(np.mean(np.asarray(res.searched))))
         moe[name] = gq.exact_latent(res, codes, spec).astype(w.dtype)
+        moe[name + "_clip"] = gq.exact_ratio(res, np.asarray(codes), spec).astype(w.dtype)
     params[f"layers_{layer}"] = dict(params[f"layers_{layer}"], moe=moe)
   if no_tokens:
     _warn(f"{len(no_tokens)} experts got no calibration tokens and were rounded to nearest "
@@ -113,7 +116,8 @@ def gptq_experts(cfg, params, hessians, codes_LxE: np.ndarray, *, block_size=gq.
           + ", ".join(f"({l}, {e}, {n}: {lam:g})" for l, e, n, lam in damped)
           + f" instead of {damp:g}; inf means none sufficed and the expert was rounded to nearest")
   report = {"rtn_fallback_no_tokens": no_tokens, "extra_damping": damped,
-            "calib_output_error": errors}
+            "calib_output_error": errors, "scale_init": spec.scale_init,
+            "mse_grid_columns": float(np.mean(searched)) if searched else 0.0}
   return params, report
 
 
@@ -137,6 +141,10 @@ def ptq(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher, *, me
     (state, report): the saved student state (step = qat.steps) and the ptq report.
   """
   _check(config, corpus, method, calib_batches)
+  if method == "gptq":  # GPTQ's scale ratios live in the experts' *_clip params
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.quant.stored_ratio = True
   workdir = pathlib.Path(workdir)
   cfg = config_io.model_config(config)
   loop, optim = config_io.phase_configs(config.qat, "qat")
@@ -157,16 +165,17 @@ def ptq(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher, *, me
                          teacher_params=jax.tree.map(jnp.copy, teacher))
     return state.replace(step=jnp.asarray(loop.steps, jnp.int32))
 
-  done = finished_state(workdir, jax.eval_shape(build, teacher), loop.steps)
+  # Ratio params (stored_ratio) where the rules carry them: 1 or MSE-searched, GPTQ's replace them.
+  params = init_ratios(cfg, teacher, quant)
+  done = finished_state(workdir, jax.eval_shape(build, params), loop.steps)
   if done is not None and report_path.is_file():
     return done, json.loads(report_path.read_text())
   report = {"method": method, "expert_codes": codes.tolist()}
-  params = teacher
   if method == "gptq":
     hessians = expert_hessians(cfg, teacher, corpus.train, batches=calib_batches,
                                batch_size=loop.batch_size, seq_len=loop.seq_len, seed=loop.seed,
                                progress=True)
-    params, found = gptq_experts(cfg, teacher, hessians, codes, progress=True)
+    params, found = gptq_experts(cfg, params, hessians, codes, progress=True)
     report.update(found, calib_tokens_per_expert=hessians.tokens.tolist())
   state = build(jax.tree.map(jnp.copy, params))
   ckpt = Checkpointer(workdir / "ckpt", every=0)

@@ -19,11 +19,11 @@ def ptq_key(ptq_method: str, method: str, budget: float, seed: int) -> str:
 
 
 def row_config(cfg, ptq_method: str):
-  """The model config a PTQ row quantizes and evaluates with: GPTQ fixes its scales on the absmax
-  grid as it goes, so its rows use scale_init="absmax" whatever `cfg` says; RTN rows use `cfg`."""
-  if ptq_method != "gptq" or cfg.quant.scale_init == "absmax":
+  """The model config a PTQ row quantizes and evaluates with: GPTQ rows carry GPTQ's scale ratios
+  (quant.stored_ratio=True, with `cfg`'s scale_init); RTN rows use `cfg`."""
+  if ptq_method != "gptq":
     return cfg
-  return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, scale_init="absmax"))
+  return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, stored_ratio=True))
 
 
 def run_ptq_rows(store, config, cfg, teacher, task, windows, st: dict, allocs: dict, budgets,
@@ -32,7 +32,7 @@ def run_ptq_rows(store, config, cfg, teacher, task, windows, st: dict, allocs: d
   (every seed for "random", whose allocation depends on it; seed 0 otherwise), the teacher quantized
   at the allocation's codes and evaluated like the QAT cells. GPTQ's per-expert Hessians come from
   st["ptq_calib_batches"] batches of the task's training split, routed by the teacher, once.
-  GPTQ rows quantize and evaluate with `row_config` (the absmax grid). `teacher_eval` (the
+  GPTQ rows quantize and evaluate with `row_config` (GPTQ's stored scale ratios). `teacher_eval` (the
   teacher's evaluate_lm result on `windows`) saves evaluating the teacher again for every row.
   """
   for name in st["ptq"]:

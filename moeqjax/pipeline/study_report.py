@@ -275,8 +275,8 @@ def _ptq_section(table: dict, st: dict) -> list[str]:
   lines = ["## Post-training quantization (no training)", "",
            "The fine-tuned teacher quantized at each allocation's codes, by round-to-nearest (rtn) "
            f"or by GPTQ per expert (gptq, Hessians from {st.get('ptq_calib_batches', 8)} task "
-           "batches routed by the teacher; GPTQ sets its scales on the absmax grid, RTN uses the "
-           "config's quant.scale_init). One run each (random: mean ± std over its seeds). "
+           "batches routed by the teacher, on the full 2^b-level grid; both use the config's "
+           "quant.scale_init). One run each (random: mean ± std over its seeds). "
            "Cell: bits per byte (rank among the methods at that budget).", "",
            "| ptq | method | " + " | ".join(f"{b:g}" for b in budgets) + " |",
            "|---|---|" + "---|" * len(budgets)]

@@ -8,6 +8,9 @@
 # outside the range (an old checkpoint, a hand-edited tree) means the same thing everywhere.
 # With `learn_scale` the same params are LSQ scale ratios for ternary and intN groups; a ternary ratio
 # multiplies mean|W|, and its MSE-optimal value is above 1, so that range reaches SCALE_MAX.
+# With `stored_ratio` the params hold GPTQ's intN ratios, fixed: qmax / max|q| of each group (below 1
+# where GPTQ used the level -qmax-1), up to qmax where its levels stayed small, so that range reaches
+# STORED_MAX.
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import numpy as np
 CLIP_MIN = 0.05  # keeps a scale away from zero
 CLIP_MAX = 1.0  # a ratio above 1 would widen the grid past the absmax and waste levels
 SCALE_MAX = 4.0  # learn_scale: room above the ternary MSE ratios (about 1.2 to 2) and intN absmax
+STORED_MAX = 128.0  # stored_ratio: GPTQ's qmax / max|q| is at most 127 (int8, max|q| = 1)
 CLIP_SUFFIX = "_clip"  # a weight "w_in" has its ratios in the param "w_in_clip"
 
 
@@ -29,8 +33,11 @@ def is_clip_param(name: str) -> bool:
 
 
 def ratio_max(spec=None) -> float:
-  """The upper bound of a learned ratio: CLIP_MAX for clip ratios, SCALE_MAX under `learn_scale`."""
-  return SCALE_MAX if spec is not None and spec.learn_scale else CLIP_MAX
+  """The upper bound of a ratio: CLIP_MAX for clip ratios, SCALE_MAX under `learn_scale`, STORED_MAX
+  under `stored_ratio`."""
+  if spec is not None and spec.learn_scale:
+    return SCALE_MAX
+  return STORED_MAX if spec is not None and spec.stored_ratio else CLIP_MAX
 
 
 @jax.custom_jvp
@@ -65,10 +72,11 @@ def effective_clip_ratio(raw: jax.Array | np.ndarray, spec=None) -> jax.Array | 
 def learned_ratio(params, weight_path, spec) -> np.ndarray | None:
   """The effective learned ratio of the weight at `weight_path` (keys into nested param dicts).
 
-  The one reader for packing, export, allocation and tests: None when `spec` learns no ratio or
-  `params` holds none for this weight (e.g. a teacher), else the numpy float32 effective ratio.
+  The one reader for packing, export, allocation and tests: None when `spec` carries no ratio
+  (learned or stored) or `params` holds none for this weight (e.g. a teacher), else the numpy
+  float32 effective ratio.
   """
-  if not spec.learns_ratio:
+  if not spec.has_ratio:
     return None
   node = params
   for key in (*weight_path[:-1], weight_path[-1] + CLIP_SUFFIX):

@@ -103,6 +103,8 @@ class QuantSpec:
       (exclusive with learn_clip; the ratio lives in the same `*_clip` params).
     ternary_packing: storage of ternary weights, "2bit" or "base3".
     scale_bytes: bytes per stored scale: 2 (fp16) or 4 (fp32).
+    stored_ratio: whether the model carries a fixed (untrained) intN scale ratio per group in the
+      same `*_clip` params: GPTQ's chosen scales (exclusive with learn_clip and learn_scale).
   """
 
   granularity: str = "channel"
@@ -114,6 +116,7 @@ class QuantSpec:
   scale_bytes: int = 2
   scale_init: str = "absmax"
   learn_scale: bool = False
+  stored_ratio: bool = False
 
   def __post_init__(self):
     _check_choice("granularity", self.granularity, GRANULARITIES)
@@ -127,14 +130,22 @@ class QuantSpec:
       raise ValueError(f"group_size={self.group_size} must be positive, e.g. 32, 64 or 128")
     if not isinstance(self.symmetric, (bool, np.bool_)):
       raise ValueError(f"symmetric={self.symmetric!r} must be True or False")
-    for name in ("learn_clip", "learn_scale"):
+    for name in ("learn_clip", "learn_scale", "stored_ratio"):
       if not isinstance(getattr(self, name), (bool, np.bool_)):
         raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
     if self.learn_clip and self.learn_scale:
       raise ValueError("learn_clip=True and learn_scale=True: choose one (learn_scale also learns"
                        " the intN clipping, and ternary scales too)")
+    if self.stored_ratio and self.learns_ratio:
+      raise ValueError("stored_ratio=True keeps GPTQ's scale ratios fixed and cannot be combined with"
+                       " learn_clip or learn_scale; drop one")
 
   @property
   def learns_ratio(self) -> bool:
     """Whether the model trains a scale ratio per group (`*_clip` params)."""
     return bool(self.learn_clip or self.learn_scale)
+
+  @property
+  def has_ratio(self) -> bool:
+    """Whether the model carries a scale ratio per group (`*_clip` params), learned or stored."""
+    return bool(self.learns_ratio or self.stored_ratio)

@@ -8,15 +8,27 @@
 #
 # The grid of a group (its scale, zero point, ternary threshold) is fixed when the loop reaches the
 # group's first row, from the weights as updated so far (GPTQ's groupsize option); per channel and
-# per tensor it comes from the whole weight before the loop, i.e. it is RTN's grid. The output is
-# our integer form (the layout of quantizers.quantize_to_ints) with storable (fp16) scales, so it
-# packs and exports exactly. Two choices keep it reproducible by the fake quantizer
-# (see `exact_latent`): symmetric intN stays in [-qmax, qmax] (RTN's absmax grid never reaches
-# -qmax-1), and the element that set a group's absmax (asymmetric: its min and max) keeps its end
-# level, so the grid re-derived from the output is the grid used.
+# per tensor it comes from the whole weight before the loop. Symmetric intN uses all 2^b levels,
+# [-qmax-1, qmax], at the reference code's scale 2 absmax / (2^b - 1) (int2 is {-2, -1, 0, 1} * s,
+# not ternary). With scale_init="mse" each group's scale ratio is the MSE-optimal one at that point
+# (scale_search, as the fake quantizer searches), and GPTQ runs on both grids and keeps, per output
+# column (per tensor: per expert), the one with the lower output error, so it is never worse than
+# the absmax grid. Since the scaled errors e satisfy (W - W_hat)^T H_damped (W - W_hat) = e^T e
+# per column, the damped output error is known without H.
+#
+# The output is our integer form (the layout of quantizers.quantize_to_ints) with storable (fp16)
+# scales, so it packs and exports exactly. The fake quantizer re-derives grids from weights, and
+# the absmax of a weight on the full grid cannot reach -qmax-1 (its scale is absmax / qmax), so
+# a symmetric intN result is stored as w_hat plus a fixed ratio per group (`exact_ratio`,
+# qmax * s / max|w_hat|, in the `*_clip` params under quant.stored_ratio) that makes the fake
+# quantizer's scale GPTQ's. Asymmetric grids keep their end levels at the elements that set the
+# group's min and max, so the grid re-derived from w_hat (ratio 1) is the one used; ternary
+# re-derives from w_hat itself (absmean: see `exact_latent`; the MSE search recovers a 3-level
+# weight's scale). A group whose levels are all 0 is stored with scale 0 (its weight is 0).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -26,9 +38,11 @@ import numpy as np
 
 from moeqjax.quant import formats
 from moeqjax.quant import granularity as gran
+from moeqjax.quant import scale_search
 from moeqjax.quant.formats import QuantSpec
-# The same constants as the fake quantizer's ternary paths (one definition; RTN equality is tested).
-from moeqjax.quant.quantizers import _ABSMEAN_EPS, _TWN_DELTA_RATIO, storable_scale
+# The same constants and ternary MSE quantizer as the fake quantizer (one definition).
+from moeqjax.quant.quantizers import (_ABSMEAN_EPS, _TWN_DELTA_RATIO, _int_form, _ternary_dequant,
+                                      storable_scale)
 
 DEFAULT_DAMP = 0.01  # lambda: H + lambda * mean(diag H) * I, as in the GPTQ reference code
 DEFAULT_BLOCK = 128  # rows per lazy-batch block
@@ -37,18 +51,19 @@ DEFAULT_BLOCK = 128  # rows per lazy-batch block
 class GptqResult(NamedTuple):
   """GPTQ output for weights [..., in, out] (leading dims are experts)."""
 
-  q: jax.Array  # [..., in, out] integer-valued: ternary {-1,0,1}, sym [-qmax, qmax], asym [0, 2^b-1]
+  q: jax.Array  # [..., in, out] integer-valued: ternary {-1,0,1}, sym [-qmax-1, qmax], asym [0, 2^b-1]
   scale: jax.Array  # [..., n_in_groups, n_cols] storable scales (scale_shape)
   zero_point: jax.Array  # [..., n_in_groups, n_cols] (0 for symmetric and ternary)
   w_hat: jax.Array  # [..., in, out] (q - zero_point) * scale; the input weight where the code is 0
+  searched: jax.Array  # [..., n_cols] bool: the column kept the MSE grid (scale_init="mse")
 
 
 class _GroupGrid(NamedTuple):
   scale: jax.Array  # [out] dequantization scale (storable)
   zero: jax.Array  # [out] intN zero point
   int_div: jax.Array  # [out] intN divisor (scale, 1 where 0)
-  tern_div: jax.Array  # [out] absmean divisor (mean|w| + eps) or TWN threshold
-  anchor: jax.Array  # [rows, out] bool: this element keeps `anchor_level`
+  tern_div: jax.Array  # [out] ternary divisor (mean|w| + eps, or ratio * mean|w| + eps) or TWN threshold
+  anchor: jax.Array  # [rows, out] bool: this element keeps `anchor_level` (asymmetric intN)
   anchor_level: jax.Array  # [rows, out]
 
 
@@ -57,7 +72,7 @@ def _bits_and_range(code, dtype, symmetric: bool):
   two_pow_b = jnp.left_shift(jnp.int32(1), bits).astype(dtype)
   if symmetric:
     qmax = two_pow_b / 2 - 1
-    return -qmax, qmax
+    return -qmax - 1, qmax
   return jnp.zeros_like(two_pow_b), two_pow_b - 1
 
 
@@ -71,6 +86,7 @@ def _group_grid(rows, code, spec: QuantSpec) -> _GroupGrid:
   """The grid of one group of rows [R, out] (all rows of the weight per channel / per tensor)."""
   w_g = gran.to_groups(rows, spec) if spec.granularity != "group" else rows[None]
   n_out = rows.shape[-1]
+  search = spec.scale_init == "mse"
 
   def cols(stat):  # [1, 1, nc] -> [out] (nc is 1 per tensor)
     return jnp.broadcast_to(stat.reshape(-1), (n_out,))
@@ -80,11 +96,12 @@ def _group_grid(rows, code, spec: QuantSpec) -> _GroupGrid:
 
   lo, hi = _bits_and_range(code, rows.dtype, spec.symmetric)
   if spec.symmetric:
-    absmax = gran.reduce_groups(jnp.abs(w_g), jnp.max)
-    base = absmax / hi
+    # The reference code's symmetric grid: 2^b levels spanning [-absmax, absmax] (-qmax-1 and qmax
+    # sit half a step outside it), scale 2 absmax / (2^b - 1) = absmax / (qmax + 0.5).
+    base = gran.reduce_groups(jnp.abs(w_g), jnp.max) / (hi + 0.5)
     zero = jnp.zeros_like(base)
-    anchor = _onehot_arg(jnp.abs(w_g), jnp.argmax) & (absmax > 0)
-    level = jnp.sign(w_g) * hi
+    anchor = jnp.zeros(w_g.shape, bool)
+    level = jnp.zeros_like(w_g)
   else:
     w_min = jnp.minimum(gran.reduce_groups(w_g, jnp.min), 0.0)
     w_max = jnp.maximum(gran.reduce_groups(w_g, jnp.max), 0.0)
@@ -93,11 +110,21 @@ def _group_grid(rows, code, spec: QuantSpec) -> _GroupGrid:
     at_max = _onehot_arg(w_g, jnp.argmax) & (w_max > 0)
     at_min = _onehot_arg(w_g, jnp.argmin) & (w_min < 0)
     anchor = at_max | at_min
-    level = jnp.where(at_max, hi, 0.0)
-  int_scale = storable_scale(base, spec)
+    level = jnp.broadcast_to(jnp.where(at_max, hi, 0.0), w_g.shape)
+
+  def int_dequant(ratio):  # the zero point stays base's, as in the fake quantizer's search
+    scale = storable_scale(base * ratio, spec)
+    q = jnp.clip(jnp.round(w_g / jnp.where(scale > 0, scale, 1.0)) + zero, lo, hi)
+    return (q - zero) * scale
+
+  int_ratio = scale_search.int_ratio(w_g, int_dequant) if search else 1.0
+  int_scale = storable_scale(base * int_ratio, spec)
 
   mean_abs = gran.reduce_groups(jnp.abs(w_g), jnp.mean)
-  if spec.ternary_method == "absmean":
+  if search:  # the fake quantizer's MSE ternary: round(w / s) at s = ratio * mean|W|
+    raw = mean_abs * scale_search.ternary_ratio(w_g, lambda r: _ternary_dequant(w_g, spec, r))
+    tern_div, tern_scale = raw + _ABSMEAN_EPS, storable_scale(raw, spec)
+  elif spec.ternary_method == "absmean":
     tern_div, tern_scale = mean_abs + _ABSMEAN_EPS, storable_scale(mean_abs, spec)
   else:
     delta = _TWN_DELTA_RATIO * mean_abs
@@ -113,7 +140,7 @@ def _group_grid(rows, code, spec: QuantSpec) -> _GroupGrid:
       int_div=cols(jnp.where(int_scale > 0, int_scale, 1.0)),
       tern_div=cols(tern_div),
       anchor=elems(anchor & ~is_ternary),
-      anchor_level=elems(jnp.broadcast_to(level, w_g.shape)))
+      anchor_level=elems(level))
 
 
 def _quantize_row(w, r, grid: _GroupGrid, code, spec: QuantSpec):
@@ -121,7 +148,7 @@ def _quantize_row(w, r, grid: _GroupGrid, code, spec: QuantSpec):
   lo, hi = _bits_and_range(code, w.dtype, spec.symmetric)
   q_int = jnp.clip(jnp.round(w / grid.int_div) + grid.zero, lo, hi)
   q_int = jnp.where(grid.anchor[r], grid.anchor_level[r], q_int)
-  if spec.ternary_method == "absmean":
+  if spec.ternary_method == "absmean" or spec.scale_init == "mse":
     q_tern = jnp.clip(jnp.round(w / grid.tern_div), -1.0, 1.0)
   else:
     q_tern = jnp.sign(w) * (jnp.abs(w) > grid.tern_div)
@@ -168,14 +195,12 @@ def _grouped_block(carry, u1, code, spec: QuantSpec):
   return jax.lax.fori_loop(0, n_groups, body, (carry, empty, empty))
 
 
-def _gptq_one(w, u, dead, code, spec: QuantSpec, block: int):
+def _gptq_one(w, u, code, spec: QuantSpec, block: int):
+  """GPTQ of one expert: (q, scale, zero, w_hat, scaled errors e [in, out])."""
   n_in = w.shape[0]
-  # Inputs that never fire carry no information; zero them (as the reference code does) before
-  # the grid is taken so that no scale is set by a weight the calibration cannot see.
-  w = jnp.where(dead[:, None], 0.0, w)
   grouped = spec.granularity == "group"
   whole = None if grouped else _group_grid(w, code, spec)
-  q_rows, d_rows, scales, zeros = [], [], [], []
+  q_rows, d_rows, e_rows, scales, zeros = [], [], [], [], []
   for b0 in range(0, n_in, block):
     b1 = min(b0 + block, n_in)
     w1, u1 = w[b0:b1], u[b0:b1, b0:b1]
@@ -189,6 +214,7 @@ def _gptq_one(w, u, dead, code, spec: QuantSpec, block: int):
     _, q1, d1, e1 = carry
     q_rows.append(q1)
     d_rows.append(d1)
+    e_rows.append(e1)
     if b1 < n_in:
       w = w.at[b1:].add(-(u[b0:b1, b1:].T @ e1))
   if not grouped:
@@ -197,7 +223,8 @@ def _gptq_one(w, u, dead, code, spec: QuantSpec, block: int):
   scale = jnp.concatenate(scales)[:, :n_cols]
   is_ternary = code == formats.TERNARY
   zero = jnp.where(is_ternary, 0.0, jnp.concatenate(zeros)[:, :n_cols])
-  return jnp.concatenate(q_rows), scale, zero, jnp.concatenate(d_rows)
+  return (jnp.concatenate(q_rows), scale, zero, jnp.concatenate(d_rows),
+          jnp.concatenate(e_rows))
 
 
 def _block_size(block_size: int, n_in: int, spec: QuantSpec) -> int:
@@ -210,35 +237,75 @@ def _block_size(block_size: int, n_in: int, spec: QuantSpec) -> int:
   return block
 
 
-def gptq(w, u, codes, spec: QuantSpec, *, dead=None, block_size: int = DEFAULT_BLOCK) -> GptqResult:
+def gptq(w, u, codes, spec: QuantSpec, *, dead=None, h=None,
+         block_size: int = DEFAULT_BLOCK) -> GptqResult:
   """GPTQ of expert weights at per-expert codes, vectorised over the leading (expert) dim.
 
   Args:
     w: weights [E, in, out] (float).
     u: [E, in, in] upper Cholesky factors of the damped inverse Hessians (`inverse_hessian_factor`).
     codes: [E] int bit codes (may be traced): 0 passes the weight through, 1 ternary, 2/3/4/8 intN.
-    spec: the quantization spec (granularity, group size, symmetric, ternary method, scale bytes).
+    spec: the quantization spec (granularity, group size, symmetric, ternary method, scale bytes,
+      scale_init: "mse" searches each group's scale and keeps it per column where it lowers the
+      output error).
     dead: optional [E, in] bool: inputs that never fired (their weights are set to zero).
+    h: optional [E, in, in] Hessians that score the MSE grid against the absmax grid per column
+      (scale_init="mse"); None scores with the damped Hessian that `u` factors.
     block_size: rows per lazy-batch block (rounded to whole groups for granularity "group").
 
   Returns:
-    GptqResult with q [E, in, out], scale and zero_point [E, n_in_groups, n_cols], w_hat [E, in, out].
+    GptqResult with q [E, in, out], scale and zero_point [E, n_in_groups, n_cols], w_hat [E, in, out],
+    searched [E, n_cols].
   """
   w = jnp.asarray(w, jnp.float32)
   gran.grouped_shape(w.shape, spec)  # a group size that does not divide `in` is a one-line error
   if w.ndim != 3 or u.shape != (w.shape[0], w.shape[1], w.shape[1]):
     raise ValueError(f"gptq needs w [E, in, out] and u [E, in, in]; got {w.shape} and {u.shape}")
+  if h is not None and np.shape(h) != u.shape:
+    raise ValueError(f"gptq needs h of the shape of u {u.shape}; got {np.shape(h)}")
   codes = jnp.broadcast_to(jnp.asarray(codes, jnp.int32), w.shape[:1])
   if dead is None:
     dead = jnp.zeros(w.shape[:2], bool)
-  return _gptq_jit(w, jnp.asarray(u, jnp.float32), jnp.asarray(dead), codes, spec,
+  h = None if h is None else jnp.asarray(h, jnp.float32)
+  return _gptq_jit(w, jnp.asarray(u, jnp.float32), jnp.asarray(dead), codes, h, spec,
                    _block_size(block_size, w.shape[1], spec))
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5))
-def _gptq_jit(w, u, dead, codes, spec, block):
-  one = functools.partial(_gptq_one, spec=spec, block=block)
-  return GptqResult(*jax.vmap(one)(w, u, dead, codes))
+def _column_error(w, res, h, spec):
+  """[E, n_cols] output error per column (summed per tensor): delta^T H delta, or e^T e."""
+  if h is None:
+    err = jnp.sum(jnp.square(res[4]), axis=-2)
+  else:
+    delta = w - res[3]
+    err = jnp.einsum("eio,eij,ejo->eo", delta, h, delta)
+  return err.sum(axis=-1, keepdims=True) if spec.granularity == "tensor" else err
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _gptq_jit(w, u, dead, codes, h, spec, block):
+  # Inputs that never fire carry no information; zero them (as the reference code does) before
+  # the grid is taken so that no scale is set by a weight the calibration cannot see.
+  w = jnp.where(dead[..., None], 0.0, w)
+
+  def run(run_spec):
+    return jax.vmap(functools.partial(_gptq_one, spec=run_spec, block=block))(w, u, codes)
+
+  res = run(dataclasses.replace(spec, scale_init="absmax"))
+  n_cols = res[1].shape[-1]
+  searched = jnp.zeros(w.shape[:1] + (n_cols,), bool)
+  if spec.scale_init == "mse":
+    found = run(spec)
+    searched = _column_error(w, found, h, spec) < _column_error(w, res, h, spec)
+    res = tuple(jnp.where(searched[:, None, :], a, b) for a, b in zip(found, res))
+  q, scale, zero, w_hat, _ = res
+  # A group whose levels all dequantize to 0 is a zero weight: scale 0 is what re-derives from it.
+  q_g = gran.to_groups(q, spec)
+  empty = gran.stats_to_scales(gran.reduce_groups(
+      (q_g != gran.scales_to_stats(zero, q.shape, spec)).astype(q.dtype), jnp.sum)) == 0
+  empty = empty & (codes != formats.FP)[:, None, None]
+  q = gran.from_groups(jnp.where(gran.scales_to_stats(empty, q.shape, spec), 0.0, q_g), q.shape)
+  scale, zero = jnp.where(empty, 0.0, scale), jnp.where(empty, 0.0, zero)
+  return GptqResult(q, scale, zero, w_hat, searched)
 
 
 def _inverse_factor(h, damp: float):
@@ -292,10 +359,12 @@ def inverse_hessian_factor(h, damp: float = DEFAULT_DAMP, max_tries: int = 6):
 def exact_latent(result: GptqResult, codes, spec: QuantSpec):
   """Float weights whose round-to-nearest quantization (quantize_dequantize) is exactly `w_hat`.
 
-  intN and TWN ternary: `w_hat` itself (its re-derived grid is the GPTQ grid, see the module
-  comment). Absmean ternary re-derives its scale as mean|w|, which `w_hat` (zeros included) does
-  not have; each group's nonzero levels are scaled by n / k (n weights, k nonzero) so that the
-  mean is the GPTQ scale and they still round to +-1. Full-precision codes pass through.
+  Symmetric intN: `w_hat` itself, quantized at the ratio `exact_ratio` gives. Asymmetric intN, TWN
+  ternary and any ternary under scale_init="mse": `w_hat` itself (its re-derived grid is the GPTQ
+  grid, see the module comment). Absmean ternary re-derives its scale as mean|w|, which `w_hat`
+  (zeros included) does not have; each group's nonzero levels are scaled by n / k (n weights, k
+  nonzero) so that the mean is the GPTQ scale and they still round to +-1. Full-precision codes
+  pass through.
 
   Args:
     result: a GptqResult for weights [E, in, out].
@@ -306,7 +375,7 @@ def exact_latent(result: GptqResult, codes, spec: QuantSpec):
     [E, in, out] float32 weights.
   """
   w_hat = jnp.asarray(result.w_hat)
-  if spec.ternary_method != "absmean":
+  if spec.ternary_method != "absmean" or spec.scale_init == "mse":
     return w_hat
   q_g = gran.to_groups(jnp.asarray(result.q), spec)
   nonzero = gran.reduce_groups((q_g != 0).astype(jnp.float32), jnp.sum)
@@ -315,3 +384,50 @@ def exact_latent(result: GptqResult, codes, spec: QuantSpec):
   stretched = gran.from_groups(q_g * stretch * s_g, w_hat.shape)
   is_ternary = (jnp.broadcast_to(jnp.asarray(codes), w_hat.shape[:1]) == formats.TERNARY)
   return jnp.where(is_ternary[:, None, None], stretched, w_hat)
+
+
+def exact_ratio(result: GptqResult, codes, spec: QuantSpec) -> np.ndarray:
+  """The stored ratio per group (quant.stored_ratio) under which `exact_latent` quantizes to GPTQ's.
+
+  The fake quantizer's symmetric intN scale is storable(ratio * max|w| / qmax); on the latent
+  `w_hat` (max|w_hat| = max|q| * s) the ratio qmax * s / max|w_hat| gives back GPTQ's scale s: below
+  1 where a group used the level -qmax-1, above 1 where its levels stayed under qmax. The float32
+  ratio is stepped by ulps until the fake quantizer's float32 arithmetic gives s exactly (fp32
+  scales need it; fp16 rounding absorbs it). 1 for asymmetric, ternary and full-precision groups.
+
+  Args:
+    result: a GptqResult for weights [E, in, out].
+    codes: the [E] codes it was computed at (host values).
+    spec: its spec.
+
+  Returns:
+    [E, n_in_groups, n_cols] float32 numpy ratios (scale_shape).
+  """
+  scale = np.asarray(result.scale, np.float32)
+  ones = np.ones_like(scale)
+  if not spec.symmetric:
+    return ones
+  codes = np.broadcast_to(np.asarray(codes), scale.shape[:1])
+  bits = np.where(codes >= 2, codes, 8)
+  qmax = (np.float32(2.0) ** (bits - 1) - 1).astype(np.float32)[:, None, None]
+  w_hat = np.asarray(result.w_hat, np.float32)
+  absmax = gran.stats_to_scales(gran.reduce_groups(np.abs(gran.to_groups(w_hat, spec)), np.max))
+  base = (absmax / qmax).astype(np.float32)  # the fake quantizer's base scale, in float32
+  use = (codes >= 2)[:, None, None] & (absmax > 0)
+  safe = np.where(use, base, np.float32(1))
+  ratio = np.where(use, scale / safe, ones).astype(np.float32)
+
+  codes_j = jnp.asarray(codes, jnp.int32)
+
+  def rederived(r):  # the fake quantizer's own (jitted) scales at ratio r
+    return np.asarray(gran.stats_to_scales(_int_form(jnp.asarray(w_hat), codes_j, jnp.asarray(r),
+                                                     spec)[1]))
+
+  # Candidates within 2 ulps of qmax * s / max|w_hat|; each group keeps the first that is closest.
+  up, down = np.nextafter(ratio, np.float32(np.inf)), np.nextafter(ratio, np.float32(-np.inf))
+  tries = [ratio, up, down, np.nextafter(up, np.float32(np.inf)),
+           np.nextafter(down, np.float32(-np.inf))]
+  miss = np.stack([np.abs(rederived(r) - scale) for r in tries])
+  ratio = np.take_along_axis(np.stack(tries), np.argmin(miss, axis=0)[None], axis=0)[0]
+  ratio = np.where(use, ratio, ones).astype(np.float32)
+  return ratio

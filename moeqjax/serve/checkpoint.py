@@ -60,7 +60,7 @@ def _packed_arrays(cfg: ModelConfig, params, quant):
   for path, w in _flatten(params):
     name = path[-1]
     where = "/".join(path)
-    if cfg.quant.learns_ratio and name.endswith(_CLIP_SUFFIX) and name[:-len(_CLIP_SUFFIX)] in _EXPERT_PARAMS:
+    if cfg.quant.has_ratio and name.endswith(_CLIP_SUFFIX) and name[:-len(_CLIP_SUFFIX)] in _EXPERT_PARAMS:
       continue  # folded into the stored scales of its weight
     w = np.asarray(jax.device_get(w), np.float32)
     if name in _EXPERT_PARAMS:
@@ -265,7 +265,7 @@ def _expected_shapes(cfg: ModelConfig, manifest: dict) -> dict:
         f"[num_layers, num_experts] = {[cfg.num_layers, cfg.num_experts]}")
   stored = {(rec["param"], rec["role"], rec.get("code")) for rec in manifest["tensors"].values()}
   for param in shapes:
-    if cfg.quant.learns_ratio and param.endswith(_CLIP_SUFFIX):
+    if cfg.quant.has_ratio and param.endswith(_CLIP_SUFFIX):
       continue  # folded into the scales
     leaf = param.split("/")[-1]
     if leaf in one_expert:

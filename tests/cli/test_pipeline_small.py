@@ -57,18 +57,18 @@ def _allocation(path, codes_LxE):
 
 
 def test_ptq_gptq_workdir_reads_as_a_qat_run(finished_runs, capsys):
-  """ptq --method gptq: eval and pack read it (packed experts equal the fake-quant student's), and
-  qat --init-from starts from it."""
+  """ptq --method gptq (the config's scale_init="mse"): eval and pack read it (packed experts equal
+  the fake-quant student's, at GPTQ's stored ratios), and qat --init-from starts from it."""
   import jax
   import numpy as np
   from moeqjax.model import expert_codes
   from moeqjax.model.packed_weights import all_experts
   from moeqjax.pipeline.export import load_student
-  from moeqjax.quant import quantize_dequantize
+  from moeqjax.quant import quantize_dequantize, quantize_to_ints
+  from moeqjax.quant.clip import learned_ratio
   from moeqjax.serve import load_packed
 
   tmp_path, args = finished_runs
-  args = [*args, "--config.quant.scale_init=absmax"]  # GPTQ's grid (ptq refuses mse for gptq)
   codes = [[1, 2, 3, 4], [4, 1, 2, 8]]
   alloc = _allocation(tmp_path / "mixed.json", codes)
   work = tmp_path / "ptq_gptq"
@@ -81,6 +81,8 @@ def test_ptq_gptq_workdir_reads_as_a_qat_run(finished_runs, capsys):
   assert np.sum(report["calib_tokens_per_expert"]) == 2 * 2 * 4 * 32 * 2  # L x batches x B x S x k
   cfg, params, quant = load_student(work)
   np.testing.assert_array_equal(expert_codes(quant, 2), codes)
+  assert cfg.quant.stored_ratio and cfg.quant.scale_init == "mse"
+  assert report["scale_init"] == "mse" and report["mse_grid_columns"] > 0
   assert main(["eval", "--workdir", str(work), "--teacher", str(tmp_path / "fp"), *args]) == 0
   student = json.loads((work / "eval.json").read_text())["student"]
   assert np.isfinite(student["bits_per_token"]) and student["expert_code_bits"] == np.mean(
@@ -92,9 +94,14 @@ def test_ptq_gptq_workdir_reads_as_a_qat_run(finished_runs, capsys):
   for layer in range(2):
     for name, shape in (("w_in", (16, 32)), ("w_gate", (16, 32)), ("w_out", (32, 16))):
       bank = served.variables["packed"][f"layers_{layer}"]["moe"][name]
-      fake = quantize_dequantize(params[f"layers_{layer}"]["moe"][name], np.asarray(codes[layer]),
-                                 spec)
+      path = (f"layers_{layer}", "moe", name)
+      ratio = learned_ratio(params, path, spec)
+      w = params[f"layers_{layer}"]["moe"][name]
+      fake = quantize_dequantize(w, np.asarray(codes[layer]), spec, ratio)
       np.testing.assert_array_equal(np.asarray(all_experts(bank, shape, spec)), np.asarray(fake))
+      q_int = quantize_to_ints(w, np.asarray(codes[layer]), spec, ratio)[0]
+      for e, c in enumerate(codes[layer]):  # symmetric intN reaches -qmax-1 (2^b levels)
+        assert c < 2 or q_int[e].min() == -2 ** (c - 1), (layer, name, e, c)
   # QAT from the GPTQ student: at step 0 the warmup learning rate is 0, so a 1-step run keeps it.
   short = [a for a in args if not a.startswith("--config.qat.steps")] + ["--config.qat.steps=1"]
   assert main(["qat", "--workdir", str(tmp_path / "q_init"), "--teacher", str(tmp_path / "fp"),
@@ -124,8 +131,6 @@ def test_ptq_rtn_student_is_the_teacher_and_bad_input_is_one_line(finished_runs,
   for extra, says in ((["--method", "gptq", "--calib-batches", "0"], "--calib-batches 0 must be"),
                       (["--method", "gptq", "--config.qat.seq_len=100000",
                         "--config.quant.scale_init=absmax"], "no calibration data"),
-                      (["--method", "gptq", "--config.quant.scale_init=mse"],
-                       "pass --config.quant.scale_init=absmax"),
                       (["--method", "rtn", "--config.quant.learn_scale=True"], "no learned clip")):
     assert main(["ptq", "--workdir", str(tmp_path / "ptq_bad"), "--teacher", str(tmp_path / "fp"),
                  *args, *extra]) == 2

@@ -201,3 +201,33 @@ def test_report_counts_bytes_and_says_where_llama_cpp_widens(tmp_path):
   assert any(n.startswith("blk.1.ffn_up_exps.weight: mixed codes") for n in report["notes"])
   assert report["tensor_bytes"] == sum(r["file_bytes"] for r in report["tensors"])
   assert report["file_bytes"] > report["tensor_bytes"]  # plus header, vocab and alignment
+
+
+@pytest.mark.parametrize("scale_init,codes,want_type", [("absmax", [[4, 2, 3, 2]], "Q4_0"),
+                                                         ("mse", [[4, 2, 3, 4]], "Q4_0"),
+                                                         ("mse", [[4, 2, 3, 8]], "Q8_0")])
+def test_gptq_student_exports_gptq_integers(scale_init, codes, want_type, tmp_path):
+  """A GPTQ student (latent weights + stored ratios) exports to Q4_0 / Q8_0 blocks that read back
+  as GPTQ's own w_hat, including the level -qmax-1 of the full grid."""
+  from moeqjax.quant import gptq as gq
+  rules = _quant(granularity="group", group_size=32, scale_init=scale_init, stored_ratio=True)
+  cfg = gguf_cfg(d=64, f=64, num_layers=1, quant=rules)
+  params, quant = student(cfg, codes)
+  spec, moe, rng = cfg.quant.spec(), params["layers_0"]["moe"], np.random.default_rng(2)
+  w_hat = {}
+  for name in ("w_in", "w_gate", "w_out"):
+    w = np.asarray(moe[name], np.float32)
+    x = rng.normal(size=(4, 256, w.shape[1])) @ (rng.normal(size=(w.shape[1],) * 2) + np.eye(w.shape[1]))
+    h = 2 * np.einsum("eni,enj->eij", x, x) / x.shape[1]
+    u, _, _ = gq.inverse_hessian_factor(h)
+    res = gq.gptq(w, u, codes[0], spec, h=h)
+    moe[name] = np.asarray(gq.exact_latent(res, codes[0], spec))
+    moe[name + "_clip"] = gq.exact_ratio(res, codes[0], spec)
+    w_hat[name] = np.swapaxes(np.asarray(res.w_hat), -1, -2)
+    assert all(np.asarray(res.q[e]).min() == -2 ** (c - 1) for e, c in enumerate(codes[0]))
+  export_gguf(cfg, params, quant, tmp_path / "m.gguf")
+  got, _ = read_gguf(tmp_path / "m.gguf")
+  for name, gg in (("w_gate", "ffn_gate_exps"), ("w_in", "ffn_up_exps"), ("w_out", "ffn_down_exps")):
+    typ, data = got[f"blk.0.{gg}.weight"]
+    assert typ == want_type  # Q4_0 holds [-8, 7] (2^b levels); an int8 expert widens to Q8_0
+    np.testing.assert_array_equal(data.reshape(w_hat[name].shape), w_hat[name], err_msg=name)

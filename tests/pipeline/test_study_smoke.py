@@ -64,7 +64,7 @@ def test_study_smoke(tmp_path):
   for c in ptq.values():
     qat_cell = cells[f"ce|{c['method']}|2.5|{c['seed']}"]
     assert c["expert_bytes"] == qat_cell["expert_bytes"]
-    assert c["scale_init"] == "absmax"  # study_tiny's grid (with mse too: the test below)
+    assert c["scale_init"] == "absmax"  # study_tiny's (GPTQ rows keep it: the test below)
   errors = [c["calib_output_error"] for c in ptq.values() if c["ptq"] == "gptq"]
   assert all(e["gptq"] < e["rtn"] for e in errors)
   assert "Post-training quantization" in md and "| gptq | exact |" in md
@@ -75,11 +75,12 @@ def test_study_smoke(tmp_path):
   assert again["ptq_cells"] == ptq
 
 
-def test_gptq_rows_use_the_absmax_grid_whatever_the_config():
+def test_gptq_rows_keep_the_scale_init_and_store_their_ratios():
   from moeqjax.pipeline.study_ptq import row_config
   config = minuscule_config()
   config_io.apply_overrides(config, {"quant.scale_init": "mse"})
   cfg = config_io.model_config(config)
   assert row_config(cfg, "rtn") is cfg
   gptq = row_config(cfg, "gptq")
-  assert gptq.quant.scale_init == "absmax" and gptq.replace(quant=cfg.quant) == cfg
+  assert gptq.quant.scale_init == "mse" and gptq.quant.stored_ratio and not cfg.quant.stored_ratio
+  assert gptq.replace(quant=cfg.quant) == cfg

@@ -1,4 +1,6 @@
-"""GPTQ against RTN (identity / diagonal Hessian), a numpy textbook loop, and its output-error property."""
+"""GPTQ against RTN (identity / diagonal Hessian), numpy textbook loops (2^b levels), and its output error."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ E, D_IN, D_OUT = 5, 16, 8
 CODES = np.array([1, 2, 3, 4, 8], np.int32)
 SPECS = {
     "sym_channel_absmean": QuantSpec(granularity="channel"),
+    "sym_group_twn": QuantSpec(granularity="group", group_size=8, ternary_method="twn"),
     "asym_group_twn": QuantSpec(granularity="group", group_size=8, symmetric=False,
                                 ternary_method="twn"),
     "asym_tensor_absmean": QuantSpec(granularity="tensor", symmetric=False),
@@ -40,17 +43,24 @@ def _factors(x, damp=gq.DEFAULT_DAMP):
 
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_identity_and_diagonal_hessian_equal_rtn(name):
+  """No feedback: RTN on GPTQ's grids, which are the fake quantizer's except symmetric intN (the
+  full 2^b-level grid at scale 2 absmax / (2^b - 1), checked against the numpy reference)."""
   spec, w = SPECS[name], _weights(0)
   q_rtn, s_rtn, z_rtn = quantize_to_ints(w, CODES, spec)
+  w_rtn = np.asarray(quantize_dequantize(w, CODES, spec))
+  own = (CODES >= 2) & spec.symmetric  # experts on GPTQ's own grid
+  eye = np.eye(D_IN, dtype=np.float32)
   diag = np.random.default_rng(1).uniform(0.5, 3.0, size=(E, D_IN)).astype(np.float32)
-  for h in (np.broadcast_to(np.eye(D_IN, dtype=np.float32), (E, D_IN, D_IN)),
-            np.einsum("ei,ij->eij", diag, np.eye(D_IN, dtype=np.float32))):
+  for h in (np.broadcast_to(eye, (E, D_IN, D_IN)), np.einsum("ei,ij->eij", diag, eye)):
     u, _, _ = gq.inverse_hessian_factor(h)
     res = gq.gptq(w, u, CODES, spec)
-    np.testing.assert_array_equal(np.asarray(res.q), q_rtn)
-    np.testing.assert_array_equal(np.asarray(res.scale), s_rtn)
+    np.testing.assert_array_equal(np.asarray(res.q)[~own], q_rtn[~own])
+    np.testing.assert_array_equal(np.asarray(res.scale)[~own], s_rtn[~own])
     np.testing.assert_array_equal(np.asarray(res.zero_point), 0 if z_rtn is None else z_rtn)
-    np.testing.assert_array_equal(np.asarray(res.w_hat), np.asarray(quantize_dequantize(w, CODES, spec)))
+    np.testing.assert_array_equal(np.asarray(res.w_hat)[~own], w_rtn[~own])
+    for e in np.flatnonzero(own):
+      np.testing.assert_array_equal(np.asarray(res.q[e]), _reference_gptq(w[e], eye, CODES[e], spec))
+      assert np.asarray(res.q[e]).min() == -2 ** (CODES[e] - 1)  # the level -qmax-1 is used
 
 
 def _reference_grid(rows, code, spec):
@@ -68,12 +78,10 @@ def _reference_grid(rows, code, spec):
         kept = np.abs(v) > delta
         alpha = np.float32(np.abs(v)[kept].sum() / max(kept.sum(), 1))
         grids.append((storable_scale_np(alpha, spec), 0.0, delta, {}))
-    elif spec.symmetric:
-      qmax = 2 ** (code - 1) - 1
+    elif spec.symmetric:  # the reference code's sym grid: scale 2 absmax / (2^b - 1), 2^b levels
       absmax = np.max(np.abs(v))
-      s = storable_scale_np(absmax / np.float32(qmax), spec)
-      i = int(np.argmax(np.abs(v)))
-      grids.append((s, 0.0, s if s > 0 else 1.0, {i: np.sign(v[i]) * qmax} if absmax > 0 else {}))
+      s = storable_scale_np(np.float32(2 * absmax) / np.float32(2 ** code - 1), spec)
+      grids.append((s, 0.0, s if s > 0 else 1.0, {}))
     else:
       levels = 2 ** code - 1
       lo, hi = min(v.min(), 0.0), max(v.max(), 0.0)
@@ -112,7 +120,7 @@ def _reference_gptq(w, u, code, spec):
         level = np.sign(x) * (abs(x) > div)
       elif spec.symmetric:
         qmax = 2 ** (code - 1) - 1
-        level = anchors.get(i % glen, np.clip(np.round(x / div), -qmax, qmax))
+        level = np.clip(np.round(x / div), -qmax - 1, qmax)
       else:
         level = anchors.get(i % glen, np.clip(np.round(x / div) + z, 0, 2 ** code - 1))
       q[i, c] = level
@@ -126,26 +134,49 @@ def test_matches_numpy_textbook_loop(name):
   spec, w = SPECS[name], _weights(2)
   _, u, _, _ = _factors(_correlated_x(3))
   # Lazy-batch blocks of 4 rows give the same integers as one block (compiled for two specs only).
-  for block in (D_IN, 4) if name != "asym_tensor_absmean" else (D_IN,):
+  for block in (D_IN, 4) if name not in ("asym_tensor_absmean", "sym_group_twn") else (D_IN,):
     res = gq.gptq(w, u, CODES, spec, block_size=block)
     for e, code in enumerate(CODES):
       np.testing.assert_array_equal(np.asarray(res.q[e]), _reference_gptq(w[e], u[e], code, spec),
                                     err_msg=f"expert {e} code {code} block {block}")
 
 
-@pytest.mark.parametrize("name", sorted(SPECS))
-def test_output_is_exact_through_the_fake_quantizer(name):
-  """quantize_to_ints(exact_latent(...)) gives back GPTQ's integers, scales and zero points."""
-  spec, w = SPECS[name], _weights(4)
-  _, u, _, _ = _factors(_correlated_x(5))
-  res = gq.gptq(w, u, CODES, spec)
+@pytest.mark.parametrize("name,scale_init", [(n, i) for n in sorted(SPECS) for i in ("absmax", "mse")])
+def test_output_is_exact_through_the_fake_quantizer(name, scale_init):
+  """quantize_to_ints(exact_latent(...), ratio=exact_ratio(...)) gives back GPTQ's integers, scales
+  and zero points, on the full symmetric grid and with MSE-searched scales."""
+  spec = dataclasses.replace(SPECS[name], scale_init=scale_init)
+  w = _weights(4)
+  h, u, _, _ = _factors(_correlated_x(5))
+  res = gq.gptq(w, u, CODES, spec, h=h)
   latent = np.asarray(gq.exact_latent(res, CODES, spec))
-  q, s, z = quantize_to_ints(latent, CODES, spec)
+  ratio = gq.exact_ratio(res, CODES, spec)
+  q, s, z = quantize_to_ints(latent, CODES, spec, ratio)
   np.testing.assert_array_equal(q, np.asarray(res.q))
   np.testing.assert_array_equal(s, np.asarray(res.scale))
   np.testing.assert_array_equal(0 if z is None else z, np.asarray(res.zero_point))
-  np.testing.assert_array_equal(np.asarray(quantize_dequantize(latent, CODES, spec)),
+  np.testing.assert_array_equal(np.asarray(quantize_dequantize(latent, CODES, spec, ratio)),
                                 np.asarray(res.w_hat))
+  if spec.symmetric:  # the level -qmax-1 is used (it needs a ratio below 1 to re-derive)
+    assert all(np.asarray(res.q[e]).min() == -2 ** (c - 1) for e, c in enumerate(CODES) if c >= 2)
+    assert ratio.min() < 1.0
+  else:
+    np.testing.assert_array_equal(ratio, 1.0)
+  if scale_init == "mse":  # the MSE grid wins somewhere (else this would test absmax twice)
+    assert np.asarray(res.searched).any()
+
+
+def test_fp32_scales_keep_gptq_integers():
+  """With fp32 scales a ratio cannot always reproduce the scale to the last ulp; the integers are
+  still GPTQ's and the weight within float32 rounding."""
+  spec = QuantSpec(granularity="channel", scale_bytes=4)
+  w = _weights(4)
+  h, u, _, _ = _factors(_correlated_x(5))
+  res = gq.gptq(w, u, CODES, spec)
+  latent = np.asarray(gq.exact_latent(res, CODES, spec))
+  q, s, _ = quantize_to_ints(latent, CODES, spec, gq.exact_ratio(res, CODES, spec))
+  np.testing.assert_array_equal(q, np.asarray(res.q))
+  np.testing.assert_allclose(s, np.asarray(res.scale), rtol=1e-6)
 
 
 def test_output_error_below_rtn_on_correlated_inputs():
@@ -184,3 +215,78 @@ def test_dead_inputs_are_zeroed():
   assert np.all(np.asarray(dead)[:, 3]) and np.asarray(dead).sum() == E
   res = gq.gptq(_weights(7), u, CODES, SPECS["sym_channel_absmean"], dead=dead)
   assert np.all(np.asarray(res.w_hat)[:, 3] == 0)
+
+
+def _textbook_gptq(w, h, bits, group, damp=0.01, fp16_scales=True):
+  """Frantar et al.'s reference loop (gptq.py / quant.py, sym=True), float64, from H itself: dead
+  inputs zeroed, H + damp * mean(diag H) * I, the upper Cholesky factor of its inverse, columns in
+  order, grid 2 absmax / (2^b - 1) with zero point 2^(b-1) (levels -2^(b-1) .. 2^(b-1) - 1) taken at
+  each group's first column from the weights as updated. Our [in, out] kernel is its W^T.
+  Returns the dequantized weight [in, out]."""
+  w = np.array(w, np.float64).T  # [out (rows), in (columns)]
+  h = np.array(h, np.float64)
+  dead = np.diag(h) == 0
+  h[dead, dead] = 1.0
+  w[:, dead] = 0.0
+  h += damp * np.mean(np.diag(h)) * np.eye(len(h))
+  hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
+  maxq = 2 ** bits - 1
+  out = np.zeros_like(w)
+  n_in = w.shape[1]
+  group = group or n_in
+  for i in range(n_in):
+    if i % group == 0:
+      xmax = np.max(np.abs(w[:, i:i + group]), axis=1)
+      scale = 2 * xmax / maxq
+      if fp16_scales:
+        scale = scale.astype(np.float16).astype(np.float64)
+      scale = np.where(scale == 0, 1.0, scale)
+      zero = (maxq + 1) / 2
+    x = w[:, i]
+    q = np.clip(np.round(x / scale) + zero, 0, maxq)
+    out[:, i] = scale * (q - zero)
+    err = (x - out[:, i]) / hinv[i, i]
+    w[:, i:] -= np.outer(err, hinv[i, i:])
+  return out.T
+
+
+def _output_error(w, w_q, h):
+  d = np.asarray(w, np.float64) - np.asarray(w_q, np.float64)
+  return float(np.einsum("io,ij,jo->", d, h, d))
+
+
+@pytest.mark.parametrize("granularity", ["channel", "group"])
+def test_int2_int3_reach_the_textbook_output_error(granularity):
+  """On a fixed Hessian, GPTQ int2/int3/int4 reach the reference code's output error (2^b levels),
+  within 1% per expert. The old [-qmax, qmax] grid (int2 ternary) was about 2x worse at int2."""
+  spec = QuantSpec(granularity=granularity, group_size=8)
+  codes = np.array([2, 3, 4, 2, 3], np.int32)
+  w = _weights(30)
+  h, u, _, _ = _factors(_correlated_x(31))
+  res = gq.gptq(w, u, codes, spec)
+  for e, code in enumerate(codes):
+    ref = _textbook_gptq(w[e], h[e], code, 8 if granularity == "group" else 0)
+    ours, theirs = _output_error(w[e], res.w_hat[e], h[e]), _output_error(w[e], ref, h[e])
+    assert ours == pytest.approx(theirs, rel=0.01), (e, code, ours, theirs)
+
+
+def test_mse_scales_are_never_worse_than_absmax():
+  """GPTQ with scale_init="mse" keeps, per output column, the grid with the lower output error, so
+  its calibration output error (the undamped H) is never above GPTQ's on the absmax grid, for every
+  expert and column, over random weights, Hessians, granularities and codes."""
+  wins = 0
+  for seed in range(4):
+    w, x = _weights(40 + seed), _correlated_x(50 + seed)
+    h, u, _, _ = _factors(x)
+    for spec in (QuantSpec(granularity="channel"), QuantSpec(granularity="group", group_size=8),
+                 QuantSpec(granularity="tensor", symmetric=False)):
+      mse = dataclasses.replace(spec, scale_init="mse")
+      a, m = gq.gptq(w, u, CODES, spec, h=h), gq.gptq(w, u, CODES, mse, h=h)
+      d_a, d_m = w - np.asarray(a.w_hat), w - np.asarray(m.w_hat)
+      col_a = np.einsum("eio,eij,ejo->eo", d_a, h, d_a)
+      col_m = np.einsum("eio,eij,ejo->eo", d_m, h, d_m)
+      if spec.granularity == "tensor":
+        col_a, col_m = col_a.sum(-1), col_m.sum(-1)
+      assert np.all(col_m <= col_a * (1 + 1e-5)), (seed, spec, col_m - col_a)
+      wins += int(np.sum(col_m < col_a * (1 - 1e-3)))
+  assert wins > 0  # the search helps somewhere; else the test compares absmax with itself
