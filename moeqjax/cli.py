@@ -118,11 +118,14 @@ def _parser() -> argparse.ArgumentParser:
                         "they are")
   p.add_argument("--format", default="hf", choices=("hf", "gguf", "compressed-tensors"))
   p.add_argument("--out", required=True,
-                 help="hf: output folder for config.json + safetensors; gguf: the .gguf file "
-                      "(export_report.json is written beside it)")
-  p.add_argument("--overwrite", action="store_true", help="gguf, compressed-tensors: replace an existing --out")
-  p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
-                 help="hf: dtype of the weights")
+                 help="hf, compressed-tensors: output folder; gguf: the .gguf file (its report "
+                      "FILE.export_report.json is written beside it)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --out that moeqjax wrote as this format (anything "
+                      "else is refused and left as it is)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="hf, compressed-tensors: dtype of the unquantized (hf: all) weights; "
+                      "float32 (default) is exact, bfloat16 half the bytes")
   p.add_argument("--fp-dtype", default="f32", choices=("f32", "f16", "bf16"),
                  help="gguf: dtype of unquantized matrices (norms and router stay f32)")
   p.add_argument("--all-f32", action="store_true",
@@ -130,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--requantize-mixed", default=None, choices=("TQ2_0", "TQ1_0", "Q4_0"),
                  help="gguf: store expert tensors whose experts mix codes at this narrower type, "
                       "re-quantizing the experts it cannot hold exactly (off by default; "
-                      "export_report.json gives the relative error)")
+                      "the report gives the relative error)")
   p.add_argument("--tokenizer", default=None,
                  help="gguf: a HF tokenizer.json (or its folder) for the vocabulary; default: "
                       "the run's recorded tokenizer, else the byte vocabulary")
@@ -145,9 +148,13 @@ def _parser() -> argparse.ArgumentParser:
                      "(per-expert codes kept) for `moeqjax generate --packed`")
   p.add_argument("--workdir", required=True, help="a finished `moeqjax qat` workdir")
   p.add_argument("--out", required=True, help="output folder (model.safetensors, manifest.json)")
-  p.add_argument("--fp-dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                 help="dtype of the weights that stay unquantized (norms, embeddings, ...)")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+  p.add_argument("--fp-dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="dtype of the weights that stay unquantized (norms, embeddings, ...); "
+                      "float32 (default) generates as the QAT workdir does, bfloat16 halves "
+                      "their bytes")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --out that `moeqjax pack` wrote (anything else is "
+                      "refused and left as it is)")
 
   p = sub.add_parser("generate", help="generate text from a packed checkpoint, a QAT student "
                      "(fake quant) or a full-precision run, with a KV cache")

@@ -6,13 +6,10 @@ import contextlib
 import dataclasses
 import itertools
 import json
-import os
-import pathlib
-import shutil
 
 import numpy as np
 
-from moeqjax.convert import ct_pack, ct_scheme, layout
+from moeqjax.convert import ct_pack, ct_scheme, layout, output_guard
 from moeqjax.convert.errors import ConvertError
 from moeqjax.convert.gguf_export import _moeqjax_bytes
 from moeqjax.convert.hf_config import family_of, model_config_to_hf_config
@@ -25,7 +22,8 @@ from moeqjax.quant import formats
 from moeqjax.quant import granularity as gran
 
 REPORT = "export_report.json"
-DTYPES = ("bfloat16", "float32")
+KIND = "compressed-tensors"  # output_guard's name for what this writes
+DTYPES = ("float32", "bfloat16")
 _BF16_BYTES = 2  # moeqjax keeps full-precision weights in bf16
 # Scales are written as float32 holding fp16-exact values: compressed-tensors dequantizes in the
 # scale's dtype, so fp16 scales would round q * s (e.g. 7 * s needs 14 significant bits).
@@ -177,18 +175,8 @@ def _row(mod: _Module, spec, nbytes: int, ternary_packing: str) -> dict:
           "moeqjax_bytes": int(ours), "file_bytes": int(nbytes), "note": note}
 
 
-def check_output(out_dir, overwrite: bool) -> pathlib.Path:
-  """The output folder, refused (one line) when it exists and `overwrite` is False."""
-  out_dir = pathlib.Path(out_dir)
-  if out_dir.exists() and not overwrite:
-    raise ConvertError(f"{out_dir} exists; pass --overwrite to replace it")
-  if out_dir.exists() and not out_dir.is_dir():
-    raise ConvertError(f"{out_dir} is a file; --format compressed-tensors writes a folder")
-  return out_dir
-
-
 def export_compressed_tensors(cfg: ModelConfig, params, quant, out_dir,
-                              family_config_json: dict | None = None, dtype: str = "bfloat16",
+                              family_config_json: dict | None = None, dtype: str = "float32",
                               **options) -> dict:
   """`write_compressed_tensors` of a student given as params and its `quant` collection."""
   return write_compressed_tensors(ParamWeights(cfg, params, quant), out_dir, family_config_json,
@@ -196,7 +184,7 @@ def export_compressed_tensors(cfg: ModelConfig, params, quant, out_dir,
 
 
 def write_compressed_tensors(weights: StudentWeights, out_dir,
-                             family_config_json: dict | None = None, dtype: str = "bfloat16", *,
+                             family_config_json: dict | None = None, dtype: str = "float32", *,
                              model_type: str | None = None, overwrite: bool = False) -> dict:
   """Writes a HF-layout checkpoint whose quantized Linear weights are compressed-tensors packed ints.
 
@@ -204,27 +192,30 @@ def write_compressed_tensors(weights: StudentWeights, out_dir,
   params via `quantize_to_ints`, or a packed checkpoint's stored codes), so `weight_packed` /
   `weight_scale` (/ `weight_zero_point`) decompress to the student's weights bit for bit. One
   width (int4 or int8, the narrowest exact) holds every expert of the model, another every packed
-  dense matrix; `export_report.json` says what that costs against our packing.
+  dense matrix; `export_report.json` says what that costs against our packing. The folder also
+  holds output_guard.MARKER, which lets a later export with `overwrite` replace it.
 
   Args:
     weights: the student (its cfg must fit a HF family layout).
-    out_dir: the folder to write (built under a temporary name, then renamed).
+    out_dir: the folder to write (built under a temporary name, then renamed); it must not exist,
+      be empty, or (with `overwrite`) be a compressed-tensors export moeqjax wrote.
     family_config_json: the original HF config.json (keeps token ids and metadata); optional.
-    dtype: "bfloat16" or "float32" for unquantized tensors; scales are float32 with fp16-exact
-      values, weights quantized but not packable are float32.
+    dtype: "float32" (default: transformers' logits equal ours within 1e-5) or "bfloat16" for
+      unquantized tensors; scales are float32 with fp16-exact values, weights quantized but not
+      packable are float32.
     model_type: the HF family; default from family_config_json, else inferred from cfg.
-    overwrite: replace an existing folder.
+    overwrite: replace a compressed-tensors folder moeqjax wrote (anything else is refused).
 
   Returns:
     The report (also written as export_report.json inside the folder).
 
   Raises:
-    ConvertError: existing output, a layout no HF family fits, a group size vLLM cannot run, or a
-      scale float16 does not hold exactly (one line each).
+    ConvertError: an existing output it may not replace, a layout no HF family fits, a group
+      size vLLM cannot run, or a scale float16 does not hold exactly (one line each).
   """
   if dtype not in DTYPES:
     raise ConvertError(f"dtype={dtype!r}; choose from {DTYPES}")
-  out_dir = check_output(out_dir, overwrite)
+  out_dir = output_guard.check_output(out_dir, KIND, overwrite)
   cfg = weights.cfg
   hf_config = model_config_to_hf_config(cfg, model_type, family_config_json, dtype)
   fam = family_of(hf_config)
@@ -242,10 +233,7 @@ def write_compressed_tensors(weights: StudentWeights, out_dir,
       [_module_name(e) for m in dense for e in m.ents], dense[0].bits if dense else None,
       [_module_name(e) for m in linear if m.mode != "packed" for e in m.ents])
   specs = [_tensor_specs(m, spec, float_dtype) for m in mods]
-  tmp = out_dir.with_name(out_dir.name + ".partial")
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  tmp.mkdir(parents=True)
+  tmp = output_guard.temp_folder(out_dir)
   rows = []
   try:
     writer = StreamingWriter(tmp / SINGLE_FILE, [s for ss in specs for s in ss])
@@ -269,7 +257,8 @@ def write_compressed_tensors(weights: StudentWeights, out_dir,
     notes.append("scales are float32 holding fp16-exact values: serve in float16 to keep them "
                  "exact (bfloat16 rounds them)")
     report = {
-        "format": "compressed-tensors", "compressed_tensors_format": ct_scheme.FORMAT,
+        "format": "compressed-tensors", "writer": output_guard.WRITER,
+        "compressed_tensors_format": ct_scheme.FORMAT,
         "model_type": fam.model_type, "dtype": dtype, "scale_dtype": "float32 (fp16-exact)",
         "expert_container": f"int{experts[0].bits}" if experts else None,
         "dense_container": f"int{dense[0].bits}" if dense else None,
@@ -279,10 +268,9 @@ def write_compressed_tensors(weights: StudentWeights, out_dir,
         "file_bytes": file_bytes, "notes": notes,
     }
     (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    output_guard.mark_folder(tmp, KIND)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    output_guard.discard(tmp)
     raise
-  if out_dir.exists():
-    shutil.rmtree(out_dir)
-  os.replace(tmp, out_dir)
+  output_guard.replace(tmp, out_dir, KIND, overwrite)
   return report

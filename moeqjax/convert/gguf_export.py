@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 
 import numpy as np
 
-from moeqjax.convert import gguf_arch, gguf_container, gguf_requant
+from moeqjax.convert import gguf_arch, gguf_container, gguf_requant, output_guard
 from moeqjax.convert.errors import ConvertError
 from moeqjax.convert.gguf_vocab import Vocab, add_vocab, bpe_vocab, byte_vocab
 from moeqjax.convert.student_weights import IntForm, ParamWeights, StudentWeights
@@ -16,7 +14,7 @@ from moeqjax.model import ModelConfig
 from moeqjax.quant import code_name, formats, weight_bytes
 from moeqjax.quant import granularity as gran
 
-REPORT = "export_report.json"
+KIND = "gguf"  # output_guard's name for what this writes
 FP_DTYPES = ("f32", "f16", "bf16")
 _BF16_BYTES = 2  # moeqjax keeps full-precision weights in bf16
 # The exact container our own packing corresponds to, per code (what the allocation paid for).
@@ -119,14 +117,9 @@ def _quantized_tensor(ent, form: IntForm, shape, codes, spec, order, requantize_
   return data, gguf.GGMLQuantizationType[qtype], qtype, "; ".join(notes), extra
 
 
-def check_output(out_path, overwrite: bool) -> pathlib.Path:
-  """The output path, refused (one line) when it exists and `overwrite` is False."""
-  out_path = pathlib.Path(out_path)
-  if out_path.exists() and not overwrite:
-    raise ConvertError(f"{out_path} exists; pass --overwrite to replace it")
-  if out_path.is_dir():
-    raise ConvertError(f"{out_path} is a folder; --format gguf writes one file, e.g. model.gguf")
-  return out_path
+def report_path(out_path):
+  """Where the report of the GGUF file `out_path` goes: FILE.gguf -> FILE.export_report.json."""
+  return output_guard.report_path(out_path)
 
 
 def export_gguf(cfg: ModelConfig, params, quant, out_path, **options) -> dict:
@@ -137,38 +130,42 @@ def export_gguf(cfg: ModelConfig, params, quant, out_path, **options) -> dict:
 def write_gguf(weights: StudentWeights, out_path, *, fp_dtype: str = "f32", all_f32: bool = False,
                tokenizer=None, name: str = "moeqjax-student", overwrite: bool = False,
                requantize_mixed: str | None = None) -> dict:
-  """Writes the student as one GGUF file that llama.cpp loads, and `export_report.json` beside it.
+  """Writes the student as one GGUF file that llama.cpp loads, and its report beside it.
 
   Quantized weights are written from the student's integer codes and scales (`weights.ints`: from
   params via `quantize_to_ints`, or a packed checkpoint's stored codes) in the narrowest ggml block
   type that holds them exactly, so the file dequantizes to the student's weights bit for bit.
   Norms, biases and the (unquantized) router are float32; other unquantized weights are at
-  `fp_dtype`.
+  `fp_dtype`. The metadata key output_guard.GGUF_KEY marks the file as moeqjax's, so a later
+  export with `overwrite` may replace it.
 
   Args:
     weights: the student (its cfg's fields choose the llama.cpp architecture, see
       gguf_arch.arch_for).
-    out_path: the .gguf file to write (written to a temporary name, then renamed).
+    out_path: the .gguf file to write (written to a temporary name, then renamed); it must not
+      exist, or (with `overwrite`) be a GGUF moeqjax wrote.
     fp_dtype: "f32", "f16" or "bf16" for unquantized matrices.
     all_f32: write every tensor, quantized ones dequantized, as float32 (a control).
     tokenizer: None for our byte vocabulary, else a HF tokenizer.json (or its folder).
     name: general.name.
-    overwrite: replace an existing file.
+    overwrite: replace a GGUF file (and its report) moeqjax wrote; anything else is refused.
     requantize_mixed: None (default: nothing re-quantized), or "TQ2_0", "TQ1_0" or "Q4_0": store
       expert tensors with mixed codes at this type when it is narrower than their exact container,
       re-quantizing the experts it cannot hold exactly; their rows report the relative error.
 
   Returns:
-    The report (also written as export_report.json next to the file).
+    The report (also written next to the file as `report_path(out_path)`, FILE.export_report.json,
+    so exports into one folder keep one report each).
 
   Raises:
-    ConvertError: existing output, no matching architecture, or a tensor no exact type holds.
+    ConvertError: an existing output it may not replace, no matching architecture, or a tensor
+      no exact type holds.
   """
   import gguf
   if fp_dtype not in FP_DTYPES:
     raise ConvertError(f"fp_dtype={fp_dtype!r}; choose from {FP_DTYPES}")
   gguf_requant.check_type(requantize_mixed)
-  out_path = check_output(out_path, overwrite)
+  out_path = output_guard.check_output(out_path, KIND, overwrite)
   cfg = weights.cfg
   arch = gguf_arch.arch_for(cfg)
   vocab: Vocab = byte_vocab(cfg.vocab_size) if not tokenizer else bpe_vocab(tokenizer,
@@ -176,14 +173,14 @@ def write_gguf(weights: StudentWeights, out_path, *, fp_dtype: str = "f32", all_
   spec = cfg.quant.spec()
   order = (gguf_container.ORDER_BASE3 if spec.ternary_packing == "base3"
            else gguf_container.ORDER_2BIT)
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out_path.with_name(out_path.name + ".partial")
-  writer = gguf.GGUFWriter(str(tmp), arch.name, use_temp_file=True)
-  gguf_arch.add_hparams(writer, cfg, arch, name)
-  add_vocab(writer, vocab)
   rows, notes = [], [f"vocabulary: {vocab.note}"] if vocab.note else []
-  written = False
+  tmp = output_guard.temp_file(out_path)
+  writer, written = None, False
   try:
+    writer = gguf.GGUFWriter(str(tmp), arch.name, use_temp_file=True)
+    gguf_arch.add_hparams(writer, cfg, arch, name)
+    writer.add_string(output_guard.GGUF_KEY, output_guard.WRITER)
+    add_vocab(writer, vocab)
     for ent in gguf_arch.tensors(cfg, arch):
       row = _write_tensor(writer, ent, weights, spec, order, fp_dtype, all_f32, requantize_mixed)
       rows.append(row)
@@ -194,20 +191,23 @@ def write_gguf(weights: StudentWeights, out_path, *, fp_dtype: str = "f32", all_
     writer.write_tensors_to_file()
     written = True
   finally:
-    writer.close()
+    if writer is not None:
+      writer.close()
     if not written:  # a refused or failed export leaves nothing behind
-      tmp.unlink(missing_ok=True)
+      output_guard.discard(tmp)
   report = {
-      "format": "gguf", "file": out_path.name, "arch": arch.name, "fp_dtype": fp_dtype,
-      "all_f32": all_f32, "requantize_mixed": requantize_mixed, "vocab": vocab.source,
+      "format": "gguf", "writer": output_guard.WRITER, "file": out_path.name, "arch": arch.name,
+      "fp_dtype": fp_dtype, "all_f32": all_f32, "requantize_mixed": requantize_mixed,
+      "vocab": vocab.source,
       "tensors": rows,
       "moeqjax_bytes": sum(r["moeqjax_bytes"] for r in rows),
       "tensor_bytes": sum(r["file_bytes"] for r in rows),
       "notes": notes,
   }
-  os.replace(tmp, out_path)
+  output_guard.replace(tmp, out_path, KIND, overwrite)
   report["file_bytes"] = out_path.stat().st_size
-  (out_path.parent / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+  output_guard.write_text(report_path(out_path), json.dumps(report, indent=2) + "\n",
+                          "gguf report", overwrite)
   return report
 
 

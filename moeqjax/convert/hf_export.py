@@ -8,12 +8,14 @@ import pathlib
 
 import numpy as np
 
-from moeqjax.convert import layout
+from moeqjax.convert import layout, output_guard
 from moeqjax.convert.hf_config import family_of, model_config_to_hf_config
 from moeqjax.convert.hf_import import NP_DTYPES
 from moeqjax.convert.safetensors_io import INDEX_FILE, SINGLE_FILE, StreamingWriter
 from moeqjax.convert.student_weights import ParamWeights, StudentWeights
 from moeqjax.model import ModelConfig
+
+KIND = "hf"  # output_guard's name for what this writes
 
 
 def hf_state_dict(weights: StudentWeights, model_type: str | None = None):
@@ -29,35 +31,42 @@ def hf_state_dict(weights: StudentWeights, model_type: str | None = None):
 
 
 def export_hf(cfg: ModelConfig, params, quant, out_dir: str | pathlib.Path,
-              family_config_json: dict | None = None, dtype: str = "bfloat16",
+              family_config_json: dict | None = None, dtype: str = "float32",
               **options) -> pathlib.Path:
   """`write_hf` of a student given as params and its `quant` collection (None: as they are)."""
   return write_hf(ParamWeights(cfg, params, quant), out_dir, family_config_json, dtype, **options)
 
 
 def write_hf(weights: StudentWeights, out_dir: str | pathlib.Path,
-             family_config_json: dict | None = None, dtype: str = "bfloat16", *,
-             model_type: str | None = None, max_shard_bytes: int = 5 * 2**30) -> pathlib.Path:
+             family_config_json: dict | None = None, dtype: str = "float32", *,
+             model_type: str | None = None, max_shard_bytes: int = 5 * 2**30,
+             overwrite: bool = False) -> pathlib.Path:
   """Writes config.json and safetensors weights that transformers loads as the family's model.
 
   Quantized weights (experts, and attention / shared expert / router / lm_head where their
   rules quantize them) are written dequantized, so the HF model computes what our fake-quant
-  student computes (exactly in float32; bf16 adds one rounding).
+  student computes (exactly in float32; bf16 adds one rounding). The folder is built under a
+  temporary name and renamed when complete; output_guard.MARKER in it lets a later export with
+  `overwrite` replace it.
 
   Args:
     weights: the student (params + codes, or a packed checkpoint).
-    out_dir: output folder (created).
+    out_dir: output folder; it must not exist, be empty, or (with `overwrite`) be an hf export
+      moeqjax wrote.
     family_config_json: the original HF config.json (keeps token ids and metadata); optional.
-    dtype: "bfloat16" or "float32" weights.
+    dtype: "float32" (default: exact) or "bfloat16" weights.
     model_type: the HF family; default from family_config_json, else inferred from cfg.
     max_shard_bytes: split into shards plus model.safetensors.index.json above this size.
+    overwrite: replace an hf folder moeqjax wrote (anything else is refused).
 
   Returns:
     out_dir as a Path.
+
+  Raises:
+    ConvertError: an existing output it may not replace, or a layout no HF family fits.
   """
   cfg = weights.cfg
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  out_dir = output_guard.check_output(out_dir, KIND, overwrite)
   hf_config = model_config_to_hf_config(cfg, model_type, family_config_json, dtype)
   fam = family_of(hf_config)
   target = NP_DTYPES[dtype]
@@ -74,18 +83,25 @@ def write_hf(weights: StudentWeights, out_dir: str | pathlib.Path,
   names = ([SINGLE_FILE] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   shard_of = {ent.hf_name: i for i, shard in enumerate(shards) for ent in shard}
-  writers = [StreamingWriter(out_dir / name, [(e.hf_name, e.hf_shape, target) for e in shard])
-             for name, shard in zip(names, shards)]
+  tmp = output_guard.temp_folder(out_dir)
   try:
-    for name, arr in hf_state_dict(weights, fam.model_type):
-      writers[shard_of[name]].write(name, np.ascontiguousarray(arr).astype(target))
-  finally:
-    for w in writers:
-      w.close()
-  if len(shards) > 1:
-    total = sum(int(np.prod(e.hf_shape)) * target.itemsize for e in ents)
-    index = {"metadata": {"total_size": total},
-             "weight_map": {e.hf_name: names[shard_of[e.hf_name]] for e in ents}}
-    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-  (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    writers = [StreamingWriter(tmp / name, [(e.hf_name, e.hf_shape, target) for e in shard])
+               for name, shard in zip(names, shards)]
+    try:
+      for name, arr in hf_state_dict(weights, fam.model_type):
+        writers[shard_of[name]].write(name, np.ascontiguousarray(arr).astype(target))
+    finally:
+      for w in writers:
+        w.close()
+    if len(shards) > 1:
+      total = sum(int(np.prod(e.hf_shape)) * target.itemsize for e in ents)
+      index = {"metadata": {"total_size": total},
+               "weight_map": {e.hf_name: names[shard_of[e.hf_name]] for e in ents}}
+      (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    output_guard.mark_folder(tmp, KIND)
+  except BaseException:
+    output_guard.discard(tmp)
+    raise
+  output_guard.replace(tmp, out_dir, KIND, overwrite)
   return out_dir

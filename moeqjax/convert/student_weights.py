@@ -102,8 +102,11 @@ class ParamWeights(StudentWeights):
     w, codes = self._array(path), self.codes(path)
     if codes is None:
       return w
-    return np.asarray(jax.device_get(quantize_dequantize(w, codes, self.spec, self._clip(path))),
-                      np.float32)
+    w = np.asarray(jax.device_get(quantize_dequantize(w, codes, self.spec, self._clip(path))),
+                   np.float32)
+    # Fake quant rounds a small negative weight to -0.0 where the integer form (and so a packed
+    # checkpoint's `dequantize`) gives +0.0; adding +0.0 makes them the same bytes in every export.
+    return w + np.float32(0.0)
 
 
 def dequantize(form: IntForm, spec, shape) -> np.ndarray:

@@ -86,7 +86,8 @@ def _deploy_section(deploy: dict | None) -> list[str]:
       lines.append(f"| `{name}` | {_DEPLOY_FORMATS[key]} | {size} | {yes_no[r['loaded']]} | "
                    f"{yes_no[r['matched']]} | {r['note']} |")
   return lines + ["", "Exported from the packed folders (their stored codes and scales, nothing "
-                  "re-quantized); `export_report.json` beside each export says where a runtime "
+                  "re-quantized); each export's report (`model.export_report.json` beside the GGUF, "
+                  "`export_report.json` in the compressed-tensors folder) says where a runtime "
                   "stores experts wider than our packing.", ""]
 
 

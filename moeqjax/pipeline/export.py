@@ -8,10 +8,9 @@ import pathlib
 import jax
 import ml_collections
 
-from moeqjax.convert import ConvertError
-from moeqjax.convert.ct_export import check_output as ct_check_output
+from moeqjax.convert import ConvertError, output_guard
 from moeqjax.convert.ct_export import write_compressed_tensors
-from moeqjax.convert.gguf_export import check_output, write_gguf
+from moeqjax.convert.gguf_export import write_gguf
 from moeqjax.convert.hf_export import write_hf
 from moeqjax.convert.student_weights import ParamWeights
 from moeqjax.pipeline import config as config_io
@@ -64,7 +63,7 @@ def load_student(workdir: pathlib.Path):
   return cfg, state.params, state.quant
 
 
-def export_student(out, *, workdir=None, packed=None, fmt: str = "hf", dtype: str = "bfloat16",
+def export_student(out, *, workdir=None, packed=None, fmt: str = "hf", dtype: str = "float32",
                    hf_config_path=None, model_type: str | None = None, overwrite: bool = False,
                    fp_dtype: str = "f32", all_f32: bool = False, tokenizer=None,
                    requantize_mixed: str | None = None):
@@ -75,19 +74,21 @@ def export_student(out, *, workdir=None, packed=None, fmt: str = "hf", dtype: st
   fmt "hf" writes the HF family layout (dequantized) to the folder `out` and returns it; "gguf"
   writes one llama.cpp file `out` from the integer codes and returns the export report;
   "compressed-tensors" writes a vLLM pack-quantized folder `out` and returns its report.
+  An existing `out` is replaced only with `overwrite` and only when moeqjax wrote it as this
+  format (convert/output_guard.py); with default flags the exports of a packed folder equal those
+  of its workdir byte for byte (pack's default float32; the GGUF's general.name is the workdir's).
   """
   if (workdir is None) == (packed is None):
     raise ConvertError("give exactly one of --workdir (a QAT run) and --packed (a packed folder)")
-  if fmt == "gguf":
-    check_output(out, overwrite)  # before the (slow) restore
-  elif fmt == "compressed-tensors":
-    ct_check_output(out, overwrite)
+  output_guard.check_output(out, fmt, overwrite)  # before the (slow) restore
   template_json = None
   if fmt != "gguf":
     template_json = _hf_config_template(hf_config_path, workdir)
   if packed is not None:
     weights = PackedWeights(packed)
-    name, recorded = pathlib.Path(packed).absolute().name, weights.tokenizer
+    # Named after the run it was packed from, as an export of that run is.
+    source = weights.manifest.get("source") or pathlib.Path(packed).absolute()
+    name, recorded = pathlib.Path(source).name, weights.tokenizer
   else:
     workdir = pathlib.Path(workdir).absolute()
     weights = ParamWeights(*load_student(workdir))
@@ -99,7 +100,7 @@ def export_student(out, *, workdir=None, packed=None, fmt: str = "hf", dtype: st
   if fmt == "compressed-tensors":
     return write_compressed_tensors(weights, out, template_json, dtype, model_type=model_type,
                                     overwrite=overwrite)
-  return write_hf(weights, out, template_json, dtype, model_type=model_type)
+  return write_hf(weights, out, template_json, dtype, model_type=model_type, overwrite=overwrite)
 
 
 def _hf_config_template(hf_config_path, workdir) -> dict | None:

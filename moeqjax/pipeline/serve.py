@@ -55,7 +55,7 @@ def finished_student(workdir: pathlib.Path):
   return config, state
 
 
-def pack_workdir(workdir, out, *, fp_dtype: str = "bfloat16", overwrite: bool = False) -> dict:
+def pack_workdir(workdir, out, *, fp_dtype: str = "float32", overwrite: bool = False) -> dict:
   """Packs the student of a finished QAT workdir into `out`; returns the manifest."""
   workdir = pathlib.Path(workdir)
   config, state = finished_student(workdir)

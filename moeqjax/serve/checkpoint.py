@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
 import shutil
 
@@ -24,6 +23,7 @@ import numpy as np
 from flax import linen as nn
 
 from moeqjax import quant as q
+from moeqjax.convert import output_guard
 from moeqjax.convert.safetensors_io import (SINGLE_FILE, StreamingWriter, dtype_name, read_header,
                                             read_tensor)
 from moeqjax.convert.tree_paths import get_path
@@ -33,9 +33,10 @@ from moeqjax.model.packed_weights import COLLECTION
 from moeqjax.quant import packed_tensor as pt
 from moeqjax.quant.clip import learned_ratio
 
-FORMAT = "moeqjax-packed"
+# output_guard recognises a pack folder by these (what `--overwrite` may replace).
+FORMAT = output_guard.PACKED_FORMAT
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+MANIFEST = output_guard.PACKED_MANIFEST
 TOKENIZER_FILE = "tokenizer.json"
 FP_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 _EXPERT_PARAMS = ("w_in", "w_gate", "w_out")
@@ -102,7 +103,7 @@ def model_config_from_record(record: dict) -> ModelConfig:
   return ModelConfig(**record, quant=rules)
 
 
-def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "bfloat16",
+def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "float32",
          tokenizer: str | pathlib.Path | None = None, eos_id: int | None = None,
          overwrite: bool = False, source: str = "") -> dict:
   """Writes a packed checkpoint of a quantized student.
@@ -111,27 +112,28 @@ def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "bfloat16"
   layer), quantized attention / shared expert / router / lm_head matrices at their code, and every
   other weight at `fp_dtype`. Learned clip ratios are folded into the stored scales. The folder is
   written under a temporary name and renamed at the end, so a killed pack leaves nothing that loads.
+  With the default float32, the packed model computes what the fake-quant student computes.
 
   Args:
     cfg: the student's model config (its quant rules give the spec).
     params: the student's params.
     quant: the student's `quant` collection (codes); every expert must have a quantized code.
-    out_dir: the folder to create.
-    fp_dtype: "bfloat16" (default) or "float32" for unquantized weights.
+    out_dir: the folder to write; it must not exist, be empty, or (with `overwrite`) be a pack
+      folder moeqjax wrote.
+    fp_dtype: "float32" (default) or "bfloat16" (half the bytes of the unquantized weights; the
+      packed model then differs from the fake-quant student by that rounding).
     tokenizer: a tokenizer.json (or its folder) to copy along, or None for byte-level models.
     eos_id: the end-of-text id generation stops at (None: never stops early).
-    overwrite: replace an existing out_dir.
+    overwrite: replace a pack folder moeqjax wrote (anything else is refused: ConvertError).
     source: where the student came from (recorded in the manifest).
 
   Returns:
     The manifest (also written to out_dir/manifest.json), whose "bytes" section states the expert
     tensor bytes on disk next to `expert_bytes` from the memory accounting (they are equal).
   """
-  out_dir = pathlib.Path(out_dir)
   if fp_dtype not in FP_DTYPES:
     raise PackedCheckpointError(f"fp_dtype={fp_dtype!r}; choose from {sorted(FP_DTYPES)}")
-  if out_dir.exists() and not overwrite:
-    raise PackedCheckpointError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+  out_dir = output_guard.check_output(out_dir, "packed", overwrite)
   tok_file = None
   if tokenizer:
     tok_file = pathlib.Path(tokenizer)
@@ -189,9 +191,7 @@ def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "bfloat16"
       },
       "tensors": records,
   }
-  tmp = out_dir.parent / f".{out_dir.name}.packing-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
+  tmp = output_guard.temp_folder(out_dir)
   try:
     writer = StreamingWriter(tmp / SINGLE_FILE, [(n, a.shape, a.dtype) for n, a in tensors],
                              metadata={"format": FORMAT})
@@ -203,12 +203,10 @@ def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "bfloat16"
     if tok_file:
       shutil.copyfile(tok_file, tmp / TOKENIZER_FILE)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    if out_dir.exists():
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    output_guard.discard(tmp)
     raise
+  output_guard.replace(tmp, out_dir, "packed", overwrite)
   return manifest
 
 

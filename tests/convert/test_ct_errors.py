@@ -41,16 +41,20 @@ def test_layout_no_family_fits_names_the_field(tmp_path):
   check_refused(tmp_path, cfg, params, quant, "model.shared_d_ff=64")
 
 
-def test_existing_output_needs_overwrite(tmp_path):
+def test_existing_output_needs_overwrite_and_must_be_ours(tmp_path):
   cfg, params, quant = ct_student("mixtral", [[1, 1, 1, 1]] * 2)
   out = tmp_path / "ct"
   out.mkdir()
   (out / "keep").write_text("me")
   with pytest.raises(ConvertError, match="exists; pass --overwrite"):
     export_compressed_tensors(cfg, params, quant, out)
-  assert (out / "keep").read_text() == "me"
+  with pytest.raises(ConvertError, match="was not written by moeqjax"):
+    export_compressed_tensors(cfg, params, quant, out, overwrite=True)
+  assert [p.name for p in out.iterdir()] == ["keep"] and (out / "keep").read_text() == "me"
+  (out / "keep").unlink()  # an empty folder is written without --overwrite
+  export_compressed_tensors(cfg, params, quant, out)
   report = export_compressed_tensors(cfg, params, quant, out, overwrite=True)
   assert sorted(p.name for p in out.iterdir()) == ["config.json", "export_report.json",
-                                                   "model.safetensors"]
+                                                   "model.safetensors", "moeqjax_export.json"]
   assert report["file_bytes"] == (out / "model.safetensors").stat().st_size
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ct"]

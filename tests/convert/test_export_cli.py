@@ -45,7 +45,7 @@ def test_cli_export_gguf_from_a_qat_workdir(qat_dir, tmp_path, capsys):
   assert main(["export", "--workdir", str(qat_dir), "--format", "gguf", "--out", str(out)]) == 0
   printed = capsys.readouterr().out
   assert "llama.cpp arch llama" in printed and "note: blk.0.ffn_gate_exps.weight" in printed
-  report = json.loads((tmp_path / "export_report.json").read_text())
+  report = json.loads((tmp_path / "student.export_report.json").read_text())
   assert report["file"] == "student.gguf" and report["file_bytes"] == out.stat().st_size
   got, reader = read_gguf(out)
   assert got["blk.1.ffn_up_exps.weight"][0] == "Q4_0"
@@ -98,8 +98,9 @@ def test_cli_export_compressed_tensors_from_a_qat_workdir(qat_dir, tmp_path, cap
   from moeqjax.model import MoETransformer
   from moeqjax.pipeline.export import load_student
   out = tmp_path / "ct"
+  # Default flags: the README's 1e-5 holds without --dtype (bfloat16 was 1e-2 off).
   assert main(["export", "--workdir", str(qat_dir), "--format", "compressed-tensors", "--out",
-               str(out), "--dtype", "float32"]) == 0
+               str(out)]) == 0
   assert "as compressed-tensors (int4 experts)" in capsys.readouterr().out
   report = json.loads((out / "export_report.json").read_text())
   assert report["expert_container"] == "int4" and report["file_bytes"] == (
@@ -116,26 +117,37 @@ def test_cli_export_compressed_tensors_from_a_qat_workdir(qat_dir, tmp_path, cap
   assert code == 2 and "exists; pass --overwrite" in err and err.count("\n") == 1
 
 
+def _files(path) -> dict:
+  """{relative path: bytes} of every file under a folder, or of one file."""
+  if path.is_file():
+    return {".": path.read_bytes()}
+  return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 def test_cli_export_from_the_packed_folder_equals_export_from_the_workdir(qat_dir, tmp_path,
                                                                           capsys):
+  # Default flags everywhere: pack's float32, export's float32; every file byte for byte (the
+  # GGUF's general.name included, and the HF weights' signed zeros).
   packed = tmp_path / "packed"
-  assert main(["pack", "--workdir", str(qat_dir), "--out", str(packed), "--fp-dtype",
-               "float32"]) == 0
+  assert main(["pack", "--workdir", str(qat_dir), "--out", str(packed)]) == 0
+  outs = {"gguf": "m.gguf", "compressed-tensors": "ct", "hf": "hf"}
   for src, sub in (("--workdir", qat_dir), ("--packed", packed)):
-    assert main(["export", src, str(sub), "--format", "gguf", "--out",
-                 str(tmp_path / src[2:] / "m.gguf")]) == 0
-    assert main(["export", src, str(sub), "--format", "compressed-tensors", "--out",
-                 str(tmp_path / src[2:] / "ct")]) == 0
+    for fmt, out in outs.items():
+      assert main(["export", src, str(sub), "--format", fmt, "--out",
+                   str(tmp_path / src[2:] / out)]) == 0
   assert f"exported {packed} as GGUF" in capsys.readouterr().out
-  (a, _), (b, _) = (read_gguf(tmp_path / sub / "m.gguf") for sub in ("workdir", "packed"))
-  assert sorted(a) == sorted(b)
-  for name in a:
-    assert a[name][0] == b[name][0], name
-    np.testing.assert_array_equal(a[name][1], b[name][1], err_msg=name)
-  a, b = _safetensors(tmp_path / "workdir" / "ct"), _safetensors(tmp_path / "packed" / "ct")
-  assert sorted(a) == sorted(b)
-  for name in a:
-    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  for fmt, out in outs.items():
+    a, b = _files(tmp_path / "workdir" / out), _files(tmp_path / "packed" / out)
+    assert sorted(a) == sorted(b), fmt
+    for name in a:
+      assert a[name] == b[name], f"{fmt}: {name}"
+  assert (_files(tmp_path / "workdir" / "m.export_report.json")
+          == _files(tmp_path / "packed" / "m.export_report.json"))
+  _, reader = read_gguf(tmp_path / "packed" / "m.gguf")
+  assert bytes(reader.fields["general.name"].parts[-1]).decode() == qat_dir.name
+  a = _safetensors(tmp_path / "packed" / "hf")
+  assert any(np.any((v == 0) & ~np.signbit(v)) for v in a.values())  # zeros there, all +0.0
+  assert not any(np.any((v == 0) & np.signbit(v)) for v in a.values())
   # A damaged or unfinished packed folder is refused in one line, and nothing is written.
   broken, unfinished = tmp_path / "broken", tmp_path / "unfinished"
   for folder in (broken, unfinished):
@@ -162,10 +174,120 @@ def test_cli_requantize_mixed_is_passed_through(qat_dir, tmp_path, capsys):
   out = tmp_path / "m.gguf"
   assert main(["export", "--workdir", str(qat_dir), "--format", "gguf", "--out", str(out),
                "--requantize-mixed", "Q4_0"]) == 0
-  report = json.loads((tmp_path / "export_report.json").read_text())
+  report = json.loads((tmp_path / "m.export_report.json").read_text())
   assert report["requantize_mixed"] == "Q4_0"
   assert not any("requantized" in r for r in report["tensors"])
   with pytest.raises(SystemExit) as stop:
     main(["export", "--workdir", str(qat_dir), "--format", "gguf", "--out", str(out),
           "--requantize-mixed", "Q2_K"])
   assert stop.value.code == 2 and "invalid choice: 'Q2_K'" in capsys.readouterr().err
+
+
+# Every output, how it is asked for; "{out}" is the --out path.
+OUTPUTS = {
+    "pack": ["pack", "--workdir", "{qat}", "--out", "{out}"],
+    "hf": ["export", "--workdir", "{qat}", "--format", "hf", "--out", "{out}"],
+    "compressed-tensors": ["export", "--workdir", "{qat}", "--format", "compressed-tensors",
+                           "--out", "{out}"],
+    "gguf": ["export", "--workdir", "{qat}", "--format", "gguf", "--out", "{out}"],
+}
+
+
+HALF = {"pack": ("--fp-dtype", "bfloat16"), "hf": ("--dtype", "bfloat16"),
+        "compressed-tensors": ("--dtype", "bfloat16"), "gguf": ("--fp-dtype", "f16")}
+
+
+def _argv(fmt, qat_dir, out, *extra):
+  return [a.format(qat=qat_dir, out=out) for a in OUTPUTS[fmt]] + list(extra)
+
+
+def _snapshot(root) -> dict:
+  """{relative path: bytes, or None for a folder} of everything under root (itself excluded)."""
+  return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+          for p in sorted(root.rglob("*"))}
+
+
+def _foreign_gguf(path):
+  """A valid GGUF that moeqjax did not write (gguf's own writer, no moeqjax key)."""
+  import gguf
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_name("someone else's")
+  writer.add_tensor("t", np.zeros(32, np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+def _not_ours(fmt, qat_dir, root):
+  """(the --out path, why it is refused) for outputs moeqjax did not write, of this format."""
+  cases = []
+  user = root / "user_folder"
+  (user / "sub").mkdir(parents=True)
+  (user / "notes.txt").write_text("my notes")
+  (user / "sub" / "data.bin").write_bytes(b"\x00\x01")
+  plain = root / "plain_file"
+  plain.write_text("not a model")
+  if fmt == "gguf":
+    cases += [(plain, "was not written by moeqjax"), (user, "is a folder")]
+    _foreign_gguf(root / "theirs.gguf")
+    cases.append((root / "theirs.gguf", "no moeqjax.writer key"))
+    # Our GGUF's name, but a report beside it that is not ours.
+    (root / "r.export_report.json").write_text('{"format": "gguf"}')
+    cases.append((root / "r.gguf", "r.export_report.json was not written by moeqjax"))
+  else:
+    cases += [(user, "was not written by moeqjax"), (plain, "is a file")]
+    # Another kind of moeqjax output: a pack folder is no hf / compressed-tensors export, and an
+    # hf export no pack folder.
+    other = "hf" if fmt == "pack" else "pack"
+    assert main(_argv(other, qat_dir, root / "other")) == 0
+    cases.append((root / "other", "was written by " + ("--format hf" if fmt == "pack"
+                                                       else "`moeqjax pack`")))
+    # Ours, but a user's file was added inside it: not replaced with it.
+    assert main(_argv(fmt, qat_dir, root / "ours_plus")) == 0
+    (root / "ours_plus" / "mine.txt").write_text("keep")
+    cases.append((root / "ours_plus", "holds files moeqjax did not write (mine.txt)"))
+  return cases
+
+
+@pytest.mark.parametrize("fmt", sorted(OUTPUTS))
+def test_overwrite_never_touches_what_moeqjax_did_not_write(fmt, qat_dir, tmp_path, capsys):
+  root = tmp_path / "root"
+  root.mkdir()
+  cases = _not_ours(fmt, qat_dir, root)
+  capsys.readouterr()
+  before = _snapshot(root)
+  for out, why in cases:
+    for extra in ((), ("--overwrite",)):
+      code, err = _err(capsys, *_argv(fmt, qat_dir, out, *extra))
+      assert code == 2 and err.count("\n") == 1 and err.startswith("moeqjax: error:"), err
+      assert (why if extra else "exists; pass --overwrite") in err, err
+  assert _snapshot(root) == before  # contents equal, nothing deleted, no temporary left
+
+
+@pytest.mark.parametrize("fmt", sorted(OUTPUTS))
+def test_overwrite_replaces_moeqjax_own_output(fmt, qat_dir, tmp_path, capsys):
+  out = tmp_path / ("m.gguf" if fmt == "gguf" else "out")
+  if fmt != "gguf":
+    out.mkdir()  # an empty folder is written without --overwrite
+  assert main(_argv(fmt, qat_dir, out)) == 0
+  first = _snapshot(tmp_path)
+  code, err = _err(capsys, *_argv(fmt, qat_dir, out))
+  assert code == 2 and f"{out} exists; pass --overwrite to replace it" in err
+  assert err.count("\n") == 1
+  # Replaced by a different output (half-width unquantized weights), nothing left beside it.
+  assert main(_argv(fmt, qat_dir, out, "--overwrite", *HALF[fmt])) == 0
+  second = _snapshot(tmp_path)
+  assert sorted(second) == sorted(first) and second != first
+
+
+def test_two_gguf_exports_in_one_folder_keep_two_reports(qat_dir, tmp_path):
+  for name, fp in (("a", "f32"), ("b", "f16")):
+    assert main(["export", "--workdir", str(qat_dir), "--format", "gguf", "--out",
+                 str(tmp_path / f"{name}.gguf"), "--fp-dtype", fp]) == 0
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "a.export_report.json", "a.gguf", "b.export_report.json", "b.gguf"]
+  for name, fp in (("a", "f32"), ("b", "f16")):
+    report = json.loads((tmp_path / f"{name}.export_report.json").read_text())
+    assert report["file"] == f"{name}.gguf" and report["fp_dtype"] == fp
+    assert report["file_bytes"] == (tmp_path / f"{name}.gguf").stat().st_size

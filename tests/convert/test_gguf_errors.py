@@ -62,14 +62,21 @@ def test_scale_not_exact_in_fp16_is_refused_with_the_fix(tmp_path):
   assert "quant.scale_bytes=2" in str(err.value) and "blk.0.ffn_gate_exps.weight" in str(err.value)
 
 
-def test_existing_output_needs_overwrite(tmp_path):
+def test_existing_output_needs_overwrite_and_must_be_ours(tmp_path):
   cfg = gguf_cfg(d=64, f=64, num_layers=1)
   params, quant = student(cfg)
   out = tmp_path / "m.gguf"
   out.write_bytes(b"keep me")
   with pytest.raises(ConvertError, match="exists; pass --overwrite"):
     export_gguf(cfg, params, quant, out)
+  with pytest.raises(ConvertError, match="was not written by moeqjax"):
+    export_gguf(cfg, params, quant, out, overwrite=True)
   assert out.read_bytes() == b"keep me"
-  export_gguf(cfg, params, quant, out, overwrite=True)
-  assert out.read_bytes()[:4] == b"GGUF"
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["export_report.json", "m.gguf"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+  out.unlink()
+  export_gguf(cfg, params, quant, out)
+  first = out.read_bytes()
+  assert first[:4] == b"GGUF"
+  export_gguf(cfg, params, quant, out, overwrite=True)  # ours: replaced
+  assert out.read_bytes() == first
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["m.export_report.json", "m.gguf"]

@@ -132,7 +132,7 @@ def test_readback_is_bit_exact(case, tmp_path):
     assert got[f"blk.0.ffn_{proj}_exps.weight"][0] == want_type
   rows = {r["name"]: r for r in report["tensors"]}
   assert rows["blk.0.ffn_up_exps.weight"]["ggml_type"] == want_type
-  on_disk = json.loads((tmp_path / "export_report.json").read_text())
+  on_disk = json.loads((tmp_path / "m.export_report.json").read_text())
   assert on_disk["tensors"] == report["tensors"]
   assert on_disk["file_bytes"] == (tmp_path / "m.gguf").stat().st_size
 
