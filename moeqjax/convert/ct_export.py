@@ -185,7 +185,8 @@ def export_compressed_tensors(cfg: ModelConfig, params, quant, out_dir,
 
 def write_compressed_tensors(weights: StudentWeights, out_dir,
                              family_config_json: dict | None = None, dtype: str = "float32", *,
-                             model_type: str | None = None, overwrite: bool = False) -> dict:
+                             model_type: str | None = None, overwrite: bool = False,
+                             extra_files: dict | None = None) -> dict:
   """Writes a HF-layout checkpoint whose quantized Linear weights are compressed-tensors packed ints.
 
   Quantized weights are written from the student's integer codes and scales (`weights.ints`: from
@@ -268,6 +269,7 @@ def write_compressed_tensors(weights: StudentWeights, out_dir,
         "file_bytes": file_bytes, "notes": notes,
     }
     (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    output_guard.write_files(tmp, extra_files)
     output_guard.mark_folder(tmp, KIND)
   except BaseException:
     output_guard.discard(tmp)

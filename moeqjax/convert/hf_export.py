@@ -40,7 +40,7 @@ def export_hf(cfg: ModelConfig, params, quant, out_dir: str | pathlib.Path,
 def write_hf(weights: StudentWeights, out_dir: str | pathlib.Path,
              family_config_json: dict | None = None, dtype: str = "float32", *,
              model_type: str | None = None, max_shard_bytes: int = 5 * 2**30,
-             overwrite: bool = False) -> pathlib.Path:
+             overwrite: bool = False, extra_files: dict | None = None) -> pathlib.Path:
   """Writes config.json and safetensors weights that transformers loads as the family's model.
 
   Quantized weights (experts, and attention / shared expert / router / lm_head where their
@@ -58,6 +58,7 @@ def write_hf(weights: StudentWeights, out_dir: str | pathlib.Path,
     model_type: the HF family; default from family_config_json, else inferred from cfg.
     max_shard_bytes: split into shards plus model.safetensors.index.json above this size.
     overwrite: replace an hf folder moeqjax wrote (anything else is refused).
+    extra_files: {name: bytes} written beside the weights (the tokenizer's files).
 
   Returns:
     out_dir as a Path.
@@ -99,6 +100,7 @@ def write_hf(weights: StudentWeights, out_dir: str | pathlib.Path,
                "weight_map": {e.hf_name: names[shard_of[e.hf_name]] for e in ents}}
       (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    output_guard.write_files(tmp, extra_files)
     output_guard.mark_folder(tmp, KIND)
   except BaseException:
     output_guard.discard(tmp)

@@ -54,6 +54,7 @@ def _folder_kind(folder: pathlib.Path) -> tuple[str | None, set[str], str]:
     files = {PACKED_MANIFEST} | {rec.get("file") for rec in manifest.get("tensors", {}).values()}
     if manifest.get("tokenizer") not in (None, "bytes"):
       files.add(manifest["tokenizer"])
+      files.update(manifest.get("tokenizer_files") or ())
     return "packed", files, ""
   marker = _json(folder / MARKER)
   if (isinstance(marker, dict) and marker.get("writer") == WRITER
@@ -168,6 +169,14 @@ def discard(tmp: pathlib.Path):
     shutil.rmtree(tmp, ignore_errors=True)
   else:
     tmp.unlink(missing_ok=True)
+
+
+def write_files(tmp: pathlib.Path, files: dict | None):
+  """Writes {name: bytes} (e.g. the tokenizer's files) into a folder being built, before its MARKER."""
+  for name, data in (files or {}).items():
+    if pathlib.Path(name).name != name:
+      raise ConvertError(f"{name!r} is not a plain file name")
+    (tmp / name).write_bytes(data)
 
 
 def mark_folder(tmp: pathlib.Path, kind: str):

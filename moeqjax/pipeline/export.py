@@ -12,6 +12,8 @@ from moeqjax.convert import ConvertError, output_guard
 from moeqjax.convert.ct_export import write_compressed_tensors
 from moeqjax.convert.gguf_export import write_gguf
 from moeqjax.convert.hf_export import write_hf
+from moeqjax.convert.hf_tokenizer import tokenizer_files
+from moeqjax.data import DOC_SEPARATOR
 from moeqjax.convert.student_weights import ParamWeights
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
@@ -89,18 +91,23 @@ def export_student(out, *, workdir=None, packed=None, fmt: str = "hf", dtype: st
     # Named after the run it was packed from, as an export of that run is.
     source = weights.manifest.get("source") or pathlib.Path(packed).absolute()
     name, recorded = pathlib.Path(source).name, weights.tokenizer
+    eos_id = weights.manifest.get("eos_id")
   else:
     workdir = pathlib.Path(workdir).absolute()
     weights = ParamWeights(*load_student(workdir))
     name, recorded = workdir.name, _recorded_tokenizer(workdir)
+    eos_id = DOC_SEPARATOR[0] if recorded is None else None  # a tokenizer's is in its config
   if fmt == "gguf":
     return write_gguf(weights, out, fp_dtype=fp_dtype, all_f32=all_f32,
                       tokenizer=recorded if tokenizer is None else tokenizer, name=name,
                       overwrite=overwrite, requantize_mixed=requantize_mixed)
+  # transformers (and vLLM) read the tokenizer from the model's folder: the run's, or our bytes.
+  files = tokenizer_files(recorded, eos_id)
   if fmt == "compressed-tensors":
     return write_compressed_tensors(weights, out, template_json, dtype, model_type=model_type,
-                                    overwrite=overwrite)
-  return write_hf(weights, out, template_json, dtype, model_type=model_type, overwrite=overwrite)
+                                    overwrite=overwrite, extra_files=files)
+  return write_hf(weights, out, template_json, dtype, model_type=model_type, overwrite=overwrite,
+                  extra_files=files)
 
 
 def _hf_config_template(hf_config_path, workdir) -> dict | None:

@@ -38,6 +38,7 @@ FORMAT = output_guard.PACKED_FORMAT
 FORMAT_VERSION = 1
 MANIFEST = output_guard.PACKED_MANIFEST
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json")
 FP_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 _EXPERT_PARAMS = ("w_in", "w_gate", "w_out")
 _CLIP_SUFFIX = "_clip"
@@ -140,6 +141,8 @@ def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "float32",
     tok_file = tok_file / TOKENIZER_FILE if tok_file.is_dir() else tok_file
     if not tok_file.is_file():
       raise PackedCheckpointError(f"tokenizer {tok_file} does not exist")
+  # The tokenizer's companions (its eos_token, special tokens) travel with it, for exports.
+  companions = [n for n in TOKENIZER_COMPANIONS if tok_file and (tok_file.parent / n).is_file()]
 
   tensors, records, expert_codes = [], {}, {}
   expert_tensor_bytes = 0
@@ -179,6 +182,7 @@ def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "float32",
       "fp_dtype": fp_dtype,
       "scale_dtype": np.dtype(pt.SCALE_DTYPES[cfg.quant.scale_bytes]).name,
       "tokenizer": TOKENIZER_FILE if tok_file else "bytes",
+      "tokenizer_files": companions,
       "eos_id": eos_id,
       "expert_codes": codes_LxE.tolist(),
       "bytes": {
@@ -202,6 +206,8 @@ def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "float32",
       writer.close()
     if tok_file:
       shutil.copyfile(tok_file, tmp / TOKENIZER_FILE)
+      for name in companions:
+        shutil.copyfile(tok_file.parent / name, tmp / name)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
   except BaseException:
     output_guard.discard(tmp)

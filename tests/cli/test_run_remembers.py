@@ -94,6 +94,12 @@ def test_every_phase_after_pretrain_needs_no_repeated_override(runs, capsys, mon
   assert main(["export", "--workdir", str(q), "--format", "hf", "--out",
                str(runs / "hf_out")]) == 0
   assert (runs / "hf_out" / "config.json").is_file()
+  # with its tokenizer: our UTF-8 bytes as a byte-level tokenizer.json that transformers reads
+  transformers = pytest.importorskip("transformers", reason="needs the `parity` extra")
+  tok = transformers.AutoTokenizer.from_pretrained(str(runs / "hf_out"))
+  text = "line 12: caf\u00e9 \u2260 \U0001f642"
+  assert tok(text, add_special_tokens=False)["input_ids"] == list(text.encode())
+  assert tok.decode(list(text.encode())) == text and tok.eos_token_id == 0
 
 
 def test_compressed_tensors_export_needs_no_repeated_override(runs):
