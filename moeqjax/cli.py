@@ -437,12 +437,13 @@ def run(argv: list[str]) -> int:
     overrides["data.tokenizer"] = args.tokenizer
   config_io.apply_overrides(config, overrides)
   teacher = None
-  if args.command in ("qat", "ptq", "eval"):
+  if args.command in ("pretrain", "qat", "ptq", "eval"):
     from moeqjax.pipeline import runs
     # The finished runs this phase continues set their sections; --config only the new phase's.
     teacher = runs.continue_config(
-        args.command, config, overrides, workdir=_path(args.workdir or "."),
-        teacher=_path(args.teacher), init_from=_path(getattr(args, "init_from", None)),
+        args.command, config, overrides,
+        workdir=_path(args.workdir or DEFAULT_WORKDIRS[args.command] or "."),
+        teacher=_path(getattr(args, "teacher", None)), init_from=_path(getattr(args, "init_from", None)),
         config_given=args.config is not None)
   config_io.model_config(config)  # validate the model section before any work
   if args.command in ("demo", "pretrain", "qat", "eval"):

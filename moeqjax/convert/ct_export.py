@@ -234,9 +234,8 @@ def write_compressed_tensors(weights: StudentWeights, out_dir,
       [_module_name(e) for m in dense for e in m.ents], dense[0].bits if dense else None,
       [_module_name(e) for m in linear if m.mode != "packed" for e in m.ents])
   specs = [_tensor_specs(m, spec, float_dtype) for m in mods]
-  tmp = output_guard.temp_folder(out_dir)
   rows = []
-  try:
+  with output_guard.building_folder(out_dir, KIND, overwrite, extra_files) as tmp:
     writer = StreamingWriter(tmp / SINGLE_FILE, [s for ss in specs for s in ss])
     try:
       for mod, mod_specs in zip(mods, specs):
@@ -269,10 +268,4 @@ def write_compressed_tensors(weights: StudentWeights, out_dir,
         "file_bytes": file_bytes, "notes": notes,
     }
     (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    output_guard.write_files(tmp, extra_files)
-    output_guard.mark_folder(tmp, KIND)
-  except BaseException:
-    output_guard.discard(tmp)
-    raise
-  output_guard.replace(tmp, out_dir, KIND, overwrite)
   return report

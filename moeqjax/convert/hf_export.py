@@ -84,8 +84,7 @@ def write_hf(weights: StudentWeights, out_dir: str | pathlib.Path,
   names = ([SINGLE_FILE] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   shard_of = {ent.hf_name: i for i, shard in enumerate(shards) for ent in shard}
-  tmp = output_guard.temp_folder(out_dir)
-  try:
+  with output_guard.building_folder(out_dir, KIND, overwrite, extra_files) as tmp:
     writers = [StreamingWriter(tmp / name, [(e.hf_name, e.hf_shape, target) for e in shard])
                for name, shard in zip(names, shards)]
     try:
@@ -100,10 +99,4 @@ def write_hf(weights: StudentWeights, out_dir: str | pathlib.Path,
                "weight_map": {e.hf_name: names[shard_of[e.hf_name]] for e in ents}}
       (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    output_guard.write_files(tmp, extra_files)
-    output_guard.mark_folder(tmp, KIND)
-  except BaseException:
-    output_guard.discard(tmp)
-    raise
-  output_guard.replace(tmp, out_dir, KIND, overwrite)
   return out_dir

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -169,6 +170,21 @@ def discard(tmp: pathlib.Path):
     shutil.rmtree(tmp, ignore_errors=True)
   else:
     tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def building_folder(out: pathlib.Path, kind: str, overwrite: bool, extra_files: dict | None = None):
+  """Yields a fresh hidden folder to build `out` in; when the block ends, writes `extra_files` and
+  MARKER into it and swaps it in (`replace`). If the block raises, the folder is removed."""
+  tmp = temp_folder(out)
+  try:
+    yield tmp
+    write_files(tmp, extra_files)
+    mark_folder(tmp, kind)
+  except BaseException:
+    discard(tmp)
+    raise
+  replace(tmp, out, kind, overwrite)
 
 
 def write_files(tmp: pathlib.Path, files: dict | None):

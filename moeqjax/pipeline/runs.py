@@ -288,17 +288,35 @@ def recorded_teacher(folder: pathlib.Path) -> pathlib.Path | None:
   return pathlib.Path(teacher) if teacher else None
 
 
+# The sections a phase records about itself (and so reads back when it is rerun or resumed).
+OWN_SECTIONS = {"pretrain": ("model", "data", "pretrain"),
+                "qat": ("model", "quant", "data", "qat", "loss"),
+                "ptq": ("model", "quant", "data", "qat", "loss")}
+
+
 def continue_config(command: str, config: ml_collections.ConfigDict, overrides: dict[str, str], *,
                     workdir: pathlib.Path | None = None, teacher: pathlib.Path | None = None,
                     init_from: pathlib.Path | None = None,
                     config_given: bool = False) -> pathlib.Path | None:
   """Fills `config` (in place) from the finished runs a phase continues; returns the teacher.
 
+  pretrain / qat / ptq rerun or resumed in a workdir of their own kind: that run's sections.
   qat / ptq: the model, data (tokenizer, default corpus) and pretrain sections of `--teacher`, and
   with `--init-from` the PTQ student's quant section. eval: the student's (`--workdir`) model,
   quant, data and qat sections, and the pretrain section of its teacher (`--teacher`, default the
   one the student recorded), whose model must be the student's. Other commands are unchanged.
   """
+  resumes = command in OWN_SECTIONS and workdir is not None and run_kind(workdir) == command
+
+  def inherit_own():
+    # A rerun or --resume continues its own run: its recorded sections (after its teacher's, so
+    # that its own corpus wins), unless an override contradicts them.
+    if resumes:
+      inherit(config, overrides, workdir, "--workdir", OWN_SECTIONS[command],
+              config_given=config_given)
+
+  if command == "pretrain":
+    inherit_own()
   if command in ("qat", "ptq"):
     require_kind(teacher, "--teacher", TEACHER_KINDS, TEACHER_HINT)
     inherit(config, overrides, teacher, "--teacher", ("model", "data", "pretrain"),
@@ -309,6 +327,7 @@ def continue_config(command: str, config: ml_collections.ConfigDict, overrides: 
       check_same_model(recorded_sections(teacher)["model"], recorded_sections(init_from)["model"],
                        f"--teacher {teacher} and --init-from {init_from}")
       inherit(config, overrides, init_from, "--init-from", ("quant",), config_given=config_given)
+    inherit_own()
     return teacher
   if command == "eval":
     require_kind(workdir, "--workdir", STUDENT_KINDS,

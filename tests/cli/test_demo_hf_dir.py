@@ -113,7 +113,10 @@ def test_demo_from_hf_checkpoint(tmp_path, capsys):
   assert "deploy" in metrics["timings_s"] and "## Deploy" in report
   qat_record = config.to_dict()
   assert qat_record["model"]["vocab_size"] == 32  # the checkpoint's model config, not tiny.py's
-  assert qat_record["data"]["tokenizer"] == str(hf_dir.absolute())
+  assert qat_record["data"]["tokenizer"] == str(work / "hf_import" / "tokenizer")  # its copy
+  # the QAT variants record their teacher, so `moeqjax eval --workdir` needs no --teacher
+  recorded = json.loads((work / "qat_ternary" / "config.json").read_text())
+  assert recorded["teacher"] == str(work / "hf_import")
 
 
 def test_demo_hf_dir_errors(tmp_path, capsys):

@@ -53,6 +53,11 @@ def test_qat_takes_the_teachers_model_data_and_step_count(runs):
 
 def test_every_phase_after_pretrain_needs_no_repeated_override(runs, capsys, monkeypatch):
   fp, q = runs / "fp", runs / "q"
+  # rerunning (or --resume) a finished run reads its own record: no override is repeated
+  assert main(["pretrain", "--workdir", str(fp)]) == 0
+  assert "pretrained 6 steps" in capsys.readouterr().out
+  assert main(["qat", "--workdir", str(q), "--teacher", str(fp), "--resume"]) == 0
+  assert "QAT finished at step 3" in capsys.readouterr().out
   # eval: the student's config and its recorded teacher (no --teacher, no model overrides)
   assert main(["eval", "--workdir", str(q), *EVAL]) == 0
   said = capsys.readouterr().out

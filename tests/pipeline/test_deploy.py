@@ -43,12 +43,12 @@ def test_exports_load_and_match_in_both_runtimes(packed, tmp_path):
   assert table.count("| yes | yes |") == 2
 
 
-def test_without_the_export_extra_the_rows_say_not_checked(packed, tmp_path, monkeypatch):
-  monkeypatch.setattr(runtimes, "missing", lambda modules: list(modules))  # the core install
+def test_without_the_runtime_packages_the_rows_say_not_checked(packed, tmp_path, monkeypatch):
+  monkeypatch.setattr(runtimes, "missing", lambda modules: list(modules))  # none installed
   rows = deploy.deploy_packed(tmp_path, {"s": packed}, PROMPT)["s"]
   g, c = rows["gguf"], rows["compressed_tensors"]
-  assert g["file"] is None and g["note"] == ("not written: the GGUF writer needs the export "
-                                             "extra (gguf)")
+  assert g["file"] is None and g["note"] == ("not written: the GGUF writer needs the gguf package "
+                                             "(pip install gguf)")
   assert not (tmp_path / "deploy" / "s" / "model.gguf").exists()
   # The compressed-tensors writer needs no extra: the folder is written, the check is not run.
   assert c["file_bytes"] == (tmp_path / "deploy" / "s" / "compressed-tensors" /
@@ -58,3 +58,15 @@ def test_without_the_export_extra_the_rows_say_not_checked(packed, tmp_path, mon
   assert "torch, transformers, compressed_tensors" in c["note"]
   table = "\n".join(_deploy_section({"s": rows}))
   assert "| `s` | GGUF (llama.cpp) | - | - | - | not written" in table
+
+
+def test_without_llama_cpp_the_gguf_row_says_which_platforms_have_it(packed, tmp_path,
+                                                                     monkeypatch):
+  missing = runtimes.missing
+  monkeypatch.setattr(runtimes, "missing",
+                      lambda modules: [m for m in modules if m == "xllamacpp"] or missing(modules))
+  g = deploy.deploy_packed(tmp_path, {"s": packed}, PROMPT)["s"]["gguf"]
+  assert g["file_bytes"] == (tmp_path / "deploy" / "s" / "model.gguf").stat().st_size
+  assert (g["loaded"], g["matched"]) == (None, None)
+  assert g["note"].startswith("not checked: llama.cpp (xllamacpp) is not installed; it ships "
+                              "wheels for Linux")
