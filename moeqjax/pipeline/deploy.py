@@ -24,8 +24,8 @@ def _not_checked(packages) -> str:
   if "xllamacpp" in packages:  # a core dependency, with wheels for Linux only
     return ("not checked: llama.cpp (xllamacpp) is not installed; it ships wheels for Linux "
             "x86-64 and aarch64 (pip install xllamacpp==2026.10.11549)")
-  return (f"not checked: install the export extra (pip install -e '.[export]'; missing "
-          f"{', '.join(packages)})")
+  return (f"not checked: install the export extra with torch and transformers (pip install -e "
+          f"'.[parity,export]'; missing {', '.join(packages)})")
 
 
 def _ours(folder, prompt) -> tuple[list[int], np.ndarray]:
