@@ -18,7 +18,8 @@ REFERENCE = "full_precision"
 
 def evaluate_variants(cfg: ModelConfig, variants: dict, windows_NxS1: np.ndarray,
                       batch_size: int, *, control: str | None = None,
-                      reference_eval: dict | None = None, placement=None) -> dict:
+                      reference_eval: dict | None = None, placement=None,
+                      per_window: bool = False) -> dict:
   """Held-out loss, routing consistency, expert load and true memory of every variant.
 
   Args:
@@ -35,6 +36,9 @@ def evaluate_variants(cfg: ModelConfig, variants: dict, windows_NxS1: np.ndarray
     reference_eval: optional evaluate_lm result of the reference on these windows, used instead
       of evaluating it again (loops that score many students against one teacher).
     placement: evaluate on this mesh (see evaluate_lm); None: the default device.
+    per_window: also give each variant's `bits_per_window`, `topk_agree_per_window` and
+      `top1_agree_per_window` (lists over the windows), for paired comparisons made later (the
+      study compares cells with controls trained in other calls).
 
   Returns:
     name -> metrics dict (floats and per-layer lists; JSON-ready). Every variant has
@@ -54,9 +58,8 @@ def evaluate_variants(cfg: ModelConfig, variants: dict, windows_NxS1: np.ndarray
                                  desc=f"eval {name}")) for name in order}
   ref_idx = raw[REFERENCE]["expert_idx"]
   ref_load = expert_load(ref_idx, cfg.num_experts)
-  compared = control_comparison(window_metrics(raw, teacher=REFERENCE,
-                                               num_experts=cfg.num_experts),
-                                teacher=REFERENCE, control=control)
+  by_window = window_metrics(raw, teacher=REFERENCE, num_experts=cfg.num_experts)
+  compared = control_comparison(by_window, teacher=REFERENCE, control=control)
   results = {}
   for name in order:
     ev = raw[name]
@@ -87,4 +90,8 @@ def evaluate_variants(cfg: ModelConfig, variants: dict, windows_NxS1: np.ndarray
     # Only new keys: topk_agree and top1_agree keep the per-layer means above (equal up to rounding).
     for key, value in compared.get(name, {}).items():
       results[name].setdefault(key, value)
+    if per_window:
+      results[name].update({"bits_per_window": by_window[name]["bits"].tolist(),
+                            "topk_agree_per_window": by_window[name]["topk_agree"].tolist(),
+                            "top1_agree_per_window": by_window[name]["top1_agree"].tolist()})
   return results

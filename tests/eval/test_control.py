@@ -67,3 +67,29 @@ def test_control_comparison_hand_oracle():
   assert alone["ctl"]["delta_vs_teacher"] == pytest.approx(-0.15)
   with pytest.raises(ValueError, match="control 'missing'"):
     control_comparison(windows, teacher="teacher", control="missing")
+
+
+def test_demo_table_shows_control_agreement_and_drift():
+  """The demo report's columns: the control's agreement and each row's drift ± its paired s.e.;
+  the teacher and the control, which have no drift against the control, show "-"."""
+  from moeqjax.eval.report import _table
+  base = {"bits_per_token": 2.0, "perplexity": 4.0, "delta_vs_fp": 0.0, "delta_vs_fp_se": 0.0,
+          "topk_agree": 1.0, "top1_agree": 1.0}
+  results = {
+      "full_precision": dict(base),
+      "fp_continued": dict(base, topk_agree=0.965, delta_vs_fp_continued=0.0,
+                           delta_vs_fp_continued_se=0.0),
+      "qat_ternary": dict(base, topk_agree=0.945, control_topk_agree=0.965, drift_topk=-0.02,
+                          drift_topk_se=0.004, drift_top1=-0.031, drift_top1_se=0.006,
+                          delta_vs_fp_continued=0.0123, delta_vs_fp_continued_se=0.0045)}
+  lines = _table(results, "byte", {}).splitlines()
+  head = [c.strip() for c in lines[0].strip("|").split("|")]
+  assert {"control top-k agree", "top-k drift vs control (± paired s.e.)",
+          "top-1 drift vs control (± paired s.e.)"} <= set(head)
+  rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+          for line in lines[2:5]}
+  col = head.index("top-k drift vs control (± paired s.e.)")
+  assert rows["`qat_ternary`"][col] == "-0.020 ± 0.0040"
+  assert rows["`qat_ternary`"][head.index("top-1 drift vs control (± paired s.e.)")] == "-0.031 ± 0.0060"
+  assert rows["`qat_ternary`"][head.index("control top-k agree")] == "0.965"
+  assert rows["`fp_continued`"][col] == "-" and rows["`full_precision`"][col] == "-"
