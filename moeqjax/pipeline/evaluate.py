@@ -64,10 +64,11 @@ def control_config(config, workdir: pathlib.Path, control: pathlib.Path,
   if quantized:
     raise runs.RunMismatch(f"--control {control} is not full precision ({', '.join(quantized)}); "
                            + CONTROL_RECIPE)
-  differ = [f"loss.{k}" for k in sorted(set(student["loss"]) | set(ctl["loss"]))
-            if student["loss"].get(k) != ctl["loss"].get(k)]
-  differ += [f"qat.{k}" for k in sorted(set(student["qat"]) | set(ctl["qat"]))
-             if k not in _QAT_FREE and student["qat"].get(k) != ctl["qat"].get(k)]
+  differ = []
+  for section, free in (("loss", ()), ("qat", _QAT_FREE)):
+    a, b = student.get(section, {}), ctl.get(section, {})
+    differ += [f"{section}.{k}" for k in sorted(set(a) | set(b))
+               if k not in free and a.get(k) != b.get(k)]
   data_a, data_b = (runs.comparable({"data": s["data"]})["data"] for s in (student, ctl))
   differ += [f"data.{k}" for k in sorted(set(data_a) | set(data_b)) if data_a.get(k) != data_b.get(k)]
   if teacher is not None:
@@ -80,7 +81,7 @@ def control_config(config, workdir: pathlib.Path, control: pathlib.Path,
   out = copy.deepcopy(config)
   with out.unlocked():  # a field the control's record predates keeps the config's value
     out.quant = ml_collections.ConfigDict({**config.quant.to_dict(), **quant})
-    out.qat = ml_collections.ConfigDict({**config.qat.to_dict(), **ctl["qat"]})
+    out.qat = ml_collections.ConfigDict({**config.qat.to_dict(), **ctl.get("qat", {})})
   return out
 
 

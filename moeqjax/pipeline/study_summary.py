@@ -111,7 +111,7 @@ def controls_table(data: dict) -> dict:
   out = {}
   for objective, ctl in data.get("controls", {}).items():
     by_seed = ctl.get("by_seed") if isinstance(ctl, dict) else None
-    if not by_seed or ref is None:  # the CE-only control of older study.json files
+    if not isinstance(by_seed, dict) or ref is None:  # the CE-only control of older files
       continue
     seeds = sorted(by_seed, key=int)
     windows = {"teacher": {"bits": np.asarray(ref, np.float64)}}
