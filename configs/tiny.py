@@ -41,7 +41,7 @@ def get_config():
   ))
 
   c.quant = ml_collections.ConfigDict(dict(
-      expert_code=1,  # default expert code in QAT: 1 ternary, 2/3/4/8 intN
+      expert_code=1,  # default expert code in QAT: 1 ternary, 2/3/4/8 intN; 0 full precision (control)
       attn_code=0,  # attention stays full precision
       shared_code=0,
       router_code=0,  # the router stays full precision

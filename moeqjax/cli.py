@@ -94,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--teacher", default=None,
                  help="the teacher's `moeqjax pretrain` workdir or `import-hf` folder (default: "
                       "the teacher the student's run recorded)")
+  p.add_argument("--control", default=None,
+                 help="a finished full-precision `moeqjax qat` run of the same teacher, objective "
+                      "and schedule (`--config.quant.expert_code=0`): eval.json adds it and the "
+                      "student's Δ and routing drift against it")
   distributed(p)
 
   p = sub.add_parser("import-hf", help="import a local Hugging Face MoE checkpoint (Mixtral, "
@@ -475,7 +479,8 @@ def run(argv: list[str]) -> int:
     print(f"ptq {args.method} finished{note}; checkpoint in {workdir / 'ckpt'}")
   elif args.command == "eval":
     from moeqjax.pipeline.evaluate import evaluate_qat_run
-    metrics = evaluate_qat_run(config, workdir, workdirs.teacher_params(config, teacher))
+    metrics = evaluate_qat_run(config, workdir, workdirs.teacher_params(config, teacher),
+                               control=_path(args.control), teacher=teacher)
     if primary:
       unit = next(iter(metrics.values()))["unit"]
       _print_summary({"variants": metrics, "unit": unit}, workdir)

@@ -14,14 +14,18 @@ CONTROL = "fp_continued"  # full precision trained as long as the QAT runs (its 
 TABLE = (
     ("bits/{unit}", "bits_per_token", "{:.4f}"),
     ("perplexity", "perplexity", "{:.2f}"),  # shown for unit "token" only (see _columns)
-    ("Δ vs FP (± paired s.e.)", "delta_vs_fp", "{:+.4f}"),
-    ("Δ vs FP-continued (± paired s.e.)", "delta_vs_" + CONTROL, "{:+.4f}"),
+    ("Δ vs FP teacher (± paired s.e.)", "delta_vs_fp", "{:+.4f}"),
+    ("Δ vs FP-continued control (± paired s.e.)", "delta_vs_" + CONTROL, "{:+.4f}"),
     ("avg expert bits (codes)", "expert_code_bits", "{:.2f}"),
     ("expert bits/weight (+scales)", "expert_bits_per_weight", "{:.3f}"),
     ("expert weight bytes", "expert_bytes", "{:,}"),
     ("model bits/weight", "model_bits_per_weight", "{:.3f}"),
     ("top-k agree", "topk_agree", "{:.3f}"),
     ("top-1 agree", "top1_agree", "{:.3f}"),
+    ("control top-k agree", "control_topk_agree", "{:.3f}"),
+    # Quantization-only drift: the row's agreement minus the control's (paired over windows).
+    ("top-k drift vs control (± paired s.e.)", "drift_topk", "{:+.3f}"),
+    ("top-1 drift vs control (± paired s.e.)", "drift_top1", "{:+.3f}"),
     ("changed frac", "changed_frac", "{:.3f}"),
     ("load KL", "load_kl", "{:.4f}"),
 )
@@ -29,12 +33,15 @@ TABLE = (
 
 def _columns(unit: str, results: dict) -> tuple:
   # Perplexity per byte is a number nobody compares against; per token it is the usual LM metric.
-  # metrics.json always has the key. The control column needs a control variant.
-  have = set.intersection(*(set(r) for r in results.values()))
+  # metrics.json always has the key. The control columns need a control variant; rows without a
+  # column's key (the teacher and the control have no drift against the control) show "-".
+  have = set.union(*(set(r) for r in results.values()))
   return tuple(c for c in TABLE if (unit == "token" or c[1] != "perplexity") and c[1] in have)
 
 
 def _cell(r: dict, key: str, fmt: str) -> str:
+  if key not in r:
+    return "-"
   text = fmt.format(r[key])
   se = r.get(key + "_se")
   return text if se is None or r[key] == 0.0 and se == 0.0 else f"{text} ± {se:.4f}"
@@ -146,6 +153,14 @@ def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, ba
       "points); unquantized tensors count at bf16. Each Δ is given ± its standard error paired "
       "over the evaluation windows (both variants score the same windows; the windows are "
       "treated as independent): a Δ within about two standard errors of 0 is noise.",
+      "",
+      f"The control `{CONTROL}` is the teacher fine-tuned with the QAT rows' objective (knowledge "
+      "distillation and the routing terms included), steps and batches at full precision, so "
+      "fine-tuning alone moves its routing too: `control top-k agree` is its agreement with the "
+      "teacher, and each row's top-k / top-1 drift is its agreement minus the control's, paired "
+      "over windows (the quantization-only drift; negative: quantization moved routing further). "
+      "The RTN rows are not fine-tuned: their drift against the unchanged teacher is their "
+      "agreement minus 1.",
       "",
       *[f"- {n}" for n in notes],
       "",

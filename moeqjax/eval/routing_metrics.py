@@ -34,6 +34,31 @@ def routing_agreement(ref_idx_LxTxK: np.ndarray, idx_LxTxK: np.ndarray, num_expe
   }
 
 
+def window_agreement(ref_idx_LxTxK: np.ndarray, idx_LxTxK: np.ndarray, num_experts: int,
+                     num_windows: int) -> dict:
+  """Agreement with the reference routing per evaluation window, averaged over layers and tokens.
+
+  Tokens are in window order (as evaluate_lm returns them), T = num_windows * S. Windows have equal
+  length, so the mean over windows equals the mean of routing_agreement's per-layer values; the
+  per-window values are what a paired standard error over windows needs.
+
+  Returns:
+    {"topk_agree": [N], "top1_agree": [N]}.
+  """
+  ref_idx_LxTxK, idx_LxTxK = np.asarray(ref_idx_LxTxK), np.asarray(idx_LxTxK)
+  if ref_idx_LxTxK.shape != idx_LxTxK.shape:
+    raise ValueError(f"routing shapes differ: {ref_idx_LxTxK.shape} vs {idx_LxTxK.shape}")
+  num_layers, tokens, k = ref_idx_LxTxK.shape
+  if num_windows < 1 or tokens % num_windows:
+    raise ValueError(f"{tokens} routed tokens do not split into {num_windows} equal windows")
+  overlap_LxT = np.sum(_membership(ref_idx_LxTxK, num_experts) *
+                       _membership(idx_LxTxK, num_experts), axis=-1)
+  top1_LxT = ref_idx_LxTxK[..., 0] == idx_LxTxK[..., 0]
+  shape = (num_layers, num_windows, tokens // num_windows)
+  return {"topk_agree": np.mean(overlap_LxT.reshape(shape) / k, axis=(0, 2)),
+          "top1_agree": np.mean(top1_LxT.reshape(shape), axis=(0, 2))}
+
+
 def expert_load(idx_LxTxK: np.ndarray, num_experts: int) -> np.ndarray:
   """Fraction of top-k assignments each expert receives, [L, E] (rows sum to 1)."""
   counts = np.sum(_membership(np.asarray(idx_LxTxK), num_experts), axis=1).astype(np.float64)

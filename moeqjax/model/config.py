@@ -11,7 +11,8 @@ import dataclasses
 QK_NORM_CHOICES = ("none", "head", "full")
 DISPATCH_CHOICES = ("ragged", "dense", "ep")
 DTYPE_CHOICES = ("float32", "bfloat16")
-EXPERT_CODE_CHOICES = (1, 2, 3, 4, 8)
+# 0 trains the experts at full precision: a QAT run's same-objective control (`moeqjax eval --control`).
+EXPERT_CODE_CHOICES = (0, 1, 2, 3, 4, 8)
 OPTIONAL_CODE_CHOICES = (0, 1, 2, 3, 4, 8)
 
 
@@ -24,7 +25,7 @@ class QuantRules:
   them without a recompile. A rule of 0 means the tensor never gets a quantizer at all.
   """
 
-  expert_code: int = 4  # default code of every routed expert (experts are always quantized)
+  expert_code: int = 4  # default code of every routed expert; 0 = full precision (a control)
   attn_code: int = 0  # q/k/v/o projections; 0 keeps attention full precision
   shared_code: int = 0  # shared expert(s); 0 keeps them full precision
   router_code: int = 0  # router stays full precision by default (routing decisions are fragile)
@@ -45,7 +46,7 @@ class QuantRules:
     if self.expert_code not in EXPERT_CODE_CHOICES:
       raise ValueError(
           f"quant.expert_code={self.expert_code} is unsupported; choose from {EXPERT_CODE_CHOICES}"
-          " (1 = ternary)")
+          " (0 = full precision, 1 = ternary)")
     for name in ("attn_code", "shared_code", "router_code", "lm_head_code"):
       code = getattr(self, name)
       if code not in OPTIONAL_CODE_CHOICES:

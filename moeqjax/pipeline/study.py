@@ -7,7 +7,9 @@
 #   3. allocate with every method at each budget from those statistics (random: one order per seed);
 #   4. QAT on the task slice from the fine-tuned model (the frozen teacher) for every cell, one compiled
 #      step per objective, reused across methods and seeds by swapping the codes (they are data);
-#   5. evaluate on the task slice's held-out files: bits per byte, routing agreement vs the teacher.
+#   5. evaluate on the task slice's held-out files: bits per byte, routing agreement vs the teacher;
+#   6. per objective, a full-precision control: step 4 with every expert at code 0 (same objective,
+#      steps and batches), so that each cell is read against the teacher and against the control.
 # Every finished cell is stored in WORKDIR/study.json at once, so a killed study resumes where it was.
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from moeqjax.model import MoETransformer, default_quant, init_ratios, set_expert
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import study_peers, study_ptq, study_report
 from moeqjax.pipeline.pretrain import pretrain
-from moeqjax.pipeline.study_summary import summ, summarize
+from moeqjax.pipeline.study_summary import summarize
 from moeqjax.pipeline.workdirs import finished_state, record_config
 from moeqjax.train import LoopConfig, create_state, jit_train_step, make_optimizer, run_training
 
 TOP_LEVEL = "<top-level>"
+# Per-window values a cell and a control keep, for the summary's paired comparisons.
+WINDOW_KEYS = ("bits_per_window", "topk_agree_per_window", "top1_agree_per_window")
 
 
 def slice_corpus(packages, valid_fraction: float) -> TextCorpus:
@@ -82,13 +86,16 @@ class _Store:
 
   def __init__(self, path: pathlib.Path, meta: dict):
     self.path = path
-    self.data = {"meta": meta, "cells": {}, "peers": {}}
+    self.data = {"meta": meta, "cells": {}, "peers": {}, "controls": {}}
     if path.exists():
       old = json.loads(path.read_text())
+      # Trained results belong to the config that made them (the controls too: they are trained
+      # with the cells' objectives and steps).
+      owned = ("cells", "peers", "controls")
       if old.get("meta", {}).get("fingerprint") == meta["fingerprint"]:
-        self.data["cells"] = old.get("cells", {})
-        self.data["peers"] = old.get("peers", {})
-      self.data.update({k: v for k, v in old.items() if k not in ("meta", "cells", "peers")})
+        for key in owned:
+          self.data[key] = old.get(key, {})
+      self.data.update({k: v for k, v in old.items() if k not in ("meta", *owned)})
 
   def save(self):
     tmp = self.path.with_suffix(".json.tmp")
@@ -171,13 +178,22 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
   # Reference (no quantization) and the statistics the allocations used.
   # The teacher's scores on the eval windows, shared by every cell's comparison with it.
   teacher_eval = evaluate_lm(cfg, {"params": teacher}, windows, config.eval.batch_size)
+
+  def evaluate_student(state):
+    # Per-window values too: the summary pairs each cell with its control over the windows.
+    return evaluate_variants(cfg, {"full_precision": {"params": teacher},
+                                   "student": {"params": state.params, "quant": state.quant}},
+                             windows, config.eval.batch_size, reference_eval=teacher_eval,
+                             per_window=True)["student"]
+
   ref = evaluate_variants(cfg, {"full_precision": {"params": teacher}}, windows,
                           config.eval.batch_size, reference_eval=teacher_eval)["full_precision"]
   pre_ref = evaluate_variants(cfg, {"full_precision": {"params": teacher0}}, windows,
                               config.eval.batch_size)["full_precision"]
   store.data["reference"] = {"finetuned_fp_bits_per_byte": ref["bits_per_token"],
                              "pretrained_fp_bits_per_byte": pre_ref["bits_per_token"],
-                             "eval_tokens": ref["eval_tokens"]}
+                             "eval_tokens": ref["eval_tokens"],
+                             "bits_per_window": teacher_eval["bits_per_window"].tolist()}
   store.data["stats"] = {k: (np.asarray(v).tolist() if not isinstance(v, int) else v)
                          for k, v in s.items()}
   store.data["quant_error"] = {"choices": list(st["choices"]), "err_LxExC": err.tolist()}
@@ -210,21 +226,26 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
   model = MoETransformer(cfg)
   quant = default_quant(cfg)
 
+  step_fns = {}
+
+  def objective_step(objective):
+    if objective not in step_fns:  # one compile per objective, reused for all cells and controls
+      weights = dataclasses.replace(base_weights, **st["objectives"][objective])
+      step_fns[objective] = jit_train_step(model, tx, weights)
+    return step_fns[objective]
+
   def run_cells(objective, cells, desc):
     todo = [c for c in cells if _cell_key(objective, *c) not in store.data["cells"]]
     if not todo:
       return
-    weights = dataclasses.replace(base_weights, **st["objectives"][objective])
-    step_fn = jit_train_step(model, tx, weights)  # one compile per objective, reused for all cells
+    step_fn = objective_step(objective)
     for method, budget, seed in tqdm(todo, desc=desc, dynamic_ncols=True):
       a = allocs[(method, budget, seed)]
       t = time.perf_counter()
       state, loss = _qat_cell(step_fn, tx, cfg, teacher, quant, a.codes_LxE, task.train,
                               st["qat_steps"], loop.batch_size, loop.seq_len,
                               config.qat.seed + 100 * seed)
-      r = evaluate_variants(cfg, {"full_precision": {"params": teacher},
-                                  "student": {"params": state.params, "quant": state.quant}},
-                            windows, config.eval.batch_size, reference_eval=teacher_eval)["student"]
+      r = evaluate_student(state)
       store.data["cells"][_cell_key(objective, method, budget, seed)] = {
           "objective": objective, "method": method, "budget": budget, "seed": seed,
           "bits_per_byte": r["bits_per_token"], "topk_agree": r["topk_agree"],
@@ -232,37 +253,42 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
           "topk_agree_per_layer": r["topk_agree_per_layer"], "load_kl": r["load_kl"],
           "expert_bytes": r["expert_bytes"], "expert_bits_per_weight": r["expert_bits_per_weight"],
           "expert_code_bits": r["expert_code_bits"], "final_train_loss": loss,
-          "seconds": time.perf_counter() - t}
+          **{k: r[k] for k in WINDOW_KEYS}, "seconds": time.perf_counter() - t}
       store.save()
+
+  def run_control(objective):
+    # The same-objective control: the cells' QAT (this objective's loss, KD and routing terms
+    # included; the same steps, batches and rng per seed) with every expert at full precision.
+    controls = store.data["controls"]
+    if objective in controls:
+      return
+    step_fn, fp_codes = objective_step(objective), np.zeros((cfg.num_layers, cfg.num_experts))
+    by_seed, t = {}, time.perf_counter()
+    for seed in tqdm(range(st["seeds"]), desc=f"control {objective}", dynamic_ncols=True):
+      state, loss = _qat_cell(step_fn, tx, cfg, teacher, quant, fp_codes, task.train,
+                              st["qat_steps"], loop.batch_size, loop.seq_len,
+                              config.qat.seed + 100 * seed)
+      r = evaluate_student(state)
+      by_seed[str(seed)] = {"bits_per_byte": r["bits_per_token"], "topk_agree": r["topk_agree"],
+                            "top1_agree": r["top1_agree"], "final_train_loss": loss,
+                            **{k: r[k] for k in WINDOW_KEYS}}
+    controls[objective] = {
+        "objective": objective, "by_seed": by_seed, "seconds": time.perf_counter() - t,
+        "what": f"full precision (every expert at code 0), {st['qat_steps']} steps of the "
+                f"'{objective}' QAT objective from the teacher, the same batches and rng as "
+                "the QAT cells of each seed"}
+    store.save()
 
   main = st["main_budget"]
   grid = [(m, main, seed) for m in st["methods"] for seed in range(st["seeds"])]
   for objective in st["objectives"]:
     run_cells(objective, grid, f"grid {objective} @ {main:g}")
+    run_control(objective)
   summary = summarize(store.data)
   best_obj = summary["best_objective_at_main"]
   pareto = [(m, b, seed) for b in st["pareto_budgets"] for m in st["methods"]
             for seed in range(st["seeds"])]
   run_cells(best_obj, pareto, f"pareto {best_obj}")
-
-  if "fp_continued" not in store.data.get("controls", {}):
-    # Control: the teacher trained on in full precision for the same QAT steps (CE), so that the
-    # extra task training QAT receives is not mistaken for a quantization gain.
-    weights = dataclasses.replace(base_weights, rec=0, kd=0, value=0, struct=0)
-    step_fn = jit_train_step(model, tx, weights)
-    values = []
-    for seed in tqdm(range(st["seeds"]), desc="control fp_continued", dynamic_ncols=True):
-      state = create_state(jax.tree.map(jnp.copy, teacher), tx, cfg.num_layers)
-      for step in range(st["qat_steps"]):
-        batch = jnp.asarray(sample_batch(task.train, loop.batch_size, loop.seq_len,
-                                         config.qat.seed + 100 * seed, step))
-        state, _ = step_fn(state, batch, jax.random.key(step))
-      values.append(evaluate_variants(cfg, {"full_precision": {"params": state.params}}, windows,
-                                      config.eval.batch_size)["full_precision"]["bits_per_token"])
-    store.data.setdefault("controls", {})["fp_continued"] = {
-        "bits_per_byte": summ(values), "by_seed": values,
-        "what": f"full precision, {st['qat_steps']} more CE steps on the task (same batches as QAT)"}
-    store.save()
 
   if st["peers"]:
     study_peers.run_peer_rows(store, config, cfg, teacher, task, windows, st)

@@ -38,10 +38,11 @@ def plot_pareto(data: dict, path: pathlib.Path):
     e = [r["bits_per_byte"]["std"] for r in rows]
     ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=METHOD_LABELS.get(m, m))
   # Peer rows (Qwix, CE only) are not on this plot: another objective, not like for like.
-  ctrl = data.get("controls", {}).get("fp_continued")
+  ctrl = summ.get("controls", {}).get(obj) or data.get("controls", {}).get("fp_continued")
   if ctrl:
     ax.axhline(ctrl["bits_per_byte"]["mean"], color="k", linestyle=":",
-               label="full precision, continued for the QAT steps (control)")
+               label=f"full precision, trained with objective '{obj}' (control)"
+               if "objective" in ctrl else "full precision, continued for the QAT steps (control)")
   ref = data["reference"]["finetuned_fp_bits_per_byte"]
   ax.axhline(ref, color="gray", linestyle="--", label="full precision (fine-tuned)")
   ax.set_xlabel("average expert code bits per weight (scales excluded)")
@@ -181,8 +182,16 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
             f"{', '.join(f'{b:g}' for b in st['pareto_budgets'])}.", "",
             f"Full precision: pretrained {ref['pretrained_fp_bits_per_byte']:.4f}, fine-tuned "
             f"{ref['finetuned_fp_bits_per_byte']:.4f} bits per byte on the task's held-out files."]
+  controls = summ.get("controls", {})
+  for o, c in controls.items():
+    lines.append(f"Control for objective '{o}': the teacher trained with that QAT objective "
+                 f"(knowledge distillation and the routing terms as weighted there), the same "
+                 f"{st['qat_steps']} steps and batches, every expert at full precision: "
+                 f"{_fmt(c['bits_per_byte'])} bits per byte, Δ vs teacher "
+                 f"{_pm(c['delta_vs_teacher'], c['delta_vs_teacher_se'])}, top-k agreement with "
+                 f"the teacher {c['topk_agree']:.3f}, top-1 {c['top1_agree']:.3f}.  ")
   ctrl = data.get("controls", {}).get("fp_continued")
-  if ctrl:
+  if ctrl and not controls:  # a study.json written before the same-objective controls
     lines.append(f"Control: the fine-tuned model trained on in full precision for the same "
                  f"{st['qat_steps']} steps (CE, same batches as QAT): "
                  f"{_fmt(ctrl['bits_per_byte'])} bits per byte. QAT runs also train on the task "
@@ -233,6 +242,8 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
     lines.append(f"| {m} | " + " | ".join(cells) + " |")
   lines.append("")
 
+  lines += _paired_section(summ, st)
+
   # Pareto table.
   lines += [f"## Budget sweep, objective '{obj_best}'", "",
             "| method | " + " | ".join(f"{b:g}" for b in st["pareto_budgets"]) + " |",
@@ -265,6 +276,42 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
   text = "\n".join(lines) + "\n"
   (workdir / "study.md").write_text(text)
   return text
+
+
+def _pm(value: float, se: float | None, digits: int = 4) -> str:
+  """A signed value ± its standard error (none with one window)."""
+  text = f"{value:+.{digits}f}"
+  return text if se is None else f"{text} ± {se:.{digits}f}"
+
+
+def _paired_section(summ: dict, st: dict) -> list[str]:
+  """Every row at the main budget against the teacher and its objective's control."""
+  main = st["main_budget"]
+  rows = [r for r in summ["table"].values() if r["budget"] == main and "paired" in r]
+  if not rows:
+    return []
+  lines = [f"### Against the teacher and the same-objective control at {main:g} code bits", "",
+           "Δ is held-out bits per byte minus the teacher's, or minus the full-precision control's "
+           "trained with the row's objective, steps and batches; drift is the row's routing "
+           "agreement with the teacher minus the control's (the quantization-only drift; negative: "
+           "quantization moved routing beyond what the fine-tuning moved it). Values average the "
+           "seeds, each paired with the control of its seed; ± is the standard error paired over "
+           "the evaluation windows (window noise only; the spread over seeds is in study.json, "
+           "`summary.table.*.paired.*_by_seed`).", "",
+           "| objective | method | Δ vs teacher | Δ vs control | top-k agree | control top-k | "
+           "top-k drift | top-1 drift |", "|---|---|---|---|---|---|---|---|"]
+  for o in st["objectives"]:
+    for m in st["methods"]:
+      r = next((r for r in rows if r["objective"] == o and r["method"] == m), None)
+      if r is None:
+        continue
+      p = r["paired"]
+      lines.append(f"| {o} | {m} | {_pm(p['delta_vs_teacher'], p['delta_vs_teacher_se'])} | "
+                   f"{_pm(p['delta_vs_control'], p['delta_vs_control_se'])} | "
+                   f"{p['topk_agree']:.3f} | {p['control_topk_agree']:.3f} | "
+                   f"{_pm(p['drift_topk'], p['drift_topk_se'], 3)} | "
+                   f"{_pm(p['drift_top1'], p['drift_top1_se'], 3)} |")
+  return lines + [""]
 
 
 def _ptq_section(table: dict, st: dict) -> list[str]:

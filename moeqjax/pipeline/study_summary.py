@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from moeqjax.eval.control import control_comparison
+
 # Two-sided 95% t critical values by degrees of freedom (paired test over seeds).
 _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
@@ -36,6 +38,9 @@ def summarize(data: dict) -> dict:
         "expert_bits_per_weight": summ([c["expert_bits_per_weight"] for c in cells]),
         "expert_code_bits": summ([c["expert_code_bits"] for c in cells]),
         "expert_bytes": summ([c["expert_bytes"] for c in cells])}
+    paired = _against_teacher_and_control(data, o, cells)
+    if paired is not None:
+      table[f"{o}|{m}|{b:g}"]["paired"] = paired
   main = st["main_budget"]
   at_main = [r for r in table.values() if r["budget"] == main]
   obj_means = {}
@@ -61,7 +66,63 @@ def summarize(data: dict) -> dict:
       winners[f"{o}|{b:g}"] = w
   return {"table": table, "objective_mean_bpb_at_main": obj_means,
           "best_objective_at_main": best_obj, "winners": winners,
+          "controls": controls_table(data),
           "ptq_table": ptq_table(data.get("ptq_cells", {}))}
+
+
+def _windows(record: dict) -> dict:
+  return {"bits": np.asarray(record["bits_per_window"], np.float64),
+          "topk_agree": np.asarray(record["topk_agree_per_window"], np.float64),
+          "top1_agree": np.asarray(record["top1_agree_per_window"], np.float64)}
+
+
+def _against_teacher_and_control(data: dict, objective: str, cells: list) -> dict | None:
+  """A row's Δ bits against the teacher and against its objective's control, and its routing drift
+  beyond the control's (eval.control.control_comparison on the seed-averaged per-window values,
+  each seed paired with the control of the same seed: the standard errors count window noise), and
+  the same per seed (their spread is the seed noise). None when the cells or the control predate
+  per-window values."""
+  control = data.get("controls", {}).get(objective, {}).get("by_seed")
+  ref = data.get("reference", {}).get("bits_per_window")
+  seeds = [str(c["seed"]) for c in cells]
+  if (ref is None or not control or any(s not in control for s in seeds)
+      or any("bits_per_window" not in c for c in cells)):
+    return None
+  teacher = {"bits": np.asarray(ref, np.float64)}
+
+  def compare(rows, ctls):
+    mean = {k: np.mean([r[k] for r in rows], axis=0) for k in ("bits", "topk_agree", "top1_agree")}
+    ctl = {k: np.mean([r[k] for r in ctls], axis=0) for k in ("bits", "topk_agree", "top1_agree")}
+    return control_comparison({"teacher": teacher, "control": ctl, "row": mean},
+                              teacher="teacher", control="control")["row"]
+
+  rows = [_windows(c) for c in cells]
+  ctls = [_windows(control[s]) for s in seeds]
+  out = compare(rows, ctls)
+  per_seed = [compare([r], [c]) for r, c in zip(rows, ctls)]
+  for key in ("delta_vs_teacher", "delta_vs_control", "drift_topk", "drift_top1"):
+    out[key + "_by_seed"] = [p[key] for p in per_seed]
+  return out
+
+
+def controls_table(data: dict) -> dict:
+  """Each objective's full-precision control: bits, Δ vs the teacher and agreement, over seeds."""
+  ref = data.get("reference", {}).get("bits_per_window")
+  out = {}
+  for objective, ctl in data.get("controls", {}).items():
+    by_seed = ctl.get("by_seed") if isinstance(ctl, dict) else None
+    if not isinstance(by_seed, dict) or ref is None:  # the CE-only control of older files
+      continue
+    seeds = sorted(by_seed, key=int)
+    windows = {"teacher": {"bits": np.asarray(ref, np.float64)}}
+    windows["control"] = {k: np.mean([_windows(by_seed[s])[k] for s in seeds], axis=0)
+                          for k in ("bits", "topk_agree", "top1_agree")}
+    row = control_comparison(windows, teacher="teacher", control=None)["control"]
+    row.update(objective=objective, seeds=[int(s) for s in seeds],
+               bits_per_byte=summ([by_seed[s]["bits_per_byte"] for s in seeds]),
+               topk_agree_by_seed=[by_seed[s]["topk_agree"] for s in seeds])
+    out[objective] = row
+  return out
 
 
 def ptq_table(cells: dict) -> dict:

@@ -79,6 +79,15 @@ def test_demo_from_hf_checkpoint(tmp_path, capsys):
   for r in metrics["variants"].values():
     assert r["delta_vs_fp_se"] is not None and r["delta_vs_fp_continued_se"] is not None
   assert metrics["variants"]["fp_continued"]["delta_vs_fp_continued"] == 0.0
+  # Issue 18: the control's routing agreement and each student's quantization-only drift.
+  control = metrics["variants"]["fp_continued"]
+  for name in ("qat_ternary", "qat_int2", "qat_mixed"):
+    r = metrics["variants"][name]
+    assert r["control_topk_agree"] == pytest.approx(control["topk_agree"], abs=1e-12)
+    assert r["drift_topk"] == pytest.approx(r["topk_agree"] - control["topk_agree"], abs=1e-12)
+    assert r["drift_top1"] == pytest.approx(r["top1_agree"] - control["top1_agree"], abs=1e-12)
+    assert r["drift_topk_se"] is not None and r["delta_vs_teacher"] == r["delta_vs_fp"]
+  assert "top-k drift vs control" in (work / "report.md").read_text()
   # The four QAT runs differ only in their codes (traced data), so they share one compiled step.
   config = ml_collections.ConfigDict(json.loads((work / "qat_ternary" / "config.json").read_text()))
   _, optim = config_io.phase_configs(config.qat, "qat")

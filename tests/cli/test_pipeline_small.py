@@ -40,6 +40,10 @@ def test_pretrain_qat_eval(finished_runs, capsys):
   assert set(results) == {"full_precision", "student"}
   student = results["student"]
   assert 0.0 <= student["topk_agree"] <= 1.0
+  # Δ against the teacher under the name every report shares (the same numbers as delta_vs_fp)
+  assert (student["delta_vs_teacher"], student["delta_vs_teacher_se"]) == (
+      student["delta_vs_fp"], student["delta_vs_fp_se"])
+  assert "delta_vs_control" not in student  # no --control
   assert student["expert_code_bits"] == 2.0  # ternary, 2-bit packing
   # 2 layers x 4 experts x (w_in, w_gate [16,32]: 512/4 packed + 32 fp16 scales = 192 bytes each;
   # w_out [32,16]: 128 + 16 * 2 = 160 bytes)
@@ -158,3 +162,44 @@ def test_qat_learn_clip_from_a_teacher_without_ratios(finished_runs):
   assert ratios.shape == (4, 1, 32) and 0.05 <= ratios.min() and ratios.max() <= 1.0
   assert np.any(ratios != 1.0)
   assert "w_in_clip" not in state.teacher_params["layers_0"]["moe"]
+
+
+def test_eval_against_a_same_objective_control(finished_runs, capsys):
+  """`eval --control C`: a full-precision QAT run (quant.expert_code=0) of the same teacher,
+  objective and schedule; eval.json gets it, and the student's Δ and routing drift against it."""
+  import shutil
+  tmp_path, args = finished_runs
+  ctl = tmp_path / "control"
+  assert main(["qat", "--workdir", str(ctl), "--teacher", str(tmp_path / "fp"), *args,
+               "--config.quant.expert_code=0"]) == 0
+  assert main(["eval", "--workdir", str(tmp_path / "q"), "--control", str(ctl), *args]) == 0
+  results = json.loads((tmp_path / "q" / "eval.json").read_text())
+  assert set(results) == {"full_precision", "control", "student"}
+  control, student, fp = results["control"], results["student"], results["full_precision"]
+  assert control["expert_code_bits"] == 16.0  # full precision, stored at bf16
+  assert control["delta_vs_teacher"] == pytest.approx(
+      control["bits_per_token"] - fp["bits_per_token"], abs=1e-9)
+  assert control["bits_per_token"] != fp["bits_per_token"]  # trained: not the teacher
+  assert student["delta_vs_control"] == pytest.approx(
+      student["bits_per_token"] - control["bits_per_token"], abs=1e-9)
+  assert student["control_topk_agree"] == pytest.approx(control["topk_agree"], abs=1e-12)
+  assert student["drift_topk"] == pytest.approx(student["topk_agree"] - control["topk_agree"],
+                                                abs=1e-12)
+  assert student["drift_top1"] == pytest.approx(student["top1_agree"] - control["top1_agree"],
+                                                abs=1e-12)
+  for key in ("delta_vs_teacher_se", "delta_vs_control_se", "drift_topk_se", "drift_top1_se"):
+    assert np.isfinite(student[key]), key
+  # A quantized run, or a control trained with another objective, is refused in one line.
+  capsys.readouterr()
+  assert main(["eval", "--workdir", str(tmp_path / "q"), "--control", str(tmp_path / "q"),
+               *args]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "is not full precision (quant.expert_code=1)" in err and len(err.splitlines()) == 1, err
+  other = tmp_path / "control_kd"
+  shutil.copytree(ctl, other)
+  record = json.loads((other / "config.json").read_text())
+  record["loss"]["kd"] = record["loss"]["kd"] + 1.0
+  (other / "config.json").write_text(json.dumps(record))
+  assert main(["eval", "--workdir", str(tmp_path / "q"), "--control", str(other), *args]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "were not trained alike (loss.kd)" in err and len(err.splitlines()) == 1, err

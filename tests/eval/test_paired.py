@@ -55,6 +55,19 @@ def test_evaluate_variants_paired_deltas(tiny_cfg):
   d = tern["bits_per_window"] - ref["bits_per_window"]
   assert r["tern"]["delta_vs_fp_se"] == pytest.approx(np.std(d, ddof=1) / math.sqrt(5), rel=1e-9)
   assert r["tern"]["delta_vs_fp_se"] > 0
+  # The names every report shares: Δ vs the teacher (= delta_vs_fp) and vs the control, and the
+  # routing drift beyond the control's, paired over the same windows.
+  tern = r["tern"]
+  assert (tern["delta_vs_teacher"], tern["delta_vs_teacher_se"]) == (
+      tern["delta_vs_fp"], tern["delta_vs_fp_se"])
+  assert (tern["delta_vs_control"], tern["delta_vs_control_se"]) == (
+      tern["delta_vs_ctl"], tern["delta_vs_ctl_se"])
+  assert tern["control_topk_agree"] == pytest.approx(r["ctl"]["topk_agree"], abs=1e-12)
+  assert tern["control_top1_agree"] == pytest.approx(r["ctl"]["top1_agree"], abs=1e-12)
+  assert tern["drift_topk"] == pytest.approx(tern["topk_agree"] - r["ctl"]["topk_agree"], abs=1e-12)
+  assert tern["drift_top1"] == pytest.approx(tern["top1_agree"] - r["ctl"]["top1_agree"], abs=1e-12)
+  assert tern["drift_topk_se"] is not None and tern["drift_topk"] != 0.0
+  assert "drift_topk" not in r["ctl"] and "delta_vs_teacher" not in r["full_precision"]
   with pytest.raises(ValueError, match="control"):
     evaluate_variants(tiny_cfg, variants, windows, batch_size=2, control="missing")
 

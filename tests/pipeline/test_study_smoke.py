@@ -3,6 +3,8 @@
 import json
 
 import ml_collections
+import numpy as np
+import pytest
 
 from moeqjax.alloc import allocation as alloc_mod
 from moeqjax.pipeline import config as config_io
@@ -55,6 +57,30 @@ def test_study_smoke(tmp_path):
   flat = " ".join(md.split())
   assert "turned into bytes" in flat and "study.levels is empty" in flat
   assert "lower mean weight error" in flat
+  # Issue 18: each objective's full-precision control is trained with that objective (here "ce"),
+  # and every row is read against the teacher and that control, with paired standard errors.
+  controls = data["controls"]
+  assert set(controls) == {"ce"} and set(controls["ce"]["by_seed"]) == {"0", "1"}
+  teacher_bpb = data["reference"]["finetuned_fp_bits_per_byte"]
+  ctl_bpb = np.mean([c["bits_per_byte"] for c in controls["ce"]["by_seed"].values()])
+  ctl_row = data["summary"]["controls"]["ce"]
+  assert ctl_row["delta_vs_teacher"] == pytest.approx(ctl_bpb - teacher_bpb, abs=1e-9)
+  assert ctl_bpb != teacher_bpb  # trained: not the teacher
+  rows = [r for r in data["summary"]["table"].values() if r["budget"] == 2.5]
+  assert len(rows) == 4
+  for r in rows:
+    p = r["paired"]
+    for key in ("delta_vs_teacher", "delta_vs_teacher_se", "delta_vs_control", "delta_vs_control_se",
+                "control_topk_agree", "control_top1_agree", "drift_topk", "drift_topk_se",
+                "drift_top1", "drift_top1_se"):
+      assert np.isfinite(p[key]), (r["method"], key)
+    assert p["delta_vs_teacher"] == pytest.approx(r["bits_per_byte"]["mean"] - teacher_bpb, abs=1e-9)
+    assert p["delta_vs_control"] == pytest.approx(r["bits_per_byte"]["mean"] - ctl_bpb, abs=1e-9)
+    assert p["drift_topk"] == pytest.approx(r["topk_agree"]["mean"] - ctl_row["topk_agree"],
+                                            abs=1e-9)
+    assert len(p["delta_vs_control_by_seed"]) == 2
+  assert "Against the teacher and the same-objective control" in md and "| ce | exact |" in md
+  assert "Control for objective 'ce'" in md
   on_disk = json.loads((tmp_path / "study.json").read_text())
   assert set(on_disk["cells"]) == set(cells)
   # Post-training rows: rtn and gptq of every allocation (random: one per seed), at the bytes of
@@ -73,6 +99,7 @@ def test_study_smoke(tmp_path):
   assert again["invocations"][-1]["new_cells"] == 0
   assert set(again["cells"]) == set(cells)
   assert again["ptq_cells"] == ptq
+  assert again["controls"] == controls
 
 
 def test_gptq_rows_keep_the_scale_init_and_store_their_ratios():
