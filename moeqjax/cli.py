@@ -393,7 +393,7 @@ def _writable_workdir(path: str) -> pathlib.Path:
 
 # Arguments that name files or folders, which moeqjax reads and writes with the local file system.
 _PATH_ARGS = ("workdir", "teacher", "data", "out", "packed", "init_from", "hf_dir", "allocation",
-              "config", "tokenizer", "prompt_file", "hf_config")
+              "config", "tokenizer", "prompt_file", "hf_config", "control")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
