@@ -447,7 +447,8 @@ def run(argv: list[str]) -> int:
     teacher = runs.continue_config(
         args.command, config, overrides,
         workdir=_path(args.workdir or DEFAULT_WORKDIRS[args.command] or "."),
-        teacher=_path(getattr(args, "teacher", None)), init_from=_path(getattr(args, "init_from", None)),
+        teacher=_path(getattr(args, "teacher", None)),
+        init_from=_path(getattr(args, "init_from", None)),
         config_given=args.config is not None)
   config_io.model_config(config)  # validate the model section before any work
   if args.command in ("demo", "pretrain", "qat", "eval"):
