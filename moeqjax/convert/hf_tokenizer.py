@@ -7,9 +7,9 @@ import pathlib
 
 from moeqjax.convert.errors import ConvertError
 from moeqjax.convert.gguf_vocab import byte_chars
+from moeqjax.data.tokenizer import TOKENIZER_JSON
+from moeqjax.data.tokenizer import tokenizer_files as run_tokenizer_files
 
-TOKENIZER_JSON = "tokenizer.json"
-_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json")
 # Without a tokenizer_config.json transformers picks the class from config.json's model_type (a
 # sentencepiece Llama tokenizer for Mixtral), which is not what a tokenizer.json-only folder holds.
 _FAST = "PreTrainedTokenizerFast"
@@ -48,14 +48,11 @@ def tokenizer_files(tokenizer: str | pathlib.Path | None, eos_id: int | None) ->
       config["eos_token"] = byte_chars()[eos_id]
     return {TOKENIZER_JSON: json.dumps(byte_tokenizer_json(), ensure_ascii=False).encode(),
             "tokenizer_config.json": json.dumps(config, indent=2).encode()}
-  path = pathlib.Path(tokenizer)
-  file = path / TOKENIZER_JSON if path.is_dir() else path
-  if not file.is_file():
-    raise ConvertError(f"the run's tokenizer {file} is not there; it cannot be exported with it")
-  files = {TOKENIZER_JSON: file.read_bytes()}
-  for name in _COMPANIONS:
-    if (file.parent / name).is_file():
-      files[name] = (file.parent / name).read_bytes()
+  found = run_tokenizer_files(tokenizer)
+  if not found[0].is_file():
+    raise ConvertError(f"the run's tokenizer {found[0]} is not there; it cannot be exported with it")
+  files = {TOKENIZER_JSON: found[0].read_bytes()}
+  files.update((f.name, f.read_bytes()) for f in found[1:])
   if "tokenizer_config.json" in files:
     config = json.loads(files["tokenizer_config.json"])
     if "tokenizer_class" not in config:

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -134,6 +135,28 @@ class HFTokenizer:
             bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
             raise DataError(f"token id {int(bad)} is outside this tokenizer's range [0, {self.vocab_size})")
         return self._tok.decode(ids.astype(np.int64).tolist(), skip_special_tokens=False)
+
+
+TOKENIZER_JSON = "tokenizer.json"
+# Files that travel with a tokenizer.json: its eos_token and special tokens (runs, packs, exports).
+TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def tokenizer_files(path: str | pathlib.Path) -> list[pathlib.Path]:
+    """A tokenizer's files: its tokenizer.json (`path` is the file or its folder), then the
+    TOKENIZER_COMPANIONS that exist beside it."""
+    path = pathlib.Path(path)
+    file = path / TOKENIZER_JSON if path.is_dir() else path
+    return [file] + [file.parent / n for n in TOKENIZER_COMPANIONS if (file.parent / n).is_file()]
+
+
+def copy_tokenizer(path: str | pathlib.Path, folder: pathlib.Path) -> None:
+    """Copies a tokenizer's files (tokenizer_files) into `folder` (created), tokenizer.json by that name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = tokenizer_files(path)
+    shutil.copyfile(files[0], folder / TOKENIZER_JSON)
+    for extra in files[1:]:
+        shutil.copyfile(extra, folder / extra.name)
 
 
 def make_tokenizer(name: str) -> Tokenizer:

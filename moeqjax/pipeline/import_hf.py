@@ -11,6 +11,7 @@ import jax
 import ml_collections
 
 from moeqjax.convert import ConvertError, from_hf, read_hf_config
+from moeqjax.data.tokenizer import TOKENIZER_JSON, copy_tokenizer
 from moeqjax.model import init_model
 
 IMPORT_MARKER = "hf_import.json"  # its presence makes a folder an imported teacher
@@ -18,7 +19,6 @@ HF_CONFIG = "hf_config.json"  # the original config.json, kept for export
 CONFIG_PY = "config.py"  # the experiment config for `moeqjax qat --config`
 PARAMS_DIR = "params"  # orbax checkpoint of the params tree
 TOKENIZER_DIR = "tokenizer"  # the checkpoint's tokenizer files, copied (the folder stays movable)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 _CONFIG_TEMPLATE = '''"""Experiment config for the model imported by `moeqjax import-hf` from {hf_dir}.
 
@@ -68,12 +68,9 @@ def import_checkpoint(hf_dir, out, base_config: ml_collections.ConfigDict, base_
     config.model = ml_collections.ConfigDict(model_section(cfg))
   # The tokenizer travels with the weights: later phases (qat, eval, generate, export) read it.
   tokenizer = ""
-  if (pathlib.Path(hf_dir) / "tokenizer.json").is_file():
+  if (pathlib.Path(hf_dir) / TOKENIZER_JSON).is_file():
     tokenizer = TOKENIZER_DIR
-    (out / TOKENIZER_DIR).mkdir(exist_ok=True)
-    for name in TOKENIZER_FILES:
-      if (pathlib.Path(hf_dir) / name).is_file():
-        shutil.copyfile(pathlib.Path(hf_dir) / name, out / TOKENIZER_DIR / name)
+    copy_tokenizer(hf_dir, out / TOKENIZER_DIR)
   with config.unlocked():
     config.data.tokenizer = str(out / TOKENIZER_DIR) if tokenizer else ""
   ckptr = ocp.StandardCheckpointer()

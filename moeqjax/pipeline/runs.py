@@ -10,18 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
-import shutil
 import sys
 
 import ml_collections
 
+from moeqjax.data.tokenizer import copy_tokenizer
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
 
 CONFIG_RECORD = "config.json"  # the sections a phase ran with, in its workdir
 # A run's own copy of its tokenizer files (the run stays movable), as import-hf keeps them.
 TOKENIZER_DIR = import_hf.TOKENIZER_DIR
-TOKENIZER_FILES = import_hf.TOKENIZER_FILES
 PACKED_MANIFEST = "manifest.json"
 # Keys of a record that say where a run came from, not how it computes: not compared on resume.
 PROVENANCE = ("teacher", "tokenizer_sha256")
@@ -170,15 +169,9 @@ def keep_tokenizer(workdir: pathlib.Path, name: str) -> str:
   if name in ("", "bytes"):
     return ""
   src = pathlib.Path(name)
-  src_dir = src if src.is_dir() else src.parent
   own = pathlib.Path(workdir).absolute() / TOKENIZER_DIR
-  if src_dir.absolute() == own:
-    return str(own)
-  own.mkdir(parents=True, exist_ok=True)
-  shutil.copyfile(src_dir / "tokenizer.json" if src.is_dir() else src, own / "tokenizer.json")
-  for extra in TOKENIZER_FILES[1:]:
-    if (src_dir / extra).is_file():
-      shutil.copyfile(src_dir / extra, own / extra)
+  if (src if src.is_dir() else src.parent).absolute() != own:
+    copy_tokenizer(src, own)
   return str(own)
 
 

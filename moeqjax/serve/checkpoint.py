@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ from moeqjax.convert import output_guard
 from moeqjax.convert.safetensors_io import (SINGLE_FILE, StreamingWriter, dtype_name, read_header,
                                             read_tensor)
 from moeqjax.convert.tree_paths import get_path
+from moeqjax.data.tokenizer import TOKENIZER_JSON, copy_tokenizer, tokenizer_files
 from moeqjax.eval.memory_report import expert_shapes
 from moeqjax.model import MoETransformer, ModelConfig, QuantRules
 from moeqjax.model.packed_weights import COLLECTION
@@ -37,8 +37,7 @@ from moeqjax.quant.clip import learned_ratio
 FORMAT = output_guard.PACKED_FORMAT
 FORMAT_VERSION = 1
 MANIFEST = output_guard.PACKED_MANIFEST
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILE = TOKENIZER_JSON
 FP_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 _EXPERT_PARAMS = ("w_in", "w_gate", "w_out")
 _CLIP_SUFFIX = "_clip"
@@ -142,7 +141,7 @@ def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "float32",
     if not tok_file.is_file():
       raise PackedCheckpointError(f"tokenizer {tok_file} does not exist")
   # The tokenizer's companions (its eos_token, special tokens) travel with it, for exports.
-  companions = [n for n in TOKENIZER_COMPANIONS if tok_file and (tok_file.parent / n).is_file()]
+  companions = [f.name for f in tokenizer_files(tok_file)[1:]] if tok_file else []
 
   tensors, records, expert_codes = [], {}, {}
   expert_tensor_bytes = 0
@@ -205,9 +204,7 @@ def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "float32",
     finally:
       writer.close()
     if tok_file:
-      shutil.copyfile(tok_file, tmp / TOKENIZER_FILE)
-      for name in companions:
-        shutil.copyfile(tok_file.parent / name, tmp / name)
+      copy_tokenizer(tok_file, tmp)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
   except BaseException:
     output_guard.discard(tmp)
