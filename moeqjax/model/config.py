@@ -110,9 +110,9 @@ class ModelConfig:
   # "ragged" (dropless grouped matmul) | "dense" (masked, test oracle) | "ep" (dropless expert
   # parallelism over the context mesh's expert axis; "ragged" without one)
   dispatch: str = "ragged"
-  # 0 = dropless (the default). C > 0: each expert accepts at most ceil(C * T*k / E) of the T*k
-  # (token, k) pairs of a forward pass, the first in token order; the others are dropped (their
-  # gate contribution is zero) on every dispatch (model.capacity.capacity_keep)
+  # 0 = dropless (the default). C > 0: in each sequence of S tokens an expert accepts at most
+  # ceil(C * S*k / E) of its (token, k) pairs, 1st choices first, then in token order; the others
+  # are dropped (their gate contribution is zero) on every dispatch (model.capacity.capacity_keep)
   capacity_factor: float = 0.0
   max_seq_len: int = 128
   dtype: str = "float32"  # activation dtype

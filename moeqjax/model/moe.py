@@ -76,8 +76,8 @@ class MoE(nn.Module):
     probs_TxE, gates_TxK, idx_TxK = topk_gates(logits_TxE, cfg.top_k, cfg.norm_topk_prob)
     # With a capacity, the pairs over it are dropped from the experts' computation only: the
     # routing in aux (and so the losses and router statistics) is the router's own.
-    keep_TxK = (capacity_keep(idx_TxK, e, cfg.capacity_factor) if cfg.capacity_factor > 0
-                else None)
+    keep_TxK = (capacity_keep(idx_TxK.reshape(b, s, -1), e, capacity_factor=cfg.capacity_factor)
+                .reshape(idx_TxK.shape) if cfg.capacity_factor > 0 else None)
 
     if self.has_variable(packed_weights.COLLECTION, "w_in"):
       y_TxD = self._packed_experts(x_TxD, gates_TxK, idx_TxK, keep_TxK)
