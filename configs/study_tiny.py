@@ -99,8 +99,10 @@ def get_config():
   c.study = ml_collections.ConfigDict(dict(
       finetune_steps=300,  # full-precision fine-tune on the task slice that collects the statistics
       finetune_learning_rate=1e-3,
-      methods=("paper_combined", "paper_router", "exact", "frequency", "mc_moe", "uniform",
-               "random"),
+      # paper_router_reversed (Lambda's direction flipped) and router_norm (the paper's rule for
+      # a released model: final router norm) test whether Lambda's signal is real here.
+      methods=("paper_combined", "paper_router", "paper_router_reversed", "router_norm", "exact",
+               "frequency", "mc_moe", "uniform", "random"),
       # name -> loss weights (task, rec = block-output MSE + final-logit KL, value, struct)
       objectives=dict(
           ce=dict(task=1.0, rec=0.0, kd=0.0, value=0.0, struct=0.0),
@@ -122,7 +124,7 @@ def get_config():
       # GPTQ's Hessians come from ptq_calib_batches task batches (qat.batch_size x qat.seq_len).
       ptq=(),
       ptq_calib_batches=8,
-      # --quick: 7 methods x {ce, all} x 2 seeds at 1.8, plus 7 x 2 seeds at 2.5 for the best objective.
+      # --quick: 9 methods x {ce, all} x 2 seeds at 1.8, plus 9 x 2 seeds at 2.5 for the best objective.
       quick=dict(seeds=2, objectives=("ce", "all"), pareto_budgets=(1.8, 2.5), qat_steps=30,
                  finetune_steps=100, peers=False),
   ))

@@ -14,8 +14,8 @@ from moeqjax.alloc.rules import rule_bytes_text
 DEFAULT_WORKDIRS = {"demo": "./moeqjax_runs/demo", "pretrain": "./moeqjax_runs/pretrain",
                     "qat": "./moeqjax_runs/qat", "ptq": "./moeqjax_runs/ptq", "eval": None}
 _STUDY_COMMANDS = ("stats", "allocate", "study")
-METHOD_NAMES = ("paper_combined", "paper_router", "exact", "frequency", "gate_weight", "mc_moe",
-                "uniform", "random")
+METHOD_NAMES = ("paper_combined", "paper_router", "paper_router_reversed", "router_norm", "exact",
+                "frequency", "gate_weight", "mc_moe", "uniform", "random")
 
 
 class UserError(Exception):

@@ -35,8 +35,8 @@ from moeqjax.alloc.rules import RULE_METHODS
 from moeqjax.quant import formats, memory, quantize_dequantize
 from moeqjax.quant.clip import learned_ratio
 
-METHODS = ("paper_combined", "paper_router", "exact", "frequency", "gate_weight", "mc_moe",
-           "uniform", "random")
+METHODS = ("paper_combined", "paper_router", "paper_router_reversed", "router_norm", "exact",
+           "frequency", "gate_weight", "mc_moe", "uniform", "random")
 BUDGET_UNITS = ("bits", "code_bits", "bytes")
 DEFAULT_CHOICES = (1, 2, 3, 4, 8)
 ZETA = 3.0  # the paper's promotion ratio in the combined order
@@ -349,6 +349,12 @@ def allocate(method: str, cfg, params, stats: dict, budget_value: float, budget_
       order = alloc.combined_order_layers(s["lambda"], s["neuron_variance"], ZETA)
     elif method == "paper_router":
       order = alloc.sensitivity_order(s["lambda"])
+    elif method == "paper_router_reversed":
+      # The same rule with the direction flipped: the experts whose router norm grew MOST first.
+      order = alloc.sensitivity_order(-s["lambda"])
+    elif method == "router_norm":
+      # The paper's Lambda where no starting router exists (a released checkpoint): ||w_s(T)||.
+      order = alloc.sensitivity_order(alloc.router_norm_change(None, s["router_norm_now"]))
     elif method == "frequency":
       order = np.argsort(-s["count"], axis=1, kind="stable")
     elif method == "gate_weight":

@@ -3,7 +3,10 @@
 # No imports on purpose: `moeqjax allocate --help` shows this text, and the library's allocation
 # uses RULE_METHODS, from this one place.
 
-RULE_METHODS = ("paper_combined", "paper_router", "frequency", "gate_weight", "random")
+# paper_router_reversed (most bits to the LARGEST Lambda) tests the direction of the paper's rule;
+# router_norm is the paper's rule for a released checkpoint: Lambda = the final router row norm.
+RULE_METHODS = ("paper_combined", "paper_router", "paper_router_reversed", "router_norm",
+                "frequency", "gate_weight", "random")
 
 
 def rule_bytes_text(levels: str) -> str:

@@ -103,16 +103,22 @@ class _Store:
     os.replace(tmp, self.path)
 
 
-def _finetune(config, workdir: pathlib.Path, corpus: TextCorpus, params, steps: int):
-  """Full-precision fine-tune on the task slice; the state's stats are the allocation's input."""
+def _finetune(config, workdir: pathlib.Path, corpus: TextCorpus, params, steps: int,
+              replicate: int = 0):
+  """Full-precision fine-tune on the task slice; the state's stats are the allocation's input.
+
+  replicate > 0: an independent repeat (other batches), whose Lambda shows Lambda's own noise.
+  """
   cfg = config_io.model_config(config)
   _, optim = config_io.phase_configs(config.qat, "qat")
   optim = dataclasses.replace(optim, learning_rate=float(config.study.finetune_learning_rate))
   loop = LoopConfig(steps=steps, batch_size=config.qat.batch_size, seq_len=config.qat.seq_len,
-                    seed=config.qat.seed + 1000, log_every=config.qat.log_every, ckpt_every=0)
+                    seed=config.qat.seed + 1000 + 7919 * replicate, log_every=config.qat.log_every,
+                    ckpt_every=0)
   record_config(workdir, {"model": config.model.to_dict(), "data": config.data.to_dict(),
                                "pretrain": config.pretrain.to_dict(), "qat": config.qat.to_dict(),
-                               "finetune": {"steps": steps, "lr": optim.learning_rate}})
+                               "finetune": {"steps": steps, "lr": optim.learning_rate,
+                                            "replicate": replicate, "seed": loop.seed}})
   tx = make_optimizer(optim)
   state = create_state(jax.tree.map(jnp.copy, params), tx, cfg.num_layers)
   done = finished_state(workdir, state, steps)
@@ -123,7 +129,7 @@ def _finetune(config, workdir: pathlib.Path, corpus: TextCorpus, params, steps: 
   weights = dataclasses.replace(weights, rec=0, kd=0, value=0, struct=0)
   step_fn = jit_train_step(model, tx, weights)
   return run_training(state, step_fn, corpus.train, loop, workdir, resume=True,
-                      desc="fine-tune (fp, stats)")
+                      desc=f"fine-tune {replicate + 1} (fp, stats)")
 
 
 def _qat_cell(step_fn, tx, cfg, teacher, quant, codes, tokens, steps, batch_size, seq_len, seed):
@@ -159,6 +165,11 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
   teacher = ft.params
   stats = jax.device_get(ft.stats)
   s = alloc_mod.expert_stats(teacher, stats, cfg.num_layers)
+  # An independent second fine-tune (other batches) from the same start: how far its Lambda and the
+  # allocations read from it agree with the first one's is Lambda's own noise. The cells use the first.
+  ft2 = _finetune(config, workdir / f"finetune_{st['finetune_steps']}_replicate_1", task, teacher0,
+                  st["finetune_steps"], replicate=1)
+  s2 = alloc_mod.expert_stats(ft2.params, jax.device_get(ft2.stats), cfg.num_layers)
   err = alloc_mod.quant_error_table(teacher, cfg, st["choices"])
   windows = eval_windows(task.valid, config.eval.seq_len, config.eval.num_windows)
 
@@ -196,6 +207,8 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
                              "bits_per_window": teacher_eval["bits_per_window"].tolist()}
   store.data["stats"] = {k: (np.asarray(v).tolist() if not isinstance(v, int) else v)
                          for k, v in s.items()}
+  store.data["lambda_replicate"] = {"lambda": s2["lambda"].tolist(),
+                                    "router_norm_now": s2["router_norm_now"].tolist()}
   store.data["quant_error"] = {"choices": list(st["choices"]), "err_LxExC": err.tolist()}
 
   # Allocations (deterministic; recomputed on resume).
@@ -214,6 +227,14 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
   store.data["allocations"] = {f"{m}|{b:g}|{seed}": {"codes_LxE": a.codes_LxE.tolist(),
                                                       **a.achieved, "budget_bytes": a.budget_bytes}
                                for (m, b, seed), a in allocs.items()}
+  # The statistics-driven allocations again from the replicate fine-tune (its params and stats).
+  err2 = alloc_mod.quant_error_table(ft2.params, cfg, st["choices"])
+  store.data["replicate_allocations"] = {
+      f"{m}|{b:g}": alloc_mod.allocate(
+          m, cfg, ft2.params, jax.device_get(ft2.stats), b, st["budget_unit"],
+          choices=st["choices"], err_LxExC=err2,
+          levels=st["levels"] if m in alloc_mod.RULE_METHODS else None).codes_LxE.tolist()
+      for b in budgets for m in st["methods"] if m not in ("uniform", "random")}
   store.save()
 
   if st.get("ptq"):

@@ -59,7 +59,8 @@ def run_ptq_rows(store, config, cfg, teacher, task, windows, st: dict, allocs: d
     r = evaluate_variants(row_cfg, {"full_precision": {"params": teacher},
                                 "student": {"params": params,
                                             "quant": set_expert_codes(quant, codes)}},
-                          windows, config.eval.batch_size, reference_eval=teacher_eval)["student"]
+                          windows, config.eval.batch_size, reference_eval=teacher_eval,
+                          per_window=True)["student"]
     cells[ptq_key(p, m, b, seed)] = {
         "ptq": p, "method": m, "budget": b, "seed": seed, "bits_per_byte": r["bits_per_token"],
         "topk_agree": r["topk_agree"], "top1_agree": r["top1_agree"],
@@ -68,5 +69,7 @@ def run_ptq_rows(store, config, cfg, teacher, task, windows, st: dict, allocs: d
         "scale_init": row_cfg.quant.scale_init,
         "calib_output_error": report.get("calib_output_error"),
         "rtn_fallback_no_tokens": report.get("rtn_fallback_no_tokens", []),
+        # Per window: the summary pairs rows with the teacher and with uniform over the windows.
+        "bits_per_window": r["bits_per_window"], "topk_agree_per_window": r["topk_agree_per_window"],
         "seconds": time.perf_counter() - t}
     store.save()

@@ -15,7 +15,10 @@ from moeqjax.alloc.rules import rule_bytes_text  # noqa: E402
 from moeqjax.pipeline.study_summary import summarize  # noqa: E402
 
 METHOD_LABELS = {"paper_combined": "paper combined (Lambda + V_s)",
-                 "paper_router": "paper router-only (Lambda)", "exact": "exact solver (ours)",
+                 "paper_router": "paper router-only (Lambda)",
+                 "paper_router_reversed": "reversed Lambda (largest change first)",
+                 "router_norm": "final router norm (paper's released-model proxy)",
+                 "exact": "exact solver (ours)",
                  "frequency": "activation frequency", "gate_weight": "mean gate weight",
                  "mc_moe": "MC-MoE style", "uniform": "uniform", "random": "random order"}
 
@@ -161,7 +164,9 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
             f"held-out files, {tc['train_bytes']:,} / {tc['valid_bytes']:,} bytes).",
             f"- Router statistics: a {st['finetune_steps']}-step full-precision fine-tune of the "
             "pretrained model on the task slice; the jitted train step accumulates them (no extra "
-            "pass). Lambda_s = ||w_s(T)|| - ||w_s(0)|| over this fine-tune (T = its end).",
+            "pass). Lambda_s = ||w_s(T)|| - ||w_s(0)|| over this fine-tune (T = its end). A second, "
+            "independent fine-tune (other batches, same start) gives a second Lambda, so Lambda's "
+            "own noise shows (below); the cells use the first.",
             "- Allocation from those statistics at equal expert weight bytes. " + rule_bytes_text(
                 f"{levels[0]},{levels[1]} (study.levels)" if levels else
                 f"the two codes of {list(st['choices'])} whose bytes bracket B (study.levels is "
@@ -206,6 +211,14 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
       lines.append(_winner_line(
           f"- Budget {main:g}, objective **{o}**: best **{w['best']}** ({w['best_bpb']:.4f} "
           "bits/byte)", w))
+  n_tests = summ.get("comparisons")
+  if n_tests:
+    lines += ["", f"Multiplicity: these lines make {n_tests} paired tests at the 95% level, so "
+              f"about {0.05 * n_tests:.1f} false \"beats seed noise\" verdicts are expected if no "
+              "method differed; and each winner is the best of "
+              f"{len(st['methods'])} methods picked after seeing the results, which biases its "
+              "margin upward. Read a single \"beats noise\" as a lead to replicate, not a finding."]
+  lines += _lambda_noise_lines(summ.get("lambda_noise"), main)
   om = summ["objective_mean_bpb_at_main"]
   lines += ["", "Objectives averaged over methods at the main budget: " + ", ".join(
       f"{o} {v:.4f}" for o, v in sorted(om.items(), key=lambda kv: kv[1]))
@@ -278,6 +291,20 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
   return text
 
 
+def _lambda_noise_lines(noise: dict | None, main: float) -> list[str]:
+  """Lambda from two independent fine-tunes: rank agreement and how many codes it moves."""
+  if not noise:
+    return []
+  rho = ", ".join(f"{v:.2f}" for v in noise["lambda_spearman_per_layer"])
+  rho_norm = ", ".join(f"{v:.2f}" for v in noise["router_norm_spearman_per_layer"])
+  moved = ", ".join(f"{k.split('|')[0]} {v:.0%}" for k, v in noise["codes_changed"].items()
+                    if float(k.split("|")[1]) == main)
+  return ["", "Lambda's own noise (two independent fine-tunes from the same start): Spearman rank "
+          f"correlation of the two Lambdas per layer {rho} (of the final router norms: {rho_norm}); "
+          f"share of experts whose code changes when each method reads the second fine-tune's "
+          f"statistics instead of the first's, at {main:g} code bits: {moved}."]
+
+
 def _pm(value: float, se: float | None, digits: int = 4) -> str:
   """A signed value ± its standard error (none with one window)."""
   text = f"{value:+.{digits}f}"
@@ -339,6 +366,21 @@ def _ptq_section(table: dict, st: dict) -> list[str]:
                    else f"{r['bits_per_byte']['mean']:.4f}")
           cells.append(f"{value} ({r['rank']})")
       lines.append(f"| {p} | {m} | " + " | ".join(cells) + " |")
+  lines.append("")
+  paired = [r for r in table.values() if "delta_vs_teacher" in r]
+  if not paired:
+    return lines
+  lines += ["Against the teacher and against uniform at the same PTQ method and budget (held-out "
+            "bits per byte; ± the standard error paired over the evaluation windows: window noise "
+            "only, since a post-training row has no training seed; random averages its seeds' "
+            "windows). A rank is a difference only where its Δ vs uniform is beyond about two "
+            "standard errors.", "",
+            "| ptq | method | budget | Δ vs teacher | Δ vs uniform |", "|---|---|---|---|---|"]
+  for r in sorted(paired, key=lambda r: (r["ptq"], r["budget"], r["rank"])):
+    vs_uniform = (_pm(r["delta_vs_uniform"], r["delta_vs_uniform_se"])
+                  if "delta_vs_uniform" in r else "-")
+    lines.append(f"| {r['ptq']} | {r['method']} | {r['budget']:g} | "
+                 f"{_pm(r['delta_vs_teacher'], r['delta_vs_teacher_se'])} | {vs_uniform} |")
   return lines + [""]
 
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from moeqjax.eval.control import control_comparison
+from moeqjax.eval.paired import paired_difference
 
 # Two-sided 95% t critical values by degrees of freedom (paired test over seeds).
 _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
@@ -67,7 +68,55 @@ def summarize(data: dict) -> dict:
   return {"table": table, "objective_mean_bpb_at_main": obj_means,
           "best_objective_at_main": best_obj, "winners": winners,
           "controls": controls_table(data),
-          "ptq_table": ptq_table(data.get("ptq_cells", {}))}
+          "ptq_table": ptq_table(data.get("ptq_cells", {}),
+                                 data.get("reference", {}).get("bits_per_window")),
+          "lambda_noise": lambda_noise(data),
+          "comparisons": _count_comparisons(winners)}
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+  """Average ranks (ties share their mean rank), as Spearman's correlation uses."""
+  order = np.argsort(x, kind="stable")
+  ranks = np.empty(len(x), np.float64)
+  ranks[order] = np.arange(len(x), dtype=np.float64)
+  for value in np.unique(x):
+    tied = x == value
+    ranks[tied] = ranks[tied].mean()
+  return ranks
+
+
+def spearman(a, b) -> float:
+  """Spearman's rank correlation of two equal-length vectors (nan when either is constant)."""
+  ra, rb = _ranks(np.asarray(a, np.float64)), _ranks(np.asarray(b, np.float64))
+  if ra.std() == 0 or rb.std() == 0:
+    return math.nan
+  return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def lambda_noise(data: dict) -> dict | None:
+  """How well two independent fine-tunes agree: per layer, Spearman's rank correlation of their
+  Lambdas (and of the final router norms); per statistics-driven method and budget, the share of
+  experts whose code differs between the allocations read from each. None without a replicate."""
+  rep = data.get("lambda_replicate")
+  if rep is None or "stats" not in data:
+    return None
+  lam1, lam2 = np.asarray(data["stats"]["lambda"]), np.asarray(rep["lambda"])
+  norm1, norm2 = (np.asarray(data["stats"]["router_norm_now"]),
+                  np.asarray(rep["router_norm_now"]))
+  changed = {}
+  for key, codes2 in data.get("replicate_allocations", {}).items():
+    method, budget = key.split("|")
+    first = data["allocations"].get(f"{method}|{budget}|0")
+    if first is not None:
+      changed[key] = float(np.mean(np.asarray(first["codes_LxE"]) != np.asarray(codes2)))
+  return {"lambda_spearman_per_layer": [spearman(a, b) for a, b in zip(lam1, lam2)],
+          "router_norm_spearman_per_layer": [spearman(a, b) for a, b in zip(norm1, norm2)],
+          "codes_changed": changed}
+
+
+def _count_comparisons(winners: dict) -> int:
+  """How many "best vs runner-up / vs uniform" tests the winner lines make (the multiplicity)."""
+  return sum(("vs_second" in w) + ("vs_uniform" in w) for w in winners.values())
 
 
 def _windows(record: dict) -> dict:
@@ -125,9 +174,13 @@ def controls_table(data: dict) -> dict:
   return out
 
 
-def ptq_table(cells: dict) -> dict:
+def ptq_table(cells: dict, teacher_windows=None) -> dict:
   """Post-training rows per (PTQ method, allocation method, budget): mean +- std over seeds (only
-  "random" has more than one) and the rank of each allocation method within (PTQ method, budget)."""
+  "random" has more than one) and the rank of each allocation method within (PTQ method, budget).
+
+  With per-window values (and the teacher's, `teacher_windows`): each row's Δ vs the teacher and
+  vs uniform at the same PTQ method and budget, each ± its standard error paired over the windows
+  (the seed-averaged windows for random; window noise only)."""
   groups: dict = {}
   for c in cells.values():
     groups.setdefault((c["ptq"], c["method"], c["budget"]), []).append(c)
@@ -143,6 +196,16 @@ def ptq_table(cells: dict) -> dict:
     same = sorted((o for o in table.values() if o["ptq"] == r["ptq"] and o["budget"] == r["budget"]),
                   key=lambda o: o["bits_per_byte"]["mean"])
     r["rank"] = 1 + same.index(r)
+  windows = {key: np.mean([c["bits_per_window"] for c in rows], axis=0)
+             for key, rows in groups.items() if all("bits_per_window" in c for c in rows)}
+  for (p, m, b), row_windows in windows.items():
+    r = table[f"{p}|{m}|{b:g}"]
+    if teacher_windows is not None:
+      r["delta_vs_teacher"], r["delta_vs_teacher_se"] = paired_difference(row_windows,
+                                                                          teacher_windows)
+    uniform = windows.get((p, "uniform", b))
+    if uniform is not None and m != "uniform":
+      r["delta_vs_uniform"], r["delta_vs_uniform_se"] = paired_difference(row_windows, uniform)
   return table
 
 

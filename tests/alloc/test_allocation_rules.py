@@ -11,7 +11,8 @@ from moeqjax.quant import memory
 from moeqjax.alloc import allocation as alloc_mod
 from moeqjax.train import init_router_stats
 
-RULE_METHODS = ("paper_combined", "paper_router", "frequency", "gate_weight", "random")
+RULE_METHODS = ("paper_combined", "paper_router", "paper_router_reversed", "router_norm",
+                "frequency", "gate_weight", "random")
 
 
 def _setup(**rules):
@@ -102,3 +103,24 @@ def test_code_bits_budget_unchanged_for_symmetric_specs():
   uniform = np.full((cfg.num_layers, cfg.num_experts), 4)
   need = memory.expert_bytes(alloc_mod.expert_shapes(cfg), uniform, cfg.quant.spec())["total_bytes"]
   assert alloc_mod.budget_bytes(cfg, 4.0, "code_bits") == need
+
+
+def test_reversed_lambda_and_router_norm_arms_give_the_high_level_to_their_experts():
+  """paper_router: the 4 smallest Lambda get int3; paper_router_reversed: the 4 largest;
+  router_norm (the paper's released-checkpoint rule): the 4 smallest final router row norms."""
+  cfg, params, stats = _setup()
+  r = np.random.default_rng(1)
+  stats["router_norm_start"] = r.uniform(0.5, 1.5, size=(cfg.num_layers, 8)).astype(np.float32)
+  s = alloc_mod.expert_stats(params, stats, cfg.num_layers)
+  want = {"paper_router": s["lambda"], "paper_router_reversed": -s["lambda"],
+          "router_norm": s["router_norm_now"]}
+  for method, score in want.items():
+    a = alloc_mod.allocate(method, cfg, params, stats, 2.5, "code_bits", levels=(3, 1))
+    for layer in range(cfg.num_layers):
+      high = set(np.flatnonzero(a.codes_LxE[layer] == 3).tolist())
+      assert high == set(np.argsort(score[layer], kind="stable")[:4].tolist()), method
+  # The reversed arm is the complement of the paper's (no ties in these Lambdas).
+  paper = alloc_mod.allocate("paper_router", cfg, params, stats, 2.5, "code_bits", levels=(3, 1))
+  rev = alloc_mod.allocate("paper_router_reversed", cfg, params, stats, 2.5, "code_bits",
+                           levels=(3, 1))
+  np.testing.assert_array_equal(np.where(paper.codes_LxE == 3, 1, 3), rev.codes_LxE)

@@ -94,6 +94,28 @@ def test_study_smoke(tmp_path):
   errors = [c["calib_output_error"] for c in ptq.values() if c["ptq"] == "gptq"]
   assert all(e["gptq"] < e["rtn"] for e in errors)
   assert "Post-training quantization" in md and "| gptq | exact |" in md
+  # PTQ rows against the teacher and uniform, paired over windows.
+  teacher_w = np.asarray(data["reference"]["bits_per_window"])
+  for key, r in data["summary"]["ptq_table"].items():
+    rows = [c for c in ptq.values() if f"{c['ptq']}|{c['method']}|{c['budget']:g}" == key]
+    row_w = np.mean([c["bits_per_window"] for c in rows], axis=0)
+    assert r["delta_vs_teacher"] == pytest.approx(np.mean(row_w - teacher_w), abs=1e-9)
+    assert r["delta_vs_teacher_se"] > 0
+    if r["method"] != "uniform":
+      uni = ptq[f"{r['ptq']}|uniform|{r['budget']:g}|0"]["bits_per_window"]
+      assert r["delta_vs_uniform"] == pytest.approx(np.mean(row_w - np.asarray(uni)), abs=1e-9)
+  assert "Δ vs uniform" in md
+  # Lambda's own noise: a second fine-tune, its rank agreement and the codes it moves.
+  noise = data["summary"]["lambda_noise"]
+  lam1, lam2 = np.asarray(data["stats"]["lambda"]), np.asarray(data["lambda_replicate"]["lambda"])
+  assert not np.array_equal(lam1, lam2)  # other batches: another Lambda
+  assert len(noise["lambda_spearman_per_layer"]) == cfg.num_layers
+  assert all(-1 <= v <= 1 for v in noise["lambda_spearman_per_layer"])
+  assert set(noise["codes_changed"]) == {"paper_combined|2.5", "exact|2.5"}
+  first = np.asarray(data["allocations"]["exact|2.5|0"]["codes_LxE"])
+  second = np.asarray(data["replicate_allocations"]["exact|2.5"])
+  assert noise["codes_changed"]["exact|2.5"] == pytest.approx(np.mean(first != second))
+  assert "Lambda's own noise" in md and "Multiplicity" in md
   # Resume: a second invocation finds every cell finished and trains none.
   again = run_study(config, tmp_path, quick=False, config_path="minuscule")
   assert again["invocations"][-1]["new_cells"] == 0
