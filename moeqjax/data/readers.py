@@ -97,12 +97,13 @@ def read_text_file(path: pathlib.Path) -> bytes:
     return content
 
 
-def read_jsonl(path: pathlib.Path, text_field: str) -> list[Document]:
+def read_jsonl(path: pathlib.Path, text_field: str, field_flag: str = "text_field") -> list[Document]:
     """Reads the text field of every record of a JSON-lines file; blank lines are ignored.
 
     Args:
       path: an existing .jsonl file, one JSON object per line.
       text_field: the key that holds each record's text.
+      field_flag: the setting that names text_field, for the error messages.
 
     Returns:
       Documents in file order, keyed by record index ("0", "1", ...), so inserting a blank
@@ -132,7 +133,7 @@ def read_jsonl(path: pathlib.Path, text_field: str) -> list[Document]:
             keys = ", ".join(repr(k) for k in record) or "none"
             raise DataError(
                 f"{path} line {lineno} has no field {text_field!r} (keys present: {keys}); "
-                "set text_field to the key that holds the text"
+                f"set {field_flag} to the key that holds the text"
             )
         text = record[text_field]
         if not isinstance(text, str):
@@ -197,7 +198,8 @@ def _batches(pa, pq, path: pathlib.Path, text_field: str):
         raise DataError(f"cannot read {path} as {path.suffix[1:]}: {e}") from e
 
 
-def read_arrow_table(path: pathlib.Path, text_field: str) -> list[Document]:
+def read_arrow_table(path: pathlib.Path, text_field: str,
+                     field_flag: str = "--config.data.text_field") -> list[Document]:
     """Reads the text column of a .parquet, .arrow (IPC file or stream) or .feather file.
 
     Record batches are read one at a time and only the text column is decoded, so files with
@@ -206,6 +208,7 @@ def read_arrow_table(path: pathlib.Path, text_field: str) -> list[Document]:
     Args:
       path: an existing file.
       text_field: the column that holds each record's text (a string column).
+      field_flag: the setting that names text_field, for the error messages.
 
     Returns:
       Documents in file order keyed by record index ("0", "1", ...), as for .jsonl.
@@ -217,13 +220,13 @@ def read_arrow_table(path: pathlib.Path, text_field: str) -> list[Document]:
             listed = ", ".join(repr(n) for n in names) or "none"
             raise DataError(
                 f"{path} has no column {text_field!r} (columns present: {listed}); "
-                "set --config.data.text_field to the column that holds the text"
+                f"set {field_flag} to the column that holds the text"
             )
         column = batch.column(batch.schema.get_field_index(text_field))
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
             raise DataError(
                 f"{path} column {text_field!r} has type {column.type}, not string; "
-                "set --config.data.text_field to a text column"
+                f"set {field_flag} to a text column"
             )
         for text in column.to_pylist():
             docs.append((str(len(docs)), (text or "").encode("utf-8", errors="replace")))
