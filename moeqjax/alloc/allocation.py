@@ -456,3 +456,12 @@ def read_allocation(path, num_layers: int, num_experts: int) -> np.ndarray:
   except ValueError as e:
     raise AllocationError(f"{path}: {e}") from None
   return codes
+
+
+def allocation_target(path) -> str:
+  """The runtime target an allocation.json was made for: "experts" (also for files without one)
+  or "gguf"."""
+  try:
+    return str(json.loads(pathlib.Path(path).read_text()).get("target", "experts"))
+  except (OSError, ValueError, AttributeError):
+    return "experts"

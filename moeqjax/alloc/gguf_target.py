@@ -294,3 +294,26 @@ def allocate_gguf(method: str, cfg, params, stats: dict, budget_value: float, bu
   }
   return Allocation(method, codes, float(budget_value), budget_unit, budget, result, note,
                     target="gguf", extra=extra)
+
+
+def check_exact(cfg, codes_Lx3xE, where: str):
+  """Refuses per-projection codes that this model's quant config would not store exactly in GGUF
+  (e.g. an allocation.json made under another group size); one line naming the first tensor."""
+  spec, shapes = cfg.quant.spec(), projection_shapes(cfg)
+  check_spec(spec)
+  per = by_projection(codes_Lx3xE)
+  for l in range(cfg.num_layers):
+    for name in PROJECTIONS:
+      codes = np.unique(per[name][l])
+      if codes.size != 1:
+        raise AllocationError(f"{where}: layer {l} {name} mixes codes {codes.tolist()}; a GGUF "
+                              "tensor holds one type (re-run `moeqjax allocate --target gguf`)")
+      try:
+        qtype = code_type(codes[0], spec)
+      except ValueError as e:
+        raise AllocationError(f"{where}: layer {l} {name}: {e}") from None
+      reason = unavailable(qtype, shapes[name][0], spec)
+      if reason is not None:
+        raise AllocationError(f"{where}: layer {l} {name} is allocated {qtype}, which this run's "
+                              f"quant config does not hold exactly ({reason}); allocate with the "
+                              "quant config you train with")

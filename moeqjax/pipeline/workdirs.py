@@ -9,7 +9,8 @@ import sys
 import jax
 import numpy as np
 
-from moeqjax.alloc.allocation import read_allocation
+from moeqjax.alloc import gguf_target
+from moeqjax.alloc.allocation import allocation_target, read_allocation
 from moeqjax.data import TokenCorpus, check_vocab, encode_corpus, load_corpus, make_tokenizer
 from moeqjax.model import default_quant, init_model, set_expert_codes, without_ratios
 from moeqjax.pipeline import config as config_io
@@ -178,12 +179,15 @@ def teacher_params(config, teacher_dir: pathlib.Path):
 
 
 def teacher_inputs(config, teacher_dir: pathlib.Path, allocation_path: str | None):
-  """(teacher params, corpus, codes [L, E] or None) for a phase that starts from a teacher
-  (`moeqjax qat`, `moeqjax ptq`) with an optional allocation.json."""
+  """(teacher params, corpus, codes [L, E], [L, 3, E] or None) for a phase that starts from a
+  teacher (`moeqjax qat`, `moeqjax ptq`) with an optional allocation.json; a `--target gguf`
+  allocation must be exact in GGUF under this run's quant config (gguf_target.check_exact)."""
   params = teacher_params(config, teacher_dir)
   corpus = load_data(config)
   codes = None
   if allocation_path is not None:
     cfg = config_io.model_config(config)
     codes = read_allocation(allocation_path, cfg.num_layers, cfg.num_experts)
+    if allocation_target(allocation_path) == "gguf":  # every tensor must stay exact in GGUF
+      gguf_target.check_exact(cfg, codes, f"--allocation {allocation_path}")
   return params, corpus, codes
