@@ -202,7 +202,12 @@ def _parser() -> argparse.ArgumentParser:
           "--levels BH,BL (METHODS.md's bh > bl) or else the two --choices whose bytes bracket "
           "B") + " The exact solver and mc_moe "
       "solve a multiple-choice knapsack over --choices that never exceeds the budget; uniform is "
-      "the largest single code within it.")
+      "the largest single code within it. --target gguf allocates one llama.cpp type per (layer, "
+      "projection) tensor instead (ffn_gate/up/down_exps hold one ggml type each): TQ2_0 (TQ1_0 "
+      "with quant.ternary_packing=base3), Q4_0, Q8_0 or F16, only where the type holds our grid "
+      "exactly (rows a multiple of its block, groups unions of blocks, fp16 scales), in GGUF bytes "
+      "with block scales, by --method exact or mc_moe; a type that is not exact for a projection "
+      "is left out and the allocation says why.")
   p.add_argument("--workdir", required=True, help="a `moeqjax pretrain` or `moeqjax qat` workdir "
                  "(ideally a fine-tuning run: Lambda is the router norm change over it)")
   p.add_argument("--config", default=None,
@@ -214,8 +219,14 @@ def _parser() -> argparse.ArgumentParser:
                  help="bits: scales and zero points included (default); code_bits: scales and "
                       "zero points excluded (the overhead of an intN expert is added, so B code "
                       "bits hold uniform intB); bytes: total expert weight bytes")
-  p.add_argument("--choices", default="1,2,3,4,8",
-                 help="candidate codes, comma-separated (1 = ternary, 2/3/4/8 = intN)")
+  p.add_argument("--choices", default=None,
+                 help="candidate codes, comma-separated (1 = ternary, 2/3/4/8 = intN; default "
+                      "1,2,3,4,8; with --target gguf 1 = TQ2_0/TQ1_0, 4 = Q4_0, 8 = Q8_0, 0 = F16, "
+                      "default 1,4,8,0)")
+  p.add_argument("--target", default="experts", choices=("experts", "gguf"),
+                 help="experts: a code per expert (default); gguf: a ggml type per (layer, "
+                      "projection) that llama.cpp holds exactly, budget in GGUF bytes (--budget-unit "
+                      "bits or bytes); `moeqjax qat --allocation` trains exactly that")
   p.add_argument("--levels", default=None, metavar="BH,BL",
                  help="the paper's two levels for the rule-based methods, high then low, e.g. 3,1 "
                       "(default: the two --choices whose bytes bracket the budget)")
@@ -293,21 +304,30 @@ def run_study_command(args, overrides: dict[str, str]) -> int:
     print(f"\nwritten {workdir / 'router_stats.json'}")
   elif args.command == "allocate":
     from moeqjax.pipeline.allocate import allocate_workdir, parse_codes
-    choices = parse_codes(args.choices, f"--choices {args.choices!r} must be comma-separated "
-                          "codes, e.g. 1,2,3,4,8")
+    choices = None if args.choices is None else parse_codes(
+        args.choices, f"--choices {args.choices!r} must be comma-separated codes, e.g. 1,2,3,4,8")
     levels = None
     if args.levels is not None:
       levels = parse_codes(args.levels, f"--levels {args.levels!r} must be two comma-separated "
                            "codes, high then low, e.g. 3,1")
     result, out = allocate_workdir(config, workdir, args.method, args.budget, args.budget_unit,
                                    choices=choices, levels=levels, seed=args.seed,
-                                   out=pathlib.Path(args.out) if args.out else None)
+                                   out=pathlib.Path(args.out) if args.out else None,
+                                   target=args.target)
     a = result.achieved
-    print(f"{args.method}: {a['bytes']} of {result.budget_bytes} budget bytes, "
+    where = "GGUF bytes" if result.target == "gguf" else "budget bytes"
+    print(f"{args.method}: {a['bytes']} of {result.budget_bytes} {where}, "
           f"{a['bits_per_weight']:.4f} bits per expert weight (scales included), "
           f"{a['code_bits']:.4f} code bits; written {out}")
-    for l, row in enumerate(result.codes_LxE):
-      print(f"  layer {l}: " + " ".join(str(int(c)) for c in row))
+    if result.target == "gguf":
+      for l, row in sorted(result.extra["gguf_types"].items(), key=lambda kv: int(kv[0])):
+        print(f"  layer {l}: " + " ".join(f"{name}={t}" for name, t in row.items()))
+      for name, why in result.extra["gguf_left_out"].items():
+        for qtype, reason in why.items():
+          print(f"  {name}: {qtype} left out ({reason})")
+    else:
+      for l, row in enumerate(result.codes_LxE):
+        print(f"  layer {l}: " + " ".join(str(int(c)) for c in row))
   elif args.command == "study":
     from moeqjax.pipeline.study import run_study
     run_study(config, workdir, quick=args.quick, config_path=args.config)

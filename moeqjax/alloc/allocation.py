@@ -32,6 +32,7 @@ import numpy as np
 
 from moeqjax import alloc
 from moeqjax.alloc.rules import RULE_METHODS
+from moeqjax.model.projection_codes import PROJECTIONS
 from moeqjax.quant import formats, memory, quantize_dequantize
 from moeqjax.quant.clip import learned_ratio
 
@@ -123,27 +124,33 @@ def expert_stats(params, stats: dict, num_layers: int) -> dict:
   }
 
 
-def quant_error_table(params, cfg, choices=DEFAULT_CHOICES) -> np.ndarray:
-  """[L, E, C] relative quantization error of each expert at each choice.
+def projection_error_table(params, cfg, choices=DEFAULT_CHOICES) -> np.ndarray:
+  """[L, E, 3, C] relative quantization error of each expert's projection at each choice.
 
-  err = mean over w_in, w_gate, w_out of ||Q(w) - w||_F^2 / ||w||_F^2, with Q the model's own
-  quantize_dequantize (same granularity, ternary method and scales as QAT, including the effective
-  learned clip ratios when the rules learn them and `params` holds them; ratio 1 otherwise).
+  err = ||Q(w) - w||_F^2 / ||w||_F^2 of w_gate, w_in, w_out (model.projection_codes.PROJECTIONS
+  order), with Q the model's own quantize_dequantize (same granularity, ternary method and scales
+  as QAT, including the effective learned clip ratios when the rules learn them and `params` holds
+  them; ratio 1 otherwise). Code 0 (full precision) has error 0.
   """
   spec = cfg.quant.spec()
-  out = np.zeros((cfg.num_layers, cfg.num_experts, len(choices)))
+  out = np.zeros((cfg.num_layers, cfg.num_experts, len(PROJECTIONS), len(choices)))
   for l in range(cfg.num_layers):
     experts = params[f"layers_{l}"]["moe"]
     for c_idx, code in enumerate(choices):
       codes = np.full((cfg.num_experts,), code, np.int32)
-      errs = []
-      for name in _EXPERT_PARAMS:
+      for p, name in enumerate(PROJECTIONS):
         w = np.asarray(experts[name], np.float32)
         wq = np.asarray(quantize_dequantize(w, codes, spec, learned_ratio(experts, (name,), spec)))
         num = np.sum((wq - w) ** 2, axis=(1, 2))
-        errs.append(num / np.maximum(np.sum(w * w, axis=(1, 2)), 1e-30))
-      out[l, :, c_idx] = np.mean(errs, axis=0)
+        out[l, :, p, c_idx] = num / np.maximum(np.sum(w * w, axis=(1, 2)), 1e-30)
   return out
+
+
+def quant_error_table(params, cfg, choices=DEFAULT_CHOICES) -> np.ndarray:
+  """[L, E, C] relative quantization error of each expert at each choice: the mean over w_in,
+  w_gate and w_out of projection_error_table's errors."""
+  per = projection_error_table(params, cfg, choices)
+  return np.mean([per[:, :, PROJECTIONS.index(name)] for name in _EXPERT_PARAMS], axis=0)
 
 
 def lambda_weight(lam_LxE) -> np.ndarray:
@@ -227,6 +234,9 @@ def check_levels(levels, method: str) -> tuple[int, int] | None:
 
 @dataclasses.dataclass
 class Allocation:
+  """An allocation: codes [L, E] (per expert), or [L, 3, E] (per projection, for a runtime
+  target; `target` names it and `extra` holds what the target records, e.g. the ggml types)."""
+
   method: str
   codes_LxE: np.ndarray
   budget_value: float
@@ -234,22 +244,34 @@ class Allocation:
   budget_bytes: int
   achieved: dict
   note: str
+  target: str = "experts"
+  extra: dict = dataclasses.field(default_factory=dict)
 
   def to_json(self, cfg=None, sensitivity: dict | None = None) -> dict:
     codes = np.asarray(self.codes_LxE)
     out = {
         "method": self.method,
+        "target": self.target,
         "budget": {"value": self.budget_value, "unit": self.budget_unit,
                    "bytes": self.budget_bytes},
         "achieved": self.achieved,
         "within_budget": bool(self.achieved["bytes"] <= self.budget_bytes),
         "note": self.note,
-        "codes": {str(l): {str(e): int(codes[l, e]) for e in range(codes.shape[1])}
-                  for l in range(codes.shape[0])},
-        "code_names": {str(l): {str(e): formats.code_name(int(codes[l, e]))
-                                for e in range(codes.shape[1])} for l in range(codes.shape[0])},
-        "codes_LxE": codes.tolist(),
     }
+    if codes.ndim == 3:  # per projection: layer -> projection -> expert -> code
+      out["codes"] = {str(l): {name: {str(e): int(codes[l, p, e]) for e in range(codes.shape[2])}
+                               for p, name in enumerate(PROJECTIONS)}
+                      for l in range(codes.shape[0])}
+      out["code_names"] = {str(l): {name: sorted({formats.code_name(int(c)) for c in codes[l, p]})
+                                    for p, name in enumerate(PROJECTIONS)}
+                           for l in range(codes.shape[0])}
+    else:
+      out["codes"] = {str(l): {str(e): int(codes[l, e]) for e in range(codes.shape[1])}
+                      for l in range(codes.shape[0])}
+      out["code_names"] = {str(l): {str(e): formats.code_name(int(codes[l, e]))
+                                    for e in range(codes.shape[1])} for l in range(codes.shape[0])}
+    out["codes_LxE"] = codes.tolist()
+    out.update(self.extra)
     if sensitivity is not None:
       out["sensitivity"] = sensitivity
     return out
@@ -274,9 +296,13 @@ def check_choices(choices) -> tuple[int, ...]:
 
 
 def allocate(method: str, cfg, params, stats: dict, budget_value: float, budget_unit: str, *,
-             choices=DEFAULT_CHOICES, seed: int = 0, err_LxExC: np.ndarray | None = None,
-             levels=None) -> Allocation:
+             choices=None, seed: int = 0, err_LxExC: np.ndarray | None = None,
+             levels=None, target: str = "experts") -> Allocation:
   """Allocates expert codes with `method` within the budget.
+
+  With target "gguf" the codes are per (layer, projection) over the ggml types llama.cpp holds
+  exactly, in GGUF bytes: see moeqjax.alloc.gguf_target.allocate_gguf (choices default to its
+  GGUF_CHOICES; seed, levels and err_LxExC do not apply).
 
   Args:
     method: one of METHODS.
@@ -284,7 +310,7 @@ def allocate(method: str, cfg, params, stats: dict, budget_value: float, budget_
     params: model params (router, w_in for V_s and the quantization errors).
     stats: the train state's router statistics (`state.stats`).
     budget_value, budget_unit: the budget, see the module comment.
-    choices: candidate codes (1 = ternary, 2/3/4/8 = intN).
+    choices: candidate codes (1 = ternary, 2/3/4/8 = intN); None: DEFAULT_CHOICES.
     seed: for "random".
     err_LxExC: precomputed quant_error_table(params, cfg, choices) (saves time in loops).
     levels: for RULE_METHODS only: the paper's levels (bh, bl), e.g. (3, 1), instead of the two
@@ -297,10 +323,20 @@ def allocate(method: str, cfg, params, stats: dict, budget_value: float, budget_
     AllocationError: unknown method, bad levels, or a budget below every expert at the cheapest
       choice (at the low level when levels are given).
   """
+  if target == "gguf":
+    from moeqjax.alloc import gguf_target  # it builds on this module
+    if levels:
+      raise AllocationError("--levels apply to the per-expert rule-based methods, not to "
+                            "--target gguf; drop them")
+    return gguf_target.allocate_gguf(
+        method, cfg, params, stats, budget_value, budget_unit,
+        choices=gguf_target.GGUF_CHOICES if choices is None else choices)
+  if target != "experts":
+    raise AllocationError(f"allocation target {target!r} is unknown; use experts or gguf")
   if method not in METHODS:
     raise AllocationError(f"allocation method {method!r} is unknown; use one of {', '.join(METHODS)}")
   levels = check_levels(levels, method)
-  choices = check_choices(choices)
+  choices = check_choices(DEFAULT_CHOICES if choices is None else choices)
   budget = budget_bytes(cfg, budget_value, budget_unit)
   table = bytes_table(cfg, choices)
   num_layers, num_experts = cfg.num_layers, cfg.num_experts
@@ -385,7 +421,9 @@ def write_allocation(path, allocation: Allocation, sensitivity: dict | None = No
 
 
 def read_allocation(path, num_layers: int, num_experts: int) -> np.ndarray:
-  """codes [L, E] from an allocation.json (the `codes` layer -> expert -> code mapping).
+  """codes [L, E], or [L, 3, E] for a per-projection allocation (`--target gguf`), from an
+  allocation.json (the `codes` layer -> expert -> code, or layer -> projection -> expert -> code,
+  mapping).
 
   The table must be for exactly this model: L layers of E experts each (no fewer, no more).
   """
@@ -396,9 +434,21 @@ def read_allocation(path, num_layers: int, num_experts: int) -> np.ndarray:
   try:
     record = json.loads(path.read_text())
     table = record["codes"]
-    shape = (len(table), *sorted({len(row) for row in table.values()}))
-    codes = np.array([[int(table[str(l)][str(e)]) for e in range(num_experts)]
-                      for l in range(num_layers)], np.int32)
+    per_projection = any(isinstance(row.get("0", row.get(PROJECTIONS[0])), dict)
+                         for row in table.values())
+    if per_projection:
+      if any(sorted(row) != sorted(PROJECTIONS) for row in table.values()):
+        raise KeyError(f"each layer needs the projections {', '.join(PROJECTIONS)}")
+      rows = [row[name] for row in table.values() for name in PROJECTIONS]
+    else:
+      rows = list(table.values())
+    shape = (len(table), *sorted({len(row) for row in rows}))
+    if per_projection:
+      codes = np.array([[[int(table[str(l)][name][str(e)]) for e in range(num_experts)]
+                         for name in PROJECTIONS] for l in range(num_layers)], np.int32)
+    else:
+      codes = np.array([[int(table[str(l)][str(e)]) for e in range(num_experts)]
+                        for l in range(num_layers)], np.int32)
   except (KeyError, ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
     raise AllocationError(
         f"{path} is not an allocation for {num_layers} layers x {num_experts} experts ({e!r}); "
@@ -412,3 +462,12 @@ def read_allocation(path, num_layers: int, num_experts: int) -> np.ndarray:
   except ValueError as e:
     raise AllocationError(f"{path}: {e}") from None
   return codes
+
+
+def allocation_target(path) -> str:
+  """The runtime target an allocation.json was made for: "experts" (also for files without one)
+  or "gguf"."""
+  try:
+    return str(json.loads(pathlib.Path(path).read_text()).get("target", "experts"))
+  except (OSError, ValueError, AttributeError):
+    return "experts"

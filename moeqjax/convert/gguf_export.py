@@ -106,11 +106,12 @@ def _quantized_tensor(ent, form: IntForm, shape, codes, spec, order, requantize_
     notes.append(f"{enc.qtype} is wider than the container of {', '.join(sorted(wider))}")
   if any(k in kinds for k in ("int2", "int3")):
     notes.append("ggml has no exact 2/3-bit type: int2/int3 are stored as 4-bit levels")
-  data, qtype, extra = enc.data, enc.qtype, {}
+  data, qtype, extra = enc.data, enc.qtype, {"widened": bool(wider)}
   if (requantize_mixed and len(kinds) > 1 and ent.kind == "experts"
       and order.index(requantize_mixed) < order.index(qtype)):
     data, redone, rel = gguf_requant.requantize(name, levels, scale, requantize_mixed)
-    extra = {"requantized": {"from": qtype, "experts": redone, "rel_error": rel}}
+    extra = {"widened": False,
+             "requantized": {"from": qtype, "experts": redone, "rel_error": rel}}
     notes.append(f"re-quantized experts {redone} from exact {qtype} to {requantize_mixed} "
                  f"(--requantize-mixed): relative error {rel:.3g}")
     qtype = requantize_mixed
@@ -202,6 +203,10 @@ def write_gguf(weights: StudentWeights, out_path, *, fp_dtype: str = "f32", all_
       "tensors": rows,
       "moeqjax_bytes": sum(r["moeqjax_bytes"] for r in rows),
       "tensor_bytes": sum(r["file_bytes"] for r in rows),
+      # Tensors holding a code in a type wider than that code's own exact container (mixed codes
+      # in one llama.cpp tensor, ternary without TQ blocks, full-precision experts beside
+      # quantized ones); empty for a student allocated with `moeqjax allocate --target gguf`.
+      "widened": [r["name"] for r in rows if r["widened"]],
       "notes": notes,
   }
   output_guard.replace(tmp, out_path, KIND, overwrite)
@@ -242,6 +247,7 @@ def _write_tensor(writer, ent, weights: StudentWeights, spec, order, fp_dtype, a
   else:
     if codes is not None and not all_f32:
       note = "some experts are full precision: the whole tensor is float32"
+      row["widened"] = True  # its quantized experts are stored as float32
     a = _to_ggml(weights.dequantized(ent.path), ent.kind, ent.permute_heads)
     # Norms, biases and the router stay float32 as llama.cpp's own converter keeps them; a
     # dequantized weight is exact only in float32.
@@ -251,6 +257,7 @@ def _write_tensor(writer, ent, weights: StudentWeights, spec, order, fp_dtype, a
     data, raw = _float_data(a, dtype)
     qtype = {"f32": "F32", "f16": "F16", "bf16": "BF16"}[dtype]
   writer.add_tensor(ent.name, data, raw_dtype=raw)
+  row.setdefault("widened", False)
   row.update({"ggml_type": qtype, "shape": _ggml_shape(shape, ent.kind),
               "file_bytes": int(data.nbytes), "note": note})
   return row

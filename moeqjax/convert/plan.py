@@ -11,6 +11,7 @@ import numpy as np
 from flax.core import meta
 
 from moeqjax.model import ModelConfig, MoETransformer
+from moeqjax.model.projection_codes import layer_codes
 from moeqjax.quant import weight_bytes
 from moeqjax.quant.clip import is_clip_param
 
@@ -66,7 +67,7 @@ def plan(cfg: ModelConfig, batch_size: int, seq_len: int, expert_codes_LxE=None)
   Args:
     cfg: the model config (its quant rules give the codes of non-expert tensors).
     batch_size, seq_len: the QAT batch (for the activation estimate).
-    expert_codes_LxE: per-expert codes; None uses quant.expert_code everywhere.
+    expert_codes_LxE: per-expert codes [L, E] or [L, 3, E]; None uses quant.expert_code everywhere.
 
   Returns:
     dict of counts (params by group, active per token) and bytes (fp, quantized, QAT estimate).
@@ -94,7 +95,7 @@ def plan(cfg: ModelConfig, batch_size: int, seq_len: int, expert_codes_LxE=None)
     fp_bytes += n * np.dtype(leaf.dtype).itemsize
     if group == "experts" and path[-1] in ("w_in", "w_gate", "w_out"):
       layer = int(path[0].split("_")[1])
-      q_bytes += sum(wbytes(leaf.shape[1:], c) for c in codes[layer])
+      q_bytes += sum(wbytes(leaf.shape[1:], c) for c in layer_codes(codes[layer], path[-1]))
     elif is_clip_param(path[-1]):
       pass  # learned clip ratios are folded into the stored scales: no bytes of their own
     elif len(leaf.shape) == 2 and path[-1] == "kernel":

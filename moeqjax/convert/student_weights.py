@@ -16,6 +16,7 @@ import numpy as np
 
 from moeqjax.convert.tree_paths import get_path
 from moeqjax.model import ModelConfig
+from moeqjax.model.projection_codes import layer_codes
 from moeqjax.quant import (dequantize_ints, formats, quantize_dequantize,
                            quantize_to_ints)
 from moeqjax.quant.clip import learned_ratio
@@ -85,6 +86,8 @@ class ParamWeights(StudentWeights):
     if codes is None:
       return None
     codes = formats.validate_codes(jax.device_get(codes))
+    if path[-1] in EXPERT_PARAMS:  # [E], or [3, E] with a row per projection
+      codes = layer_codes(codes, path[-1])
     return None if np.all(codes == formats.FP) else codes  # code 0 passes the weight through
 
   def _array(self, path):

@@ -7,7 +7,8 @@ import math
 import jax
 import numpy as np
 
-from moeqjax.model import ModelConfig
+from moeqjax.model import ModelConfig, expert_codes
+from moeqjax.model.projection_codes import by_projection, is_per_projection
 from moeqjax.quant import expert_bytes, weight_bytes
 from moeqjax.quant.clip import is_clip_param
 
@@ -49,8 +50,9 @@ def model_memory(cfg: ModelConfig, params, quant) -> dict:
   if quant is None:
     codes = np.zeros((num_layers, num_experts), np.int32)
   else:
-    codes = np.stack([np.asarray(quant[f"layers_{i}"]["moe"]["expert_bits"])
-                      for i in range(num_layers)])
+    codes = expert_codes(quant, num_layers)
+    if is_per_projection(codes):
+      codes = by_projection(codes)
   experts = expert_bytes(expert_shapes(cfg), codes, spec)
 
   other_bytes, other_weights = 0, 0

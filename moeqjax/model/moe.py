@@ -13,6 +13,7 @@ from moeqjax.model.capacity import capacity_keep
 from moeqjax.model.dispatch import DISPATCH as _LOCAL_DISPATCH, gathered_experts, swiglu
 from moeqjax.model.expert_parallel import expert_parallel_experts
 from moeqjax.model.layers import QDense, expert_act_quant, maybe_quant_act, quant_codes
+from moeqjax.model.projection_codes import layer_codes
 from moeqjax.model.routing import load_balance_loss, router_z_loss, topk_gates
 
 DISPATCH = {**_LOCAL_DISPATCH, "ep": expert_parallel_experts}
@@ -113,16 +114,19 @@ class MoE(nn.Module):
     w_gate = expert_param("w_gate", (e, d, f), ("expert", "embed", "mlp"))
     w_out = expert_param("w_out", (e, f, d), ("expert", "mlp", "embed"))
 
-    codes_E = quant_codes(self, "expert_bits",
-                          lambda: jnp.full((e,), rules.expert_code, jnp.int32))
-    x_q, act_quant_E = expert_act_quant(x_TxD, rules, codes_E)
-    if codes_E is not None:
+    # [E], or [3, E] with one code per projection (model.projection_codes).
+    codes = quant_codes(self, "expert_bits",
+                        lambda: jnp.full((e,), rules.expert_code, jnp.int32))
+    # An expert reads quantized activations when any of its matrices is quantized.
+    x_q, act_quant_E = expert_act_quant(
+        x_TxD, rules, None if codes is None else jnp.max(codes.reshape(-1, e), axis=0))
+    if codes is not None:
       spec = rules.spec()
       clip = self._ratios(spec, e, d, f, pdtype) if spec.has_ratio else (None, None, None)
       quantize = q.fake_quant if not spec.stored_ratio else _fixed_ratio_quant
-      w_in = quantize(w_in, codes_E, spec, clip[0])
-      w_gate = quantize(w_gate, codes_E, spec, clip[1])
-      w_out = quantize(w_out, codes_E, spec, clip[2])
+      w_in = quantize(w_in, layer_codes(codes, "w_in"), spec, clip[0])
+      w_gate = quantize(w_gate, layer_codes(codes, "w_gate"), spec, clip[1])
+      w_out = quantize(w_out, layer_codes(codes, "w_out"), spec, clip[2])
     elif idx_TxK.size < e:
       # Full precision at decode size: read only the selected experts, as the packed path does.
       idx_M = idx_TxK.reshape(-1)

@@ -13,6 +13,7 @@ import numpy as np
 
 from moeqjax import quant as q
 from moeqjax.model.codes import expert_codes
+from moeqjax.model.projection_codes import layer_codes
 from moeqjax.quant import clip
 
 _EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out")
@@ -54,12 +55,12 @@ def init_ratios(cfg, params, quant):
   params = without_ratios(params)
   if not spec.has_ratio:
     return params
-  codes_LxE = expert_codes(quant, cfg.num_layers)
+  codes_LxE = expert_codes(quant, cfg.num_layers)  # [L, E] or [L, 3, E]
   for layer in range(cfg.num_layers):
     moe = params[f"layers_{layer}"]["moe"]
     had = kept[f"layers_{layer}"]["moe"]
-    codes_E = np.asarray(codes_LxE[layer], np.int32)
     for name in _EXPERT_WEIGHTS:
+      codes_E = layer_codes(np.asarray(codes_LxE[layer], np.int32), name)
       key = name + clip.CLIP_SUFFIX
       moe[key] = (had[key] if spec.stored_ratio and key in had
                   else initial_ratio(moe[name], codes_E, spec))

@@ -1,4 +1,4 @@
-"""`moeqjax allocate`: per-expert bits from a workdir's router statistics within a budget, to allocation.json."""
+"""`moeqjax allocate`: per-expert (or, for --target gguf, per-tensor) bits from a workdir's router statistics within a budget, to allocation.json."""
 
 from __future__ import annotations
 
@@ -18,14 +18,16 @@ def parse_codes(text: str, error: str) -> tuple[int, ...]:
 
 
 def allocate_workdir(config, workdir: pathlib.Path, method: str, budget: float, budget_unit: str,
-                     *, choices: tuple[int, ...], levels: tuple[int, ...] | None, seed: int,
-                     out: pathlib.Path | None = None) -> tuple[Allocation, pathlib.Path]:
+                     *, choices: tuple[int, ...] | None, levels: tuple[int, ...] | None, seed: int,
+                     out: pathlib.Path | None = None,
+                     target: str = "experts") -> tuple[Allocation, pathlib.Path]:
   """Allocates from the latest state of `workdir` and writes the allocation (default
-  WORKDIR/allocation.json); returns the allocation and the file."""
+  WORKDIR/allocation.json); returns the allocation and the file. `choices` None: the target's
+  default (1,2,3,4,8 per expert; 1,4,8,0 for gguf)."""
   config, _, state = restore_latest(config, workdir)
   cfg = config_io.model_config(config)
   result = allocate(method, cfg, state.params, state.stats, budget, budget_unit, choices=choices,
-                    seed=seed, levels=levels)
+                    seed=seed, levels=levels, target=target)
   out = out if out is not None else workdir / "allocation.json"
   write_allocation(out, result)
   return result, out

@@ -7,13 +7,15 @@ import json
 import pathlib
 
 import ml_collections
+import numpy as np
 
 from moeqjax.model import init_ratios
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import runs
 from moeqjax.pipeline.distributed import is_primary
 from moeqjax.pipeline.mesh import eval_mesh, sharded_template
-from moeqjax.pipeline.workdirs import finished_state, load_data, state_template
+from moeqjax.pipeline.workdirs import (finished_state, load_data, recorded_expert_codes,
+                                       state_template)
 from moeqjax.data import eval_windows
 from moeqjax.eval import evaluate_variants
 from moeqjax.eval.report import capacity_note  # the CLI's summary prints it  # noqa: F401
@@ -27,7 +29,9 @@ def restore_qat_state(config, workdir: pathlib.Path):
   """The student (params and codes; the state's other fields are None) of a finished QAT run in
   `workdir` (no params are initialised; on a mesh every array is restored into its shards)."""
   steps = config.qat.steps
-  state = finished_state(workdir, sharded_template(config, state_template(config, "qat")), steps,
+  state = finished_state(workdir, sharded_template(config, state_template(config, "qat",
+                                                                   recorded_expert_codes(workdir))),
+                         steps,
                          parts=("params", "quant"))  # not the optimizer state nor the teacher
   if state is None:
     raise UnfinishedRun(f"{workdir} holds no finished QAT run of {steps} steps; finish it "
@@ -58,7 +62,7 @@ def control_config(config, workdir: pathlib.Path, control: pathlib.Path,
   quant = ctl.get("quant", {})
   quantized = [f"quant.{k}={quant.get(k)}" for k in _FP_RULES if quant.get(k) != 0]
   codes = record.get("expert_codes")
-  if codes is not None and any(c != 0 for row in codes for c in row):
+  if codes is not None and np.any(np.asarray(codes) != 0):  # [L, E] or [L, 3, E]
     quantized.append("an allocation with expert codes above 0")
   if "realloc" in record:
     quantized.append("re-allocation (realloc)")

@@ -50,7 +50,7 @@ def load_student(workdir: pathlib.Path):
   config = ml_collections.ConfigDict({k: record[k] for k in ("model", "quant", "qat")})
   cfg = config_io.model_config(config)
   # Shapes only: the restore brings the recorded codes and the trained student.
-  template = state_template(config, "qat")
+  template = state_template(config, "qat", record.get("expert_codes"))
   try:
     state = latest_state(workdir, template, parts=("params", "quant"))
   except Exception as e:  # orbax raises many types for a damaged checkpoint

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from moeqjax.data import TokenCorpus
 from moeqjax.model import default_quant, init_ratios, set_expert_codes
 from moeqjax.model.codes import expert_codes
+from moeqjax.model.projection_codes import layer_codes
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
 from moeqjax.pipeline.ptq_calib import expert_hessians
@@ -91,7 +92,6 @@ def gptq_experts(cfg, params, hessians, codes_LxE: np.ndarray, *, block_size=gq.
     counts = hessians.tokens[layer]
     empty = counts == 0
     no_tokens += [[layer, int(e)] for e in np.flatnonzero(empty)]
-    codes = jnp.asarray(codes_LxE[layer], jnp.int32)
     moe = dict(params[f"layers_{layer}"]["moe"])
     for which, names in _MATRICES:
       h = hessians.h_in[layer] if which == "in" else hessians.h_out[layer]
@@ -100,6 +100,7 @@ def gptq_experts(cfg, params, hessians, codes_LxE: np.ndarray, *, block_size=gq.
       damped += [[layer, int(e), "/".join(names), float(used[e])]
                  for e in np.flatnonzero(used != damp)]
       for name in names:
+        codes = jnp.asarray(layer_codes(np.asarray(codes_LxE[layer]), name), jnp.int32)
         w = moe[name]
         res = gq.gptq(w, u, codes, spec, dead=dead, h=h, block_size=block_size)
         errors["gptq"] += _output_error(w, res.w_hat, h)
@@ -214,7 +215,8 @@ def ptq_student(config, ptq_dir: pathlib.Path):
       raise PtqError(f"--init-from {ptq_dir} was made with another {section} config; rerun "
                      f"`moeqjax ptq` with this one or pass its --config.{section}.* values")
   made = ml_collections.ConfigDict({k: record[k] for k in ("model", "quant", "qat")})
-  state = finished_state(ptq_dir, state_template(made, "qat"), made.qat.steps,
+  state = finished_state(ptq_dir, state_template(made, "qat", record.get("expert_codes")),
+                         made.qat.steps,
                          parts=("params", "quant"))
   if state is None:
     raise PtqError(f"--init-from {ptq_dir} has no finished checkpoint; rerun `moeqjax ptq` into it")

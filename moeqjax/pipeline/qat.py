@@ -93,7 +93,8 @@ def qat(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher_params
     workdir: this run's folder (checkpoints, metrics.jsonl, config.json).
     corpus: the data; QAT trains on corpus.train.
     teacher_params: the frozen full-precision params (also the student's starting point).
-    expert_codes_LxE: per-layer, per-expert bit codes; None uses quant.expert_code everywhere.
+    expert_codes_LxE: per-layer, per-expert bit codes [L, E], or per projection [L, 3, E]
+      (`allocate --target gguf`); None uses quant.expert_code everywhere.
     resume: continue a killed run from its latest checkpoint.
     realloc: optional ReallocConfig: re-allocate the expert codes every `realloc.every` steps
       from the statistics gathered so far (progressive QAT, no recompile).
@@ -161,13 +162,19 @@ def qat_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path,
   workdir, for `moeqjax export`.
   """
   params, corpus, codes = teacher_inputs(config, teacher_dir, allocation_path)
+  realloc = realloc_from_config(config)
+  if realloc is not None and codes is not None and np.ndim(codes) == 3:
+    raise config_io.ConfigError(
+        f"--allocation {allocation_path} holds per-projection codes (allocate --target gguf), "
+        "which re-allocation (realloc.every > 0) would replace by per-expert ones; set "
+        "--config.realloc.every=0")
   start = None
   if init_from is not None:
     start_params, start_codes = ptq_student(config, pathlib.Path(init_from))
     start = (str(pathlib.Path(init_from).absolute()), start_params)
     codes = start_codes if codes is None else codes
   state = qat(config, workdir, corpus, params, expert_codes_LxE=codes, resume=resume,
-              realloc=realloc_from_config(config), init_from=start,
+              realloc=realloc, init_from=start,
               provenance={"teacher": str(pathlib.Path(teacher_dir).absolute())})
   import_hf.keep_hf_config(teacher_dir, workdir)
   return state

@@ -47,7 +47,8 @@ def finished_student(workdir: pathlib.Path):
     raise NotARun(f"{workdir} is not a `moeqjax qat` run (its {CONFIG_RECORD} has no qat "
                   "section); pack a QAT student")
   config = ml_collections.ConfigDict({k: record[k] for k in ("model", "quant", "data", "qat")})
-  state = finished_state(workdir, state_template(config, "qat"), config.qat.steps,
+  state = finished_state(workdir, state_template(config, "qat", record.get("expert_codes")),
+                         config.qat.steps,
                          parts=("params", "quant"))
   if state is None:
     raise UnfinishedRun(f"{workdir} holds no finished QAT run of {config.qat.steps} steps; finish "

@@ -11,7 +11,8 @@ import numpy as np
 from moeqjax.alloc.allocation import expert_stats
 from moeqjax.model import expert_codes
 from moeqjax.pipeline import config as config_io
-from moeqjax.pipeline.workdirs import CONFIG_RECORD, latest_state, state_template
+from moeqjax.pipeline.workdirs import (CONFIG_RECORD, latest_state, recorded_expert_codes,
+                                       state_template)
 
 _SECTIONS = ("model", "quant", "data", "pretrain", "qat", "loss")
 COLUMNS = ("lambda", "grad_norm_sum", "grad_norm_ema", "count", "mean_gate", "neuron_variance",
@@ -50,7 +51,8 @@ def restore_latest(config, workdir: str | pathlib.Path):
   config, phase = workdir_config(config, workdir)
   # A fine-tune's state has no quant codes and no teacher: it restores like a pretrain state (the
   # optimizer state's structure does not depend on its hyper-parameters).
-  template = state_template(config, "qat" if phase == "qat" else "pretrain")
+  template = state_template(config, "qat" if phase == "qat" else "pretrain",
+                            recorded_expert_codes(workdir))
   state = latest_state(workdir, template,
                        parts=("params", "stats", "quant") if phase == "qat" else ("params", "stats"))
   if state is None:

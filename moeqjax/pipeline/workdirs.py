@@ -7,10 +7,12 @@ import pathlib
 import sys
 
 import jax
+import numpy as np
 
-from moeqjax.alloc.allocation import read_allocation
+from moeqjax.alloc import gguf_target
+from moeqjax.alloc.allocation import allocation_target, read_allocation
 from moeqjax.data import TokenCorpus, check_vocab, encode_corpus, load_corpus, make_tokenizer
-from moeqjax.model import default_quant, init_model, without_ratios
+from moeqjax.model import default_quant, init_model, set_expert_codes, without_ratios
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
 from moeqjax.pipeline import runs
@@ -119,11 +121,20 @@ def finished_state(workdir: pathlib.Path, template: TrainState, steps: int,
   return latest_state(workdir, template, steps, parts)
 
 
-def state_template(config, phase: str) -> TrainState:
+def recorded_expert_codes(workdir: pathlib.Path):
+  """The expert codes a qat / ptq workdir recorded (nested lists, [L, E] or [L, 3, E]), or None."""
+  return (runs.read_record(pathlib.Path(workdir)) or {}).get("expert_codes")
+
+
+def state_template(config, phase: str, expert_codes=None) -> TrainState:
   """The abstract (shape-only) train state of a "pretrain" or "qat" run, to restore into.
 
-  Nothing is allocated (jax.eval_shape).
+  Nothing is allocated (jax.eval_shape). `expert_codes`: the run's recorded codes
+  (recorded_expert_codes); per-projection codes [L, 3, E] give the template their shape.
   """
+  quant = default_quant(config_io.model_config(config)) if phase == "qat" else None
+  if quant is not None and expert_codes is not None and np.ndim(expert_codes) == 3:
+    quant = set_expert_codes(quant, expert_codes)
   cfg = config_io.model_config(config)
   _, optim = config_io.phase_configs(config[phase], phase)
   tx = make_optimizer(optim)
@@ -132,8 +143,7 @@ def state_template(config, phase: str) -> TrainState:
     params = init_model(cfg, jax.random.key(0))[1]
     teacher = without_ratios(params)  # teachers never hold learned ratios
     if phase == "qat":
-      return create_state(params, tx, cfg.num_layers, quant=default_quant(cfg),
-                          teacher_params=teacher)
+      return create_state(params, tx, cfg.num_layers, quant=quant, teacher_params=teacher)
     return create_state(teacher, tx, cfg.num_layers)
 
   return jax.eval_shape(build)
@@ -169,12 +179,15 @@ def teacher_params(config, teacher_dir: pathlib.Path):
 
 
 def teacher_inputs(config, teacher_dir: pathlib.Path, allocation_path: str | None):
-  """(teacher params, corpus, codes [L, E] or None) for a phase that starts from a teacher
-  (`moeqjax qat`, `moeqjax ptq`) with an optional allocation.json."""
+  """(teacher params, corpus, codes [L, E], [L, 3, E] or None) for a phase that starts from a
+  teacher (`moeqjax qat`, `moeqjax ptq`) with an optional allocation.json; a `--target gguf`
+  allocation must be exact in GGUF under this run's quant config (gguf_target.check_exact)."""
   params = teacher_params(config, teacher_dir)
   corpus = load_data(config)
   codes = None
   if allocation_path is not None:
     cfg = config_io.model_config(config)
     codes = read_allocation(allocation_path, cfg.num_layers, cfg.num_experts)
+    if allocation_target(allocation_path) == "gguf":  # every tensor must stay exact in GGUF
+      gguf_target.check_exact(cfg, codes, f"--allocation {allocation_path}")
   return params, corpus, codes

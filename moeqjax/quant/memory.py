@@ -95,7 +95,9 @@ def expert_bytes(expert_shapes: dict, codes_LxE, spec: QuantSpec) -> dict:
 
   Args:
     expert_shapes: weight name (e.g. "w_in", "w_gate", "w_out") -> ONE expert's [in, out] shape.
-    codes_LxE: int codes [num_layers, num_experts].
+    codes_LxE: int codes [num_layers, num_experts] for every tensor of an expert, or a dict
+      {weight name: [num_layers, num_experts]} with one entry per name of `expert_shapes` (codes
+      per projection).
     spec: the quantization spec.
 
   Returns:
@@ -107,21 +109,42 @@ def expert_bytes(expert_shapes: dict, codes_LxE, spec: QuantSpec) -> dict:
         scales excluded; FP counts as 16);
       "bytes_per_layer": list[int] of length num_layers.
   """
-  codes = formats.validate_codes(codes_LxE)
-  if codes.ndim != 2:
-    raise ValueError(f"codes_LxE must be [num_layers, num_experts], got shape {codes.shape}")
-  if codes.size == 0:
-    raise ValueError("codes_LxE is empty; pass at least one layer and one expert")
   if not expert_shapes:
     raise ValueError("expert_shapes is empty; pass e.g. {'w_in': (D, F), 'w_out': (F, D)}")
-  per_expert = {c: sum(weight_bytes(s, c, spec) for s in expert_shapes.values())
-                for c in np.unique(codes).tolist()}
+  if isinstance(codes_LxE, dict):
+    if sorted(codes_LxE) != sorted(expert_shapes):
+      raise ValueError(f"codes per weight name {sorted(codes_LxE)} must name exactly the expert "
+                       f"tensors {sorted(expert_shapes)}")
+    per_name = {n: formats.validate_codes(codes_LxE[n]) for n in expert_shapes}
+  else:
+    codes = formats.validate_codes(codes_LxE)
+    per_name = {n: codes for n in expert_shapes}
+  shapes = {c.shape for c in per_name.values()}
+  if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+    raise ValueError(f"codes_LxE must be [num_layers, num_experts], got shape(s) {sorted(shapes)}")
+  if next(iter(per_name.values())).size == 0:
+    raise ValueError("codes_LxE is empty; pass at least one layer and one expert")
   weights_per_expert = sum(math.prod(s) for s in expert_shapes.values())
-  bytes_LxE = np.vectorize(per_expert.__getitem__, otypes=[np.int64])(codes)
-  bits_LxE = np.vectorize(lambda c: formats.storage_bits(c, spec.ternary_packing),
-                          otypes=[np.float64])(codes)
+
+  def bits_of(codes):
+    return np.vectorize(lambda c: formats.storage_bits(c, spec.ternary_packing),
+                        otypes=[np.float64])(codes)
+
+  if isinstance(codes_LxE, dict):
+    bytes_LxE, code_bits = 0, 0.0
+    for name, shape in expert_shapes.items():
+      codes = per_name[name]
+      per_code = {c: weight_bytes(shape, c, spec) for c in np.unique(codes).tolist()}
+      bytes_LxE = bytes_LxE + np.vectorize(per_code.__getitem__, otypes=[np.int64])(codes)
+      code_bits = code_bits + bits_of(codes) * math.prod(shape)
+    bits_LxE = code_bits / weights_per_expert  # weighted by the tensors' sizes
+  else:
+    per_expert = {c: sum(weight_bytes(s, c, spec) for s in expert_shapes.values())
+                  for c in np.unique(codes).tolist()}
+    bytes_LxE = np.vectorize(per_expert.__getitem__, otypes=[np.int64])(codes)
+    bits_LxE = bits_of(codes)
   total = int(bytes_LxE.sum())
-  num_weights = weights_per_expert * codes.size
+  num_weights = weights_per_expert * bytes_LxE.size
   return {
       "total_bytes": total,
       "num_weights": int(num_weights),

@@ -30,6 +30,8 @@ from moeqjax.data.tokenizer import TOKENIZER_JSON, copy_tokenizer, tokenizer_fil
 from moeqjax.eval.memory_report import expert_shapes
 from moeqjax.model import MoETransformer, ModelConfig, QuantRules
 from moeqjax.model.packed_weights import COLLECTION
+from moeqjax.model.projection_codes import (NUM_PROJECTIONS, PROJECTIONS, by_projection, collapse,
+                                             layer_codes)
 from moeqjax.quant import packed_tensor as pt
 from moeqjax.quant.clip import learned_ratio
 
@@ -69,7 +71,7 @@ def _packed_arrays(cfg: ModelConfig, params, quant):
       if codes is None:
         raise PackedCheckpointError(f"{where} has no expert codes in the quant collection; pack a "
                                     "QAT student (params and its quant codes)")
-      codes = np.asarray(jax.device_get(codes)).reshape(-1)
+      codes = layer_codes(np.asarray(jax.device_get(codes)), name)
       if np.any(codes == q.FP):
         raise PackedCheckpointError(
             f"{where}: expert(s) {np.flatnonzero(codes == q.FP).tolist()} have code 0 (full "
@@ -164,8 +166,10 @@ def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "float32",
         if path[-1] in _EXPERT_PARAMS:
           expert_tensor_bytes += arr.nbytes
 
-  codes_LxE = np.asarray([expert_codes[f"layers_{i}/moe/w_in"] for i in range(cfg.num_layers)])
-  accounting = q.expert_bytes(expert_shapes(cfg), codes_LxE, cfg.quant.spec())
+  # [L, E] when every expert's three matrices share its code, else [L, 3, E] (PROJECTIONS rows).
+  codes_LxE = collapse(np.stack([[expert_codes[f"layers_{i}/moe/{w}"] for w in PROJECTIONS]
+                                 for i in range(cfg.num_layers)], axis=0))
+  accounting = q.expert_bytes(expert_shapes(cfg), by_projection(codes_LxE), cfg.quant.spec())
   if accounting["total_bytes"] != expert_tensor_bytes:  # the packers and the formula must agree
     raise AssertionError(f"packed expert bytes {expert_tensor_bytes} != accounted "
                          f"{accounting['total_bytes']}; a packing/accounting bug")
@@ -259,11 +263,13 @@ def _expected_shapes(cfg: ModelConfig, manifest: dict) -> dict:
   spec = cfg.quant.spec()
   shapes = param_shapes(cfg)
   one_expert = expert_shapes(cfg)
-  codes = manifest["expert_codes"]
-  if np.shape(codes) != (cfg.num_layers, cfg.num_experts):
+  codes = np.asarray(manifest["expert_codes"])
+  if np.shape(codes) not in ((cfg.num_layers, cfg.num_experts),
+                             (cfg.num_layers, NUM_PROJECTIONS, cfg.num_experts)):
     raise PackedCheckpointError(
         f"manifest expert_codes has shape {list(np.shape(codes))}, the model config needs "
-        f"[num_layers, num_experts] = {[cfg.num_layers, cfg.num_experts]}")
+        f"[num_layers, num_experts] = {[cfg.num_layers, cfg.num_experts]} (or one row per "
+        "projection)")
   stored = {(rec["param"], rec["role"], rec.get("code")) for rec in manifest["tensors"].values()}
   for param in shapes:
     if cfg.quant.has_ratio and param.endswith(_CLIP_SUFFIX):
@@ -271,7 +277,8 @@ def _expected_shapes(cfg: ModelConfig, manifest: dict) -> dict:
     leaf = param.split("/")[-1]
     if leaf in one_expert:
       layer = int(param.split("/")[0].split("_")[1])
-      needed = [(param, role, c) for c in set(codes[layer]) for role in ("values", "scales")]
+      needed = [(param, role, c) for c in set(layer_codes(codes[layer], leaf).tolist())
+                for role in ("values", "scales")]
     elif any(p == param for p, _, _ in stored):
       continue
     else:
@@ -294,7 +301,7 @@ def _expected_shapes(cfg: ModelConfig, manifest: dict) -> dict:
     code = rec["code"]
     if param.split("/")[-1] in one_expert:
       layer = int(param.split("/")[0].split("_")[1])
-      n = sum(1 for c in codes[layer] if c == code)
+      n = int(np.sum(layer_codes(codes[layer], param.split("/")[-1]) == code))
       matrix, lead = full[1:], (n,)
     else:
       matrix, lead = full, ()
@@ -390,11 +397,11 @@ def load_packed(folder, *, verify: bool = True) -> PackedModel:
     del arr
   spec, shapes = cfg.quant.spec(), expert_shapes(cfg)
   for i, row in enumerate(manifest["expert_codes"]):
-    codes = np.asarray(row, np.int32)
-    slot = np.zeros_like(codes)
-    for c in set(row):
-      slot[codes == c] = np.arange(int(np.sum(codes == c)))
     for w in _EXPERT_PARAMS:
+      codes = layer_codes(np.asarray(row, np.int32), w)
+      slot = np.zeros_like(codes)
+      for c in set(codes.tolist()):
+        slot[codes == c] = np.arange(int(np.sum(codes == c)))
       node = get_path(experts, (f"layers_{i}", "moe", w))
       node.update({pt.EXPERT_CODES: codes, pt.EXPERT_SLOT: slot})
       bank = pt.expert_bank(node, spec, shapes[w])

@@ -7,6 +7,7 @@ import pathlib
 import numpy as np
 
 from moeqjax.convert.student_weights import EXPERT_PARAMS, IntForm, StudentWeights, dequantize
+from moeqjax.model.projection_codes import layer_codes
 from moeqjax.quant import packed_tensor as pt
 from moeqjax.serve.checkpoint import open_packed, param_shapes, read_packed_tensors
 
@@ -46,7 +47,7 @@ class PackedWeights(StudentWeights):
       return None
     if path[-1] in EXPERT_PARAMS:
       layer = int(path[0].split("_")[1])
-      return np.asarray(self.manifest["expert_codes"][layer], np.int32)
+      return layer_codes(np.asarray(self.manifest["expert_codes"][layer], np.int32), path[-1])
     (code,) = self._buffers[param]
     return np.asarray(code, np.int32)
 

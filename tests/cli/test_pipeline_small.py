@@ -203,3 +203,50 @@ def test_eval_against_a_same_objective_control(finished_runs, capsys):
   assert main(["eval", "--workdir", str(tmp_path / "q"), "--control", str(other), *args]) == 2
   err = capsys.readouterr().err.strip()
   assert "were not trained alike (loss.kd)" in err and len(err.splitlines()) == 1, err
+
+
+def test_allocate_target_gguf_then_qat_trains_it_and_the_gguf_widens_nothing(finished_runs,
+                                                                            capsys):
+  """`allocate --target gguf` -> `qat --allocation` -> `export --format gguf`: the student holds
+  the allocated per-projection codes and its GGUF stores every expert tensor at the allocated type,
+  in the allocated bytes. Rows of D = 16 take no ggml block (F16 is the stated fallback for
+  w_gate / w_in); w_out's rows of F = 32 take Q4_0 / Q8_0."""
+  pytest.importorskip("gguf", reason="GGUF export needs the `export` extra (gguf)")
+  from moeqjax.model import expert_codes
+  tmp_path, args = finished_runs
+  out = tmp_path / "gguf_alloc.json"
+  base = ["allocate", "--workdir", str(tmp_path / "q"), "--method", "exact", "--target", "gguf",
+          "--out", str(out)]
+  assert main([*base, "--budget", "13", *TINY]) == 0
+  printed = capsys.readouterr().out
+  assert "w_gate: TQ2_0 left out (rows of 16 input weights" in printed
+  record = json.loads(out.read_text())
+  assert record["target"] == "gguf" and record["within_budget"]
+  types = {(l, name): t for l, row in record["gguf_types"].items() for name, t in row.items()}
+  assert {t for (_, n), t in types.items() if n != "w_out"} == {"F16"}
+  assert {t for (_, n), t in types.items() if n == "w_out"} == {"Q4_0", "Q8_0"}  # a real mix
+  # bad inputs: one line each
+  assert main([*base, "--budget", "2.5", *TINY]) == 2
+  assert "infeasible for --target gguf" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    main([*base[:-4], "--target", "onnx", "--budget", "13", *TINY])
+  assert "invalid choice: 'onnx'" in capsys.readouterr().err
+  # qat trains exactly that allocation, and the GGUF export widens nothing
+  assert main(["qat", "--workdir", str(tmp_path / "qg"), "--teacher", str(tmp_path / "fp"),
+               "--allocation", str(out), *args]) == 0
+  config = load_config(None)
+  apply_overrides(config, dict(a[len("--config."):].split("=", 1) for a in args
+                               if a.startswith("--config.")))
+  state = finished_state(tmp_path / "qg", state_template(config, "qat",
+                                                        record["codes_LxE"]), 4)
+  np.testing.assert_array_equal(expert_codes(state.quant, 2), record["codes_LxE"])
+  gguf_file = tmp_path / "qg.gguf"
+  assert main(["export", "--workdir", str(tmp_path / "qg"), "--format", "gguf", "--out",
+               str(gguf_file), "--fp-dtype", "f16"]) == 0
+  report = json.loads((tmp_path / "qg.export_report.json").read_text())
+  assert report["widened"] == []
+  rows = {r["name"]: r for r in report["tensors"]}
+  gg = {"w_gate": "ffn_gate_exps", "w_in": "ffn_up_exps", "w_out": "ffn_down_exps"}
+  assert {(l, n): rows[f"blk.{l}.{gg[n]}.weight"]["ggml_type"] for (l, n) in types} == types
+  assert sum(r["file_bytes"] for r in rows.values() if "_exps" in r["name"]) == (
+      record["achieved"]["bytes"])
