@@ -34,7 +34,7 @@ def get_config():
       # dropless grouped matmul (jax.lax.ragged_dot); "dense" is the oracle; "ep" sends tokens to
       # their experts' shards over mesh.expert (expert parallelism)
       dispatch="ragged",
-      capacity_factor=0.0,  # 0 = dropless; C > 0 drops pairs over ceil(C * T*k / E) per expert
+      capacity_factor=0.0,  # 0 = dropless; C > 0: ceil(C * S*k / E) pairs per expert and sequence
       max_seq_len=128,
       dtype="float32",
       param_dtype="float32",

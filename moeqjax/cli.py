@@ -489,12 +489,16 @@ def run(argv: list[str]) -> int:
 
 
 def _print_summary(metrics: dict, workdir: pathlib.Path):
+  from moeqjax.pipeline.evaluate import capacity_note
   unit = metrics.get("unit", "token")
   print(f"\n{'variant':16s} {'bits/' + unit:>12s} {'expert b/w':>10s} {'top-k agree':>11s} "
         f"{'top-1 agree':>11s}")
   for name, r in metrics["variants"].items():
     print(f"{name:16s} {r['bits_per_token']:12.4f} {r['expert_bits_per_weight']:10.3f} "
           f"{r['topk_agree']:11.3f} {r['top1_agree']:11.3f}")
+  dropped = capacity_note(metrics["variants"])
+  if dropped:
+    print(f"\n{dropped}")
   serving = metrics.get("serving")
   if serving:
     print()

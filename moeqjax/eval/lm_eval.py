@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from moeqjax.model import ModelConfig, MoETransformer, forward_with_aux
+from moeqjax.model.capacity import capacity_keep
 from moeqjax.objectives import token_nll
 from moeqjax.train.mesh import replicated, traced_in_mesh
 from moeqjax.train.sharding import EvalPlacement
@@ -62,7 +63,10 @@ def evaluate_lm(cfg: ModelConfig, variables: dict, windows_NxS1: np.ndarray,
     {"nll": nats per token, "bits_per_token": nll / ln 2, "tokens": count,
      "bits_per_window": np.ndarray [N] mean bits per token of each window (their mean is
      bits_per_token, since windows have equal length),
-     "expert_idx": np.ndarray [L, N*S, K] routing decisions in window order}.
+     "expert_idx": np.ndarray [L, N*S, K] routing decisions in window order,
+     "drop_rate": with model.capacity_factor > 0, the fraction of the (token, k) pairs that the
+       capacity dropped (all layers; per window of S tokens, so independent of batch_size),
+       else None}.
   """
   if placement is None:
     fn, put = _eval_fn(cfg), jnp.asarray
@@ -86,6 +90,19 @@ def evaluate_lm(cfg: ModelConfig, variables: dict, windows_NxS1: np.ndarray,
   tokens = n * seq
   nll_N = np.concatenate(nll_parts)
   nll = float(np.sum(nll_N)) / tokens
+  idx_LxMxK = np.concatenate(idx_parts, axis=1)
   return {"nll": nll, "bits_per_token": nll / math.log(2), "tokens": tokens,
           "bits_per_window": nll_N / (seq * math.log(2)),
-          "expert_idx": np.concatenate(idx_parts, axis=1)}
+          "expert_idx": idx_LxMxK, "drop_rate": capacity_drop_rate(cfg, idx_LxMxK, seq)}
+
+
+def capacity_drop_rate(cfg: ModelConfig, idx_LxMxK: np.ndarray, seq_len: int) -> float | None:
+  """The fraction of routed pairs that the capacity (model.capacity_factor or expert_capacity)
+  drops in windows of seq_len tokens (the rule the forward pass applied; None when dropless)."""
+  if not cfg.has_capacity:
+    return None
+  num_layers, m, k = idx_LxMxK.shape
+  windows_LNxSxK = jnp.asarray(idx_LxMxK).reshape(num_layers * (m // seq_len), seq_len, k)
+  keep = capacity_keep(windows_LNxSxK, cfg.num_experts, capacity_factor=cfg.capacity_factor,
+                       capacity=cfg.expert_capacity)
+  return float(1.0 - np.mean(np.asarray(keep)))

@@ -98,6 +98,18 @@ def _deploy_section(deploy: dict | None) -> list[str]:
                   "stores experts wider than our packing.", ""]
 
 
+def capacity_note(results: dict) -> str | None:
+  """One line saying how many routed pairs the capacity dropped in evaluation (None: dropless)."""
+  rates = {name: r["drop_rate"] for name, r in results.items() if r.get("drop_rate") is not None}
+  if not rates:
+    return None
+  shares = ", ".join(f"{name} {rate:.2%}" for name, rate in rates.items())
+  return ("The expert capacity (model.capacity_factor, per sequence, 1st choices first) dropped "
+          f"these shares of the routed (token, expert) pairs in evaluation: {shares}. Generation "
+          "decodes one token per step, which never overflows a capacity, so only its prompt's "
+          "prefill drops pairs: decoded text is not scored under the same drops.")
+
+
 def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, baseline: float,
                  fingerprint: dict, unit: str, curves: dict, timings: dict, notes: list[str],
                  config_text: str, serving: dict | None = None,
@@ -162,7 +174,7 @@ def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, ba
       "The RTN rows are not fine-tuned: their drift against the unchanged teacher is their "
       "agreement minus 1.",
       "",
-      *[f"- {n}" for n in notes],
+      *[f"- {n}" for n in notes + [capacity_note(results)] if n],
       "",
       *_serving_section(serving),
       *_deploy_section(deploy),

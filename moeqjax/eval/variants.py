@@ -73,6 +73,8 @@ def evaluate_variants(cfg: ModelConfig, variants: dict, windows_NxS1: np.ndarray
         # exp(nats per token): per byte for byte-level data, per token with a tokenizer.
         "perplexity": math.exp(min(ev["nll"], 700.0)),  # capped: exp overflows a float past ~709
         "eval_tokens": ev["tokens"],
+        # With model.capacity_factor: the pairs the capacity dropped in these windows (else None).
+        "drop_rate": ev.get("drop_rate"),
         "topk_agree": float(np.mean(agree["topk_agree"])),
         "top1_agree": float(np.mean(agree["top1_agree"])),
         "changed_frac": float(np.mean(agree["changed_frac"])),

@@ -1,4 +1,4 @@
-"""Expert capacity (off by default): which (token, k) pairs an expert accepts, in token order."""
+"""Expert capacity (off by default): which (token, k) pairs an expert accepts, per sequence."""
 
 from __future__ import annotations
 
@@ -8,27 +8,41 @@ import jax
 import jax.numpy as jnp
 
 
-def expert_capacity(num_pairs: int, num_experts: int, capacity_factor: float) -> int:
-  """ceil(capacity_factor * T*k / E): the most pairs one expert accepts from the T*k of a call."""
-  return math.ceil(capacity_factor * num_pairs / num_experts)
+def expert_capacity(seq_len: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+  """ceil(capacity_factor * S*k / E): the most pairs one expert accepts from one sequence."""
+  return math.ceil(capacity_factor * seq_len * top_k / num_experts)
 
 
-def capacity_keep(idx_TxK: jax.Array, num_experts: int, capacity_factor: float) -> jax.Array:
-  """bool [T, K]: True for the (token, k) pairs their expert accepts.
-
-  The capacity is global: every expert accepts at most expert_capacity(T*k, E, C) pairs of all
-  T tokens of the call (the whole global batch on a mesh, however it is split over devices), the
-  first ones in token order (token t before t + 1; a token's k experts differ, so the slot never
-  decides). The rest overflow and are dropped, as in GShard / Switch / MaxText. It depends only on
-  the routing, so every dispatch and every mesh drops the same pairs.
-  """
-  t, k = idx_TxK.shape
-  cap = expert_capacity(t * k, num_experts, capacity_factor)
-  flat_M = idx_TxK.reshape(-1)
-  # A stable sort keeps token order within each expert's group: rank = place in that queue.
+def _keep_one_sequence(idx_KxS: jax.Array, num_experts: int, cap: int) -> jax.Array:
+  """bool [K, S]: pairs in priority order (slot k, then token); each expert keeps its first cap."""
+  k, s = idx_KxS.shape
+  flat_M = idx_KxS.reshape(-1)
+  # A stable sort keeps priority order within each expert's group: rank = place in that queue.
   order_M = jnp.argsort(flat_M, stable=True)
   counts_E = jnp.bincount(flat_M, length=num_experts)
   starts_E = jnp.cumsum(counts_E) - counts_E
-  rank_sorted_M = jnp.arange(t * k) - starts_E[flat_M[order_M]]
+  rank_sorted_M = jnp.arange(k * s) - starts_E[flat_M[order_M]]
   rank_M = jnp.zeros_like(rank_sorted_M).at[order_M].set(rank_sorted_M)
-  return (rank_M < cap).reshape(t, k)
+  return (rank_M < cap).reshape(k, s)
+
+
+def capacity_keep(idx_BxSxK: jax.Array, num_experts: int, *, capacity_factor: float = 0.0,
+                  capacity: int = 0) -> jax.Array:
+  """bool [B, S, K]: True for the (token, k) pairs their expert accepts.
+
+  The capacity holds per sequence (batch row), as in GShard, Switch and MaxText: within one row an
+  expert accepts at most `capacity` pairs (a fixed integer, Hugging Face Switch's expert_capacity)
+  or, when capacity is 0, expert_capacity(S, K, E, capacity_factor) of them. Top-1 priority: every
+  token's 1st choice is served, in token order, before any token's 2nd choice, and so on. So a
+  row's drops never depend on which other rows share the call (evaluation batch size, data
+  shards), and with K = 1 the rule is Switch's (earlier tokens first).
+
+  A 2nd choice ranks behind the 1st choices of later tokens, so with K > 1 a token's drop can
+  depend on tokens after it; decoding one token per step (S = 1) never overflows, since a token's
+  K experts differ and every capacity is at least 1.
+  """
+  b, s, k = idx_BxSxK.shape
+  cap = capacity if capacity > 0 else expert_capacity(s, k, num_experts, capacity_factor)
+  keep_BxKxS = jax.vmap(lambda i: _keep_one_sequence(i, num_experts, cap))(
+      jnp.swapaxes(idx_BxSxK, 1, 2))
+  return jnp.swapaxes(keep_BxKxS, 1, 2)

@@ -117,9 +117,9 @@ class ModelConfig:
   # "ragged" (dropless grouped matmul) | "dense" (masked, test oracle) | "ep" (dropless expert
   # parallelism over the context mesh's expert axis; "ragged" without one)
   dispatch: str = "ragged"
-  # 0 = dropless (the default). C > 0: each expert accepts at most ceil(C * T*k / E) of the T*k
-  # (token, k) pairs of a forward pass, the first in token order; the others are dropped (their
-  # gate contribution is zero) on every dispatch (model.capacity.capacity_keep)
+  # 0 = dropless (the default). C > 0: in each sequence of S tokens an expert accepts at most
+  # ceil(C * S*k / E) of its (token, k) pairs, 1st choices first, then in token order; the others
+  # are dropped (their gate contribution is zero) on every dispatch (model.capacity.capacity_keep)
   capacity_factor: float = 0.0
   # A fixed per-sequence capacity (HF Switch's `expert_capacity`): in each sequence an expert
   # accepts its first `expert_capacity` pairs; 0 = use capacity_factor (exclusive with it)
@@ -161,6 +161,11 @@ class ModelConfig:
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "num_experts"):
       if getattr(self, name) < 1:
         raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+
+  @property
+  def has_capacity(self) -> bool:
+    """Whether the experts drop pairs over a capacity (capacity_factor or expert_capacity)."""
+    return self.capacity_factor > 0 or self.expert_capacity > 0
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

@@ -90,7 +90,7 @@ class MoE(nn.Module):
     # With a capacity, the pairs over it are dropped from the experts' computation only: the
     # routing in aux (and so the losses and router statistics) is the router's own.
     keep_TxK = None
-    if cfg.capacity_factor > 0 or cfg.expert_capacity > 0:
+    if cfg.has_capacity:
       keep_TxK = capacity_keep(idx_TxK.reshape(b, s, -1), e, capacity_factor=cfg.capacity_factor,
                                capacity=cfg.expert_capacity).reshape(idx_TxK.shape)
 

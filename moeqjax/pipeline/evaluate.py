@@ -16,6 +16,7 @@ from moeqjax.pipeline.mesh import eval_mesh, sharded_template
 from moeqjax.pipeline.workdirs import finished_state, load_data, state_template
 from moeqjax.data import eval_windows
 from moeqjax.eval import evaluate_variants
+from moeqjax.eval.report import capacity_note  # the CLI's summary prints it  # noqa: F401
 
 
 class UnfinishedRun(config_io.ConfigError):

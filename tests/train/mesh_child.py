@@ -165,7 +165,8 @@ def ep_block(name, sizes, act_bits):
 
 
 def ep_capacity(factor=0.75):
-  """model.dispatch="ep" with a capacity on expert=4 x data=2, E=8, k=2: the pairs kept and sent,
+  """model.dispatch="ep" with a capacity on expert=4 x data=2, E=8, k=2, 4 sequences of 8 tokens:
+  the pairs kept and sent,
   and the output vs the dense oracle on one device with the same keep mask."""
   sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
   from capacity_oracle import skewed_idx
@@ -176,7 +177,8 @@ def ep_capacity(factor=0.75):
                          for s in ((e, d, f), (e, d, f), (e, f, d)))
   idx = jnp.asarray(skewed_idx(6, t, e, 2), jnp.int32)
   gates = jax.nn.softmax(jnp.asarray(r.normal(size=(t, 2)), jnp.float32))
-  keep = capacity_keep(idx, e, factor)
+  # 4 sequences of 8 tokens: each keeps its own capacity, wherever its shard is.
+  keep = capacity_keep(idx.reshape(4, 8, 2), e, capacity_factor=factor).reshape(t, 2)
   ref = dense_experts(x, w_in, w_gate, w_out, gates, idx, keep_TxK=keep)
   with jax.set_mesh(make_mesh(MeshConfig(data=2, expert=4))):
     y, (done, expert, rows) = jax.jit(lambda *a: (

@@ -84,10 +84,10 @@ def test_expert_parallel_block_equals_dense_oracle(mesh_out):
 
 
 def test_expert_parallel_capacity_drops_by_the_reference_rule(mesh_out):
-  """With model.capacity_factor the EP exchange sends only the kept pairs (the loop's rule, over
-  all 32 tokens of the 8 shards), each to its own expert once, and equals the dense oracle."""
+  """With model.capacity_factor the EP exchange sends only the kept pairs (the loop's rule, per
+  sequence of 8 tokens), each to its own expert once, and equals the dense oracle."""
   r = mesh_out["ep_capacity"]
-  keep = reference_keep(r["idx"], r["num_experts"], r["factor"])
+  keep = reference_keep(r["idx"], r["num_experts"], r["factor"], seq_len=8)
   assert 0 < (~keep).sum() and np.array_equal(r["keep"], keep)
   assert np.array_equal(r["done"], keep.astype(int))
   assert np.array_equal(r["expert"], np.where(keep, r["idx"], -1))
