@@ -68,11 +68,12 @@ class SwitchStack(nn.Module):
     cached = decode and self.has_variable("cache", "cache_index")
     if decode:
       index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-      # Slot j of every layer's self-attention cache holds decoder position j.
-      slots = self.variable("cache", "slot_positions", lambda: jnp.arange(s, dtype=jnp.int32))
+      # Only its length is read: slot j of every layer's self-attention cache holds decoder
+      # position j, so a zeroed cache (serve.init_switch_cache) is a valid empty one.
+      slots = self.variable("cache", "slots", jnp.zeros, (s,), jnp.bool_)
     if cached:
       start = index.value
-      query_pos_S, key_pos_K = start + jnp.arange(s), slots.value
+      query_pos_S, key_pos_K = start + jnp.arange(s), jnp.arange(slots.value.shape[0])
       self_mask_BxSxK = jnp.broadcast_to(key_pos_K[None, :] <= query_pos_S[:, None],
                                          (b, s, key_pos_K.shape[0]))
       index.value = start + s
