@@ -75,7 +75,7 @@ def export_hf_switch(cfg: SwitchConfig, params, quant, out_dir: str | pathlib.Pa
                      family_config_json: dict | None = None, dtype: str = "float32", *,
                      max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
                      extra_files: dict | None = None) -> pathlib.Path:
-  """Writes config.json and safetensors that transformers loads as SwitchTransformersForConditionalGeneration.
+  """Writes config.json and safetensors that transformers loads as its Switch Transformer.
 
   The student (params and its `quant` collection; None: as they are) is written dequantized, so
   transformers computes what the fake-quant student computes (exactly in float32).

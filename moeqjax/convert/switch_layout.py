@@ -14,7 +14,7 @@ TIED_COPIES = ("lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_t
 
 
 def switch_entries(cfg: SwitchConfig) -> list[Entry]:
-  """Every tensor of the HF checkpoint of `cfg`, in our param order (HF stores experts one by one)."""
+  """Every tensor of the HF checkpoint of `cfg`, in our param order (HF stores experts singly)."""
   d, v, f, e = cfg.d_model, cfg.vocab_size, cfg.d_ff, cfg.num_experts
   inner = cfg.num_heads * cfg.d_kv
   out = []

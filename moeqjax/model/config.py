@@ -238,9 +238,10 @@ class SwitchConfig:
     # T5 buckets: the first half of a direction's buckets are exact offsets, the rest log-spaced
     # up to max_distance, so max_distance must exceed the exact range.
     if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 2:
+      exact = self.relative_attention_num_buckets // 2
       raise ValueError(
           f"switch.relative_attention_max_distance={self.relative_attention_max_distance} must "
-          f"exceed relative_attention_num_buckets // 2 = {self.relative_attention_num_buckets // 2}")
+          f"exceed relative_attention_num_buckets // 2 = {exact}")
     if not 0 <= self.decoder_start_token_id < self.vocab_size:
       raise ValueError(f"switch.decoder_start_token_id={self.decoder_start_token_id} is not a "
                        f"token id of the vocabulary (size {self.vocab_size})")

@@ -147,7 +147,8 @@ def expert_parallel_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_
   body = functools.partial(_local_experts, num_experts=num_experts, n=n)
   return jax.shard_map(
       body, mesh=mesh, out_specs=tok,
-      in_specs=(tok, ex, None if w_gate_ExDxF is None else ex, ex, tok, tok, None if act_quant_E is None else rep,
+      in_specs=(tok, ex, None if w_gate_ExDxF is None else ex, ex, tok, tok,
+                None if act_quant_E is None else rep,
                 None if x_q_TxD is None else tok, None if keep_TxK is None else tok),
   )(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_TxK, act_quant_E, x_q_TxD,
     keep_TxK)
