@@ -117,6 +117,10 @@ def _check_all_sparse(cfg: dict, num_layers: int):
 
 def family_of(cfg: dict) -> Family:
   model_type = cfg.get("model_type")
+  if model_type == "switch_transformers":
+    raise ConvertError("config.json model_type='switch_transformers' is an encoder-decoder: import "
+                       "it with moeqjax.convert.from_hf_switch (Python API); the CLI phases and "
+                       "decoder-only exports do not run Switch Transformers yet")
   if model_type not in FAMILIES:
     raise ConvertError(f"config.json model_type={model_type!r} is not supported; supported: "
                        f"{', '.join(SUPPORTED_MODEL_TYPES)}")

@@ -71,32 +71,41 @@ def write_hf(weights: StudentWeights, out_dir: str | pathlib.Path,
   hf_config = model_config_to_hf_config(cfg, model_type, family_config_json, dtype)
   fam = family_of(hf_config)
   target = NP_DTYPES[dtype]
-  ents = layout.entries(cfg, fam)
+  specs = [(e.hf_name, e.hf_shape) for e in layout.entries(cfg, fam)]
+  with output_guard.building_folder(out_dir, KIND, overwrite, extra_files) as tmp:
+    write_safetensors(tmp, specs, hf_state_dict(weights, fam.model_type), target, max_shard_bytes)
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+  return out_dir
+
+
+def write_safetensors(folder: pathlib.Path, specs: list[tuple[str, tuple[int, ...]]], arrays,
+                      target: np.dtype, max_shard_bytes: int):
+  """Writes the (name, array) stream `arrays`, in `specs` order, as HF safetensors in `folder`.
+
+  One model.safetensors, or shards plus model.safetensors.index.json above max_shard_bytes.
+  """
   # Shard assignment from shapes alone, so every writer's header is known before any data.
   shards, size = [[]], 0
-  for ent in ents:
-    n = int(np.prod(ent.hf_shape)) * target.itemsize
+  for name, shape in specs:
+    n = int(np.prod(shape)) * target.itemsize
     if shards[-1] and size + n > max_shard_bytes:
       shards.append([])
       size = 0
-    shards[-1].append(ent)
+    shards[-1].append((name, shape))
     size += n
-  names = ([SINGLE_FILE] if len(shards) == 1 else
+  files = ([SINGLE_FILE] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-  shard_of = {ent.hf_name: i for i, shard in enumerate(shards) for ent in shard}
-  with output_guard.building_folder(out_dir, KIND, overwrite, extra_files) as tmp:
-    writers = [StreamingWriter(tmp / name, [(e.hf_name, e.hf_shape, target) for e in shard])
-               for name, shard in zip(names, shards)]
-    try:
-      for name, arr in hf_state_dict(weights, fam.model_type):
-        writers[shard_of[name]].write(name, np.ascontiguousarray(arr).astype(target))
-    finally:
-      for w in writers:
-        w.close()
-    if len(shards) > 1:
-      total = sum(int(np.prod(e.hf_shape)) * target.itemsize for e in ents)
-      index = {"metadata": {"total_size": total},
-               "weight_map": {e.hf_name: names[shard_of[e.hf_name]] for e in ents}}
-      (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-  return out_dir
+  shard_of = {name: i for i, shard in enumerate(shards) for name, _ in shard}
+  writers = [StreamingWriter(folder / f, [(name, shape, target) for name, shape in shard])
+             for f, shard in zip(files, shards)]
+  try:
+    for name, arr in arrays:
+      writers[shard_of[name]].write(name, np.ascontiguousarray(arr).astype(target))
+  finally:
+    for w in writers:
+      w.close()
+  if len(shards) > 1:
+    total = sum(int(np.prod(shape)) * target.itemsize for _, shape in specs)
+    index = {"metadata": {"total_size": total},
+             "weight_map": {name: files[shard_of[name]] for name, _ in specs}}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

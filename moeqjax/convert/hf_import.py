@@ -31,8 +31,12 @@ def read_hf_config(hf_dir: str | pathlib.Path) -> dict:
     raise ConvertError(f"{path} is not valid JSON: {e}") from None
 
 
-def check_tensors(index: dict, ents: list[layout.Entry], tie_embeddings: bool):
+def check_tensors(index: dict, ents: list[layout.Entry], tie_embeddings: bool,
+                  ignorable: tuple[str, ...] = ()):
   """Every expected tensor present with the expected shape, and no unexpected ones.
+
+  `ignorable` names tensors a checkpoint may hold that the model does not read (copies of a tied
+  matrix, or one the forward pass never uses).
 
   Raises:
     ConvertError: naming the missing, misshapen or unexpected tensors.
@@ -48,7 +52,7 @@ def check_tensors(index: dict, ents: list[layout.Entry], tie_embeddings: bool):
     if got != ent.hf_shape:
       raise ConvertError(f"tensor {name!r} in {index[name].path.name} has shape {list(got)}; "
                          f"config.json implies {list(ent.hf_shape)}")
-  ignorable = set()
+  ignorable = set(ignorable)
   if tie_embeddings:
     ignorable.add("lm_head.weight")  # some tied checkpoints store the shared matrix twice
   extra = sorted(n for n in index if n not in expected and n not in ignorable and
@@ -76,10 +80,16 @@ def load_hf_params(hf_dir: str | pathlib.Path, cfg: ModelConfig, family_config: 
   index = index_checkpoint(hf_dir)
   ents = layout.entries(cfg, fam)
   check_tensors(index, ents, cfg.tie_embeddings)
-  target = NP_DTYPES[cfg.param_dtype]
   abstract = jax.eval_shape(
       lambda: MoETransformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-  shapes = _unbox(abstract["params"])  # ShapeDtypeStruct leaves
+  return read_params(index, ents, _unbox(abstract["params"]), NP_DTYPES[cfg.param_dtype])
+
+
+def read_params(index: dict, ents: list[layout.Entry], shapes, target: np.dtype) -> dict:
+  """The param tree of `shapes` (ShapeDtypeStruct leaves), streamed from the checked `ents`.
+
+  One of our arrays at a time, as load_hf_params describes.
+  """
   params: dict = {}
   for path, group in itertools.groupby(ents, key=lambda e: e.path):
     group = list(group)

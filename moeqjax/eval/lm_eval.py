@@ -97,11 +97,12 @@ def evaluate_lm(cfg: ModelConfig, variables: dict, windows_NxS1: np.ndarray,
 
 
 def capacity_drop_rate(cfg: ModelConfig, idx_LxMxK: np.ndarray, seq_len: int) -> float | None:
-  """The fraction of routed pairs that model.capacity_factor drops in windows of seq_len tokens
-  (the rule the forward pass applied; None when dropless)."""
-  if cfg.capacity_factor <= 0:
+  """The fraction of routed pairs that the capacity (model.capacity_factor or expert_capacity)
+  drops in windows of seq_len tokens (the rule the forward pass applied; None when dropless)."""
+  if not cfg.has_capacity:
     return None
   num_layers, m, k = idx_LxMxK.shape
   windows_LNxSxK = jnp.asarray(idx_LxMxK).reshape(num_layers * (m // seq_len), seq_len, k)
-  keep = capacity_keep(windows_LNxSxK, cfg.num_experts, capacity_factor=cfg.capacity_factor)
+  keep = capacity_keep(windows_LNxSxK, cfg.num_experts, capacity_factor=cfg.capacity_factor,
+                       capacity=cfg.expert_capacity)
   return float(1.0 - np.mean(np.asarray(keep)))

@@ -55,27 +55,37 @@ class Attention(nn.Module):
     out = out.reshape(b, s, h * a)
     return proj("o_proj", cfg.d_model, ("heads", "embed"), cfg.attn_out_bias)(out)
 
-
   def _cached(self, k_BxSxGxA, v_BxSxGxA):
     """Writes this call's keys/values at the cache index; returns the whole cache and its mask."""
     initialized = self.has_variable("cache", "cached_key")
-    cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BxSxGxA.shape, k_BxSxGxA.dtype)
-    cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BxSxGxA.shape,
-                             v_BxSxGxA.dtype)
     index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-    s = k_BxSxGxA.shape[1]
+    k, v = write_kv_cache(self, k_BxSxGxA, v_BxSxGxA, index.value)
     if not initialized:  # init only sizes the cache
-      return k_BxSxGxA, v_BxSxGxA, None
-    start = index.value
-    cached_k.value = jax.lax.dynamic_update_slice(
-        cached_k.value, k_BxSxGxA.astype(cached_k.value.dtype), (0, start, 0, 0))
-    cached_v.value = jax.lax.dynamic_update_slice(
-        cached_v.value, v_BxSxGxA.astype(cached_v.value.dtype), (0, start, 0, 0))
+      return k, v, None
+    start, s = index.value, k_BxSxGxA.shape[1]
     index.value = start + s
-    length = cached_k.value.shape[1]
     # Slot j holds position j: a query at start + i sees the slots up to its own position.
-    mask_SxK = jnp.arange(length)[None, :] <= (start + jnp.arange(s))[:, None]
-    return cached_k.value, cached_v.value, mask_SxK
+    mask_SxK = jnp.arange(k.shape[1])[None, :] <= (start + jnp.arange(s))[:, None]
+    return k, v, mask_SxK
+
+
+def write_kv_cache(module: nn.Module, k_BxSxGxA, v_BxSxGxA, start):
+  """Writes keys/values at slot `start` of `module`'s `cache` collection; returns the whole cache.
+
+  The first call (a decode-mode init) only creates the cache, as long as its input, and returns
+  the keys and values as they are.
+  """
+  initialized = module.has_variable("cache", "cached_key")
+  cached_k = module.variable("cache", "cached_key", jnp.zeros, k_BxSxGxA.shape, k_BxSxGxA.dtype)
+  cached_v = module.variable("cache", "cached_value", jnp.zeros, v_BxSxGxA.shape,
+                             v_BxSxGxA.dtype)
+  if not initialized:
+    return k_BxSxGxA, v_BxSxGxA
+  cached_k.value = jax.lax.dynamic_update_slice(
+      cached_k.value, k_BxSxGxA.astype(cached_k.value.dtype), (0, start, 0, 0))
+  cached_v.value = jax.lax.dynamic_update_slice(
+      cached_v.value, v_BxSxGxA.astype(cached_v.value.dtype), (0, start, 0, 0))
+  return cached_k.value, cached_v.value
 
 
 def causal_gqa(q_BxSxHxA, k_BxKxGxA, v_BxKxGxA, mask_SxK=None):

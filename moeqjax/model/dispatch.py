@@ -4,6 +4,9 @@
 # act_quant_E flag is set read the int8 fake-quantized x_q_TxD and the others (full-precision experts)
 # read x_TxD. The choice is made per expert by selection, never by arithmetic, so it is exact.
 #
+# Experts are SwiGLU (w_in, w_gate, w_out) or, with w_gate None, ReLU (w_in, w_out; Switch and T5,
+# model.expert_act = "relu"): every path computes the hidden state through expert_hidden.
+#
 # All paths take an optional keep_TxK (model.capacity.capacity_keep, with model.capacity_factor
 # > 0): a pair whose keep is False contributes nothing, and the grouped paths do not compute it.
 
@@ -15,6 +18,18 @@ import jax.numpy as jnp
 
 def swiglu(h_gate, h_in):
   return jax.nn.silu(h_gate) * h_in
+
+
+def expert_hidden(project, w_in, w_gate):
+  """An expert's hidden state: SwiGLU with a gate projection, ReLU without one (w_gate None).
+
+  Args:
+    project: w -> the input projected by w (an einsum or a grouped matmul over the experts).
+    w_in, w_gate: the input and gate projections; w_gate is None for ReLU experts.
+  """
+  if w_gate is None:
+    return jax.nn.relu(project(w_in))
+  return swiglu(project(w_gate), project(w_in))
 
 
 def _check_alt_input(x_q_TxD, act_quant_E):
@@ -39,7 +54,7 @@ def dense_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_T
 
   Args:
     x_TxD: token inputs.
-    w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD: expert weights.
+    w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD: expert weights (w_gate_ExDxF None: ReLU experts).
     gates_TxK, idx_TxK: gate weights and expert ids of the top-k routing.
     x_q_TxD: optional second input (the activation-quantized x), read by the experts in act_quant_E.
     act_quant_E: optional bool [E]: True where an expert reads x_q_TxD instead of x_TxD.
@@ -52,8 +67,7 @@ def dense_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_T
   num_experts = w_in_ExDxF.shape[0]
 
   def hidden(x):
-    return swiglu(jnp.einsum("td,edf->tef", x, w_gate_ExDxF),
-                  jnp.einsum("td,edf->tef", x, w_in_ExDxF))
+    return expert_hidden(lambda w: jnp.einsum("td,edf->tef", x, w), w_in_ExDxF, w_gate_ExDxF)
 
   h = hidden(x_TxD)
   if x_q_TxD is not None:
@@ -91,8 +105,8 @@ def ragged_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_
     reads_q_M = act_quant_E[jnp.minimum(jnp.take(flat_expert_M, order_M), num_experts - 1)]
     x_MxD = jnp.where(reads_q_M[:, None], jnp.take(x_q_TxD, token_M, axis=0), x_MxD)
   group_sizes_E = jnp.bincount(flat_expert_M, length=num_experts).astype(jnp.int32)
-  h = swiglu(jax.lax.ragged_dot(x_MxD, w_gate_ExDxF, group_sizes_E),
-             jax.lax.ragged_dot(x_MxD, w_in_ExDxF, group_sizes_E))
+  h = expert_hidden(lambda w: jax.lax.ragged_dot(x_MxD, w, group_sizes_E), w_in_ExDxF,
+                    w_gate_ExDxF)
   y_MxD = jax.lax.ragged_dot(h, w_out_ExFxD, group_sizes_E)
   inverse_M = jnp.argsort(order_M)
   y_TxKxD = jnp.take(y_MxD, inverse_M, axis=0).reshape(t, k, -1)
@@ -107,8 +121,7 @@ def gathered_experts(x_TxD, w_in_MxDxF, w_gate_MxDxF, w_out_MxFxD, gates_TxK, ke
   """
   t, k = gates_TxK.shape
   x_MxD = jnp.repeat(x_TxD, k, axis=0)
-  h = swiglu(jnp.einsum("md,mdf->mf", x_MxD, w_gate_MxDxF),
-             jnp.einsum("md,mdf->mf", x_MxD, w_in_MxDxF))
+  h = expert_hidden(lambda w: jnp.einsum("md,mdf->mf", x_MxD, w), w_in_MxDxF, w_gate_MxDxF)
   y_TxKxD = jnp.einsum("mf,mfd->md", h, w_out_MxFxD).reshape(t, k, -1)
   return combine(y_TxKxD, gates_TxK, keep_TxK)
 

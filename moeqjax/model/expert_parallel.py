@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from moeqjax.model.dispatch import combine, ragged_experts, swiglu
+from moeqjax.model.dispatch import combine, expert_hidden, ragged_experts
 
 EXPERT_AXIS = "expert"
 # Mesh axes the token rows may be split over (moeqjax.train.mesh's default batch rule). Tokens
@@ -71,11 +71,11 @@ def _exchange(x_MxD, expert_M, num_experts, n, compute):
   return back[dest_M, jnp.arange(m) - start_N[dest_M]]
 
 
-def _grouped_swiglu(w_in_LxDxF, w_gate_LxDxF, w_out_LxFxD):
-  """The owner's computation: SwiGLU of its local experts as one grouped matmul per projection."""
+def _grouped_experts(w_in_LxDxF, w_gate_LxDxF, w_out_LxFxD):
+  """The owner's computation: its local experts as one grouped matmul per projection."""
   def compute(rows, group_sizes_L):
-    h = swiglu(jax.lax.ragged_dot(rows, w_gate_LxDxF, group_sizes_L),
-               jax.lax.ragged_dot(rows, w_in_LxDxF, group_sizes_L))
+    h = expert_hidden(lambda w: jax.lax.ragged_dot(rows, w, group_sizes_L), w_in_LxDxF,
+                      w_gate_LxDxF)
     return jax.lax.ragged_dot(h, w_out_LxFxD, group_sizes_L)
   return compute
 
@@ -101,7 +101,7 @@ def _local_experts(x_TxD, w_in, w_gate, w_out, gates_TxK, idx_TxK, act_quant_E, 
     # The source knows each row's expert, so it sends the input that expert reads.
     reads_q_M = act_quant_E[jnp.minimum(expert_M, num_experts - 1)]
     x_MxD = jnp.where(reads_q_M[:, None], jnp.take(x_q_TxD, token_M, axis=0), x_MxD)
-  y_MxD = _exchange(x_MxD, expert_M, num_experts, n, _grouped_swiglu(w_in, w_gate, w_out))
+  y_MxD = _exchange(x_MxD, expert_M, num_experts, n, _grouped_experts(w_in, w_gate, w_out))
   y_TxKxD = jnp.take(y_MxD, jnp.argsort(order_M), axis=0).reshape(t, k, -1)
   return combine(y_TxKxD, gates_TxK, keep_TxK)
 
@@ -147,7 +147,8 @@ def expert_parallel_experts(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_
   body = functools.partial(_local_experts, num_experts=num_experts, n=n)
   return jax.shard_map(
       body, mesh=mesh, out_specs=tok,
-      in_specs=(tok, ex, ex, ex, tok, tok, None if act_quant_E is None else rep,
+      in_specs=(tok, ex, None if w_gate_ExDxF is None else ex, ex, tok, tok,
+                None if act_quant_E is None else rep,
                 None if x_q_TxD is None else tok, None if keep_TxK is None else tok),
   )(x_TxD, w_in_ExDxF, w_gate_ExDxF, w_out_ExFxD, gates_TxK, idx_TxK, act_quant_E, x_q_TxD,
     keep_TxK)

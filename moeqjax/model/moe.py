@@ -1,4 +1,4 @@
-"""The MoE feed-forward block: linear router, top-k gating, SwiGLU experts, optional shared expert."""
+"""The MoE feed-forward block: linear router, top-k gating, SwiGLU or ReLU experts, optional shared expert."""
 
 from __future__ import annotations
 
@@ -55,30 +55,45 @@ class SharedExpert(nn.Module):
     return y
 
 
+def expert_param_names(cfg: ModelConfig) -> tuple[str, ...]:
+  """The stacked expert params of cfg's experts: SwiGLU has a gate projection, ReLU does not."""
+  return ("w_in", "w_gate", "w_out") if cfg.expert_act == "swiglu" else ("w_in", "w_out")
+
+
 class MoE(nn.Module):
-  """Routed experts stacked as w_in/w_gate [E, D, F] and w_out [E, F, D].
+  """Routed experts stacked as w_in/w_gate [E, D, F] and w_out [E, F, D] (ReLU experts: no w_gate).
 
   Returns the block output and a dict of routing tensors (router logits, expert ids,
-  gates, auxiliary losses) that the objectives and router statistics consume.
+  gates, auxiliary losses) that the objectives and router statistics consume. With
+  model.router_jitter and train=True the router reads a jittered input (a "jitter" rng).
   """
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxSxD):
+  def __call__(self, x_BxSxD, train: bool = False):
     cfg, rules = self.cfg, self.cfg.quant
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     b, s, d = x_BxSxD.shape
     e = cfg.num_experts
     x_TxD = x_BxSxD.reshape(b * s, d)
 
-    logits_TxE = QDense(e, ("embed", "expert"), rules, rules.router_code, dtype=jnp.float32,
-                        param_dtype=pdtype, name="router")(x_TxD)
+    router_in_TxD = x_TxD
+    if train and cfg.router_jitter > 0:
+      # Only the routing decision sees the noise; the experts read the clean input.
+      router_in_TxD = x_TxD.astype(jnp.float32) * jax.random.uniform(
+          self.make_rng("jitter"), x_TxD.shape, jnp.float32, 1.0 - cfg.router_jitter,
+          1.0 + cfg.router_jitter)
+    logits_TxE = QDense(e, ("embed", "expert"), rules, rules.router_code,
+                        use_bias=cfg.router_bias, dtype=jnp.float32, param_dtype=pdtype,
+                        name="router")(router_in_TxD)
     probs_TxE, gates_TxK, idx_TxK = topk_gates(logits_TxE, cfg.top_k, cfg.norm_topk_prob)
     # With a capacity, the pairs over it are dropped from the experts' computation only: the
     # routing in aux (and so the losses and router statistics) is the router's own.
-    keep_TxK = (capacity_keep(idx_TxK.reshape(b, s, -1), e, capacity_factor=cfg.capacity_factor)
-                .reshape(idx_TxK.shape) if cfg.capacity_factor > 0 else None)
+    keep_TxK = None
+    if cfg.has_capacity:
+      keep_TxK = capacity_keep(idx_TxK.reshape(b, s, -1), e, capacity_factor=cfg.capacity_factor,
+                               capacity=cfg.expert_capacity).reshape(idx_TxK.shape)
 
     if self.has_variable(packed_weights.COLLECTION, "w_in"):
       y_TxD = self._packed_experts(x_TxD, gates_TxK, idx_TxK, keep_TxK)
@@ -110,8 +125,9 @@ class MoE(nn.Module):
     def expert_param(name, shape, axes):
       return self.param(name, nn.with_logical_partitioning(_expert_init, axes), shape, pdtype)
 
+    gated = "w_gate" in expert_param_names(cfg)
     w_in = expert_param("w_in", (e, d, f), ("expert", "embed", "mlp"))
-    w_gate = expert_param("w_gate", (e, d, f), ("expert", "embed", "mlp"))
+    w_gate = expert_param("w_gate", (e, d, f), ("expert", "embed", "mlp")) if gated else None
     w_out = expert_param("w_out", (e, f, d), ("expert", "mlp", "embed"))
 
     # [E], or [3, E] with one code per projection (model.projection_codes).
@@ -125,18 +141,19 @@ class MoE(nn.Module):
       clip = self._ratios(spec, e, d, f, pdtype) if spec.has_ratio else (None, None, None)
       quantize = q.fake_quant if not spec.stored_ratio else _fixed_ratio_quant
       w_in = quantize(w_in, layer_codes(codes, "w_in"), spec, clip[0])
-      w_gate = quantize(w_gate, layer_codes(codes, "w_gate"), spec, clip[1])
+      w_gate = quantize(w_gate, layer_codes(codes, "w_gate"), spec, clip[1]) if gated else None
       w_out = quantize(w_out, layer_codes(codes, "w_out"), spec, clip[2])
     elif idx_TxK.size < e:
       # Full precision at decode size: read only the selected experts, as the packed path does.
       idx_M = idx_TxK.reshape(-1)
-      w_in, w_gate, w_out = (jnp.take(w, idx_M, axis=0).astype(dtype)
+      w_in, w_gate, w_out = (None if w is None else jnp.take(w, idx_M, axis=0).astype(dtype)
                              for w in (w_in, w_gate, w_out))
       return gathered_experts(x_TxD.astype(dtype), w_in, w_gate, w_out, gates_TxK, keep_TxK)
     return DISPATCH[cfg.dispatch](
-        x_TxD.astype(dtype), w_in.astype(dtype), w_gate.astype(dtype), w_out.astype(dtype),
-        gates_TxK, idx_TxK, x_q_TxD=None if x_q is None else x_q.astype(dtype),
-        act_quant_E=act_quant_E, keep_TxK=keep_TxK)
+        x_TxD.astype(dtype), w_in.astype(dtype), None if w_gate is None else w_gate.astype(dtype),
+        w_out.astype(dtype), gates_TxK, idx_TxK,
+        x_q_TxD=None if x_q is None else x_q.astype(dtype), act_quant_E=act_quant_E,
+        keep_TxK=keep_TxK)
 
   def _packed_experts(self, x_TxD, gates_TxK, idx_TxK, keep_TxK):
     """Experts from the `packed` collection, dequantized inside the computation.
@@ -147,7 +164,8 @@ class MoE(nn.Module):
     cfg, rules = self.cfg, self.cfg.quant
     dtype, spec = jnp.dtype(cfg.dtype), rules.spec()
     e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
-    shapes = {"w_in": (d, f), "w_gate": (d, f), "w_out": (f, d)}
+    shapes = {name: {"w_in": (d, f), "w_gate": (d, f), "w_out": (f, d)}[name]
+              for name in expert_param_names(cfg)}
     nodes = {name: self.get_variable(packed_weights.COLLECTION, name) for name in shapes}
     # Packed experts are all quantized (pack refuses code 0), as the student's were.
     x_in = maybe_quant_act(x_TxD, rules, True).astype(dtype)
@@ -155,11 +173,11 @@ class MoE(nn.Module):
       idx_M = idx_TxK.reshape(-1)
       w = {name: packed_weights.experts(nodes[name], idx_M, shape, spec).astype(dtype)
            for name, shape in shapes.items()}
-      return gathered_experts(x_in, w["w_in"], w["w_gate"], w["w_out"], gates_TxK, keep_TxK)
+      return gathered_experts(x_in, w["w_in"], w.get("w_gate"), w["w_out"], gates_TxK, keep_TxK)
     w = {name: packed_weights.all_experts(nodes[name], shape, spec).astype(dtype)
          for name, shape in shapes.items()}
-    return DISPATCH[cfg.dispatch](x_in, w["w_in"], w["w_gate"], w["w_out"], gates_TxK, idx_TxK,
-                                  keep_TxK=keep_TxK)
+    return DISPATCH[cfg.dispatch](x_in, w["w_in"], w.get("w_gate"), w["w_out"], gates_TxK,
+                                  idx_TxK, keep_TxK=keep_TxK)
 
   def _ratios(self, spec, e, d, f, pdtype):
     """Scale ratios (clip ratios, LSQ scales or GPTQ's stored ones), one per quantization group, at 1.
@@ -175,6 +193,7 @@ class MoE(nn.Module):
       names = (axes[0], None, None if shape[-1] == 1 else axes[2])
       init = nn.with_logical_partitioning(nn.initializers.ones, names)
       return q.effective_clip_ratio(self.param(name, init, shape, pdtype), spec)
+    gated = "w_gate" in expert_param_names(self.cfg)
     return (ratio("w_in_clip", (e, d, f), ("expert", "embed", "mlp")),
-            ratio("w_gate_clip", (e, d, f), ("expert", "embed", "mlp")),
+            ratio("w_gate_clip", (e, d, f), ("expert", "embed", "mlp")) if gated else None,
             ratio("w_out_clip", (e, f, d), ("expert", "mlp", "embed")))

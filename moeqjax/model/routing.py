@@ -48,3 +48,23 @@ def load_balance_loss(probs_TxE: jax.Array, idx_TxK: jax.Array) -> jax.Array:
 def router_z_loss(logits_TxE: jax.Array) -> jax.Array:
   """ST-MoE router z-loss: mean squared log-partition of the router logits."""
   return jnp.mean(jnp.square(jax.nn.logsumexp(logits_TxE.astype(jnp.float32), axis=-1)))
+
+
+def switch_router_losses(router_logits_LxBxSxE: jax.Array):
+  """Hugging Face Switch's router losses of one stack (encoder or decoder): (z_loss, aux_loss).
+
+  transformers pools every sparse layer's tokens of a sequence together: z_loss is the mean
+  squared logsumexp over all of them, and aux_loss = E^2 * mean over (sequence b, expert e) of
+  f[b, e] * P[b, e], with f the fraction of b's tokens (all sparse layers) whose argmax expert is
+  e (before any capacity drop) and P their mean routing probability of e.
+
+  Args:
+    router_logits_LxBxSxE: the stack's router logits, stacked over its sparse layers.
+  """
+  num_layers, b, s, e = router_logits_LxBxSxE.shape
+  logits_BxMxE = jnp.swapaxes(router_logits_LxBxSxE, 0, 1).reshape(b, num_layers * s, e)
+  logits_BxMxE = logits_BxMxE.astype(jnp.float32)
+  z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits_BxMxE, axis=-1)))
+  frac_BxE = jnp.mean(jax.nn.one_hot(jnp.argmax(logits_BxMxE, axis=-1), e), axis=1)
+  prob_BxE = jnp.mean(jax.nn.softmax(logits_BxMxE, axis=-1), axis=1)
+  return z_loss, e**2 * jnp.mean(frac_BxE * prob_BxE)

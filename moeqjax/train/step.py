@@ -55,7 +55,7 @@ def train_step(state: TrainState, batch, rng, *, model: MoETransformer,
                                 model.cfg.num_layers)
   metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads)}
   metrics.update({f"train/{name}": value for name, value in terms.items()})
-  if model.cfg.capacity_factor > 0:
+  if model.cfg.has_capacity:
     # Every layer routes the same T*k pairs, so the mean over layers is the pooled fraction.
     metrics["train/drop_rate"] = jnp.mean(aux["drop_rate"])
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
