@@ -7,7 +7,8 @@
 #
 # One llama-arch (Mixtral-like) MoE with random weights is built in moeqjax, then written by
 # moeqjax: as GGUF files (F16, Q8_0 = int8 experts, Q4_0 = int4, TQ2_0 = ternary 2-bit packing,
-# TQ1_0 = ternary base-3 packing, and a per-layer mix of ternary and int4 layers; attention,
+# TQ1_0 = ternary base-3 packing, and the target-aware mix: `allocate --target gguf` at 2.5 bits per
+# expert weight, one exact type per (layer, projection); attention,
 # embedding and output F16 in every file) and as moeqjax checkpoints of the same students (bf16
 # params unpacked, and `moeqjax.serve.pack` folders read back by `load_packed`). Weights are
 # random: speed does not depend on what they learned, and quality is not measured here.
@@ -211,24 +212,38 @@ def model_config(args, packing: str):
       quant=QuantRules(expert_code=1, granularity="channel", ternary_packing=packing))
 
 
-def mixed_codes(arg: str, layers: int, experts: int) -> np.ndarray:
-  """[L, E] codes of the mixed row: a comma list of per-layer codes (cycled), or a JSON [L][E] file.
-
-  The JSON form is the hook for an allocator's output (e.g. a target-aware allocation): any codes
-  work; a layer that mixes codes shares one ggml type per tensor, and the table then marks the row
-  as widened.
+def mixed_codes(arg: str, cfg, params) -> np.ndarray:
+  """Codes of the mixed row: `gguf:B` (default gguf:2.5), the target-aware allocation
+  (moeqjax.alloc.gguf_target.allocate_gguf, method exact) at B bits per expert weight as the GGUF
+  file counts them (block scales included), one exact ggml type per (layer, projection): [L, 3, E];
+  or a comma list of per-layer codes (cycled): [L, E]; or a JSON file of [L][E] or [L][3][E] codes
+  (the hook for any allocator's output). Mixed codes inside one layer's tensor share one ggml type
+  there, and the table then marks the row as widened.
   """
+  layers, experts = cfg.num_layers, cfg.num_experts
+  if arg.startswith("gguf:"):
+    import jax
+    from moeqjax.alloc.gguf_target import allocate_gguf
+    from moeqjax.train import init_router_stats
+    try:
+      bits = float(arg.split(":", 1)[1])
+    except ValueError:
+      raise SystemExit(f"--mixed-codes {arg!r}: give gguf:BITS, e.g. gguf:2.5") from None
+    # Random weights have no router statistics: every expert ranks alike, and the solver spends
+    # the bytes where the relative weight error falls most (speed depends on the types only).
+    stats = jax.device_get(init_router_stats(params, layers))
+    return np.asarray(allocate_gguf("exact", cfg, params, stats, bits, "bits").codes_LxE)
   if os.path.isfile(arg):
     codes = np.asarray(json.loads(pathlib.Path(arg).read_text()), np.int64)
-    if codes.shape != (layers, experts):
+    if codes.shape not in ((layers, experts), (layers, 3, experts)):
       raise SystemExit(f"--mixed-codes {arg} holds shape {list(codes.shape)}; this model needs "
-                       f"[layers, experts] = [{layers}, {experts}]")
+                       f"[layers, experts] = [{layers}, {experts}] or [layers, 3, experts]")
   else:
     try:
       per_layer = [int(c) for c in arg.split(",")]
     except ValueError:
-      raise SystemExit(f"--mixed-codes {arg!r} is neither a file nor a comma list of codes "
-                       "such as 1,4") from None
+      raise SystemExit(f"--mixed-codes {arg!r} is neither gguf:BITS, a file nor a comma list of "
+                       "codes such as 1,4") from None
     codes = np.asarray([[per_layer[i % len(per_layer)]] * experts for i in range(layers)])
   bad = sorted(set(codes.ravel().tolist()) - {1, 2, 3, 4, 8})
   if bad:
@@ -237,19 +252,22 @@ def mixed_codes(arg: str, layers: int, experts: int) -> np.ndarray:
 
 
 def _expert_types(report) -> tuple[str, bool]:
-  """'TQ2_0 x4, Q4_0 x4' over the expert tensors' layers, and whether any tensor was widened."""
+  """'TQ2_0 x16, Q4_0 x8' over the expert tensors (three a layer), and whether any was widened."""
   counts = {}
   for r in report["tensors"]:
-    if r["name"].endswith("ffn_up_exps.weight"):
+    if r["name"].endswith("_exps.weight"):
       counts[r["ggml_type"]] = counts.get(r["ggml_type"], 0) + 1
-  widened = any("wider than" in n or "share one ggml type" in n for n in report["notes"])
-  return ", ".join(f"{t} x{n}" for t, n in counts.items()), widened
+  return ", ".join(f"{t} x{n}" for t, n in counts.items()), bool(report["widened"])
 
 
 def _code_summary(codes_LxE) -> str:
-  """'int4' for one code; 'ternary x4, int4 x4' (layers) for a per-layer mix; else expert shares."""
+  """'int4' for one code; 'ternary x4, int4 x4' (layers) for a per-layer mix; else the shares of
+  expert matrices (per projection with [L, 3, E] codes)."""
   name = lambda c: "ternary" if c == 1 else f"int{c}"
   values = sorted(set(codes_LxE.ravel().tolist()))
+  if codes_LxE.ndim == 3:
+    return ", ".join(f"{name(c)} {np.mean(codes_LxE == c):.0%}" for c in values) + (
+        " of expert matrices")
   if len(values) == 1:
     return name(values[0])
   if all(len(set(row.tolist())) == 1 for row in codes_LxE):
@@ -258,7 +276,7 @@ def _code_summary(codes_LxE) -> str:
 
 
 def codes_of(quant) -> np.ndarray:
-  """The [L, E] expert codes of a `quant` collection."""
+  """The [L, E] (or [L, 3, E]) expert codes of a `quant` collection."""
   from moeqjax.model import expert_codes
   return np.asarray(expert_codes(quant, len([k for k in quant if k.startswith("layers_")])))
 
@@ -272,8 +290,11 @@ def _write_gguf(v: Variant, cfg, params, quant, workdir: pathlib.Path) -> dict:
   types, widened = _expert_types(report)
   name = v.llama_name
   if v.code == "mixed":
-    per_layer = all(len(set(row.tolist())) == 1 for row in np.asarray(codes_of(quant)))
-    name = f"{'per-layer mix' if per_layer else 'mix'} ({types})" + (" WIDENED" if widened else "")
+    codes = np.asarray(codes_of(quant))
+    per_layer = codes.ndim == 2 and all(len(set(row.tolist())) == 1 for row in codes)
+    mix = ("per-layer mix" if per_layer else
+           "target-aware mix" if codes.ndim == 3 else "mix")
+    name = f"{mix} ({types})" + (" WIDENED" if widened else "")
   return {"runtime": LLAMA, "variant": v.key, "name": name, "kind": "gguf", "path": str(path),
           "file_bytes": path.stat().st_size, "expert_types": types, "widened": widened}
 
@@ -302,7 +323,9 @@ def _write_moeqjax(v: Variant, cfg, params, quant, codes, workdir: pathlib.Path)
     kind, path = "packed", folder
     types = _code_summary(codes) + (" (base-3)" if v.packing == "base3" else "")
   if v.code == "mixed":
-    name = f"packed {'per-layer mix' if 'experts' not in types else 'mix'} ({types})"
+    mix = ("target-aware mix" if "matrices" in types else
+           "mix" if "experts" in types else "per-layer mix")
+    name = f"packed {mix} ({types})"
   else:
     name = v.jax_name
   return {"runtime": JAX, "variant": v.key, "name": name, "kind": kind, "path": str(path),
@@ -318,7 +341,7 @@ def build(args, workdir: pathlib.Path) -> list[dict]:
   cfg = model_config(args, "2bit")
   _, params, _ = init_model(cfg, jax.random.key(args.seed))
   params = jax.device_get(params)
-  codes_mixed = mixed_codes(args.mixed_codes, cfg.num_layers, cfg.num_experts)
+  codes_mixed = mixed_codes(args.mixed_codes, cfg, params)
   rows = []
   for v in VARIANTS:
     t0 = time.perf_counter()
@@ -505,10 +528,12 @@ def parse_args(argv=None):
   ap.add_argument("--threads", help="comma list of thread counts, each pinned to that many CPUs "
                   "(default 1,2; with --small, 1)")
   ap.add_argument("--runtimes", default="llama,jax", help="comma list from llama, jax")
-  ap.add_argument("--mixed-codes", default="1,4",
-                  help="the mixed row: per-layer codes cycled over layers (default 1,4: ternary "
-                  "and int4 layers alternate, so no GGUF tensor widens), or a JSON file with "
-                  "[layers][experts] codes, e.g. from an allocator")
+  ap.add_argument("--mixed-codes", default="gguf:2.5",
+                  help="the mixed row: gguf:BITS (default gguf:2.5), the target-aware allocation "
+                  "(`allocate --target gguf`, method exact) at BITS per expert weight in GGUF "
+                  "bytes with block scales, one exact type per (layer, projection), so no tensor "
+                  "widens; or per-layer codes cycled over layers, e.g. 1,4; or a JSON file with "
+                  "[layers][experts] or [layers][3][experts] codes, e.g. from an allocator")
   ap.add_argument("--llama-load", default="none", choices=("none", "mmap"),
                   help="llama.cpp load mode: none reads weights into memory at load (default); "
                   "mmap maps the file")
