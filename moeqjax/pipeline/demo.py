@@ -237,14 +237,13 @@ def gguf_note(allocation) -> str:
   cheapest = src["cheapest_bits_per_weight"]
   types = sorted({t for row in allocation.extra["gguf_types"].values() for t in row.values()})
   line = (f"`{GGUF_VARIANT}`'s budget is the {src['gguf_bytes']:,} GGUF expert bytes of "
-          f"`{MIXED}`'s export after widening ({src['gguf_bits_per_weight']:.3f} bits per expert weight), so "
-          f"both are compared at equal llama.cpp file bytes; the cheapest exact ggml types of "
-          f"this model take {cheapest:.3f} bits per weight"
-          + (f", above {MIXED}'s {MIXED_BUDGET} code bits, so that budget cannot be met in GGUF"
-             if cheapest > MIXED_BUDGET else "")
-          + f". It takes {got['bytes']:,} "
-          f"bytes ({got['bits_per_weight']:.3f} bits per weight, block scales included) in "
-          f"{', '.join(types)}")
+          f"`{MIXED}`'s export after widening ({src['gguf_bits_per_weight']:.3f} bits per expert "
+          "weight), so both are compared at equal llama.cpp file bytes; the cheapest exact ggml "
+          f"types of this model take {cheapest:.3f} bits per weight")
+  if cheapest > MIXED_BUDGET:
+    line += f", above {MIXED}'s {MIXED_BUDGET} code bits, so that budget cannot be met in GGUF"
+  line += (f". It takes {got['bytes']:,} bytes ({got['bits_per_weight']:.3f} bits per weight, "
+           f"block scales included) in {', '.join(types)}")
   left = {}  # (type, reason) -> projections
   for name, per in allocation.extra["gguf_left_out"].items():
     for qtype, reason in per.items():
