@@ -86,22 +86,26 @@ def _deploy_section(deploy: dict | None) -> list[str]:
     return []
   lines = ["## Deploy: the packed students in other runtimes", "",
            "| variant | format | file bytes | loaded | matched | check | GGUF expert bytes "
-           "| tensors widened |", "|---|---|---|---|---|---|---|---|"]
+           "(packed) | tensors widened |", "|---|---|---|---|---|---|---|---|"]
   yes_no = {True: "yes", False: "**no**", None: "-"}
   for name, formats in deploy.items():
     for key, r in formats.items():
       size = f"{r['file_bytes']:,}" if r["file_bytes"] is not None else "-"
-      experts = f"{r['expert_bytes']:,}" if r.get("expert_bytes") is not None else "-"
+      experts = (f"{r['expert_bytes']:,} ({r['expert_bytes_packed']:,})"
+                 if r.get("expert_bytes") is not None else "-")
       widened = str(len(r["widened"])) if r.get("widened") is not None else "-"
       lines.append(f"| `{name}` | {_DEPLOY_FORMATS[key]} | {size} | {yes_no[r['loaded']]} | "
                    f"{yes_no[r['matched']]} | {r['note']} | {experts} | {widened} |")
   return lines + ["", "Exported from the packed folders (their stored codes and scales, nothing "
                   "re-quantized); each export's report (`model.export_report.json` beside the GGUF, "
                   "`export_report.json` in the compressed-tensors folder) says where a runtime "
-                  "stores experts wider than our packing. `tensors widened` counts the GGUF "
-                  "tensors stored in a type wider than one of their codes' own (llama.cpp holds "
-                  "one type per expert tensor, so a per-expert mix is widened to its widest "
-                  "code's; ternary without TQ blocks is widened to Q4_0).", ""]
+                  "stores experts wider than our packing. `GGUF expert bytes` are the expert tensors' "
+                  "bytes in the file, beside (in parentheses) our packed checkpoint's bytes of "
+                  "them; `tensors widened` counts the GGUF tensors stored in a type wider than one "
+                  "of their codes' own (llama.cpp holds one type per expert tensor, so a "
+                  "per-expert mix takes its widest code's; ternary without TQ blocks is widened to "
+                  "Q4_0; int2 and int3, which have no ggml type, take Q4_0 without counting as "
+                  "widened).", ""]
 
 
 def capacity_note(results: dict) -> str | None:

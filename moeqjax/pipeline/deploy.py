@@ -55,6 +55,7 @@ def _gguf(weights: PackedWeights, out: pathlib.Path, prompt, ours) -> dict:
   row.update(file=str(out), file_bytes=report["file_bytes"],
              ggml_types=sorted({r["ggml_type"] for r in experts}),
              expert_bytes=sum(r["file_bytes"] for r in experts),
+             expert_bytes_packed=sum(r["moeqjax_bytes"] for r in experts),
              widened=list(report["widened"]))
   lacking = runtimes.missing(runtimes.GGUF_PACKAGES)
   if lacking:

@@ -63,6 +63,8 @@ def test_demo_gguf_variant_holds_its_allocation_in_qat_mixeds_gguf_bytes(tmp_pat
   deploy = metrics["deploy"]
   g, m = deploy["qat_gguf"]["gguf"], deploy["qat_mixed"]["gguf"]
   assert g["widened"] == [] and m["expert_bytes"] == mixed_gguf
+  for name, row in (("qat_gguf", g), ("qat_mixed", m)):  # beside our packed bytes of them
+    assert row["expert_bytes_packed"] == metrics["variants"][name]["expert_bytes"]
   assert m["widened"] == json.loads((work / "deploy" / "qat_mixed" /
                                      "model.export_report.json").read_text())["widened"]
   reader = gguf.GGUFReader(work / "deploy" / "qat_gguf" / "model.gguf")

@@ -75,5 +75,7 @@ def test_without_llama_cpp_the_gguf_row_says_which_platforms_have_it(packed, tmp
   assert g["widened"] == [f"blk.0.{t}.weight" for t in ("ffn_gate_exps", "ffn_up_exps",
                                                         "ffn_down_exps")]
   assert g["expert_bytes"] == 3 * 4 * 64 * 2 * 18
+  # ours: per tensor, 64 x 64 weights at 2 + 2 + 4 + 2 bits, plus 4 x 64 fp16 scales
+  assert g["expert_bytes_packed"] == 3 * (64 * 64 * (2 + 2 + 4 + 2) // 8 + 4 * 64 * 2)
   table = "\n".join(_deploy_section({"s": {"gguf": g}}))
-  assert "(pip install xllamacpp==2026.10.11549) | 27,648 | 3 |" in table
+  assert "(pip install xllamacpp==2026.10.11549) | 27,648 (16,896) | 3 |" in table
