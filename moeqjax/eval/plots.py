@@ -7,6 +7,7 @@ import pathlib
 import matplotlib
 import numpy as np
 
+from moeqjax.model.projection_codes import PROJECTIONS, is_per_projection
 from moeqjax.quant import formats
 
 matplotlib.use("Agg")  # headless: no display on CI or TPU VMs
@@ -73,8 +74,18 @@ def plot_routing(results: dict, path: pathlib.Path, reference: str):
 
 
 def plot_bit_map(codes_LxE, path: pathlib.Path, title: str):
-  """Heat map of expert codes (layer x expert), each cell labelled with its code's name."""
+  """Heat map of expert codes, each cell labelled with its code's name.
+
+  codes [L, E]: rows are layers. Per-projection codes [L, 3, E] (`allocate --target gguf`): rows
+  are (layer, projection) pairs in PROJECTIONS order, labelled e.g. "1 w_out".
+  """
   codes = np.asarray(codes_LxE)
+  if is_per_projection(codes):
+    rows = [f"{l} {name}" for l in range(codes.shape[0]) for name in PROJECTIONS]
+    codes = codes.reshape(-1, codes.shape[2])
+    ylabel = "layer, projection"
+  else:
+    rows, ylabel = [str(l) for l in range(codes.shape[0])], "layer"
   names = sorted({int(c) for c in codes.ravel()})
   fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * codes.shape[1] + 2), 0.6 * codes.shape[0] + 1.6))
   rank = np.vectorize(names.index)(codes)  # colour by rank: codes 1 and 2 differ as much as 4 and 8
@@ -82,9 +93,9 @@ def plot_bit_map(codes_LxE, path: pathlib.Path, title: str):
   for (l, e), c in np.ndenumerate(codes):
     ax.text(e, l, formats.code_name(int(c)), ha="center", va="center", fontsize=8, color="white")
   ax.set_xticks(range(codes.shape[1]))
-  ax.set_yticks(range(codes.shape[0]))
+  ax.set_yticks(range(codes.shape[0]), rows)
   ax.set_xlabel("expert")
-  ax.set_ylabel("layer")
+  ax.set_ylabel(ylabel)
   ax.set_title(title)
   fig.tight_layout()
   fig.savefig(path, dpi=110)

@@ -85,17 +85,27 @@ def _deploy_section(deploy: dict | None) -> list[str]:
   if not deploy:
     return []
   lines = ["## Deploy: the packed students in other runtimes", "",
-           "| variant | format | file bytes | loaded | matched | check |", "|---|---|---|---|---|---|"]
+           "| variant | format | file bytes | loaded | matched | check | GGUF expert bytes "
+           "(packed) | tensors widened |", "|---|---|---|---|---|---|---|---|"]
   yes_no = {True: "yes", False: "**no**", None: "-"}
   for name, formats in deploy.items():
     for key, r in formats.items():
       size = f"{r['file_bytes']:,}" if r["file_bytes"] is not None else "-"
+      experts = (f"{r['expert_bytes']:,} ({r['expert_bytes_packed']:,})"
+                 if r.get("expert_bytes") is not None else "-")
+      widened = str(len(r["widened"])) if r.get("widened") is not None else "-"
       lines.append(f"| `{name}` | {_DEPLOY_FORMATS[key]} | {size} | {yes_no[r['loaded']]} | "
-                   f"{yes_no[r['matched']]} | {r['note']} |")
+                   f"{yes_no[r['matched']]} | {r['note']} | {experts} | {widened} |")
   return lines + ["", "Exported from the packed folders (their stored codes and scales, nothing "
                   "re-quantized); each export's report (`model.export_report.json` beside the GGUF, "
                   "`export_report.json` in the compressed-tensors folder) says where a runtime "
-                  "stores experts wider than our packing.", ""]
+                  "stores experts wider than our packing. `GGUF expert bytes` are the expert tensors' "
+                  "bytes in the file, beside (in parentheses) our packed checkpoint's bytes of "
+                  "them; `tensors widened` counts the GGUF tensors stored in a type wider than one "
+                  "of their codes' own (llama.cpp holds one type per expert tensor, so a "
+                  "per-expert mix takes its widest code's; ternary without TQ blocks is widened to "
+                  "Q4_0; int2 and int3, which have no ggml type, take Q4_0 without counting as "
+                  "widened).", ""]
 
 
 def capacity_note(results: dict) -> str | None:
@@ -113,13 +123,16 @@ def capacity_note(results: dict) -> str | None:
 def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, baseline: float,
                  fingerprint: dict, unit: str, curves: dict, timings: dict, notes: list[str],
                  config_text: str, serving: dict | None = None,
-                 deploy: dict | None = None, allocations: dict | None = None) -> dict:
+                 deploy: dict | None = None, allocations: dict | None = None,
+                 skipped: dict | None = None) -> dict:
   """Writes report.md, metrics.json and plots/*.png into workdir; returns the metrics dict.
 
   `serving` (optional) is what moeqjax.pipeline.demo.demo_serving returned: packed bytes and a sample;
   `deploy` (optional) is what moeqjax.pipeline.deploy.deploy_packed returned.
   `allocations` (optional): variant -> its allocation.json record (Allocation.to_json()); each is
   kept in metrics.json["allocations"] and drawn as plots/bit_map_<variant>.png.
+  `skipped` (optional): variant -> the one line saying why it was not run (metrics.json["skipped"];
+  the caller puts the line in `notes` too).
   """
   workdir = pathlib.Path(workdir)
   plot_dir = workdir / "plots"
@@ -139,13 +152,17 @@ def write_report(workdir: pathlib.Path, results: dict, *, descriptions: dict, ba
   allocations = allocations or {}
   if allocations:
     metrics["allocations"] = allocations
+  if skipped:
+    metrics["skipped"] = skipped
   (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
   plots.plot_training_curves(curves, plot_dir / "training_curves.png", unit)
   plots.plot_variants(results, baseline, plot_dir / "variants.png", unit)
   plots.plot_routing(results, plot_dir / "routing_per_layer.png", REFERENCE)
   for name, record in allocations.items():
+    what = ("codes per (layer, projection) tensor" if record.get("target") == "gguf"
+            else "expert codes")
     plots.plot_bit_map(record["codes_LxE"], plot_dir / f"bit_map_{name}.png",
-                       f"{name}: expert codes ({record['method']}, "
+                       f"{name}: {what} ({record['method']}, "
                        f"{record['achieved']['code_bits']:.2f} code bits)")
   data_line = ", ".join(f"{k}={v}" for k, v in fingerprint.items())
   text = "\n".join([

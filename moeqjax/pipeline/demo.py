@@ -9,11 +9,14 @@ import time
 import ml_collections
 import numpy as np
 
-from moeqjax.alloc.allocation import allocate, write_allocation
+from moeqjax import alloc
+from moeqjax.alloc import gguf_target
+from moeqjax.alloc.allocation import AllocationError, allocate, write_allocation
 from moeqjax.data import eval_windows, make_tokenizer, unigram_bits_per_token
 from moeqjax.eval import REFERENCE, evaluate_variants
 from moeqjax.eval.report import CONTROL, write_report
 from moeqjax.model import default_quant, init_ratios, set_expert_codes
+from moeqjax.model.projection_codes import PROJECTIONS
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
 from moeqjax.pipeline import runs
@@ -35,6 +38,22 @@ MIXED_METHOD = "mc_moe"
 MIXED_BUDGET = 2.5  # code bits per expert weight (scales excluded)
 MIXED_STATS_FROM = CONTROL
 
+# The runtime-aware variant: one exact ggml type per (layer, projection) tensor (`allocate --target
+# gguf`, moeqjax.alloc.gguf_target), since llama.cpp stores a layer's experts as three tensors of
+# one type each and widens qat_mixed's per-expert mix at export. Its budget is the GGUF expert bytes
+# that qat_mixed's export actually takes after that widening, not MIXED_BUDGET: on the demo model
+# (rows of D=64 / F=128 weights, below TQ's blocks of 256) ternary has no exact ggml type, so the
+# cheapest exact allocation is all-Q4_0 (4.5 bits per weight) and 2.5 bits cannot be met. At equal
+# llama.cpp file bytes, it compares a student trained for what llama.cpp holds with the per-expert
+# mix that llama.cpp widens. Choices exclude F16: `pack` refuses full-precision experts.
+GGUF_VARIANT = "qat_gguf"
+GGUF_METHOD = "exact"
+GGUF_CHOICES = (1, 4, 8)  # ternary (TQ2_0/TQ1_0), Q4_0, Q8_0, where exact for the row length
+GGUF_DESCRIPTION = (
+    f"one exact ggml type per (layer, projection) ({GGUF_METHOD} allocation with --target gguf "
+    f"from the router statistics of the {MIXED_STATS_FROM} run), within the GGUF expert bytes of "
+    f"{MIXED}'s export after widening, after QAT with the same joint objective")
+
 # Variant name -> (expert code, trained with QAT?, description). Keys are stable: they are the
 # keys of metrics.json["variants"] (documented in the README). Code None: allocated (MIXED).
 DEMO_VARIANTS = {
@@ -51,6 +70,7 @@ DEMO_VARIANTS = {
   MIXED: (None, True, f"per-expert codes ({MIXED_METHOD} allocation at {MIXED_BUDGET} code bits "
           f"from the router statistics of the {MIXED_STATS_FROM} run) after QAT with the same "
           "joint objective"),
+    GGUF_VARIANT: (None, True, GGUF_DESCRIPTION),
 }
 
 
@@ -172,6 +192,68 @@ def mixed_allocation(cfg, teacher_params, stats: dict, path: pathlib.Path):
   return result
 
 
+def gguf_allocation(cfg, teacher_params, stats: dict, mixed_codes, path: pathlib.Path):
+  """The GGUF_VARIANT's allocation (written to `path`), or why the variant is not run.
+
+  GGUF_METHOD over GGUF_CHOICES with target "gguf", from `stats`, within the GGUF expert bytes of
+  `mixed_codes` (MIXED's codes [L, E]) as the export stores them (gguf_target.gguf_expert_bytes:
+  each tensor widened to its widest code's container). The allocation records that budget as
+  `budget_from`.
+
+  Returns:
+    (Allocation, None), or (None, one line saying why the variant is skipped): a projection no
+    choice holds exactly (rows too short for every ggml block), MIXED's codes with no GGUF export,
+    or an infeasible budget.
+  """
+  ok, why = gguf_target.availability(cfg, GGUF_CHOICES)
+  for p, name in enumerate(PROJECTIONS):
+    if not ok[p].any():
+      reasons = "; ".join(f"{qtype}: {reason}" for qtype, reason in why[name].items())
+      return None, (f"`{GGUF_VARIANT}` not run: no ggml block type holds {name} of this model "
+                    f"exactly ({reasons}), and `pack` refuses F16 experts")
+  try:
+    mixed = gguf_target.gguf_expert_bytes(cfg, mixed_codes)
+  except ValueError as e:
+    return None, f"`{GGUF_VARIANT}` not run: {MIXED}'s codes have no GGUF export here ({e})"
+  try:
+    result = allocate(GGUF_METHOD, cfg, teacher_params, stats, mixed["bytes"], "bytes",
+                      choices=GGUF_CHOICES, target="gguf")
+  except AllocationError as e:
+    return None, f"`{GGUF_VARIANT}` not run: {e}"
+  table = gguf_target.bytes_table(cfg, GGUF_CHOICES)
+  cheapest = np.where(ok[None], table, np.iinfo(np.int64).max).min(axis=2).sum()
+  result.extra["budget_from"] = {
+      "variant": MIXED, "gguf_bytes": mixed["bytes"],
+      "gguf_bits_per_weight": mixed["bits_per_weight"], "gguf_types": mixed["types"],
+      "cheapest_bits_per_weight": 8.0 * float(cheapest) / alloc.num_expert_weights(
+          gguf_target.projection_shapes(cfg), cfg.num_layers, cfg.num_experts)}
+  write_allocation(path, result)
+  return result, None
+
+
+def gguf_note(allocation) -> str:
+  """The report's line on the GGUF_VARIANT's budget, its types and the types left out."""
+  src, got = allocation.extra["budget_from"], allocation.achieved
+  cheapest = src["cheapest_bits_per_weight"]
+  types = sorted({t for row in allocation.extra["gguf_types"].values() for t in row.values()})
+  line = (f"`{GGUF_VARIANT}`'s budget is the {src['gguf_bytes']:,} GGUF expert bytes of "
+          f"`{MIXED}`'s export after widening ({src['gguf_bits_per_weight']:.3f} bits per expert "
+          "weight), so both are compared at equal llama.cpp file bytes; the cheapest exact ggml "
+          f"types of this model take {cheapest:.3f} bits per weight")
+  if cheapest > MIXED_BUDGET:
+    line += f", above {MIXED}'s {MIXED_BUDGET} code bits, so that budget cannot be met in GGUF"
+  line += (f". It takes {got['bytes']:,} bytes ({got['bits_per_weight']:.3f} bits per weight, "
+           f"block scales included) in {', '.join(types)}")
+  left = {}  # (type, reason) -> projections
+  for name, per in allocation.extra["gguf_left_out"].items():
+    for qtype, reason in per.items():
+      left.setdefault((qtype, reason), []).append(name)
+  if left:
+    line += "; left out as not exact here: " + "; ".join(
+        f"{qtype} for {', '.join(names)} ({reason})" for (qtype, reason), names in left.items())
+  return line + "."
+
+
 def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | None = None) -> dict:
   """Runs the whole pipeline into `workdir`; finished phases are reused, killed ones resumed.
 
@@ -207,8 +289,16 @@ def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | N
 
   quant = default_quant(cfg)
   shape = (cfg.num_layers, cfg.num_experts)
-  variants, descriptions, states, allocation = {}, {}, {}, None
+  variants, descriptions, states, allocations, skipped = {}, {}, {}, {}, {}
   for name, (code, trained, text) in DEMO_VARIANTS.items():
+    if name == GGUF_VARIANT:
+      found, reason = gguf_allocation(cfg, params, states[MIXED_STATS_FROM].stats,
+                                      allocations[MIXED].codes_LxE,
+                                      workdir / f"{name}_allocation.json")
+      if found is None:
+        skipped[name] = reason
+        continue
+      allocations[name] = found
     descriptions[name] = text
     if not trained and code == 0:
       variants[name] = {"params": params}
@@ -218,10 +308,11 @@ def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | N
       variants[name] = {"params": init_ratios(cfg, params, rtn_quant), "quant": rtn_quant}
     else:
       t = time.perf_counter()
+      if name == MIXED:
+        allocations[name] = mixed_allocation(cfg, params, states[MIXED_STATS_FROM].stats,
+                                             workdir / f"{name}_allocation.json")
       if code is None:
-        allocation = mixed_allocation(cfg, params, states[MIXED_STATS_FROM].stats,
-                                      workdir / f"{name}_allocation.json")
-        codes = np.asarray(allocation.codes_LxE)
+        codes = np.asarray(allocations[name].codes_LxE)
       else:
         codes = np.full(shape, code)
       # The teacher is recorded, so that `moeqjax eval --workdir DEMO/<variant>` finds it.
@@ -268,9 +359,12 @@ def run_demo(config, workdir: str | pathlib.Path, hf_dir: str | pathlib.Path | N
       "`fp_continued` (same steps, no quantization) to read the cost of quantization alone; "
       "`full_precision` is the teacher the RTN rows start from.",
       "Reused phases (already finished in this workdir) count ~0 s of wall time.",
+      *([gguf_note(allocations[GGUF_VARIANT])] if GGUF_VARIANT in allocations else []),
+      *skipped.values(),
   ]
   return write_report(workdir, results, descriptions=descriptions, baseline=baseline,
                       fingerprint=corpus.fingerprint, unit=corpus.unit, curves=curves,
                       timings=timings, notes=notes, config_text=config_io.config_json(config),
                       serving=serving, deploy=deploy,
-                      allocations={MIXED: allocation.to_json()} if allocation else None)
+                      allocations={k: a.to_json() for k, a in allocations.items()} or None,
+                      skipped=skipped or None)

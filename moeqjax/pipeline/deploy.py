@@ -13,7 +13,9 @@ from moeqjax.convert.gguf_export import write_gguf
 from moeqjax.serve import generate, load_packed
 from moeqjax.serve.packed_source import PackedWeights
 
-DEPLOY_VARIANTS = ("qat_ternary", "qat_mixed")  # each one the demo has (qat_mixed when it has one)
+# Each one the demo has (qat_mixed and qat_gguf when it has them): the uniform ternary student, the
+# per-expert mix that llama.cpp widens, and the per-tensor allocation that it holds as allocated.
+DEPLOY_VARIANTS = ("qat_ternary", "qat_mixed", "qat_gguf")
 DEPLOY_DIR = "deploy"  # workdir/deploy/<variant>/{model.gguf, compressed-tensors/}
 NEW_TOKENS = 16  # greedy tokens llama.cpp must produce like our packed model
 PROMPT_TOKENS = 32  # prompt + NEW_TOKENS fit llama.cpp's context of runtimes.LLAMA_CTX
@@ -48,8 +50,13 @@ def _gguf(weights: PackedWeights, out: pathlib.Path, prompt, ours) -> dict:
   except ConvertError as e:
     row["note"] = f"not written: {e}"
     return row
-  row.update(file=str(out), file_bytes=report["file_bytes"], ggml_types=sorted(
-      {r["ggml_type"] for r in report["tensors"] if "exps" in r["name"]}))
+  experts = [r for r in report["tensors"] if "_exps" in r["name"]]
+  # widened: the export report's tensors stored in a type wider than some code's exact container.
+  row.update(file=str(out), file_bytes=report["file_bytes"],
+             ggml_types=sorted({r["ggml_type"] for r in experts}),
+             expert_bytes=sum(r["file_bytes"] for r in experts),
+             expert_bytes_packed=sum(r["moeqjax_bytes"] for r in experts),
+             widened=list(report["widened"]))
   lacking = runtimes.missing(runtimes.GGUF_PACKAGES)
   if lacking:
     row["note"] = _not_checked(lacking)

@@ -70,3 +70,12 @@ def test_without_llama_cpp_the_gguf_row_says_which_platforms_have_it(packed, tmp
   assert (g["loaded"], g["matched"]) == (None, None)
   assert g["note"].startswith("not checked: llama.cpp (xllamacpp) is not installed; it ships "
                               "wheels for Linux")
+  # Its ternary and int2 experts share Q4_0 with the int4 one (one type per llama.cpp tensor): all
+  # three expert tensors are widened, each 4 experts x 64 rows x 2 blocks of 18 bytes.
+  assert g["widened"] == [f"blk.0.{t}.weight" for t in ("ffn_gate_exps", "ffn_up_exps",
+                                                        "ffn_down_exps")]
+  assert g["expert_bytes"] == 3 * 4 * 64 * 2 * 18
+  # ours: per tensor, 64 x 64 weights at 2 + 2 + 4 + 2 bits, plus 4 x 64 fp16 scales
+  assert g["expert_bytes_packed"] == 3 * (64 * 64 * (2 + 2 + 4 + 2) // 8 + 4 * 64 * 2)
+  table = "\n".join(_deploy_section({"s": {"gguf": g}}))
+  assert "(pip install xllamacpp==2026.10.11549) | 27,648 (16,896) | 3 |" in table
