@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from moeqjax import quant as q
-from moeqjax.model.codes import expert_codes
+from moeqjax.model.codes import EXPERT_BITS, expert_codes
+from moeqjax.model.moe_paths import at_path, moe_paths
 from moeqjax.model.projection_codes import layer_codes
 from moeqjax.quant import clip
 
@@ -42,9 +43,10 @@ def init_ratios(cfg, params, quant):
   """`params` with every MoE layer's ratio params set to `initial_ratio` at the `quant` codes.
 
   Args:
-    cfg: the ModelConfig (its quant rules say whether and how ratios are learned).
+    cfg: the ModelConfig or SwitchConfig (its quant rules say whether and how ratios are learned).
     params: the student's starting params (e.g. a teacher's), with or without ratio params.
-    quant: the student's `quant` collection (the per-expert codes).
+    quant: the student's `quant` collection (the per-expert codes); its MoE blocks (every layer of
+      a decoder-only model, every sparse layer of a Switch model) say where ratios go.
 
   Returns:
     A new tree; unchanged (a copy without ratios) when the rules carry no ratio. Under
@@ -55,11 +57,12 @@ def init_ratios(cfg, params, quant):
   params = without_ratios(params)
   if not spec.has_ratio:
     return params
-  codes_LxE = expert_codes(quant, cfg.num_layers)  # [L, E] or [L, 3, E]
-  for layer in range(cfg.num_layers):
-    moe = params[f"layers_{layer}"]["moe"]
-    had = kept[f"layers_{layer}"]["moe"]
+  codes_LxE = expert_codes(quant)  # [L, E] or [L, 3, E], in moe_paths order
+  for layer, path in enumerate(moe_paths(quant, EXPERT_BITS)):
+    moe, had = at_path(params, path), at_path(kept, path)
     for name in _EXPERT_WEIGHTS:
+      if name not in moe:  # ReLU experts (Switch) have no w_gate
+        continue
       codes_E = layer_codes(np.asarray(codes_LxE[layer], np.int32), name)
       key = name + clip.CLIP_SUFFIX
       moe[key] = (had[key] if spec.stored_ratio and key in had

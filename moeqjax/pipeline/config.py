@@ -10,7 +10,7 @@ import pathlib
 
 import ml_collections
 
-from moeqjax.model import ModelConfig, QuantRules
+from moeqjax.model import ModelConfig, QuantRules, SwitchConfig
 from moeqjax.objectives import LossWeights
 from moeqjax.train import LoopConfig, OptimConfig
 from moeqjax.train.mesh import MeshConfig
@@ -110,6 +110,11 @@ def _build(cls, section: ml_collections.ConfigDict, name: str, **extra):
 
 def model_config(config) -> ModelConfig:
   return _build(ModelConfig, config.model, "model", quant=_build(QuantRules, config.quant, "quant"))
+
+
+def switch_config(config) -> SwitchConfig:
+  """The `model` + `quant` sections of a Switch config (configs/switch_*.py) as a SwitchConfig."""
+  return _build(SwitchConfig, config.model, "model", quant=_build(QuantRules, config.quant, "quant"))
 
 
 def mesh_config(config) -> MeshConfig:

@@ -30,9 +30,13 @@ class TrainState:
   stats: dict
 
 
-def create_state(params, tx: optax.GradientTransformation, num_layers: int, quant=None,
+def create_state(params, tx: optax.GradientTransformation, num_layers: int | None, quant=None,
                  teacher_params=None) -> TrainState:
-  """A fresh state at step 0; router statistics start from these params' router norms."""
+  """A fresh state at step 0; router statistics start from these params' router norms.
+
+  num_layers: the MoE layers the router statistics cover (checked), or None for every MoE block
+  of the params (a Switch model's sparse layers, encoder first; model.moe_paths).
+  """
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,

@@ -1,0 +1,133 @@
+"""A tiny byte-level Switch Transformer (T5 encoder-decoder, top-1 experts) for span-corruption pretraining + ternary QAT on a 2-core CPU in minutes.
+
+Launch:  not yet a CLI phase (pretrain/qat of a Switch model are library-level so far, see
+docs/guides/training.md "Switch Transformer (encoder-decoder) QAT, library level");
+tests/model/test_switch_qat.py runs the same recipe at a smaller size. Load it with
+moeqjax.pipeline.config.load_config + switch_config.
+"""
+
+import ml_collections
+
+VOCAB_BYTES = 256  # UTF-8 bytes are token ids 0..255
+NUM_SENTINELS = 64  # T5 sentinels <extra_id_0..63>: the top 64 ids, 319 down to 256
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+
+  # SwitchConfig fields (moeqjax.model.config.SwitchConfig), names as in HF's
+  # SwitchTransformersConfig where they mean the same.
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=VOCAB_BYTES + NUM_SENTINELS,  # 320: bytes + sentinels (data.t5_sentinel_ids)
+      d_model=64,  # residual width D
+      d_kv=16,  # head dim of every attention
+      num_heads=4,  # attention heads (num_heads * d_kv = 64 = D)
+      d_ff=128,  # hidden size of a dense FFN and of one expert
+      num_layers=4,  # encoder layers
+      num_decoder_layers=4,
+      # HF's rule: step = 4 // 2 = 2, so layers 1 and 3 of each stack are sparse (every 2nd layer)
+      num_sparse_encoder_layers=2,
+      num_sparse_decoder_layers=2,
+      num_experts=8,  # E; top-1 routing (Switch)
+      # per sequence, an expert takes its first 18 tokens: ceil(1.25 x the balanced share, 1/8, of
+      # a 115-token encoder input) (seq2seq.window=128, noise 0.15, spans of 3: span_lengths)
+      expert_capacity=18,
+      router_bias=False,  # HF Switch has none
+      router_jitter=0.01,  # multiplicative router-input noise in training (HF's default)
+      relative_attention_num_buckets=32,  # T5 / HF default
+      relative_attention_max_distance=128,  # T5 / HF default
+      norm_eps=1e-6,
+      tie_embeddings=True,  # one embedding for encoder, decoder and LM head (HF's default)
+      decoder_start_token_id=0,  # byte 0 (NUL) never occurs in the corpus' text
+      dispatch="ragged",  # dropless grouped matmul; the capacity masks the dropped tokens
+      dtype="float32",
+      param_dtype="float32",
+  ))
+
+  # What the QAT student quantizes (moeqjax.model.config.QuantRules).
+  c.quant = ml_collections.ConfigDict(dict(
+      expert_code=1,  # every expert of every sparse layer ternary; 0 = full precision (control)
+      attn_code=0,  # attention stays full precision
+      shared_code=0,  # the dense (non-sparse) FFN layers stay full precision
+      router_code=0,  # the routers stay full precision
+      lm_head_code=0,  # unused with tied embeddings
+      act_bits=0,  # weights only
+      granularity="channel",  # one scale per output channel of each expert matrix
+      group_size=32,
+      symmetric=True,
+      ternary_method="absmean",  # BitNet b1.58
+      learn_clip=False,
+      learn_scale=False,
+      stored_ratio=False,
+      scale_init="mse",  # grid-searched MSE-optimal scale per channel
+      ternary_packing="2bit",
+      scale_bytes=2,  # fp16 scales
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      path="",  # "" = the embedded Python-stdlib corpus, as bytes
+      valid_fraction=0.05,  # share of files held out for evaluation
+      text_field="text",
+      tokenizer="",  # "" = UTF-8 bytes; the sentinels sit above them
+  ))
+
+  # T5 span corruption (moeqjax.data.seq2seq.span_corruption_batch) of raw windows.
+  c.seq2seq = ml_collections.ConfigDict(dict(
+      window=128,  # raw tokens per example: encoder 115 tokens, decoder 25 (span_lengths)
+      noise_density=0.15,  # T5's default
+      mean_span_length=3.0,  # T5's default
+      num_sentinels=NUM_SENTINELS,
+  ))
+
+  # Full-precision span-corruption pretraining of the teacher (seq_len = raw window tokens).
+  c.pretrain = ml_collections.ConfigDict(dict(
+      steps=600,
+      batch_size=16,
+      seq_len=128,  # = seq2seq.window
+      learning_rate=1e-2,
+      warmup_steps=30,
+      end_lr_fraction=0.1,
+      weight_decay=0.0,
+      grad_clip=1.0,
+      seed=0,
+      log_every=10,
+      ckpt_every=200,
+  ))
+
+  # QAT of the ternary student from the teacher (student = teacher at step 0).
+  c.qat = ml_collections.ConfigDict(dict(
+      steps=150,
+      batch_size=16,
+      seq_len=128,
+      learning_rate=1e-3,
+      warmup_steps=10,
+      end_lr_fraction=0.1,
+      weight_decay=0.0,
+      grad_clip=1.0,
+      seed=1,
+      log_every=10,
+      ckpt_every=50,
+  ))
+
+  # The joint objective (moeqjax.objectives.seq2seq_loss_terms) over every sparse layer.
+  c.loss = ml_collections.ConfigDict(dict(
+      task=1.0,  # decoder cross-entropy on the target tokens
+      rec=1.0,  # MSE of each sparse layer's MoE output vs the teacher (encoder and decoder)
+      kd=1.0,  # KL of the decoder's final logits vs the teacher
+      value=1.0,  # KL of router distributions (routing value alignment)
+      struct=1.0,  # top-1 boundary hinge (routing structure alignment)
+      lb=0.001,  # Switch's aux loss, HF scale (router_aux_loss_coef), encoder + decoder
+      z=0.001,  # Switch's router z-loss (router_z_loss_coef), encoder + decoder
+      kd_temperature=1.0,
+      value_temperature=1.0,
+      struct_margin=0.1,
+      struct_rank_weight=0.0,  # top-1: no in-set order to keep
+  ))
+
+  # Held-out evaluation: fixed span-corruption batches of the validation split.
+  c.eval = ml_collections.ConfigDict(dict(
+      num_batches=16,
+      batch_size=16,
+      seed=1234,  # batch b is span_corruption_batch(valid, ..., seed, b)
+  ))
+  return c

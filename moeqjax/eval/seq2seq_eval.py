@@ -1,0 +1,88 @@
+"""Held-out decoder loss (bits per target token), routing and capacity drops of an encoder-decoder on fixed batches."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moeqjax.eval.routing_metrics import routing_agreement
+from moeqjax.model import SwitchConfig, SwitchTransformer
+from moeqjax.objectives import token_nll
+from moeqjax.objectives.seq2seq import STACKS
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_fn(cfg: SwitchConfig):
+  """One compiled function per config; every variant (teacher, RTN, QAT student) reuses it."""
+  model = SwitchTransformer(cfg)
+
+  def fn(variables, encoder_ids, decoder_ids, targets, target_mask):
+    logits, aux = model.apply(variables, encoder_ids, decoder_ids)
+    nll = jnp.sum(token_nll(logits, targets) * target_mask)
+    return nll, {s: (aux[s]["expert_idx"], aux[s]["drop_rate"]) for s in STACKS}
+
+  return jax.jit(fn)
+
+
+def evaluate_seq2seq(cfg: SwitchConfig, variables: dict, batches) -> dict:
+  """Scores the decoder's target tokens on fixed batches (no jitter, no cache).
+
+  Args:
+    cfg: the model config.
+    variables: {"params": ...} (full precision) or with "quant" codes (fake-quantized student).
+    batches: data.Seq2SeqBatch (or dicts with its fields), all of one shape.
+
+  Returns:
+    {"nll": nats per target token (target_mask True), "bits_per_token": nll / ln 2,
+     "tokens": scored target tokens,
+     "expert_idx": {"encoder": [L_enc, N, 1], "decoder": [L_dec, N, 1]} top-1 experts of every
+       routed token (batch order),
+     "drop_rate": {"encoder": [L_enc], "decoder": [L_dec], "all": float}: the fraction of routed
+       tokens the expert capacity dropped, per sparse layer and pooled over both stacks}.
+  """
+  fn = _eval_fn(cfg)
+  nll, tokens = 0.0, 0
+  idx = {s: [] for s in STACKS}
+  drops = {s: [] for s in STACKS}
+  for batch in batches:
+    get = batch.__getitem__ if isinstance(batch, dict) else lambda k: getattr(batch, k)
+    mask = np.asarray(get("target_mask"), bool)
+    part, routing = fn(variables, *(jnp.asarray(get(k)) for k in
+                                    ("encoder_ids", "decoder_ids", "targets")), jnp.asarray(mask))
+    nll += float(part)
+    tokens += int(mask.sum())
+    for s in STACKS:
+      idx[s].append(np.asarray(routing[s][0]))
+      drops[s].append(np.asarray(routing[s][1], np.float64))
+  if tokens == 0:
+    raise ValueError("the evaluation batches have no target token to score (target_mask is all "
+                     "False)")
+  idx = {s: np.concatenate(idx[s], axis=1) for s in STACKS}
+  # Batches have equal shapes, so the mean over batches is the pooled per-layer rate.
+  drop = {s: np.mean(np.stack(drops[s]), axis=0) for s in STACKS}
+  routed = {s: idx[s].shape[1] for s in STACKS}
+  pooled = sum(float(np.sum(drop[s])) * routed[s] for s in STACKS) / sum(
+      drop[s].shape[0] * routed[s] for s in STACKS)
+  nll /= tokens
+  return {"nll": nll, "bits_per_token": nll / math.log(2), "tokens": tokens, "expert_idx": idx,
+          "drop_rate": {**drop, "all": pooled}}
+
+
+def seq2seq_routing_agreement(reference: dict, result: dict, num_experts: int) -> dict:
+  """Top-1 agreement of result's routing with reference's (e.g. the teacher's), per sparse layer.
+
+  Args:
+    reference, result: evaluate_seq2seq results on the same batches.
+    num_experts: E.
+
+  Returns:
+    {"encoder": [L_enc], "decoder": [L_dec], "mean": float over every sparse layer}.
+  """
+  out = {s: routing_agreement(reference["expert_idx"][s], result["expert_idx"][s],
+                              num_experts)["top1_agree"] for s in STACKS}
+  out["mean"] = float(np.mean(np.concatenate([out[s] for s in STACKS])))
+  return out

@@ -1,0 +1,107 @@
+"""The jitted QAT / full-precision train step of an encoder-decoder (Switch Transformer) on seq2seq batches."""
+
+# A batch is a dict of int32 arrays (data.Seq2SeqBatch's fields): encoder_ids [B, S],
+# decoder_ids [B, T], targets [B, T] and target_mask [B, T] (bool). The state is the decoder-only
+# step's TrainState: params, optimizer state, the student's `quant` codes (None: full precision),
+# the frozen teacher's params (None: no teacher terms) and the router statistics over every
+# sparse layer (encoder's, then decoder's; model.moe_paths).
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from moeqjax.model import SwitchTransformer
+from moeqjax.objectives import LossWeights, seq2seq_loss_terms, total_loss
+from moeqjax.objectives.seq2seq import STACKS
+from moeqjax.quant.clip import ratio_max
+from moeqjax.train.optim import project_params
+from moeqjax.train.router_stats import update_router_stats
+from moeqjax.train.state import TrainState
+
+BATCH_KEYS = ("encoder_ids", "decoder_ids", "targets", "target_mask")
+
+
+def batch_arrays(batch) -> dict:
+  """A data.Seq2SeqBatch (or a dict with its fields) as the step's dict of arrays."""
+  fields = dataclasses.asdict(batch) if dataclasses.is_dataclass(batch) else dict(batch)
+  return {key: jnp.asarray(fields[key]) for key in BATCH_KEYS}
+
+
+def seq2seq_forward(model: SwitchTransformer, variables, batch, train: bool = False, rng=None):
+  """(logits [B, T, V], aux) of a batch; train=True draws the router jitter from rng."""
+  rngs = {"jitter": rng} if train and model.cfg.router_jitter > 0 else None
+  return model.apply(variables, batch["encoder_ids"], batch["decoder_ids"], train=train,
+                     rngs=rngs)
+
+
+def seq2seq_losses(params, state: TrainState, batch, rng, model: SwitchTransformer,
+                   weights: LossWeights):
+  """(total loss, (terms, student aux)) of the student `params` on a batch.
+
+  The student runs with the state's codes (and the router jitter when its config has one); the
+  teacher runs in full precision without jitter, under stop_gradient.
+  """
+  variables = {"params": params}
+  if state.quant is not None:
+    variables["quant"] = state.quant
+  logits, aux = seq2seq_forward(model, variables, batch, train=True, rng=rng)
+  teacher_logits = teacher_aux = None
+  if state.teacher_params is not None and weights.needs_teacher:
+    teacher = jax.lax.stop_gradient(state.teacher_params)
+    teacher_logits, teacher_aux = seq2seq_forward(model, {"params": teacher}, batch)
+  terms = seq2seq_loss_terms(weights, batch["targets"].shape[0], logits, aux, batch["targets"],
+                             batch["target_mask"], teacher_logits, teacher_aux)
+  return total_loss(weights, terms), (terms, aux)
+
+
+def _pooled_drop_rate(aux):
+  """The fraction of all routed tokens (every sparse layer of both stacks) the capacity dropped."""
+  dropped, routed = 0.0, 0
+  for stack in STACKS:
+    num_layers, tokens = aux[stack]["expert_idx"].shape[:2]
+    dropped = dropped + jnp.sum(aux[stack]["drop_rate"]) * tokens
+    routed += num_layers * tokens
+  return dropped / routed
+
+
+def seq2seq_train_step(state: TrainState, batch, rng, *, model: SwitchTransformer,
+                       tx: optax.GradientTransformation, weights: LossWeights,
+                       collect_stats: bool = True):
+  """One optimizer step: (state, batch dict, rng) -> (state, metrics).
+
+  rng feeds the router jitter (model.cfg.router_jitter > 0); fold the step into it per step.
+  Router statistics take the student's routing of every sparse layer (encoder then decoder) and
+  the routers' gradients, as the decoder-only step does.
+  """
+  grad_fn = jax.value_and_grad(seq2seq_losses, has_aux=True)
+  (loss, (terms, aux)), grads = grad_fn(state.params, state, batch, rng, model, weights)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = project_params(optax.apply_updates(state.params, updates),
+                          ratio_max(model.cfg.quant.spec()))
+  stats = state.stats
+  if collect_stats:
+    stats = update_router_stats(stats, grads, tuple(aux[s]["expert_idx"] for s in STACKS),
+                                tuple(aux[s]["gates"] for s in STACKS))
+  metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads)}
+  metrics.update({f"train/{name}": value for name, value in terms.items()})
+  if model.cfg.expert_capacity:
+    metrics["train/drop_rate"] = _pooled_drop_rate(aux)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
+  return new_state, metrics
+
+
+def jit_seq2seq_step(model: SwitchTransformer, tx: optax.GradientTransformation,
+                     weights: LossWeights, collect_stats: bool = True):
+  """seq2seq_train_step compiled once for this model/optimizer/objective, with the state donated.
+
+  The `quant` codes are data, so a new allocation (train.with_quant) reuses the compiled step.
+  (No mesh placement yet: single device.)
+  """
+  fn = functools.partial(seq2seq_train_step, model=model, tx=tx, weights=weights,
+                         collect_stats=collect_stats)
+  return jax.jit(fn, donate_argnums=0)
