@@ -68,8 +68,8 @@ def _router_only(params):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def router_recovery(config, state, teacher, steps: int, seed: int):
-  """`steps` more steps of config's objective in which only the routers move."""
+def router_recovery(config, state, teacher, tokens, steps: int, seed: int):
+  """`steps` more steps of config's objective on `tokens` in which only the routers move."""
   cfg = config_io.model_config(config)
   _, optim = config_io.phase_configs(config.qat, "qat")
   optim = dataclasses.replace(optim, warmup_steps=min(optim.warmup_steps, steps // 5))
@@ -79,22 +79,20 @@ def router_recovery(config, state, teacher, steps: int, seed: int):
                         quant=jax.tree.map(jnp.copy, state.quant),
                         teacher_params=jax.tree.map(jnp.copy, teacher))
   step_fn = jit_train_step(MoETransformer(cfg), tx, config_io.loss_weights(config))
-  corpus = load_data(config)
   rng = jax.random.key(seed)
   for step in range(steps):
-    batch = jnp.asarray(sample_batch(corpus.train, config.qat.batch_size, config.qat.seq_len,
-                                     seed, step))
+    batch = jnp.asarray(sample_batch(tokens, config.qat.batch_size, config.qat.seq_len, seed,
+                                     step))
     rstate, _ = step_fn(rstate, batch, jax.random.fold_in(rng, step))
   return rstate
 
 
-def run_recipe(name: str, workdir: pathlib.Path, teacher, code: int, recovery_steps: int):
-  """(student, control) variables of one recipe, trained into workdir/drift/<name>/."""
+def run_recipe(name: str, workdir: pathlib.Path, teacher, corpus, code: int, recovery_steps: int):
+  """(student, control) variables of one recipe on `corpus`, trained into workdir/drift/<name>/."""
   qat_overrides, recovery_overrides = RECIPES[name]
   config = config_io.load_config(None)
   config_io.apply_overrides(config, qat_overrides)
   cfg = config_io.model_config(config)
-  corpus = load_data(config)
   out = {}
   for role, c in (("student", code), ("control", 0)):
     codes = np.full((cfg.num_layers, cfg.num_experts), c)
@@ -103,7 +101,7 @@ def run_recipe(name: str, workdir: pathlib.Path, teacher, code: int, recovery_st
     if recovery_overrides is not None:
       rec_config = config_io.load_config(None)
       config_io.apply_overrides(rec_config, {**qat_overrides, **recovery_overrides})
-      state = router_recovery(rec_config, state, teacher, recovery_steps,
+      state = router_recovery(rec_config, state, teacher, corpus.train, recovery_steps,
                               rec_config.qat.seed + 500)
     out[role] = {"params": state.params, "quant": state.quant}
   return out
@@ -132,7 +130,8 @@ def main(argv=None) -> int:
   rows = {}
   for name in names:
     t = time.perf_counter()
-    trained = run_recipe(name, workdir, teacher, args.code, args.recovery_steps)
+    # The recipes change loss weights and the QAT seed only: every one reads the same corpus.
+    trained = run_recipe(name, workdir, teacher, corpus, args.code, args.recovery_steps)
     res = evaluate_variants(cfg, {"full_precision": {"params": teacher}, **trained}, windows,
                             config.eval.batch_size, control="control")
     s, c = res["student"], res["control"]

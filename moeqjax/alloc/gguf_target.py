@@ -175,6 +175,12 @@ def availability(cfg, choices) -> tuple[np.ndarray, dict]:
   return ok, why
 
 
+def cheapest_bytes(table_Lx3xC, ok_3xC) -> int:
+  """GGUF expert bytes with every (layer, projection) at its cheapest exact choice (bytes_table,
+  availability): the least any allocation over those choices can take."""
+  return int(np.where(ok_3xC[None], table_Lx3xC, np.iinfo(np.int64).max).min(axis=2).sum())
+
+
 def projection_cost(importance_LxE, err_LxEx3xC) -> np.ndarray:
   """[L, 3, C] cost of a (layer, projection) tensor at each choice.
 
@@ -257,7 +263,7 @@ def allocate_gguf(method: str, cfg, params, stats: dict, budget_value: float, bu
       raise AllocationError(f"--target gguf: no choice is exact for {name} ({'; '.join(left_out)})"
                             "; add 0 (F16) to the choices")
   table = bytes_table(cfg, choices)
-  cheapest = int(np.where(ok[None], table, np.iinfo(np.int64).max).min(axis=2).sum())
+  cheapest = cheapest_bytes(table, ok)
   if budget < cheapest:
     raise AllocationError(
         f"budget {budget_value:g} {budget_unit} ({budget} bytes) is infeasible for --target gguf: "

@@ -220,8 +220,7 @@ def gguf_allocation(cfg, teacher_params, stats: dict, mixed_codes, path: pathlib
                       choices=GGUF_CHOICES, target="gguf")
   except AllocationError as e:
     return None, f"`{GGUF_VARIANT}` not run: {e}"
-  table = gguf_target.bytes_table(cfg, GGUF_CHOICES)
-  cheapest = np.where(ok[None], table, np.iinfo(np.int64).max).min(axis=2).sum()
+  cheapest = gguf_target.cheapest_bytes(gguf_target.bytes_table(cfg, GGUF_CHOICES), ok)
   result.extra["budget_from"] = {
       "variant": MIXED, "gguf_bytes": mixed["bytes"],
       "gguf_bits_per_weight": mixed["bits_per_weight"], "gguf_types": mixed["types"],

@@ -169,7 +169,8 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
   # allocations read from it agree with the first one's is Lambda's own noise. The cells use the first.
   ft2 = _finetune(config, workdir / f"finetune_{st['finetune_steps']}_replicate_1", task, teacher0,
                   st["finetune_steps"], replicate=1)
-  s2 = alloc_mod.expert_stats(ft2.params, jax.device_get(ft2.stats), cfg.num_layers)
+  stats2 = jax.device_get(ft2.stats)
+  s2 = alloc_mod.expert_stats(ft2.params, stats2, cfg.num_layers)
   err = alloc_mod.quant_error_table(teacher, cfg, st["choices"])
   windows = eval_windows(task.valid, config.eval.seq_len, config.eval.num_windows)
 
@@ -231,7 +232,7 @@ def run_study(config, workdir: pathlib.Path, *, quick: bool, config_path: str = 
   err2 = alloc_mod.quant_error_table(ft2.params, cfg, st["choices"])
   store.data["replicate_allocations"] = {
       f"{m}|{b:g}": alloc_mod.allocate(
-          m, cfg, ft2.params, jax.device_get(ft2.stats), b, st["budget_unit"],
+          m, cfg, ft2.params, stats2, b, st["budget_unit"],
           choices=st["choices"], err_LxExC=err2,
           levels=st["levels"] if m in alloc_mod.RULE_METHODS else None).codes_LxE.tolist()
       for b in budgets for m in st["methods"] if m not in ("uniform", "random")}

@@ -58,6 +58,15 @@ def project_params(params, upper: float = clip.CLIP_MAX):
       lambda path, p: clip.project_clip_ratio(p, upper) if _is_clip(path) else p, params)
 
 
+def apply_gradients(params, grads, opt_state, tx: optax.GradientTransformation, spec):
+  """(params, opt_state) after one optimizer update, learned ratios projected into range.
+
+  Projection, not a clamp in the forward pass: a clip ratio on its bound keeps its gradient.
+  """
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return project_params(optax.apply_updates(params, updates), clip.ratio_max(spec)), opt_state
+
+
 def _is_clip(path) -> bool:
   last = path[-1] if path else None
   return isinstance(last, jax.tree_util.DictKey) and clip.is_clip_param(str(last.key))

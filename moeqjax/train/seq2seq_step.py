@@ -18,8 +18,8 @@ import optax
 from moeqjax.model import SwitchTransformer
 from moeqjax.objectives import LossWeights, seq2seq_loss_terms, total_loss
 from moeqjax.objectives.seq2seq import STACKS
-from moeqjax.quant.clip import ratio_max
-from moeqjax.train.optim import project_params
+from moeqjax.train.optim import apply_gradients
+from moeqjax.train.step import step_metrics
 from moeqjax.train.router_stats import update_router_stats
 from moeqjax.train.state import TrainState
 
@@ -80,15 +80,13 @@ def seq2seq_train_step(state: TrainState, batch, rng, *, model: SwitchTransforme
   """
   grad_fn = jax.value_and_grad(seq2seq_losses, has_aux=True)
   (loss, (terms, aux)), grads = grad_fn(state.params, state, batch, rng, model, weights)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = project_params(optax.apply_updates(state.params, updates),
-                          ratio_max(model.cfg.quant.spec()))
+  params, opt_state = apply_gradients(state.params, grads, state.opt_state, tx,
+                                      model.cfg.quant.spec())
   stats = state.stats
   if collect_stats:
     stats = update_router_stats(stats, grads, tuple(aux[s]["expert_idx"] for s in STACKS),
                                 tuple(aux[s]["gates"] for s in STACKS))
-  metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads)}
-  metrics.update({f"train/{name}": value for name, value in terms.items()})
+  metrics = step_metrics(loss, grads, terms)
   if model.cfg.expert_capacity:
     metrics["train/drop_rate"] = _pooled_drop_rate(aux)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)

@@ -11,9 +11,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from moeqjax.model import MoETransformer, forward_with_aux
 from moeqjax.objectives import LossWeights, loss_terms, total_loss
-from moeqjax.quant.clip import ratio_max
 from moeqjax.train.mesh import traced_in_mesh
-from moeqjax.train.optim import project_params
+from moeqjax.train.optim import apply_gradients
 from moeqjax.train.router_stats import update_router_stats
 from moeqjax.train.state import TrainState
 
@@ -45,21 +44,24 @@ def train_step(state: TrainState, batch, rng, *, model: MoETransformer,
   inputs, targets = batch[:, :-1], batch[:, 1:]
   grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
   (loss, (terms, aux)), grads = grad_fn(state.params, state, inputs, targets, model, weights)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  # Projection, not a clamp in the forward pass: a clip ratio on its bound keeps its gradient.
-  params = project_params(optax.apply_updates(state.params, updates),
-                          ratio_max(model.cfg.quant.spec()))
+  params, opt_state = apply_gradients(state.params, grads, state.opt_state, tx,
+                                      model.cfg.quant.spec())
   stats = state.stats
   if collect_stats:
     stats = update_router_stats(stats, grads, aux["expert_idx"], aux["gates"],
                                 model.cfg.num_layers)
-  metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads)}
-  metrics.update({f"train/{name}": value for name, value in terms.items()})
+  metrics = step_metrics(loss, grads, terms)
   if model.cfg.has_capacity:
     # Every layer routes the same T*k pairs, so the mean over layers is the pooled fraction.
     metrics["train/drop_rate"] = jnp.mean(aux["drop_rate"])
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
   return new_state, metrics
+
+
+def step_metrics(loss, grads, terms: dict) -> dict:
+  """The metrics every train step logs: the loss, the gradient norm and each loss term."""
+  return {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
+          **{f"train/{name}": value for name, value in terms.items()}}
 
 
 def jit_train_step(model: MoETransformer, tx: optax.GradientTransformation,
