@@ -17,7 +17,10 @@ from moeqjax.convert.hf_import import NP_DTYPES
 from moeqjax.convert.safetensors_io import SINGLE_FILE, StreamingWriter
 from moeqjax.convert.student_weights import EXPERT_PARAMS as _EXPERT_PARAMS
 from moeqjax.convert.student_weights import ParamWeights, StudentWeights
-from moeqjax.model import ModelConfig
+from moeqjax.convert.switch_hf_config import MODEL_TYPE as SWITCH_MODEL_TYPE
+from moeqjax.convert.switch_hf_config import switch_config_to_hf_config
+from moeqjax.convert.switch_layout import UNTIED_SHARED, switch_entries
+from moeqjax.model import ModelConfig, SwitchConfig
 from moeqjax.quant import formats
 from moeqjax.quant import granularity as gran
 
@@ -57,10 +60,18 @@ def _module_name(ent) -> str:
   return ent.hf_name[:-len(".weight")]
 
 
-def plan(weights: StudentWeights, fam) -> list[_Module]:
-  """Every param path with its storage mode; the expert and dense widths are shared (ct_scheme)."""
+def plan(weights: StudentWeights, ents, one_linear_per_expert: bool = False) -> list[_Module]:
+  """Every param path of `ents` (layout.Entry, in writing order) with its storage mode.
+
+  By default the expert and dense widths are shared (ct_scheme: one scheme for the experts, as
+  transformers' fused experts and vLLM need, one for the dense matrices) and asymmetric experts
+  are written symmetric as q - z (fused experts drop zero points). `one_linear_per_expert`
+  (Switch): transformers 5.x decompresses every unfused Linear with one scheme (its "dense"
+  config group), so every packed matrix shares the narrowest width that holds all their codes
+  (`ct_scheme.native_bits`: 2 bits when all are ternary or int2), zero points kept.
+  """
   cfg, mods = weights.cfg, []
-  for path, group in itertools.groupby(layout.entries(cfg, fam), key=lambda e: e.path):
+  for path, group in itertools.groupby(ents, key=lambda e: e.path):
     codes = weights.codes(path)
     mode = "float" if codes is None else "packed"
     mod = _Module(path, list(group), codes, mode)
@@ -71,6 +82,12 @@ def plan(weights: StudentWeights, fam) -> list[_Module]:
       mod.mode, mod.note = "dequantized", ("vLLM has no quantized form of this layer: stored "
                                            "dequantized in float32 (exact)")
     mods.append(mod)
+  if one_linear_per_expert:
+    packed = [m for m in mods if m.mode == "packed"]
+    bits = max((ct_scheme.native_bits(c) for m in packed for c in np.ravel(m.codes)), default=0)
+    for m in packed:
+      m.bits = bits
+    return mods
   for experts in (True, False):
     packed = [m for m in mods if m.mode == "packed" and (m.path[-1] in _EXPERT_PARAMS) == experts]
     if packed:
@@ -157,7 +174,8 @@ def _row(mod: _Module, spec, nbytes: int, ternary_packing: str) -> dict:
   ent = mod.ents[0]
   name = _module_name(ent) if ent.hf_name.endswith(".weight") else ent.hf_name
   if ent.expert is not None:
-    name = name.replace(f".experts.{ent.expert}.", ".experts.*.")
+    name = name.replace(f".experts.{ent.expert}.", ".experts.*.").replace(
+        f".experts.expert_{ent.expert}.", ".experts.expert_*.")  # Switch names its experts
   shape = (len(mod.ents),) + tuple(ent.hf_shape) if ent.expert is not None else ent.hf_shape
   if mod.codes is None:
     codes = {"fp": len(mod.ents)}
@@ -175,7 +193,16 @@ def _row(mod: _Module, spec, nbytes: int, ternary_packing: str) -> dict:
           "moeqjax_bytes": int(ours), "file_bytes": int(nbytes), "note": note}
 
 
-def export_compressed_tensors(cfg: ModelConfig, params, quant, out_dir,
+def switch_ct_entries(cfg: SwitchConfig) -> list:
+  """The Switch checkpoint's tensors (switch_layout), with `shared.weight` of an untied model."""
+  ents = switch_entries(cfg)
+  if not cfg.tie_embeddings:  # never read by transformers: the encoder's embedding, as in export_hf_switch
+    name, path = UNTIED_SHARED
+    ents.append(layout.Entry(path, None, name, (cfg.vocab_size, cfg.d_model), False))
+  return ents
+
+
+def export_compressed_tensors(cfg: ModelConfig | SwitchConfig, params, quant, out_dir,
                               family_config_json: dict | None = None, dtype: str = "float32",
                               **options) -> dict:
   """`write_compressed_tensors` of a student given as params and its `quant` collection."""
@@ -196,8 +223,13 @@ def write_compressed_tensors(weights: StudentWeights, out_dir,
   dense matrix; `export_report.json` says what that costs against our packing. The folder also
   holds output_guard.MARKER, which lets a later export with `overwrite` replace it.
 
+  A Switch student (weights.cfg a SwitchConfig) is written as switch_transformers, one
+  compressed nn.Linear per expert (`...mlp.experts.expert_{j}.wi/wo`). transformers decompresses
+  every such Linear with one config group, so all its packed matrices share one width, the
+  narrowest that holds every code (see `plan`), and keep their zero points.
+
   Args:
-    weights: the student (its cfg must fit a HF family layout).
+    weights: the student (its cfg must fit a HF family layout, or be a SwitchConfig).
     out_dir: the folder to write (built under a temporary name, then renamed); it must not exist,
       be empty, or (with `overwrite`) be a compressed-tensors export moeqjax wrote.
     family_config_json: the original HF config.json (keeps token ids and metadata); optional.
@@ -218,21 +250,34 @@ def write_compressed_tensors(weights: StudentWeights, out_dir,
     raise ConvertError(f"dtype={dtype!r}; choose from {DTYPES}")
   out_dir = output_guard.check_output(out_dir, KIND, overwrite)
   cfg = weights.cfg
-  hf_config = model_config_to_hf_config(cfg, model_type, family_config_json, dtype)
-  fam = family_of(hf_config)
+  switch = isinstance(cfg, SwitchConfig)
+  if switch:
+    if model_type not in (None, SWITCH_MODEL_TYPE):
+      raise ConvertError(f"model_type={model_type!r}: a Switch student exports as "
+                         f"{SWITCH_MODEL_TYPE!r} only")
+    hf_config = switch_config_to_hf_config(cfg, family_config_json, dtype)
+    mods = plan(weights, switch_ct_entries(cfg), one_linear_per_expert=True)
+  else:
+    hf_config = model_config_to_hf_config(cfg, model_type, family_config_json, dtype)
+    mods = plan(weights, layout.entries(cfg, family_of(hf_config)))
   spec = cfg.quant.spec()
-  mods = plan(weights, fam)
   packed = [m for m in mods if m.mode == "packed"]
-  if packed:
+  if packed and not switch:  # vLLM's constraint; transformers decompresses any group size
     ct_scheme.check_group_size(spec)
   float_dtype = NP_DTYPES[dtype]
   experts = [m for m in packed if m.path[-1] in _EXPERT_PARAMS]
   dense = [m for m in packed if m.path[-1] == "kernel"]
   linear = [m for m in mods if m.path[-1] in _EXPERT_PARAMS + ("kernel",)]
-  hf_config["quantization_config"] = ct_scheme.quantization_config(
-      spec, experts[0].bits if experts else None, bool(experts) and experts[0].folded,
-      [_module_name(e) for m in dense for e in m.ents], dense[0].bits if dense else None,
-      [_module_name(e) for m in linear if m.mode != "packed" for e in m.ents])
+  ignore = [_module_name(e) for m in linear if m.mode != "packed" for e in m.ents]
+  if switch:
+    hf_config["quantization_config"] = ct_scheme.module_group_config(
+        spec, packed[0].bits if packed else None, [_module_name(e) for m in packed for e in m.ents],
+        ignore)
+  else:
+    hf_config["quantization_config"] = ct_scheme.quantization_config(
+        spec, experts[0].bits if experts else None, bool(experts) and experts[0].folded,
+        [_module_name(e) for m in dense for e in m.ents], dense[0].bits if dense else None,
+        ignore)
   specs = [_tensor_specs(m, spec, float_dtype) for m in mods]
   rows = []
   with output_guard.building_folder(out_dir, KIND, overwrite, extra_files) as tmp:
@@ -259,7 +304,7 @@ def write_compressed_tensors(weights: StudentWeights, out_dir,
     report = {
         "format": "compressed-tensors", "writer": output_guard.WRITER,
         "compressed_tensors_format": ct_scheme.FORMAT,
-        "model_type": fam.model_type, "dtype": dtype, "scale_dtype": "float32 (fp16-exact)",
+        "model_type": hf_config["model_type"], "dtype": dtype, "scale_dtype": "float32 (fp16-exact)",
         "expert_container": f"int{experts[0].bits}" if experts else None,
         "dense_container": f"int{dense[0].bits}" if dense else None,
         "tensors": rows,

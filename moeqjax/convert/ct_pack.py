@@ -3,14 +3,15 @@
 # The layout (compressed-tensors 0.20, pack_to_int32): along the packed axis, element i of a row
 # sits at bit i * bits of the row's little-endian int32 stream, stored as level + 2^(bits - 1)
 # (unsigned). Rows are padded to whole words. Weights pack along their last axis (`in`); zero
-# points pack along their first axis (`out`). Only 4 and 8 bits are used here: those are the
-# widths vLLM's MoE kernels accept, and they divide 32, so no element straddles two words.
+# points pack along their first axis (`out`). Any width 1..8 packs (a 3-bit element may straddle
+# two words, as compressed-tensors >= 0.18 lays it out); the decoder-only export uses 4 and 8
+# only, the widths vLLM's MoE kernels accept, and the Switch export each code's own width.
 
 from __future__ import annotations
 
 import numpy as np
 
-BITS = (4, 8)
+BITS = tuple(range(1, 9))
 
 
 def level_range(bits: int) -> tuple[int, int]:
@@ -23,7 +24,7 @@ def pack_rows(levels, bits: int) -> np.ndarray:
 
   Args:
     levels: integers [..., cols] in `level_range(bits)`.
-    bits: 4 or 8.
+    bits: 1 to 8.
 
   Returns:
     int32 [..., ceil(cols * bits / 32)].
@@ -34,15 +35,15 @@ def pack_rows(levels, bits: int) -> np.ndarray:
   lo, hi = level_range(bits)
   if levels.size and (levels.min() < lo or levels.max() > hi):
     raise ValueError(f"{bits}-bit levels lie in [{lo}, {hi}]; got [{levels.min()}, {levels.max()}]")
-  per_word = 32 // bits
   *lead, cols = levels.shape
-  words = -(-cols // per_word)
-  u = np.zeros((*lead, words * per_word), np.uint32)
-  u[..., :cols] = (levels.astype(np.int64) + (1 << (bits - 1))).astype(np.uint32)
-  u = u.reshape(*lead, words, per_word)
-  shifts = (np.arange(per_word, dtype=np.uint32) * bits)
-  packed = np.bitwise_or.reduce(u << shifts, axis=-1)
-  return packed.view(np.int32)
+  words = -(-cols * bits // 32)
+  u = (levels.astype(np.int64) + (1 << (bits - 1))).astype(np.uint32)
+  # The row's bit stream, element i at bits [i * bits, (i + 1) * bits), least significant first.
+  stream = np.zeros((*lead, words * 32), np.uint32)
+  stream[..., :cols * bits] = ((u[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).reshape(
+      *lead, cols * bits)
+  stream = stream.reshape(*lead, words, 32) << np.arange(32, dtype=np.uint32)
+  return np.bitwise_or.reduce(stream, axis=-1).astype(np.uint32).view(np.int32)
 
 
 def pack_columns(levels, bits: int) -> np.ndarray:
@@ -52,7 +53,8 @@ def pack_columns(levels, bits: int) -> np.ndarray:
 
 def unpack_rows(packed, bits: int, cols: int) -> np.ndarray:
   """Inverse of `pack_rows` (for tests and readback): int32 [..., words] -> int32 [..., cols]."""
-  per_word = 32 // bits
-  u = np.asarray(packed).view(np.uint32)[..., None] >> (np.arange(per_word, dtype=np.uint32) * bits)
-  u = (u & np.uint32((1 << bits) - 1)).reshape(*u.shape[:-2], -1)[..., :cols]
-  return u.astype(np.int32) - (1 << (bits - 1))
+  words = np.asarray(packed).view(np.uint32)
+  stream = (words[..., None] >> np.arange(32, dtype=np.uint32)) & 1
+  stream = stream.reshape(*words.shape[:-1], -1)[..., :cols * bits]
+  stream = stream.reshape(*words.shape[:-1], cols, bits) << np.arange(bits, dtype=np.uint32)
+  return np.bitwise_or.reduce(stream, axis=-1).astype(np.int32) - (1 << (bits - 1))

@@ -22,6 +22,16 @@ VLLM_GROUP_SIZES = (32, 64, 128)
 _OUR_BITS = {"ternary": 2, "int2": 2, "int3": 3, "int4": 4, "int8": 8}
 
 
+def native_bits(code: int) -> int:
+  """The narrowest pack-quantized width of one code: ternary and int2 in 2 bits, intN in N.
+
+  Exact for symmetric levels, and for asymmetric levels q with zero point z moved down by
+  2^(bits-1) (keeping q - z) when the zero points are stored. vLLM's MoE kernels take 4 and 8
+  bits only; the Switch export (which vLLM does not serve) uses these widths for transformers.
+  """
+  return _OUR_BITS[code_name(int(code))]
+
+
 def container_bits(codes, folded: bool = False) -> int:
   """Narrowest exact pack-quantized width (4 or 8) for a set of nonzero codes.
 
@@ -108,6 +118,29 @@ def quantization_config(spec: QuantSpec, expert_bits: int | None, experts_folded
   if dense_modules:
     groups[f"group_{len(groups)}"] = _group(
         [f"re:^{re.escape(m)}$" for m in dense_modules], dense_bits, spec, spec.symmetric)
+  return {"quant_method": "compressed-tensors", "format": FORMAT,
+          "quantization_status": "compressed", "config_groups": groups, "ignore": ignore,
+          "kv_cache_scheme": None}
+
+
+def module_group_config(spec: QuantSpec, bits: int | None, modules: list[str],
+                        ignore: list[str]) -> dict:
+  """A `quantization_config` with one config group of width `bits` targeting HF modules by name.
+
+  For models whose every quantized matrix is its own nn.Linear (Switch: one per expert):
+  transformers 5.x decompresses each such Linear with a single config group (its "dense" one,
+  whatever the targets of other groups say), so one group holds them all, zero points kept.
+
+  Args:
+    spec: our quantization spec.
+    bits: the shared width, or None when nothing is packed.
+    modules: HF module names of the packed Linear layers.
+    ignore: HF module names of Linear layers stored unquantized.
+  """
+  groups = {}
+  if modules:
+    groups["group_0"] = _group([f"re:^{re.escape(m)}$" for m in modules], bits, spec,
+                               spec.symmetric)
   return {"quant_method": "compressed-tensors", "format": FORMAT,
           "quantization_status": "compressed", "config_groups": groups, "ignore": ignore,
           "kv_cache_scheme": None}

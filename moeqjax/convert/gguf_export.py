@@ -10,7 +10,7 @@ from moeqjax.convert import gguf_arch, gguf_container, gguf_requant, output_guar
 from moeqjax.convert.errors import ConvertError
 from moeqjax.convert.gguf_vocab import Vocab, add_vocab, bpe_vocab, byte_vocab
 from moeqjax.convert.student_weights import IntForm, ParamWeights, StudentWeights
-from moeqjax.model import ModelConfig
+from moeqjax.model import ModelConfig, SwitchConfig
 from moeqjax.quant import code_name, formats, weight_bytes
 from moeqjax.quant import granularity as gran
 
@@ -123,6 +123,11 @@ def report_path(out_path):
   return output_guard.report_path(out_path)
 
 
+SWITCH_REFUSAL = ("GGUF has no Switch Transformer MoE architecture (llama.cpp's t5 has dense "
+                  "FFNs only), so a Switch student cannot be exported to GGUF; export it with "
+                  "--format compressed-tensors or hf (transformers loads both)")
+
+
 def export_gguf(cfg: ModelConfig, params, quant, out_path, **options) -> dict:
   """`write_gguf` of a student given as params and its `quant` collection (None: unquantized)."""
   return write_gguf(ParamWeights(cfg, params, quant), out_path, **options)
@@ -159,9 +164,11 @@ def write_gguf(weights: StudentWeights, out_path, *, fp_dtype: str = "f32", all_
     so exports into one folder keep one report each).
 
   Raises:
-    ConvertError: an existing output it may not replace, no matching architecture, or a tensor
-      no exact type holds.
+    ConvertError: a Switch student (SWITCH_REFUSAL), an existing output it may not replace, no
+      matching architecture, or a tensor no exact type holds.
   """
+  if isinstance(weights.cfg, SwitchConfig):  # refused before anything is read or written
+    raise ConvertError(SWITCH_REFUSAL)
   import gguf
   if fp_dtype not in FP_DTYPES:
     raise ConvertError(f"fp_dtype={fp_dtype!r}; choose from {FP_DTYPES}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import pathlib
 import urllib.request
 
 import numpy as np
@@ -167,11 +168,18 @@ def llama_vocab(server) -> list[bytes]:
 
 
 def load_compressed_tensors(path):
-  """A compressed-tensors folder loaded by transformers, dequantized on CPU in float32."""
+  """A compressed-tensors folder loaded by transformers, dequantized on CPU in float32.
+
+  A decoder-only family loads as AutoModelForCausalLM, a Switch Transformer (config.json
+  is_encoder_decoder) as AutoModelForSeq2SeqLM.
+  """
   import transformers
   cfg = transformers.CompressedTensorsConfig(dequantize=True)
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-      path, quantization_config=cfg, attn_implementation="eager", dtype="float32")
+  config = json.loads((pathlib.Path(path) / "config.json").read_text())
+  auto = (transformers.AutoModelForSeq2SeqLM if config.get("is_encoder_decoder")
+          else transformers.AutoModelForCausalLM)
+  model = auto.from_pretrained(path, quantization_config=cfg, attn_implementation="eager",
+                               dtype="float32")
   return model.eval()
 
 

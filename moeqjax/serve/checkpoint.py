@@ -3,10 +3,14 @@
 # A packed checkpoint folder holds
 #   model.safetensors   every tensor: packed values (uint8), scales (float16 or float32), zero points
 #                       (uint8), and the unquantized weights at `fp_dtype`;
-#   manifest.json       format version, model config, tokenizer, per-expert codes, and per tensor its
-#                       shape, dtype, byte length and sha256;
+#   manifest.json       format version, model family and config, tokenizer, per-expert codes, and
+#                       per tensor its shape, dtype, byte length and sha256;
 #   tokenizer.json      when the model uses one (byte-level models need none).
 # Names are param paths joined by "." then the code and the role, e.g. `layers_0.moe.w_in.int3.values`.
+# The model family ("moe_transformer", the decoder-only MoETransformer, or "switch", the encoder-
+# decoder SwitchTransformer; manifests without one are decoder-only) says which config class and
+# model the loader builds. `expert_codes` has one row per MoE block, in moe_paths order (a Switch
+# model: the encoder's sparse layers, then the decoder's).
 
 from __future__ import annotations
 
@@ -28,8 +32,11 @@ from moeqjax.convert.safetensors_io import (SINGLE_FILE, StreamingWriter, dtype_
 from moeqjax.convert.tree_paths import get_path
 from moeqjax.data.tokenizer import TOKENIZER_JSON, copy_tokenizer, tokenizer_files
 from moeqjax.eval.memory_report import expert_shapes
-from moeqjax.model import MoETransformer, ModelConfig, QuantRules
+from moeqjax.model import MoETransformer, ModelConfig, QuantRules, SwitchConfig, SwitchTransformer
+from moeqjax.model.moe import expert_param_names
+from moeqjax.model.moe_paths import moe_paths
 from moeqjax.model.packed_weights import COLLECTION
+from moeqjax.model.switch import switch_param_shapes
 from moeqjax.model.projection_codes import (NUM_PROJECTIONS, PROJECTIONS, by_projection, collapse,
                                              layer_codes)
 from moeqjax.quant import packed_tensor as pt
@@ -43,6 +50,9 @@ TOKENIZER_FILE = TOKENIZER_JSON
 FP_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 _EXPERT_PARAMS = ("w_in", "w_gate", "w_out")
 _CLIP_SUFFIX = "_clip"
+DECODER_ONLY, SWITCH = "moe_transformer", "switch"  # the manifest's model_family
+_FAMILIES = {DECODER_ONLY: (ModelConfig, MoETransformer), SWITCH: (SwitchConfig, SwitchTransformer)}
+AnyConfig = ModelConfig | SwitchConfig
 
 
 class PackedCheckpointError(ValueError):
@@ -57,7 +67,7 @@ def _flatten(tree, prefix=()):
       yield prefix + (key,), value
 
 
-def _packed_arrays(cfg: ModelConfig, params, quant):
+def _packed_arrays(cfg: AnyConfig, params, quant):
   """(param path, packed node or None, float array or None, codes) for every param, in tree order."""
   spec = cfg.quant.spec()
   for path, w in _flatten(params):
@@ -98,14 +108,47 @@ def _sha256(a: np.ndarray) -> str:
   return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def model_config_from_record(record: dict) -> ModelConfig:
-  """The ModelConfig of a manifest's `model_config` (the inverse of dataclasses.asdict)."""
+def model_family(cfg: AnyConfig) -> str:
+  """The manifest's model_family of a config: "switch" for a SwitchConfig, else "moe_transformer"."""
+  return SWITCH if isinstance(cfg, SwitchConfig) else DECODER_ONLY
+
+
+def build_model(cfg: AnyConfig):
+  """The model of a config's family (MoETransformer or SwitchTransformer)."""
+  return _FAMILIES[model_family(cfg)][1](cfg)
+
+
+def model_config_from_record(record: dict, family: str = DECODER_ONLY) -> AnyConfig:
+  """The config of a manifest's `model_config` (the inverse of dataclasses.asdict) for its family."""
+  if family not in _FAMILIES:
+    raise ValueError(f"unknown model_family {family!r}; this moeqjax reads {sorted(_FAMILIES)}")
   record = dict(record)
   rules = QuantRules(**record.pop("quant"))
-  return ModelConfig(**record, quant=rules)
+  return _FAMILIES[family][0](**record, quant=rules)
 
 
-def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "float32",
+def moe_blocks(cfg: AnyConfig) -> list[str]:
+  """The MoE blocks' param paths ("layers_0/moe", "encoder/layers_1/moe", ...): one row each of
+  the manifest's expert_codes, in that order."""
+  return ["/".join(p) for p in moe_paths(_abstract_params(cfg), "router")]
+
+
+def expert_names(cfg: AnyConfig) -> tuple[str, ...]:
+  """The expert params of one MoE block: w_in, w_gate, w_out (SwiGLU) or w_in, w_out (ReLU)."""
+  return expert_param_names(cfg.moe_config() if isinstance(cfg, SwitchConfig) else cfg)
+
+
+def _expert_shapes(cfg: AnyConfig) -> dict:
+  """One expert's [in, out] shape of each expert param the model has."""
+  moe_cfg = cfg.moe_config() if isinstance(cfg, SwitchConfig) else cfg
+  return {n: s for n, s in expert_shapes(moe_cfg).items() if n in expert_names(cfg)}
+
+
+def _block_of(param: str) -> str:
+  return param.rpartition("/")[0]
+
+
+def pack(cfg: AnyConfig, params, quant, out_dir, *, fp_dtype: str = "float32",
          tokenizer: str | pathlib.Path | None = None, eos_id: int | None = None,
          overwrite: bool = False, source: str = "") -> dict:
   """Writes a packed checkpoint of a quantized student.
@@ -117,7 +160,8 @@ def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "float32",
   With the default float32, the packed model computes what the fake-quant student computes.
 
   Args:
-    cfg: the student's model config (its quant rules give the spec).
+    cfg: the student's model config (its quant rules give the spec): a ModelConfig (decoder-only
+      MoETransformer) or a SwitchConfig (SwitchTransformer); the manifest records which.
     params: the student's params.
     quant: the student's `quant` collection (codes); every expert must have a quantized code.
     out_dir: the folder to write; it must not exist, be empty, or (with `overwrite`) be a pack
@@ -166,10 +210,14 @@ def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "float32",
         if path[-1] in _EXPERT_PARAMS:
           expert_tensor_bytes += arr.nbytes
 
-  # [L, E] when every expert's three matrices share its code, else [L, 3, E] (PROJECTIONS rows).
-  codes_LxE = collapse(np.stack([[expert_codes[f"layers_{i}/moe/{w}"] for w in PROJECTIONS]
-                                 for i in range(cfg.num_layers)], axis=0))
-  accounting = q.expert_bytes(expert_shapes(cfg), by_projection(codes_LxE), cfg.quant.spec())
+  # [L, E] when every expert's matrices share its code, else [L, 3, E] (PROJECTIONS rows; a ReLU
+  # expert has no w_gate, whose row repeats w_in's).
+  codes_LxE = collapse(np.stack([
+      [expert_codes.get(f"{block}/{w}", expert_codes[f"{block}/w_in"]) for w in PROJECTIONS]
+      for block in moe_blocks(cfg)], axis=0))
+  shapes = _expert_shapes(cfg)
+  accounting = q.expert_bytes(
+      shapes, {w: c for w, c in by_projection(codes_LxE).items() if w in shapes}, cfg.quant.spec())
   if accounting["total_bytes"] != expert_tensor_bytes:  # the packers and the formula must agree
     raise AssertionError(f"packed expert bytes {expert_tensor_bytes} != accounted "
                          f"{accounting['total_bytes']}; a packing/accounting bug")
@@ -181,6 +229,7 @@ def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "float32",
       "format": FORMAT,
       "format_version": FORMAT_VERSION,
       "source": source,
+      "model_family": model_family(cfg),
       "model_config": dataclasses.asdict(cfg),
       "fp_dtype": fp_dtype,
       "scale_dtype": np.dtype(pt.SCALE_DTYPES[cfg.quant.scale_bytes]).name,
@@ -221,8 +270,8 @@ def pack(cfg: ModelConfig, params, quant, out_dir, *, fp_dtype: str = "float32",
 class PackedModel:
   """A packed checkpoint in device memory: apply `model` to `variables` (params + packed)."""
 
-  cfg: ModelConfig
-  model: MoETransformer
+  cfg: AnyConfig
+  model: MoETransformer | SwitchTransformer
   variables: dict
   manifest: dict
   folder: pathlib.Path
@@ -252,23 +301,30 @@ def _read_manifest(folder: pathlib.Path) -> dict:
   return manifest
 
 
-def param_shapes(cfg: ModelConfig) -> dict:
-  """{"layers_0/moe/w_in": shape, ...} of every param of the model (no allocation)."""
+def _abstract_params(cfg: AnyConfig) -> dict:
+  if isinstance(cfg, SwitchConfig):
+    return switch_param_shapes(cfg)
   abstract = jax.eval_shape(MoETransformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-  return {"/".join(p): tuple(v.shape) for p, v in _flatten(nn.meta.unbox(abstract["params"]))}
+  return nn.meta.unbox(abstract["params"])
 
 
-def _expected_shapes(cfg: ModelConfig, manifest: dict) -> dict:
+def param_shapes(cfg: AnyConfig) -> dict:
+  """{"layers_0/moe/w_in": shape, ...} of every param of the model (no allocation)."""
+  return {"/".join(p): tuple(v.shape) for p, v in _flatten(_abstract_params(cfg))}
+
+
+def _expected_shapes(cfg: AnyConfig, manifest: dict) -> dict:
   """The shape every tensor of the manifest must have, derived from the config alone."""
   spec = cfg.quant.spec()
   shapes = param_shapes(cfg)
-  one_expert = expert_shapes(cfg)
+  one_expert = _expert_shapes(cfg)
+  row = {block: i for i, block in enumerate(moe_blocks(cfg))}
   codes = np.asarray(manifest["expert_codes"])
-  if np.shape(codes) not in ((cfg.num_layers, cfg.num_experts),
-                             (cfg.num_layers, NUM_PROJECTIONS, cfg.num_experts)):
+  if np.shape(codes) not in ((len(row), cfg.num_experts),
+                             (len(row), NUM_PROJECTIONS, cfg.num_experts)):
     raise PackedCheckpointError(
         f"manifest expert_codes has shape {list(np.shape(codes))}, the model config needs "
-        f"[num_layers, num_experts] = {[cfg.num_layers, cfg.num_experts]} (or one row per "
+        f"[MoE blocks, num_experts] = {[len(row), cfg.num_experts]} (or one row per "
         "projection)")
   stored = {(rec["param"], rec["role"], rec.get("code")) for rec in manifest["tensors"].values()}
   for param in shapes:
@@ -276,7 +332,7 @@ def _expected_shapes(cfg: ModelConfig, manifest: dict) -> dict:
       continue  # folded into the scales
     leaf = param.split("/")[-1]
     if leaf in one_expert:
-      layer = int(param.split("/")[0].split("_")[1])
+      layer = row[_block_of(param)]
       needed = [(param, role, c) for c in set(layer_codes(codes[layer], leaf).tolist())
                 for role in ("values", "scales")]
     elif any(p == param for p, _, _ in stored):
@@ -300,7 +356,7 @@ def _expected_shapes(cfg: ModelConfig, manifest: dict) -> dict:
       continue
     code = rec["code"]
     if param.split("/")[-1] in one_expert:
-      layer = int(param.split("/")[0].split("_")[1])
+      layer = row[_block_of(param)]
       n = int(np.sum(layer_codes(codes[layer], param.split("/")[-1]) == code))
       matrix, lead = full[1:], (n,)
     else:
@@ -313,18 +369,22 @@ def _expected_shapes(cfg: ModelConfig, manifest: dict) -> dict:
   return want
 
 
-def open_packed(folder) -> tuple[dict, ModelConfig]:
-  """(manifest, model config) of a packed checkpoint, checked; a one-line PackedCheckpointError else."""
+def open_packed(folder) -> tuple[dict, AnyConfig]:
+  """(manifest, model config) of a packed checkpoint, checked; a one-line PackedCheckpointError else.
+
+  The config is a ModelConfig or a SwitchConfig, as the manifest's model_family says.
+  """
   folder = pathlib.Path(folder)
   manifest = _read_manifest(folder)
   try:
-    cfg = model_config_from_record(manifest["model_config"])
+    cfg = model_config_from_record(manifest["model_config"],
+                                   manifest.get("model_family", DECODER_ONLY))
   except (TypeError, ValueError, KeyError) as e:
     raise PackedCheckpointError(f"{folder / MANIFEST}: bad model_config ({e})") from None
   return manifest, cfg
 
 
-def read_packed_tensors(folder, manifest: dict, cfg: ModelConfig, *, verify: bool = True):
+def read_packed_tensors(folder, manifest: dict, cfg: AnyConfig, *, verify: bool = True):
   """Yields (name, manifest record, host numpy array) for every tensor of a packed checkpoint.
 
   Every tensor is checked against the manifest (present, shape, dtype, bytes and, with `verify`,
@@ -378,7 +438,9 @@ def load_packed(folder, *, verify: bool = True) -> PackedModel:
     verify: check each tensor's sha256 (reads every byte once more; on by default).
 
   Returns:
-    A PackedModel; `model.apply(variables, tokens)` runs the packed student.
+    A PackedModel; `model.apply(variables, tokens)` runs the packed decoder-only student, and
+    `model.apply(variables, encoder_ids, decoder_ids)` (or `serve.switch_greedy(model,
+    variables, ...)`) a packed Switch student.
 
   Raises:
     PackedCheckpointError: naming the file or tensor, for any mismatch.
@@ -395,19 +457,20 @@ def load_packed(folder, *, verify: bool = True) -> PackedModel:
     else:
       _set(packed, path + (pt.code_key(rec["code"]), rec["role"]), jax.device_put(arr))
     del arr
-  spec, shapes = cfg.quant.spec(), expert_shapes(cfg)
-  for i, row in enumerate(manifest["expert_codes"]):
-    for w in _EXPERT_PARAMS:
+  spec, shapes = cfg.quant.spec(), _expert_shapes(cfg)
+  for block, row in zip(moe_blocks(cfg), manifest["expert_codes"]):
+    for w in shapes:
+      path = tuple(block.split("/")) + (w,)
       codes = layer_codes(np.asarray(row, np.int32), w)
       slot = np.zeros_like(codes)
       for c in set(codes.tolist()):
         slot[codes == c] = np.arange(int(np.sum(codes == c)))
-      node = get_path(experts, (f"layers_{i}", "moe", w))
+      node = get_path(experts, path)
       node.update({pt.EXPERT_CODES: codes, pt.EXPERT_SLOT: slot})
       bank = pt.expert_bank(node, spec, shapes[w])
-      _set(packed, (f"layers_{i}", "moe", w), jax.device_put(bank))
-      _set(experts, (f"layers_{i}", "moe", w), None)  # free the host copy as we go
-  return PackedModel(cfg, MoETransformer(cfg), {"params": params, COLLECTION: packed}, manifest,
+      _set(packed, path, jax.device_put(bank))
+      _set(experts, path, None)  # free the host copy as we go
+  return PackedModel(cfg, build_model(cfg), {"params": params, COLLECTION: packed}, manifest,
                      folder)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from moeqjax.convert.student_weights import EXPERT_PARAMS, IntForm, StudentWeights, dequantize
 from moeqjax.model.projection_codes import layer_codes
 from moeqjax.quant import packed_tensor as pt
-from moeqjax.serve.checkpoint import open_packed, param_shapes, read_packed_tensors
+from moeqjax.serve.checkpoint import moe_blocks, open_packed, param_shapes, read_packed_tensors
 
 
 class PackedWeights(StudentWeights):
@@ -25,6 +25,7 @@ class PackedWeights(StudentWeights):
     self.manifest, self.cfg = open_packed(self.folder)
     self.spec = self.cfg.quant.spec()
     self._shapes = param_shapes(self.cfg)
+    self._rows = {block: i for i, block in enumerate(moe_blocks(self.cfg))}  # expert_codes rows
     self._floats, self._buffers = {}, {}  # param -> array; param -> {code: {role: array}}
     for _, rec, arr in read_packed_tensors(self.folder, self.manifest, self.cfg, verify=verify):
       if rec["role"] == "float":
@@ -46,8 +47,8 @@ class PackedWeights(StudentWeights):
     if param not in self._buffers:
       return None
     if path[-1] in EXPERT_PARAMS:
-      layer = int(path[0].split("_")[1])
-      return layer_codes(np.asarray(self.manifest["expert_codes"][layer], np.int32), path[-1])
+      row = self.manifest["expert_codes"][self._rows["/".join(path[:-1])]]
+      return layer_codes(np.asarray(row, np.int32), path[-1])
     (code,) = self._buffers[param]
     return np.asarray(code, np.int32)
 

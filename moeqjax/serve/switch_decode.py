@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,21 @@ def init_switch_cache(model: SwitchTransformer, batch: int, length: int, memory_
     return model.init(jax.random.key(0), ids, memory, decode=True, method="decode")
 
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init)["cache"])
+
+
+@functools.lru_cache(maxsize=None)
+def _greedy_fns(model_class, cfg):
+  """(encode, first step, later step), compiled once per config (batches of one shape reuse them)."""
+  model = model_class(cfg)
+
+  def step(v, cache, token_B, memory, mask):
+    (logits, _), state = model.apply({**v, "cache": cache}, token_B[:, None], memory, mask,
+                                     decode=True, method="decode", mutable=["cache"])
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), state["cache"]
+
+  encode = jax.jit(lambda v, ids, m: model.apply(v, ids, m, method="encode"))
+  later = jax.jit(lambda v, cache, token_B, mask: step(v, cache, token_B, None, mask))
+  return encode, jax.jit(step), later
 
 
 def switch_greedy(model: SwitchTransformer, variables, encoder_ids_BxS, max_new_tokens: int,
@@ -41,16 +58,8 @@ def switch_greedy(model: SwitchTransformer, variables, encoder_ids_BxS, max_new_
   encoder_ids = jnp.asarray(encoder_ids_BxS, jnp.int32)
   mask = None if encoder_mask_BxS is None else jnp.asarray(encoder_mask_BxS, bool)
   b, s = encoder_ids.shape
-  memory, _ = jax.jit(lambda v, ids, m: model.apply(v, ids, m, method="encode"))(
-      variables, encoder_ids, mask)
-
-  def step(v, cache, token_B, memory, mask):
-    (logits, _), state = model.apply({**v, "cache": cache}, token_B[:, None], memory, mask,
-                                     decode=True, method="decode", mutable=["cache"])
-    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), state["cache"]
-
-  first = jax.jit(step)
-  later = jax.jit(lambda v, cache, token_B, mask: step(v, cache, token_B, None, mask))
+  encode, first, later = _greedy_fns(type(model), model.cfg)
+  memory, _ = encode(variables, encoder_ids, mask)
   cache = init_switch_cache(model, b, max_new_tokens, s)
   token = jnp.full((b,), model.cfg.decoder_start_token_id, jnp.int32)
   token, cache = first(variables, cache, token, memory, mask)
