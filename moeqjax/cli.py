@@ -289,14 +289,19 @@ def run_serve(args) -> int:
 def run_study_command(args, overrides: dict[str, str]) -> int:
   """stats / allocate / study: thin wrappers over the pipeline's stats, allocate and study."""
   from moeqjax.pipeline import config as config_io
-  config = config_io.load_config(args.config)
-  config_io.apply_overrides(config, overrides)
+  from moeqjax.pipeline import runs
   workdir = pathlib.Path(args.workdir)
+  # A Switch run's recorded config is the default (configs/tiny.py for any other run).
+  config = runs.starting_config(args.command, args.config, workdir=workdir)
+  config_io.apply_overrides(config, overrides)
   if args.command in ("stats", "allocate"):
-    from moeqjax.pipeline import runs
     # The run's recorded sections are the truth; an override that contradicts them is an error.
+    runs.check_family(config, workdir, "--workdir")
     runs.inherit(config, overrides, workdir, "--workdir", runs.RECORDED_SECTIONS,
                  config_given=args.config is not None)
+  elif config_io.is_switch(config):
+    raise UserError("`moeqjax study` runs decoder-only configs only; for a Switch config run the "
+                    "phases (pretrain, qat, stats, allocate, eval)")
   if args.command == "stats":
     from moeqjax.pipeline.stats import format_table, write_stats
     record = write_stats(config, workdir)
@@ -453,8 +458,12 @@ def run(argv: list[str]) -> int:
                                                   args.process_id, args.distributed_timeout))
     primary = distributed.is_primary()
   from moeqjax.pipeline import config as config_io
+  from moeqjax.pipeline import runs
   from moeqjax.pipeline import workdirs
-  config = config_io.load_config(args.config)
+  workdir_arg = _path(args.workdir or DEFAULT_WORKDIRS[args.command] or ".")
+  # Without --config: the recorded config of the Switch run this continues, else configs/tiny.py.
+  config = runs.starting_config(args.command, args.config, workdir=workdir_arg,
+                                teacher=_path(getattr(args, "teacher", None)))
   if args.data is not None:
     overrides["data.path"] = args.data
   if getattr(args, "tokenizer", None) is not None:
@@ -462,15 +471,18 @@ def run(argv: list[str]) -> int:
   config_io.apply_overrides(config, overrides)
   teacher = None
   if args.command in ("pretrain", "qat", "ptq", "eval"):
-    from moeqjax.pipeline import runs
     # The finished runs this phase continues set their sections; --config only the new phase's.
     teacher = runs.continue_config(
-        args.command, config, overrides,
-        workdir=_path(args.workdir or DEFAULT_WORKDIRS[args.command] or "."),
+        args.command, config, overrides, workdir=workdir_arg,
         teacher=_path(getattr(args, "teacher", None)),
         init_from=_path(getattr(args, "init_from", None)),
         config_given=args.config is not None)
-  config_io.model_config(config)  # validate the model section before any work
+  switch = config_io.is_switch(config)  # the model family, from the model section
+  if switch and args.command == "demo":
+    raise UserError("`moeqjax demo` runs decoder-only configs; for a Switch config run the phases: "
+                    "pretrain, qat (and the control), stats, allocate, ptq --method rtn, eval "
+                    "(docs/guides/training.md)")
+  config_io.any_model_config(config)  # validate the model section before any work
   if args.command in ("demo", "pretrain", "qat", "eval"):
     from moeqjax.pipeline.mesh import check_mesh_devices
     check_mesh_devices(config)  # and the mesh against the devices, before data is read
@@ -502,7 +514,10 @@ def run(argv: list[str]) -> int:
     from moeqjax.pipeline.evaluate import evaluate_qat_run
     metrics = evaluate_qat_run(config, workdir, workdirs.teacher_params(config, teacher),
                                control=_path(args.control), teacher=teacher)
-    if primary:
+    if primary and switch:
+      from moeqjax.pipeline.switch_phases import format_summary
+      print("\n" + format_summary(metrics, workdir))
+    elif primary:
       unit = next(iter(metrics.values()))["unit"]
       _print_summary({"variants": metrics, "unit": unit}, workdir)
   return 0
