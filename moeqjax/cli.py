@@ -249,7 +249,8 @@ _SERVE_COMMANDS = ("pack", "generate")
 
 def run_serve(args) -> int:
   """pack / generate: thin wrappers over moeqjax.pipeline.serve."""
-  from moeqjax.pipeline import serve
+  from moeqjax.pipeline import runs, serve
+  runs.refuse_switch(_path(getattr(args, "workdir", None)), "--workdir", args.command)
   if args.command == "pack":
     manifest = serve.pack_workdir(args.workdir, args.out, fp_dtype=args.fp_dtype,
                                       overwrite=args.overwrite)
@@ -356,7 +357,9 @@ def run_convert(args, overrides: dict[str, str]) -> int:
     print(f"imported {args.hf_dir} into {out} ({said})\nnext: moeqjax qat --teacher {out} "
           "--workdir <qat workdir>")
   elif args.command == "export":
+    from moeqjax.pipeline import runs
     from moeqjax.pipeline.export import export_student
+    runs.refuse_switch(_path(args.workdir), "--workdir", "export")
     source = args.workdir or args.packed
     common = dict(workdir=args.workdir, packed=args.packed, fmt=args.format, dtype=args.dtype,
                   hf_config_path=args.hf_config, model_type=args.model_type,
@@ -381,6 +384,9 @@ def run_convert(args, overrides: dict[str, str]) -> int:
     from moeqjax.pipeline.plan import plan_text
     config = config_io.load_config(args.config)
     config_io.apply_overrides(config, overrides)
+    if config_io.is_switch(config):
+      raise UserError("`moeqjax plan` covers decoder-only configs; a Switch config runs on one "
+                      "device (no mesh plan yet)")
     if args.devices is not None and args.devices < 1:
       raise UserError(f"--devices {args.devices} must be >= 1")
     if args.device_memory_gib is not None and args.device_memory_gib <= 0:

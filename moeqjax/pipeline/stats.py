@@ -95,7 +95,11 @@ def stats_record(config, phase: str, state) -> dict:
 def format_table(record: dict) -> str:
   head = f"{'layer':>5s} {'expert':>6s} " + " ".join(f"{c:>17s}" for c in COLUMNS)
   lines = [f"{record['phase']} state at step {record['step']} ({record['stats_steps']} steps of "
-           "statistics)", head]
+           "statistics)"]
+  if record.get("layer_names"):  # a Switch model: the rows are its sparse layers
+    lines.append("layers: " + ", ".join(f"{l} = {name}"
+                                        for l, name in enumerate(record["layer_names"])))
+  lines.append(head)
   for l in range(record["num_layers"]):
     for e in range(record["num_experts"]):
       lines.append(f"{l:5d} {e:6d} " + " ".join(f"{record[c][l][e]:17.6g}" for c in COLUMNS))

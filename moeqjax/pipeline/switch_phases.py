@@ -6,9 +6,10 @@
 # else is shared: run_training (with a batches(step) function instead of a token stream), the
 # run records (record_config, runs.continue_config, StaleWorkdir), checkpoints and --resume.
 #
-# Data: span-corruption batches (data.seq2seq.span_corruption_batch) of raw windows of
-# seq2seq.window tokens of the corpus' train split, a pure function of (phase seed, step); the
+# Data (Seq2SeqData): span-corruption batches (data.seq2seq.span_corruption_batch) of raw windows
+# of seq2seq.window tokens of the corpus' train split, a pure function of (phase seed, step); the
 # held-out batches are eval.num_batches fixed batches of the validation split (seed eval.seed).
+# With seq2seq.pairs, (source, target) records instead (data.seq2seq.pair_batch).
 # Every expert-code table is [L_sparse, E]: the encoder's sparse layers, then the decoder's
 # (model.moe_paths).
 #
@@ -30,7 +31,8 @@ from tqdm.auto import tqdm
 from moeqjax.alloc.allocation import (AllocationError, achieved, allocation_target,
                                       read_allocation)
 from moeqjax.data import TokenCorpus
-from moeqjax.data.seq2seq import span_corruption_batch, t5_sentinel_ids
+from moeqjax.data import make_tokenizer
+from moeqjax.data.seq2seq import pair_batch, read_pairs, span_corruption_batch, t5_sentinel_ids
 from moeqjax.eval import evaluate_seq2seq
 from moeqjax.eval.control import control_comparison
 from moeqjax.eval.paired import paired_difference
@@ -65,13 +67,22 @@ def _record(config, sections) -> tuple[dict, dict]:
   if missing:
     raise SwitchPhaseError(f"the Switch config has no {', '.join(missing)} section(s); start from "
                            "configs/switch_tiny.py")
-  return {k: config[k].to_dict() for k in sections}, {runs.DEFAULTS: config.to_dict()}
+  record = {k: config[k].to_dict() for k in sections}
+  if record.get("seq2seq", {}).get("pairs"):  # later phases find the pairs from any folder
+    record["seq2seq"]["pairs"] = str(pathlib.Path(record["seq2seq"]["pairs"]).absolute())
+  return record, {runs.DEFAULTS: config.to_dict()}
+
+
+def pairs_path(config) -> str:
+  """seq2seq.pairs: a .jsonl/.parquet/.arrow/.feather file of (source, target) records to train
+  and evaluate on instead of span corruption of the corpus; "" (or absent): span corruption."""
+  return str(config.seq2seq.get("pairs", "") or "")
 
 
 def _loop(config, phase: str):
   loop, optim = config_io.phase_configs(config[phase], phase)
   window = int(config.seq2seq.window)
-  if loop.seq_len != window:
+  if not pairs_path(config) and loop.seq_len != window:
     raise SwitchPhaseError(
         f"{phase}.seq_len={loop.seq_len} must equal seq2seq.window={window} (the raw tokens of "
         f"one span-corrupted example); set both, e.g. --config.{phase}.seq_len={window}")
@@ -84,6 +95,8 @@ def sentinels(config, cfg) -> list[int]:
 
 def check_corpus(config, cfg, corpus: TokenCorpus):
   """The corpus' token ids must sit below the sentinels (data.t5_sentinel_ids: the top ids)."""
+  if pairs_path(config):
+    return  # pairs are checked when they are read (Seq2SeqData)
   lowest = min(sentinels(config, cfg))
   top = max(int(np.max(corpus.train, initial=0)), int(np.max(corpus.valid, initial=0)))
   if top >= lowest:
@@ -104,17 +117,54 @@ def span_batch(config, cfg, tokens: np.ndarray, batch_size: int, seed: int, step
                                mean_span_length=float(s.mean_span_length))
 
 
-def train_batches(config, cfg, tokens: np.ndarray, loop):
-  """batches(step) for run_training: the step's span-corruption batch as the step's dict."""
-  return lambda step: batch_arrays(span_batch(config, cfg, tokens, loop.batch_size, loop.seed,
-                                              step))
+class Seq2SeqData:
+  """Where a Switch phase's batches come from: span corruption of the corpus' splits, or, with
+  seq2seq.pairs, (source, target) records (data.seq2seq.read_pairs: a record without either
+  field is a one-line error), the last data.valid_fraction of them held out, cut and padded to
+  seq2seq.source_len / target_len tokens (pad 0, targets end with the tokenizer's end-of-text id
+  when it has one)."""
 
+  def __init__(self, config, cfg, corpus: TokenCorpus):
+    self.config, self.cfg = config, cfg
+    path = pairs_path(config)
+    if not path:
+      check_corpus(config, cfg, corpus)
+      self.train_tokens, self.valid_tokens = corpus.train, corpus.valid
+      self.pairs = None
+      return
+    s = config.seq2seq
+    pairs = read_pairs(path, s.get("source_field", "text"), s.get("target_field", "summary"),
+                       settings=("--config.seq2seq.source_field",
+                                 "--config.seq2seq.target_field"))
+    if len(pairs) < 2:
+      raise SwitchPhaseError(f"seq2seq.pairs {path} holds {len(pairs)} record(s); training and a "
+                             "held-out split need at least 2")
+    held = min(max(1, round(len(pairs) * float(config.data.valid_fraction))), len(pairs) - 1)
+    self.pairs = {"train": pairs[:-held], "valid": pairs[-held:]}
+    tokenizer = make_tokenizer(config.data.tokenizer)
+    self.encode = lambda b: np.asarray(tokenizer.encode(b.decode("utf-8", "replace")), np.int64)
+    self.eos = getattr(tokenizer, "separator_id", None)
+    self.lens = (int(s.get("source_len", 0)), int(s.get("target_len", 0)))
+    if min(self.lens) < 1:
+      raise SwitchPhaseError("seq2seq.pairs needs seq2seq.source_len and seq2seq.target_len "
+                             "(tokens per source and target, >= 1)")
 
-def eval_batches(config, cfg, tokens: np.ndarray) -> list:
-  """The fixed held-out batches: batch b is span_batch(valid, eval.batch_size, eval.seed, b)."""
-  e = config.eval
-  return [span_batch(config, cfg, tokens, int(e.batch_size), int(e.seed), b)
-          for b in range(int(e.num_batches))]
+  def batch(self, split: str, batch_size: int, seed: int, step: int):
+    if self.pairs is None:
+      tokens = self.train_tokens if split == "train" else self.valid_tokens
+      return span_batch(self.config, self.cfg, tokens, batch_size, seed, step)
+    return pair_batch(self.pairs[split], batch_size, *self.lens, seed, step, encode=self.encode,
+                      pad_id=0, decoder_start_id=self.cfg.decoder_start_token_id, eos_id=self.eos)
+
+  def train_batches(self, loop):
+    """batches(step) for run_training: the step's batch as the step's dict of arrays."""
+    return lambda step: batch_arrays(self.batch("train", loop.batch_size, loop.seed, step))
+
+  def eval_batches(self) -> list:
+    """The fixed held-out batches: batch b is batch("valid", eval.batch_size, eval.seed, b)."""
+    e = self.config.eval
+    return [self.batch("valid", int(e.batch_size), int(e.seed), b)
+            for b in range(int(e.num_batches))]
 
 
 # ---- states
@@ -158,7 +208,7 @@ def pretrain(config, workdir: pathlib.Path, corpus: TokenCorpus, *, resume: bool
   workdir = pathlib.Path(workdir)
   cfg = config_io.switch_config(config)
   loop, optim = _loop(config, "pretrain")
-  check_corpus(config, cfg, corpus)
+  data = Seq2SeqData(config, cfg, corpus)
   record_config(workdir, *_record(config, PRETRAIN_SECTIONS))
   tx = make_optimizer(optim)
   params = without_ratios(init_switch(cfg, jax.random.key(loop.seed))[1])
@@ -169,7 +219,7 @@ def pretrain(config, workdir: pathlib.Path, corpus: TokenCorpus, *, resume: bool
   weights = LossWeights(rec=0, kd=0, value=0, struct=0, lb=config.loss.lb, z=config.loss.z)
   step_fn = _compiled_step(cfg, optim, weights)
   return run_training(state, step_fn, None, loop, workdir, resume=resume, desc="pretrain",
-                      batches=train_batches(config, cfg, corpus.train, loop))
+                      batches=data.train_batches(loop))
 
 
 def _refuse(init_from, realloc):
@@ -188,7 +238,7 @@ def qat(config, workdir: pathlib.Path, corpus: TokenCorpus, teacher_params, *,
   cfg = config_io.switch_config(config)
   loop, optim = _loop(config, "qat")
   weights = config_io.loss_weights(config)
-  check_corpus(config, cfg, corpus)
+  data = Seq2SeqData(config, cfg, corpus)
   record, defaults = _record(config, STUDENT_SECTIONS)
   record["expert_codes"] = (None if expert_codes_LxE is None
                             else np.asarray(expert_codes_LxE).tolist())
@@ -206,8 +256,7 @@ def qat(config, workdir: pathlib.Path, corpus: TokenCorpus, teacher_params, *,
     return done
   desc = workdir.name if "qat" in workdir.name else f"qat {workdir.name}"
   return run_training(state, _compiled_step(cfg, optim, weights), None, loop, workdir,
-                      resume=resume, desc=desc,
-                      batches=train_batches(config, cfg, corpus.train, loop))
+                      resume=resume, desc=desc, batches=data.train_batches(loop))
 
 
 def read_switch_allocation(config, path) -> np.ndarray:
@@ -329,9 +378,7 @@ def evaluate_run(config, workdir: pathlib.Path, teacher_params, *, control=None,
   workdir = pathlib.Path(workdir)
   cfg = config_io.switch_config(config)
   state = restore_qat_state(config, workdir)
-  corpus = load_data(config)
-  check_corpus(config, cfg, corpus)
-  batches = eval_batches(config, cfg, corpus.valid)
+  batches = Seq2SeqData(config, cfg, load_data(config)).eval_batches()
   variants = {REFERENCE: {"params": teacher_params}}
   if control is not None:
     ctl = restore_qat_state(control_config(config, workdir, control, teacher), control)

@@ -4,6 +4,7 @@ stats -> allocate -> QAT at the allocation -> ptq rtn -> eval, checked against i
 import json
 import pathlib
 import textwrap
+import types
 
 import jax
 import numpy as np
@@ -16,7 +17,7 @@ from moeqjax.data.seq2seq import span_corruption_batch, t5_sentinel_ids
 from moeqjax.eval import evaluate_seq2seq
 from moeqjax.model import default_quant, init_switch, set_expert_codes
 from moeqjax.pipeline.config import is_switch, load_config, switch_config
-from moeqjax.pipeline.switch_phases import allocation_view
+from moeqjax.pipeline.switch_phases import Seq2SeqData, allocation_view
 from moeqjax.train import Checkpointer, OptimConfig, create_state, make_optimizer
 
 PRE_STEPS, QAT_STEPS = 60, 20
@@ -206,7 +207,15 @@ def test_bad_input_is_one_line(runs, capsys, tmp_path):
        "was made with another config"),
       (["pretrain", "--workdir", w / "pre", "--config.seq2seq.window=40"],
        "was made with another config"),
+      (["pack", "--workdir", w / "qat", "--out", tmp_path / "packed"],
+       "reads decoder-only runs only"),
   ]
+  # seq2seq pairs without the target field: data.seq2seq.read_pairs's one line, before any work.
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(4)))
+  cases.append((["pretrain", "--config", w / "switch_micro.py", "--workdir", tmp_path / "p",
+                 f"--config.seq2seq.pairs={pairs}", "--config.seq2seq.source_len=16",
+                 "--config.seq2seq.target_len=8"], "no field 'summary'"))
   for argv, message in cases:
     capsys.readouterr()
     assert main([str(a) for a in argv]) == 2, argv
@@ -216,3 +225,23 @@ def test_bad_input_is_one_line(runs, capsys, tmp_path):
   # A finished run is reused, not retrained (the recorded config is the default config).
   assert main(["qat", "--teacher", str(w / "pre"), "--workdir", str(w / "qat")]) == 0
   assert f"QAT finished at step {QAT_STEPS}" in capsys.readouterr().out
+
+
+def test_pairs_feed_the_phases_fixed_shape_batches(tmp_path):
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text("".join(json.dumps({"text": f"source {i} " * 3, "summary": f"target {i}"})
+                           + "\n" for i in range(20)))
+  config = load_config(REPO / "configs" / "switch_tiny.py")
+  config.seq2seq.update(dict(pairs=str(pairs), source_len=24, target_len=10))
+  data = Seq2SeqData(config, switch_config(config), corpus=None)
+  assert [len(data.pairs[s]) for s in ("train", "valid")] == [19, 1]  # valid_fraction 0.05
+  batch = data.train_batches(types.SimpleNamespace(batch_size=3, seed=0))(5)
+  assert batch["encoder_ids"].shape == (3, 24) and batch["targets"].shape == (3, 10)
+  for row in np.asarray(batch["targets"]):
+    assert bytes(row[:7].astype(np.uint8)) == b"target "
+  held = data.eval_batches()  # the one held-out record, eval.num_batches x eval.batch_size times
+  assert len(held) == 16
+  for b in held:
+    for enc, tgt, mask in zip(b.encoder_ids, b.targets, b.target_mask):
+      assert bytes(enc[:9].astype(np.uint8)) == b"source 19"
+      assert bytes(tgt[mask].astype(np.uint8)) == b"target 19"
