@@ -1,9 +1,15 @@
 """A tiny byte-level Switch Transformer (T5 encoder-decoder, top-1 experts) for span-corruption pretraining + ternary QAT on a 2-core CPU in minutes.
 
-Launch:  not yet a CLI phase (pretrain/qat of a Switch model are library-level so far, see
-docs/guides/training.md "Switch Transformer (encoder-decoder) QAT, library level");
-tests/model/test_switch_qat.py runs the same recipe at a smaller size. Load it with
-moeqjax.pipeline.config.load_config + switch_config.
+Launch:  moeqjax pretrain --config configs/switch_tiny.py --workdir W/pre
+         moeqjax qat --teacher W/pre --workdir W/ctl --config.quant.expert_code=0  # the control
+         moeqjax qat --teacher W/pre --workdir W/qat          # ternary experts (config from W/pre)
+         moeqjax stats --workdir W/ctl
+         moeqjax allocate --workdir W/ctl --method paper_router --budget 2.5
+         moeqjax qat --teacher W/pre --workdir W/mix --allocation W/ctl/allocation.json
+         moeqjax ptq --teacher W/pre --workdir W/rtn --method rtn
+         moeqjax eval --workdir W/qat --teacher W/pre --control W/ctl
+See docs/guides/training.md "Switch Transformer (encoder-decoder)" for what each writes and the
+measured figures; tests/cli/test_switch_pipeline.py runs the same commands at a smaller size.
 """
 
 import ml_collections
@@ -77,6 +83,14 @@ def get_config():
       noise_density=0.15,  # T5's default
       mean_span_length=3.0,  # T5's default
       num_sentinels=NUM_SENTINELS,
+      # "" = span corruption of the corpus; else a .jsonl/.parquet/.arrow/.feather file of
+      # (source_field, target_field) records to train and evaluate on, the last
+      # data.valid_fraction of them held out, cut/padded to source_len / target_len tokens
+      pairs="",
+      source_field="text",
+      target_field="summary",
+      source_len=0,
+      target_len=0,
   ))
 
   # Full-precision span-corruption pretraining of the teacher (seq_len = raw window tokens).

@@ -249,7 +249,8 @@ _SERVE_COMMANDS = ("pack", "generate")
 
 def run_serve(args) -> int:
   """pack / generate: thin wrappers over moeqjax.pipeline.serve."""
-  from moeqjax.pipeline import serve
+  from moeqjax.pipeline import runs, serve
+  runs.refuse_switch(_path(getattr(args, "workdir", None)), "--workdir", args.command)
   if args.command == "pack":
     manifest = serve.pack_workdir(args.workdir, args.out, fp_dtype=args.fp_dtype,
                                       overwrite=args.overwrite)
@@ -289,14 +290,19 @@ def run_serve(args) -> int:
 def run_study_command(args, overrides: dict[str, str]) -> int:
   """stats / allocate / study: thin wrappers over the pipeline's stats, allocate and study."""
   from moeqjax.pipeline import config as config_io
-  config = config_io.load_config(args.config)
-  config_io.apply_overrides(config, overrides)
+  from moeqjax.pipeline import runs
   workdir = pathlib.Path(args.workdir)
+  # A Switch run's recorded config is the default (configs/tiny.py for any other run).
+  config = runs.starting_config(args.command, args.config, workdir=workdir)
+  config_io.apply_overrides(config, overrides)
   if args.command in ("stats", "allocate"):
-    from moeqjax.pipeline import runs
     # The run's recorded sections are the truth; an override that contradicts them is an error.
+    runs.check_family(config, workdir, "--workdir")
     runs.inherit(config, overrides, workdir, "--workdir", runs.RECORDED_SECTIONS,
                  config_given=args.config is not None)
+  elif config_io.is_switch(config):
+    raise UserError("`moeqjax study` runs decoder-only configs only; for a Switch config run the "
+                    "phases (pretrain, qat, stats, allocate, eval)")
   if args.command == "stats":
     from moeqjax.pipeline.stats import format_table, write_stats
     record = write_stats(config, workdir)
@@ -351,7 +357,9 @@ def run_convert(args, overrides: dict[str, str]) -> int:
     print(f"imported {args.hf_dir} into {out} ({said})\nnext: moeqjax qat --teacher {out} "
           "--workdir <qat workdir>")
   elif args.command == "export":
+    from moeqjax.pipeline import runs
     from moeqjax.pipeline.export import export_student
+    runs.refuse_switch(_path(args.workdir), "--workdir", "export")
     source = args.workdir or args.packed
     common = dict(workdir=args.workdir, packed=args.packed, fmt=args.format, dtype=args.dtype,
                   hf_config_path=args.hf_config, model_type=args.model_type,
@@ -376,6 +384,9 @@ def run_convert(args, overrides: dict[str, str]) -> int:
     from moeqjax.pipeline.plan import plan_text
     config = config_io.load_config(args.config)
     config_io.apply_overrides(config, overrides)
+    if config_io.is_switch(config):
+      raise UserError("`moeqjax plan` covers decoder-only configs; a Switch config runs on one "
+                      "device (no mesh plan yet)")
     if args.devices is not None and args.devices < 1:
       raise UserError(f"--devices {args.devices} must be >= 1")
     if args.device_memory_gib is not None and args.device_memory_gib <= 0:
@@ -453,8 +464,12 @@ def run(argv: list[str]) -> int:
                                                   args.process_id, args.distributed_timeout))
     primary = distributed.is_primary()
   from moeqjax.pipeline import config as config_io
+  from moeqjax.pipeline import runs
   from moeqjax.pipeline import workdirs
-  config = config_io.load_config(args.config)
+  workdir_arg = _path(args.workdir or DEFAULT_WORKDIRS[args.command] or ".")
+  # Without --config: the recorded config of the Switch run this continues, else configs/tiny.py.
+  config = runs.starting_config(args.command, args.config, workdir=workdir_arg,
+                                teacher=_path(getattr(args, "teacher", None)))
   if args.data is not None:
     overrides["data.path"] = args.data
   if getattr(args, "tokenizer", None) is not None:
@@ -462,15 +477,18 @@ def run(argv: list[str]) -> int:
   config_io.apply_overrides(config, overrides)
   teacher = None
   if args.command in ("pretrain", "qat", "ptq", "eval"):
-    from moeqjax.pipeline import runs
     # The finished runs this phase continues set their sections; --config only the new phase's.
     teacher = runs.continue_config(
-        args.command, config, overrides,
-        workdir=_path(args.workdir or DEFAULT_WORKDIRS[args.command] or "."),
+        args.command, config, overrides, workdir=workdir_arg,
         teacher=_path(getattr(args, "teacher", None)),
         init_from=_path(getattr(args, "init_from", None)),
         config_given=args.config is not None)
-  config_io.model_config(config)  # validate the model section before any work
+  switch = config_io.is_switch(config)  # the model family, from the model section
+  if switch and args.command == "demo":
+    raise UserError("`moeqjax demo` runs decoder-only configs; for a Switch config run the phases: "
+                    "pretrain, qat (and the control), stats, allocate, ptq --method rtn, eval "
+                    "(docs/guides/training.md)")
+  config_io.any_model_config(config)  # validate the model section before any work
   if args.command in ("demo", "pretrain", "qat", "eval"):
     from moeqjax.pipeline.mesh import check_mesh_devices
     check_mesh_devices(config)  # and the mesh against the devices, before data is read
@@ -502,7 +520,10 @@ def run(argv: list[str]) -> int:
     from moeqjax.pipeline.evaluate import evaluate_qat_run
     metrics = evaluate_qat_run(config, workdir, workdirs.teacher_params(config, teacher),
                                control=_path(args.control), teacher=teacher)
-    if primary:
+    if primary and switch:
+      from moeqjax.pipeline.switch_phases import format_summary
+      print("\n" + format_summary(metrics, workdir))
+    elif primary:
       unit = next(iter(metrics.values()))["unit"]
       _print_summary({"variants": metrics, "unit": unit}, workdir)
   return 0

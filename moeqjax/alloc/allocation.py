@@ -53,8 +53,13 @@ class AllocationError(ValueError):
 
 
 def expert_shapes(cfg) -> dict:
+  """One expert's [in, out] weight shapes: w_in, w_gate, w_out (ReLU experts, e.g. Switch's
+  sparse layers seen as a ModelConfig with expert_act="relu", have no w_gate)."""
   d, f = cfg.d_model, cfg.d_ff
-  return {"w_in": (d, f), "w_gate": (d, f), "w_out": (f, d)}
+  shapes = {"w_in": (d, f), "w_gate": (d, f), "w_out": (f, d)}
+  if getattr(cfg, "expert_act", "swiglu") != "swiglu":
+    del shapes["w_gate"]
+  return shapes
 
 
 def _overhead_bytes_per_expert(cfg) -> int:
@@ -139,6 +144,8 @@ def projection_error_table(params, cfg, choices=DEFAULT_CHOICES) -> np.ndarray:
     for c_idx, code in enumerate(choices):
       codes = np.full((cfg.num_experts,), code, np.int32)
       for p, name in enumerate(PROJECTIONS):
+        if name not in experts:  # ReLU experts have no gate projection: error 0 there
+          continue
         w = np.asarray(experts[name], np.float32)
         wq = np.asarray(quantize_dequantize(w, codes, spec, learned_ratio(experts, (name,), spec)))
         num = np.sum((wq - w) ** 2, axis=(1, 2))
@@ -150,7 +157,8 @@ def quant_error_table(params, cfg, choices=DEFAULT_CHOICES) -> np.ndarray:
   """[L, E, C] relative quantization error of each expert at each choice: the mean over w_in,
   w_gate and w_out of projection_error_table's errors."""
   per = projection_error_table(params, cfg, choices)
-  return np.mean([per[:, :, PROJECTIONS.index(name)] for name in _EXPERT_PARAMS], axis=0)
+  names = [name for name in _EXPERT_PARAMS if name in expert_shapes(cfg)]
+  return np.mean([per[:, :, PROJECTIONS.index(name)] for name in names], axis=0)
 
 
 def lambda_weight(lam_LxE) -> np.ndarray:

@@ -125,11 +125,13 @@ def span_corruption_batch(tokens: np.ndarray, batch_size: int, length: int, seed
 
 
 def read_pairs(path: str | pathlib.Path, source_field: str = "text",
-               target_field: str = "summary") -> list[tuple[bytes, bytes]]:
+               target_field: str = "summary",
+               settings: tuple[str, str] | None = None) -> list[tuple[bytes, bytes]]:
     """(source, target) UTF-8 pairs from the records of a .jsonl, .parquet, .arrow or .feather file.
 
     A record without either field is a one-line DataError that names the file, the record and the
-    setting to change (data.source_field / data.target_field).
+    setting to change (data.source_field / data.target_field, or `settings`: the caller's names
+    of the two settings).
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -144,6 +146,7 @@ def read_pairs(path: str | pathlib.Path, source_field: str = "text",
     else:
         raise DataError(f"seq2seq data {path} must be .jsonl, .parquet, .arrow or .feather "
                         f"(records with {source_field!r} and {target_field!r} fields)")
+    flags = settings or flags
     sources = read(path, source_field, flags[0])
     targets = read(path, target_field, flags[1])
     return [(s, t) for (_, s), (_, t) in zip(sources, targets)]

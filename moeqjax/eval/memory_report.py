@@ -19,7 +19,10 @@ _EXPERT_PARAMS = ("w_in", "w_gate", "w_out")
 def expert_shapes(cfg: ModelConfig) -> dict:
   """One expert's [in, out] weight shapes."""
   d, f = cfg.d_model, cfg.d_ff
-  return {"w_in": (d, f), "w_gate": (d, f), "w_out": (f, d)}
+  shapes = {"w_in": (d, f), "w_gate": (d, f), "w_out": (f, d)}
+  if getattr(cfg, "expert_act", "swiglu") != "swiglu":  # ReLU experts (Switch): no gate
+    del shapes["w_gate"]
+  return shapes
 
 
 def _codes_at(quant, names):

@@ -22,8 +22,8 @@ def _eval_fn(cfg: SwitchConfig):
 
   def fn(variables, encoder_ids, decoder_ids, targets, target_mask):
     logits, aux = model.apply(variables, encoder_ids, decoder_ids)
-    nll = jnp.sum(token_nll(logits, targets) * target_mask)
-    return nll, {s: (aux[s]["expert_idx"], aux[s]["drop_rate"]) for s in STACKS}
+    nll_B = jnp.sum(token_nll(logits, targets) * target_mask, axis=-1)  # per example
+    return nll_B, {s: (aux[s]["expert_idx"], aux[s]["drop_rate"]) for s in STACKS}
 
   return jax.jit(fn)
 
@@ -39,6 +39,8 @@ def evaluate_seq2seq(cfg: SwitchConfig, variables: dict, batches) -> dict:
   Returns:
     {"nll": nats per target token (target_mask True), "bits_per_token": nll / ln 2,
      "tokens": scored target tokens,
+     "bits_per_example": [N] bits per target token of each example (batch order; 0 for an example
+       with no target token), for standard errors paired over examples,
      "expert_idx": {"encoder": [L_enc, N, 1], "decoder": [L_dec, N, 1]} top-1 experts of every
        routed token (batch order),
      "drop_rate": {"encoder": [L_enc], "decoder": [L_dec], "all": float}: the fraction of routed
@@ -46,6 +48,7 @@ def evaluate_seq2seq(cfg: SwitchConfig, variables: dict, batches) -> dict:
   """
   fn = _eval_fn(cfg)
   nll, tokens = 0.0, 0
+  per_example = []
   idx = {s: [] for s in STACKS}
   drops = {s: [] for s in STACKS}
   for batch in batches:
@@ -53,8 +56,10 @@ def evaluate_seq2seq(cfg: SwitchConfig, variables: dict, batches) -> dict:
     mask = np.asarray(get("target_mask"), bool)
     part, routing = fn(variables, *(jnp.asarray(get(k)) for k in
                                     ("encoder_ids", "decoder_ids", "targets")), jnp.asarray(mask))
-    nll += float(part)
+    part = np.asarray(part, np.float64)
+    nll += float(part.sum())
     tokens += int(mask.sum())
+    per_example.append(part / np.maximum(mask.sum(axis=-1), 1) / math.log(2))
     for s in STACKS:
       idx[s].append(np.asarray(routing[s][0]))
       drops[s].append(np.asarray(routing[s][1], np.float64))
@@ -68,7 +73,8 @@ def evaluate_seq2seq(cfg: SwitchConfig, variables: dict, batches) -> dict:
   pooled = sum(float(np.sum(drop[s])) * routed[s] for s in STACKS) / sum(
       drop[s].shape[0] * routed[s] for s in STACKS)
   nll /= tokens
-  return {"nll": nll, "bits_per_token": nll / math.log(2), "tokens": tokens, "expert_idx": idx,
+  return {"nll": nll, "bits_per_token": nll / math.log(2), "tokens": tokens,
+          "bits_per_example": np.concatenate(per_example), "expert_idx": idx,
           "drop_rate": {**drop, "all": pooled}}
 
 

@@ -117,6 +117,32 @@ def switch_config(config) -> SwitchConfig:
   return _build(SwitchConfig, config.model, "model", quant=_build(QuantRules, config.quant, "quant"))
 
 
+# The model family is decided here, at the pipeline level, from the config alone: a `model` section
+# with a `num_decoder_layers` field is a Switch Transformer (encoder-decoder; SwitchConfig), any
+# other is a decoder-only MoE (ModelConfig). The model layers never branch on a family name.
+SWITCH_MARKER = "num_decoder_layers"
+
+
+def is_switch_model(model: dict) -> bool:
+  """Whether a `model` section (a dict, e.g. a run's recorded one) is a Switch Transformer's."""
+  return SWITCH_MARKER in (model or {})
+
+
+def is_switch(config) -> bool:
+  """Whether `config` is a Switch Transformer (encoder-decoder) config: its model section has
+  `num_decoder_layers` (configs/switch_*.py); else a decoder-only MoE config (configs/tiny.py)."""
+  return "model" in config and is_switch_model(config.model.to_dict())
+
+
+def family_name(switch: bool) -> str:
+  return "a Switch Transformer (encoder-decoder)" if switch else "a decoder-only MoE"
+
+
+def any_model_config(config) -> ModelConfig | SwitchConfig:
+  """The model config of either family (switch_config or model_config), validated."""
+  return switch_config(config) if is_switch(config) else model_config(config)
+
+
 def mesh_config(config) -> MeshConfig:
   """The `mesh` section (absent: every device on the data axis, which is today's run on one)."""
   if "mesh" not in config:

@@ -105,7 +105,13 @@ def evaluate_qat_run(config, workdir: pathlib.Path, teacher_params, *,
       student's objective and schedule (see control_config): eval.json gets it as "control", and
       the student's entry delta_vs_control, control_topk_agree, drift_topk, ... (paired s.e.).
     teacher: the teacher's folder, which the control must have been trained from.
+
+  A Switch config (config_io.is_switch) is evaluated by switch_phases.evaluate_run.
   """
+  if config_io.is_switch(config):
+    from moeqjax.pipeline import switch_phases
+    return switch_phases.evaluate_run(config, workdir, teacher_params, control=control,
+                                      teacher=teacher)
   workdir = pathlib.Path(workdir)
   cfg = config_io.model_config(config)
   state = restore_qat_state(config, workdir)

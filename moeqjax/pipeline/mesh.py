@@ -35,7 +35,7 @@ def run_placement(config, abstract_state, batch_size: int, devices=None) -> Plac
 def sharded_template(config, abstract_state):
   """`abstract_state` with each leaf's sharding on this run's mesh, so that orbax restores every
   array straight into its shards; unchanged on one device."""
-  if jax.device_count() == 1:
+  if jax.device_count() == 1 or config_io.is_switch(config):  # Switch runs on one device
     return abstract_state
   mesh_cfg = config_io.mesh_config(config)
   # The batch does not matter for a restore: 0 rows split over any mesh.

@@ -18,7 +18,13 @@ from moeqjax.train.sharding import init_sharded
 
 def pretrain(config, workdir: str | pathlib.Path, corpus: TokenCorpus, *,
              resume: bool) -> TrainState:
-  """Trains the full-precision model (the teacher); reuses a finished run in `workdir`."""
+  """Trains the full-precision model (the teacher); reuses a finished run in `workdir`.
+
+  A Switch config (config_io.is_switch) pretrains on span corruption (switch_phases.pretrain).
+  """
+  if config_io.is_switch(config):
+    from moeqjax.pipeline import switch_phases
+    return switch_phases.pretrain(config, workdir, corpus, resume=resume)
   workdir = pathlib.Path(workdir)
   cfg = config_io.model_config(config)
   loop, optim = config_io.phase_configs(config.pretrain, "pretrain")

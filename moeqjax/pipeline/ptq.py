@@ -190,7 +190,12 @@ def ptq(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher, *, me
 
 def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path, method: str,
                      allocation_path: str | None, calib_batches: int):
-  """`moeqjax ptq`: the teacher's params, the data and an optional allocation.json."""
+  """`moeqjax ptq`: the teacher's params, the data and an optional allocation.json (a Switch
+  config: switch_phases.ptq_from_teacher, round-to-nearest only)."""
+  if config_io.is_switch(config):
+    from moeqjax.pipeline import switch_phases
+    return switch_phases.ptq_from_teacher(config, workdir, teacher_dir, method, allocation_path,
+                                          calib_batches)
   params, corpus, codes = teacher_inputs(config, teacher_dir, allocation_path)
   result = ptq(config, workdir, corpus, params, method=method, expert_codes_LxE=codes,
                calib_batches=calib_batches,

@@ -159,8 +159,14 @@ def qat_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path,
 
   With `init_from` (a `moeqjax ptq` workdir) the student starts from that PTQ student, at its codes
   unless an allocation is given. An imported teacher's original config.json is kept in the
-  workdir, for `moeqjax export`.
+  workdir, for `moeqjax export`. A Switch config (config_io.is_switch) runs
+  switch_phases.qat_from_teacher.
   """
+  if config_io.is_switch(config):
+    from moeqjax.pipeline import switch_phases
+    return switch_phases.qat_from_teacher(config, workdir, teacher_dir, allocation_path,
+                                          resume=resume, init_from=init_from,
+                                          realloc=realloc_from_config(config))
   params, corpus, codes = teacher_inputs(config, teacher_dir, allocation_path)
   realloc = realloc_from_config(config)
   if realloc is not None and codes is not None and np.ndim(codes) == 3:

@@ -22,8 +22,14 @@ CONFIG_RECORD = "config.json"  # the sections a phase ran with, in its workdir
 # A run's own copy of its tokenizer files (the run stays movable), as import-hf keeps them.
 TOKENIZER_DIR = import_hf.TOKENIZER_DIR
 PACKED_MANIFEST = "manifest.json"
+# A Switch run's whole config (every section it was started with): the config that the phases
+# continuing it start from when no --config is given (starting_config). Not compared on resume.
+DEFAULTS = "defaults"
 # Keys of a record that say where a run came from, not how it computes: not compared on resume.
-PROVENANCE = ("teacher", "tokenizer_sha256")
+PROVENANCE = ("teacher", "tokenizer_sha256", DEFAULTS)
+# Sections a run records that say how it is evaluated, not what it trains: a rerun or a phase that
+# continues it may change them, and they are not compared on resume.
+FREE_SECTIONS = ("eval",)
 # Model fields that say how a run computes, not what the weights are: a new phase may set them.
 RUNTIME_MODEL_FIELDS = import_hf.HOW_IT_RUNS
 # Data fields a new phase may change (evaluate or fine-tune on other text); the tokenizer it may not.
@@ -108,7 +114,7 @@ def recorded_sections(folder: pathlib.Path) -> dict:
     tokenizer = run_tokenizer(folder)  # none recorded when the checkpoint came without one
     return {"model": marker["model"], "data": {"tokenizer": tokenizer} if tokenizer else {}}
   record = read_record(folder) or {}
-  sections = {k: v for k, v in record.items() if isinstance(v, dict)}
+  sections = {k: v for k, v in record.items() if isinstance(v, dict) and k not in PROVENANCE}
   if "data" in sections:
     try:
       tokenizer = run_tokenizer(folder)
@@ -214,7 +220,7 @@ def inherit(config: ml_collections.ConfigDict, overrides: dict[str, str], folder
     record = recorded[section]
     now = config[section].to_dict() if section in config else {}
     free = RUNTIME_MODEL_FIELDS if section == "model" else (
-        DATA_DEFAULTS if section == "data" else ())
+        DATA_DEFAULTS if section == "data" else tuple(record) if section in FREE_SECTIONS else ())
     for key, value in record.items():
       if section == "data" and key == "tokenizer":
         continue  # compared by content below
@@ -256,7 +262,7 @@ def check_same_model(model_a: dict, model_b: dict, what: str):
 
 def comparable(record: dict) -> dict:
   """A record as compared on resume: provenance dropped, paths absolute, the tokenizer by content."""
-  out = {k: v for k, v in record.items() if k not in PROVENANCE}
+  out = {k: v for k, v in record.items() if k not in PROVENANCE and k not in FREE_SECTIONS}
   data = dict(out.get("data") or {})
   if data:
     if data.get("path"):
@@ -281,10 +287,73 @@ def recorded_teacher(folder: pathlib.Path) -> pathlib.Path | None:
   return pathlib.Path(teacher) if teacher else None
 
 
-# The sections a phase records about itself (and so reads back when it is rerun or resumed).
-OWN_SECTIONS = {"pretrain": ("model", "data", "pretrain"),
-                "qat": ("model", "quant", "data", "qat", "loss"),
-                "ptq": ("model", "quant", "data", "qat", "loss")}
+# The sections a phase records about itself (and so reads back when it is rerun or resumed). A
+# Switch run also records `seq2seq` (its span corruption) and `eval` (its held-out batches); a
+# decoder-only run records neither, so for it these are the sections it always had.
+OWN_SECTIONS = {"pretrain": ("model", "data", "seq2seq", "pretrain", "eval"),
+                "qat": ("model", "quant", "data", "seq2seq", "qat", "loss", "eval"),
+                "ptq": ("model", "quant", "data", "seq2seq", "qat", "loss", "eval")}
+# What qat / ptq take from --teacher, and eval from the student (--workdir).
+TEACHER_SECTIONS = ("model", "data", "pretrain", "seq2seq", "eval")
+STUDENT_SECTIONS = ("model", "quant", "data", "qat", "seq2seq", "eval")
+
+
+def check_family(config: ml_collections.ConfigDict, folder: pathlib.Path, flag: str):
+  """The run in `folder` and `config` must be of one model family (config_io.is_switch: a Switch
+  Transformer or a decoder-only MoE), else a one-line error before any section is merged."""
+  recorded = recorded_sections(folder).get("model")
+  if recorded is None:
+    return
+  run_switch, now = config_io.is_switch_model(recorded), config_io.is_switch(config)
+  if run_switch != now:
+    example = "configs/switch_tiny.py" if run_switch else "configs/tiny.py"
+    raise RunMismatch(
+        f"{flag} {folder} is {config_io.family_name(run_switch)} run but the config is "
+        f"{config_io.family_name(now)} config; drop --config (the run's recorded config is used) "
+        f"or pass a config of the run's family, e.g. {example}")
+
+
+def refuse_switch(folder, flag: str, command: str):
+  """A one-line error when `folder` holds a Switch run, for commands that read decoder-only runs
+  only (pack, generate, export)."""
+  if folder is None or import_hf.is_imported(folder):
+    return
+  try:
+    model = recorded_sections(folder).get("model")
+  except RunMismatch:
+    return  # the command reports a damaged record itself
+  if config_io.is_switch_model(model):
+    raise RunMismatch(f"{flag} {folder} is a Switch Transformer run; `moeqjax {command}` reads "
+                      "decoder-only runs only (Switch: pretrain, qat, stats, allocate, ptq "
+                      "--method rtn, eval)")
+
+
+# The folder whose recorded config a command starts from when no --config is given.
+def _continued_folder(command: str, workdir, teacher):
+  if command in ("qat", "ptq"):
+    return teacher
+  if command in ("pretrain", "eval", "stats", "allocate"):
+    return workdir
+  return None
+
+
+def starting_config(command: str, config_path, *, workdir: pathlib.Path | None = None,
+                    teacher: pathlib.Path | None = None) -> ml_collections.ConfigDict:
+  """The config a command starts from, before its overrides: `--config` when given; else, when the
+  run it continues (qat / ptq: --teacher; pretrain, eval, stats, allocate: --workdir) is a Switch
+  run, the whole config that run recorded (DEFAULTS), so that `moeqjax qat --teacher SWITCH_RUN`
+  needs no --config; else the default config (configs/tiny.py), as always."""
+  if config_path is not None:
+    return config_io.load_config(config_path)
+  folder = _continued_folder(command, workdir, teacher)
+  if folder is not None and not import_hf.is_imported(folder):
+    try:
+      record = read_record(folder) or {}
+    except RunMismatch:
+      record = {}  # a damaged record is reported by the phase that reads it
+    if isinstance(record.get(DEFAULTS), dict):
+      return ml_collections.ConfigDict(record[DEFAULTS])
+  return config_io.load_config(None)
 
 
 def continue_config(command: str, config: ml_collections.ConfigDict, overrides: dict[str, str], *,
@@ -305,6 +374,7 @@ def continue_config(command: str, config: ml_collections.ConfigDict, overrides: 
     # A rerun or --resume continues its own run: its recorded sections (after its teacher's, so
     # that its own corpus wins), unless an override contradicts them.
     if resumes:
+      check_family(config, workdir, "--workdir")
       inherit(config, overrides, workdir, "--workdir", OWN_SECTIONS[command],
               config_given=config_given)
 
@@ -312,8 +382,8 @@ def continue_config(command: str, config: ml_collections.ConfigDict, overrides: 
     inherit_own()
   if command in ("qat", "ptq"):
     require_kind(teacher, "--teacher", TEACHER_KINDS, TEACHER_HINT)
-    inherit(config, overrides, teacher, "--teacher", ("model", "data", "pretrain"),
-            config_given=config_given)
+    check_family(config, teacher, "--teacher")
+    inherit(config, overrides, teacher, "--teacher", TEACHER_SECTIONS, config_given=config_given)
     if init_from is not None:
       require_kind(init_from, "--init-from", ("ptq",),
                    f"make one with `moeqjax ptq --teacher {teacher} --workdir DIR --method gptq`")
@@ -325,14 +395,15 @@ def continue_config(command: str, config: ml_collections.ConfigDict, overrides: 
   if command == "eval":
     require_kind(workdir, "--workdir", STUDENT_KINDS,
                  "pass the --workdir of a finished `moeqjax qat` or `moeqjax ptq`")
-    inherit(config, overrides, workdir, "--workdir", ("model", "quant", "data", "qat"),
-            config_given=config_given)
+    check_family(config, workdir, "--workdir")
+    inherit(config, overrides, workdir, "--workdir", STUDENT_SECTIONS, config_given=config_given)
     if teacher is None:
       teacher = recorded_teacher(workdir)
       if teacher is None:
         raise RunMismatch(f"--workdir {workdir} does not record its teacher (made by an older "
                           "moeqjax); pass --teacher")
     require_kind(teacher, "--teacher", TEACHER_KINDS, TEACHER_HINT)
+    check_family(config, teacher, "--teacher")
     check_same_model(recorded_sections(workdir)["model"], recorded_sections(teacher)["model"],
                      f"--workdir {workdir} and --teacher {teacher}")
     inherit(config, overrides, teacher, "--teacher", ("pretrain",), config_given=config_given)
@@ -341,4 +412,4 @@ def continue_config(command: str, config: ml_collections.ConfigDict, overrides: 
 
 
 # Every section a run may record (stats and allocate read whichever their workdir holds).
-RECORDED_SECTIONS = ("model", "quant", "data", "pretrain", "qat", "loss")
+RECORDED_SECTIONS = ("model", "quant", "data", "pretrain", "qat", "loss", "seq2seq", "eval")

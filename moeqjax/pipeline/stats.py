@@ -14,7 +14,7 @@ from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline.workdirs import (CONFIG_RECORD, latest_state, recorded_expert_codes,
                                        state_template)
 
-_SECTIONS = ("model", "quant", "data", "pretrain", "qat", "loss")
+_SECTIONS = ("model", "quant", "data", "pretrain", "qat", "loss", "seq2seq", "eval")
 COLUMNS = ("lambda", "grad_norm_sum", "grad_norm_ema", "count", "mean_gate", "neuron_variance",
            "router_norm_start", "router_norm_now")
 
@@ -62,8 +62,14 @@ def restore_latest(config, workdir: str | pathlib.Path):
 
 def stats_record(config, phase: str, state) -> dict:
   """JSON-ready per-layer, per-expert statistics ([L][E] lists) of a restored state."""
-  cfg = config_io.model_config(config)
-  s = expert_stats(state.params, state.stats, cfg.num_layers)
+  params = state.params
+  switch = config_io.is_switch(config)
+  if switch:  # its sparse layers as rows, encoder first (model.moe_paths)
+    from moeqjax.pipeline import switch_phases
+    cfg, params = switch_phases.allocation_view(config, params)
+  else:
+    cfg = config_io.model_config(config)
+  s = expert_stats(params, state.stats, cfg.num_layers)
   record = {"phase": phase, "step": int(state.step), "stats_steps": s.pop("steps"),
             "num_layers": cfg.num_layers, "num_experts": cfg.num_experts,
             "definitions": {
@@ -81,13 +87,19 @@ def stats_record(config, phase: str, state) -> dict:
     record[key] = np.asarray(value).tolist()
   if state.quant is not None:
     record["expert_codes"] = expert_codes(state.quant, cfg.num_layers).tolist()
+  if switch:
+    record["layer_names"] = switch_phases.sparse_layer_names(state.params)
   return record
 
 
 def format_table(record: dict) -> str:
   head = f"{'layer':>5s} {'expert':>6s} " + " ".join(f"{c:>17s}" for c in COLUMNS)
   lines = [f"{record['phase']} state at step {record['step']} ({record['stats_steps']} steps of "
-           "statistics)", head]
+           "statistics)"]
+  if record.get("layer_names"):  # a Switch model: the rows are its sparse layers
+    lines.append("layers: " + ", ".join(f"{l} = {name}"
+                                        for l, name in enumerate(record["layer_names"])))
+  lines.append(head)
   for l in range(record["num_layers"]):
     for e in range(record["num_experts"]):
       lines.append(f"{l:5d} {e:6d} " + " ".join(f"{record[c][l][e]:17.6g}" for c in COLUMNS))

@@ -51,7 +51,7 @@ def load_data(config, process_index: int = 0, process_count: int = 1) -> TokenCo
   """
   tokenizer = make_tokenizer(config.data.tokenizer)
   # Check the vocab before reading (and tokenizing) a possibly large corpus.
-  vocab_size = config_io.model_config(config).vocab_size
+  vocab_size = config_io.any_model_config(config).vocab_size
   check_vocab(tokenizer, vocab_size)
   if tokenizer.name == "bytes" and vocab_size > BYTE_VOCAB_WARN:
     print(f"moeqjax: warning: the model has {vocab_size} token ids but the data are read as UTF-8 "
@@ -131,7 +131,11 @@ def state_template(config, phase: str, expert_codes=None) -> TrainState:
 
   Nothing is allocated (jax.eval_shape). `expert_codes`: the run's recorded codes
   (recorded_expert_codes); per-projection codes [L, 3, E] give the template their shape.
+  A Switch config's template is switch_phases.state_template's.
   """
+  if config_io.is_switch(config):
+    from moeqjax.pipeline import switch_phases
+    return switch_phases.state_template(config, phase, expert_codes)
   quant = default_quant(config_io.model_config(config)) if phase == "qat" else None
   if quant is not None and expert_codes is not None and np.ndim(expert_codes) == 3:
     quant = set_expert_codes(quant, expert_codes)
@@ -158,13 +162,14 @@ def teacher_params(config, teacher_dir: pathlib.Path):
   """
   teacher_dir = pathlib.Path(teacher_dir)
   runs.require_kind(teacher_dir, "--teacher", runs.TEACHER_KINDS, runs.TEACHER_HINT)
-  cfg = config_io.model_config(config)
+  runs.check_family(config, teacher_dir, "--teacher")
   runs.check_same_model(runs.recorded_sections(teacher_dir)["model"], config.model.to_dict(),
                         f"--teacher {teacher_dir} and this run")
   # On a mesh every array is restored straight into its shards (nothing whole on one device).
   template = sharded_template(config, state_template(config, "pretrain"))
   if import_hf.is_imported(teacher_dir):
-    return import_hf.load_imported_params(teacher_dir, cfg, template.params)
+    return import_hf.load_imported_params(teacher_dir, config_io.model_config(config),
+                                          template.params)
   steps = int(runs.recorded_sections(teacher_dir)["pretrain"]["steps"])
   if not (teacher_dir / "ckpt").is_dir():
     raise MissingTeacher(f"--teacher {teacher_dir} has no checkpoint; run `moeqjax pretrain "
@@ -186,6 +191,9 @@ def teacher_inputs(config, teacher_dir: pathlib.Path, allocation_path: str | Non
   corpus = load_data(config)
   codes = None
   if allocation_path is not None:
+    if config_io.is_switch(config):
+      from moeqjax.pipeline import switch_phases
+      return params, corpus, switch_phases.read_switch_allocation(config, allocation_path)
     cfg = config_io.model_config(config)
     codes = read_allocation(allocation_path, cfg.num_layers, cfg.num_experts)
     if allocation_target(allocation_path) == "gguf":  # every tensor must stay exact in GGUF

@@ -117,16 +117,16 @@ def commit_to_device(state: TrainState, placement=None) -> TrainState:
   return jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
-def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop: LoopConfig,
-                 workdir: str | pathlib.Path, *, resume: bool, desc: str,
+def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray | None,
+                 loop: LoopConfig, workdir: str | pathlib.Path, *, resume: bool, desc: str,
                  on_step: Callable[[int, dict], None] | None = None,
-                 placement=None) -> TrainState:
+                 placement=None, batches: Callable[[int], object] | None = None) -> TrainState:
   """Runs `step_fn` from the state's step (or the latest checkpoint) to `loop.steps`.
 
   Args:
     state: the initial state (also the restore template).
     step_fn: jitted (state, batch, rng) -> (state, metrics).
-    tokens: the training token stream, 1-D.
+    tokens: the training token stream, 1-D (None when `batches` is given).
     loop: step count, batch shape, seed, logging and checkpoint cadence.
     workdir: gets `ckpt/` and `metrics.jsonl`.
     resume: continue from the latest checkpoint in workdir; without it, an existing
@@ -138,6 +138,9 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop:
       several processes (jax.distributed) each draws only its rows of the global batch, so
       `tokens` must be the whole train stream on every process; all save the checkpoints
       (orbax multi-host) and process 0 alone writes metrics.jsonl and the progress bar.
+    batches: instead of windows of `tokens`, the batch of each step: batches(step) -> what
+      step_fn takes (e.g. a seq2seq batch dict); it must be a pure function of the step, so that
+      a resumed run sees the same batches. Single device only (no placement).
 
   Returns:
     The final state (checkpointed).
@@ -147,6 +150,10 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop:
     Interrupted: SIGINT/SIGTERM arrived; a checkpoint of the current step was saved.
     CheckpointExists: a checkpoint exists and resume is False.
   """
+  if (batches is None) == (tokens is None):
+    raise ValueError("run_training takes either a token stream or a batches(step) function")
+  if batches is not None and placement is not None:
+    raise ValueError("run_training: a batches(step) function runs on one device (no placement)")
   workdir = pathlib.Path(workdir)
   ckpt = Checkpointer(workdir / "ckpt", loop.ckpt_every)
   latest = ckpt.latest_step()
@@ -169,7 +176,10 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray, loop:
                                      dynamic_ncols=True, leave=True, disable=not primary) as bar:
       for step in range(start, loop.steps):
         # The global batch is a function of (seed, step) alone, whatever the process count.
-        batch = sample_batch(tokens, loop.batch_size, loop.seq_len, loop.seed, step, *rows)
+        if batches is not None:
+          batch = batches(step)
+        else:
+          batch = sample_batch(tokens, loop.batch_size, loop.seq_len, loop.seed, step, *rows)
         if placement is not None:
           batch = placement.put_process_rows(batch, loop.batch_size)
         state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))

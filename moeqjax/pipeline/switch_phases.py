@@ -1,0 +1,461 @@
+"""The pipeline's phases for a Switch Transformer config (encoder-decoder, T5 span corruption): pretrain, qat, ptq rtn, stats/allocate views, eval."""
+
+# The family is decided from the config (config_io.is_switch: the model section has
+# `num_decoder_layers`); the decoder-only phases (pretrain.py, qat.py, ptq.py, evaluate.py,
+# stats.py, allocate.py, workdirs.py) hand a Switch config to the functions here. Everything
+# else is shared: run_training (with a batches(step) function instead of a token stream), the
+# run records (record_config, runs.continue_config, StaleWorkdir), checkpoints and --resume.
+#
+# Data (Seq2SeqData): span-corruption batches (data.seq2seq.span_corruption_batch) of raw windows
+# of seq2seq.window tokens of the corpus' train split, a pure function of (phase seed, step); the
+# held-out batches are eval.num_batches fixed batches of the validation split (seed eval.seed).
+# With seq2seq.pairs, (source, target) records instead (data.seq2seq.pair_batch).
+# Every expert-code table is [L_sparse, E]: the encoder's sparse layers, then the decoder's
+# (model.moe_paths).
+#
+# A Switch run records, beside its sections, the whole config it ran with (runs.DEFAULTS): the
+# phases that continue it start from that config when no --config is given.
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from moeqjax.alloc.allocation import (AllocationError, achieved, allocation_target,
+                                      read_allocation)
+from moeqjax.data import TokenCorpus
+from moeqjax.data import make_tokenizer
+from moeqjax.data.seq2seq import pair_batch, read_pairs, span_corruption_batch, t5_sentinel_ids
+from moeqjax.eval import evaluate_seq2seq
+from moeqjax.eval.control import control_comparison
+from moeqjax.eval.paired import paired_difference
+from moeqjax.eval.routing_metrics import routing_agreement, window_agreement
+from moeqjax.model import (SwitchTransformer, default_quant, expert_codes,
+                           init_ratios, init_switch, set_expert_codes, without_ratios)
+from moeqjax.model.moe_paths import at_path, moe_paths, path_name
+from moeqjax.objectives import LossWeights
+from moeqjax.objectives.seq2seq import STACKS
+from moeqjax.pipeline import config as config_io
+from moeqjax.pipeline import runs
+from moeqjax.pipeline.workdirs import finished_state, record_config
+from moeqjax.train import (Checkpointer, TrainState, batch_arrays, create_state, jit_seq2seq_step,
+                           make_optimizer, run_training)
+
+PRETRAIN_SECTIONS = ("model", "data", "seq2seq", "pretrain", "eval")
+STUDENT_SECTIONS = ("model", "quant", "data", "seq2seq", "qat", "loss", "eval")
+REFERENCE, CONTROL, STUDENT = "full_precision", "control", "student"  # eval.json's names
+UNIT = "target token"
+
+
+class SwitchPhaseError(config_io.ConfigError):
+  """Something a Switch config cannot do (yet), or a Switch section that does not fit."""
+
+
+# ---- config, records, data
+
+
+def _record(config, sections) -> tuple[dict, dict]:
+  """(the sections a Switch phase records, its DEFAULTS provenance: the whole config)."""
+  missing = [s for s in sections if s not in config]
+  if missing:
+    raise SwitchPhaseError(f"the Switch config has no {', '.join(missing)} section(s); start from "
+                           "configs/switch_tiny.py")
+  record = {k: config[k].to_dict() for k in sections}
+  if record.get("seq2seq", {}).get("pairs"):  # later phases find the pairs from any folder
+    record["seq2seq"]["pairs"] = str(pathlib.Path(record["seq2seq"]["pairs"]).absolute())
+  return record, {runs.DEFAULTS: config.to_dict()}
+
+
+def pairs_path(config) -> str:
+  """seq2seq.pairs: a .jsonl/.parquet/.arrow/.feather file of (source, target) records to train
+  and evaluate on instead of span corruption of the corpus; "" (or absent): span corruption."""
+  return str(config.seq2seq.get("pairs", "") or "")
+
+
+def _loop(config, phase: str):
+  loop, optim = config_io.phase_configs(config[phase], phase)
+  window = int(config.seq2seq.window)
+  if not pairs_path(config) and loop.seq_len != window:
+    raise SwitchPhaseError(
+        f"{phase}.seq_len={loop.seq_len} must equal seq2seq.window={window} (the raw tokens of "
+        f"one span-corrupted example); set both, e.g. --config.{phase}.seq_len={window}")
+  return loop, optim
+
+
+def sentinels(config, cfg) -> list[int]:
+  return t5_sentinel_ids(cfg.vocab_size, int(config.seq2seq.num_sentinels))
+
+
+def check_corpus(config, cfg, corpus: TokenCorpus):
+  """The corpus' token ids must sit below the sentinels (data.t5_sentinel_ids: the top ids)."""
+  if pairs_path(config):
+    return  # pairs are checked when they are read (Seq2SeqData)
+  lowest = min(sentinels(config, cfg))
+  top = max(int(np.max(corpus.train, initial=0)), int(np.max(corpus.valid, initial=0)))
+  if top >= lowest:
+    raise SwitchPhaseError(
+        f"the data hold token id {top}, but ids from {lowest} up are the "
+        f"{config.seq2seq.num_sentinels} span-corruption sentinels (model.vocab_size="
+        f"{cfg.vocab_size}); raise model.vocab_size to the tokenizer's vocabulary + "
+        "seq2seq.num_sentinels")
+
+
+def span_batch(config, cfg, tokens: np.ndarray, batch_size: int, seed: int, step: int):
+  """One span-corruption batch (data.Seq2SeqBatch) of seq2seq.window-token windows of `tokens`."""
+  s = config.seq2seq
+  return span_corruption_batch(tokens, batch_size, int(s.window), seed, step,
+                               sentinel_ids=sentinels(config, cfg),
+                               decoder_start_id=cfg.decoder_start_token_id,
+                               noise_density=float(s.noise_density),
+                               mean_span_length=float(s.mean_span_length))
+
+
+class Seq2SeqData:
+  """Where a Switch phase's batches come from: span corruption of the corpus' splits, or, with
+  seq2seq.pairs, (source, target) records (data.seq2seq.read_pairs: a record without either
+  field is a one-line error), the last data.valid_fraction of them held out, cut and padded to
+  seq2seq.source_len / target_len tokens (pad 0, targets end with the tokenizer's end-of-text id
+  when it has one)."""
+
+  def __init__(self, config, cfg, corpus: TokenCorpus):
+    self.config, self.cfg = config, cfg
+    path = pairs_path(config)
+    if not path:
+      check_corpus(config, cfg, corpus)
+      self.train_tokens, self.valid_tokens = corpus.train, corpus.valid
+      self.pairs = None
+      return
+    s = config.seq2seq
+    pairs = read_pairs(path, s.get("source_field", "text"), s.get("target_field", "summary"),
+                       settings=("--config.seq2seq.source_field",
+                                 "--config.seq2seq.target_field"))
+    if len(pairs) < 2:
+      raise SwitchPhaseError(f"seq2seq.pairs {path} holds {len(pairs)} record(s); training and a "
+                             "held-out split need at least 2")
+    held = min(max(1, round(len(pairs) * float(config.data.valid_fraction))), len(pairs) - 1)
+    self.pairs = {"train": pairs[:-held], "valid": pairs[-held:]}
+    tokenizer = make_tokenizer(config.data.tokenizer)
+    self.encode = lambda b: np.asarray(tokenizer.encode(b.decode("utf-8", "replace")), np.int64)
+    self.eos = getattr(tokenizer, "separator_id", None)
+    self.lens = (int(s.get("source_len", 0)), int(s.get("target_len", 0)))
+    if min(self.lens) < 1:
+      raise SwitchPhaseError("seq2seq.pairs needs seq2seq.source_len and seq2seq.target_len "
+                             "(tokens per source and target, >= 1)")
+
+  def batch(self, split: str, batch_size: int, seed: int, step: int):
+    if self.pairs is None:
+      tokens = self.train_tokens if split == "train" else self.valid_tokens
+      return span_batch(self.config, self.cfg, tokens, batch_size, seed, step)
+    return pair_batch(self.pairs[split], batch_size, *self.lens, seed, step, encode=self.encode,
+                      pad_id=0, decoder_start_id=self.cfg.decoder_start_token_id, eos_id=self.eos)
+
+  def train_batches(self, loop):
+    """batches(step) for run_training: the step's batch as the step's dict of arrays."""
+    return lambda step: batch_arrays(self.batch("train", loop.batch_size, loop.seed, step))
+
+  def eval_batches(self) -> list:
+    """The fixed held-out batches: batch b is batch("valid", eval.batch_size, eval.seed, b)."""
+    e = self.config.eval
+    return [self.batch("valid", int(e.batch_size), int(e.seed), b)
+            for b in range(int(e.num_batches))]
+
+
+# ---- states
+
+
+def state_template(config, phase: str, codes=None) -> TrainState:
+  """The abstract train state of a Switch "pretrain" or "qat" run (nothing allocated)."""
+  cfg = config_io.switch_config(config)
+  _, optim = config_io.phase_configs(config[phase], phase)
+  tx = make_optimizer(optim)
+  quant = default_quant(cfg) if phase == "qat" else None
+  if quant is not None and codes is not None and np.ndim(codes) == 3:
+    quant = set_expert_codes(quant, codes)
+
+  def build():
+    params = init_switch(cfg, jax.random.key(0))[1]
+    teacher = without_ratios(params)
+    if phase == "qat":
+      return create_state(params, tx, None, quant=quant, teacher_params=teacher)
+    return create_state(teacher, tx, None)
+
+  return jax.eval_shape(build)
+
+
+def _compiled_step(cfg, optim, weights):
+  """The jitted step, one compile per (model, optimizer, objective). The expert codes are traced
+  data and quant.expert_code only fills the default `quant` collection (which the step is always
+  given), so runs that differ in it alone (the student, its full-precision control, an allocation)
+  share one compile."""
+  return _jitted_step(cfg.replace(quant=dataclasses.replace(cfg.quant, expert_code=0)), optim,
+                      weights)
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_step(cfg, optim, weights):
+  return jit_seq2seq_step(SwitchTransformer(cfg), make_optimizer(optim), weights)
+
+
+def pretrain(config, workdir: pathlib.Path, corpus: TokenCorpus, *, resume: bool) -> TrainState:
+  """Full-precision span-corruption pretraining of the teacher; reuses a finished run."""
+  workdir = pathlib.Path(workdir)
+  cfg = config_io.switch_config(config)
+  loop, optim = _loop(config, "pretrain")
+  data = Seq2SeqData(config, cfg, corpus)
+  record_config(workdir, *_record(config, PRETRAIN_SECTIONS))
+  tx = make_optimizer(optim)
+  params = without_ratios(init_switch(cfg, jax.random.key(loop.seed))[1])
+  state = create_state(params, tx, None)
+  done = finished_state(workdir, state, loop.steps)
+  if done is not None:
+    return done
+  weights = LossWeights(rec=0, kd=0, value=0, struct=0, lb=config.loss.lb, z=config.loss.z)
+  step_fn = _compiled_step(cfg, optim, weights)
+  return run_training(state, step_fn, None, loop, workdir, resume=resume, desc="pretrain",
+                      batches=data.train_batches(loop))
+
+
+def _refuse(init_from, realloc):
+  if init_from is not None:
+    raise SwitchPhaseError("qat --init-from starts from a `moeqjax ptq --method gptq` student, "
+                           "which a Switch config does not have yet; drop --init-from")
+  if realloc is not None:
+    raise SwitchPhaseError("re-allocation during QAT (realloc.every > 0) is not wired for a Switch "
+                           "config yet; set --config.realloc.every=0")
+
+
+def qat(config, workdir: pathlib.Path, corpus: TokenCorpus, teacher_params, *,
+        expert_codes_LxE, resume: bool, provenance: dict | None = None) -> TrainState:
+  """QAT of a Switch student from `teacher_params` (codes [L_sparse, E] or quant.expert_code)."""
+  workdir = pathlib.Path(workdir)
+  cfg = config_io.switch_config(config)
+  loop, optim = _loop(config, "qat")
+  weights = config_io.loss_weights(config)
+  data = Seq2SeqData(config, cfg, corpus)
+  record, defaults = _record(config, STUDENT_SECTIONS)
+  record["expert_codes"] = (None if expert_codes_LxE is None
+                            else np.asarray(expert_codes_LxE).tolist())
+  record_config(workdir, record, {**(provenance or {}), **defaults})
+  quant = default_quant(cfg)
+  if expert_codes_LxE is not None:
+    quant = set_expert_codes(quant, expert_codes_LxE)
+  tx = make_optimizer(optim)
+  teacher = without_ratios(teacher_params)
+  start = init_ratios(cfg, teacher, quant)
+  state = create_state(jax.tree.map(jnp.copy, start), tx, None, quant=quant,
+                       teacher_params=jax.tree.map(jnp.copy, teacher))
+  done = finished_state(workdir, state, loop.steps)
+  if done is not None:
+    return done
+  desc = workdir.name if "qat" in workdir.name else f"qat {workdir.name}"
+  return run_training(state, _compiled_step(cfg, optim, weights), None, loop, workdir,
+                      resume=resume, desc=desc, batches=data.train_batches(loop))
+
+
+def read_switch_allocation(config, path) -> np.ndarray:
+  """Codes [L_sparse, E] of an allocation.json for this Switch model (a GGUF one is refused)."""
+  if allocation_target(path) == "gguf":
+    raise AllocationError(f"--allocation {path} is a --target gguf allocation; GGUF has no Switch "
+                          "Transformer architecture: allocate per expert (the default target)")
+  view, _ = allocation_view(config)
+  return read_allocation(path, view.num_layers, view.num_experts)
+
+
+def qat_from_teacher(config, workdir, teacher_dir, allocation_path, *, resume: bool,
+                     init_from=None, realloc=None) -> TrainState:
+  """`moeqjax qat` on a Switch config: the teacher's params, the data, an optional allocation."""
+  from moeqjax.pipeline.workdirs import teacher_inputs
+  _refuse(init_from, realloc)
+  params, corpus, codes = teacher_inputs(config, teacher_dir, allocation_path)
+  return qat(config, workdir, corpus, params, expert_codes_LxE=codes, resume=resume,
+             provenance={"teacher": str(pathlib.Path(teacher_dir).absolute())})
+
+
+def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir, method: str, allocation_path,
+                     calib_batches: int):
+  """`moeqjax ptq --method rtn` on a Switch config: the teacher at the codes, read like a finished
+  QAT run (a checkpoint at step qat.steps). GPTQ is refused (its calibration is decoder-only)."""
+  from moeqjax.pipeline import ptq as ptq_mod
+  from moeqjax.pipeline.workdirs import teacher_inputs
+  if method == "gptq":
+    raise ptq_mod.PtqError("ptq --method gptq calibrates decoder-only models only (its per-expert "
+                           "Hessians come from the decoder-only forward); for a Switch config use "
+                           "--method rtn, or QAT")
+  teacher, corpus, codes_in = teacher_inputs(config, teacher_dir, allocation_path)
+  ptq_mod._check(config, corpus, method, calib_batches)
+  workdir = pathlib.Path(workdir)
+  cfg = config_io.switch_config(config)
+  loop, optim = _loop(config, "qat")
+  quant = default_quant(cfg)
+  if codes_in is not None:
+    quant = set_expert_codes(quant, codes_in)
+  codes = expert_codes(quant)
+  record, defaults = _record(config, STUDENT_SECTIONS)
+  record["expert_codes"] = None if codes_in is None else codes.tolist()
+  record["ptq"] = {"method": method, "calib_batches": 0}
+  record_config(workdir, record,
+                {"teacher": str(pathlib.Path(teacher_dir).absolute()), **defaults})
+  tx = make_optimizer(optim)
+  report_path = workdir / ptq_mod.REPORT
+
+  def build(params):
+    state = create_state(params, tx, None, quant=quant,
+                         teacher_params=jax.tree.map(jnp.copy, teacher))
+    return state.replace(step=jnp.asarray(loop.steps, jnp.int32))
+
+  params = init_ratios(cfg, teacher, quant)
+  done = finished_state(workdir, jax.eval_shape(build, params), loop.steps)
+  if done is not None and report_path.is_file():
+    return done, json.loads(report_path.read_text())
+  state = build(jax.tree.map(jnp.copy, params))
+  ckpt = Checkpointer(workdir / "ckpt", every=0)
+  try:
+    ckpt.save(state, force=True)
+  finally:
+    ckpt.close()
+  report = {"method": method, "expert_codes": codes.tolist()}
+  report_path.write_text(json.dumps(report, indent=2) + "\n")
+  return state, report
+
+
+# ---- statistics and allocation: the sparse layers as the rows of a decoder-only view
+
+
+def allocation_view(config, params=None):
+  """(ModelConfig, params) that the allocator and the router statistics read: the sparse layers'
+  MoE block config (ReLU experts, w_in and w_out) with num_layers = L_sparse, and the params' MoE
+  blocks as layers_0 .. layers_{L_sparse-1}, encoder first (model.moe_paths order)."""
+  cfg = config_io.switch_config(config)
+  num_sparse = len(cfg.encoder_sparse_layers) + len(cfg.decoder_sparse_layers)
+  view = dataclasses.replace(cfg.moe_config(), num_layers=num_sparse)
+  if params is None:
+    return view, None
+  paths = moe_paths(params, "router")
+  return view, {f"layers_{i}": {"moe": at_path(params, p)} for i, p in enumerate(paths)}
+
+
+def sparse_layer_names(params) -> list[str]:
+  """The rows of every [L_sparse, E] table, e.g. ["encoder/layers_1", "decoder/layers_1"]."""
+  return [path_name(p) for p in moe_paths(params, "router")]
+
+
+# ---- evaluation
+
+
+def _per_example_agreement(reference: dict, result: dict, num_experts: int, n: int) -> np.ndarray:
+  """Top-1 agreement with the reference per example, the mean over every sparse layer (each
+  stack's per-example agreement weighted by its sparse layer count)."""
+  total, layers = 0.0, 0
+  for s in STACKS:
+    ref, idx = reference["expert_idx"][s], result["expert_idx"][s]
+    if ref.shape[0] == 0:
+      continue
+    total = total + ref.shape[0] * window_agreement(ref, idx, num_experts, n)["top1_agree"]
+    layers += ref.shape[0]
+  return total / layers
+
+
+def evaluate_run(config, workdir: pathlib.Path, teacher_params, *, control=None,
+                 teacher=None) -> dict:
+  """`moeqjax eval` on a Switch config: teacher, student (and --control) on the fixed held-out
+  span-corruption batches; writes workdir/eval.json and returns {name: metrics}.
+
+  Per variant: bits per target token, Δ vs the teacher (and vs the control) paired over held-out
+  examples with its standard error, top-1 routing agreement with the teacher (mean over every
+  sparse layer, and per layer), the capacity drop rate (pooled and per layer) and expert bits
+  per weight. With a control, the student also gets the control's agreement and the
+  quantization-only drift (student - control, paired over examples).
+  """
+  from moeqjax.pipeline.evaluate import control_config, restore_qat_state
+  from moeqjax.pipeline.workdirs import load_data
+  workdir = pathlib.Path(workdir)
+  cfg = config_io.switch_config(config)
+  state = restore_qat_state(config, workdir)
+  batches = Seq2SeqData(config, cfg, load_data(config)).eval_batches()
+  variants = {REFERENCE: {"params": teacher_params}}
+  if control is not None:
+    ctl = restore_qat_state(control_config(config, workdir, control, teacher), control)
+    variants[CONTROL] = {"params": init_ratios(cfg, ctl.params, ctl.quant), "quant": ctl.quant}
+  variants[STUDENT] = {"params": state.params, "quant": state.quant}
+  raw = {name: evaluate_seq2seq(cfg, v, batches)
+         for name, v in tqdm(variants.items(), desc="eval", dynamic_ncols=True)}
+  n = len(raw[REFERENCE]["bits_per_example"])
+  windows = {}
+  for name, r in raw.items():
+    agree = _per_example_agreement(raw[REFERENCE], r, cfg.num_experts, n)
+    windows[name] = {"bits": r["bits_per_example"], "top1_agree": agree, "topk_agree": agree}
+  compared = control_comparison(windows, teacher=REFERENCE,
+                                control=CONTROL if control is not None else None)
+  view, _ = allocation_view(config)
+  results = {}
+  for name, r in raw.items():
+    quant = variants[name].get("quant")
+    codes = (np.zeros((view.num_layers, view.num_experts), np.int32) if quant is None
+             else expert_codes(quant, view.num_layers))
+    memory = achieved(view, codes)
+    per_layer = {s: [] for s in STACKS}
+    for s in STACKS:
+      if r["expert_idx"][s].shape[0]:
+        per_layer[s] = routing_agreement(raw[REFERENCE]["expert_idx"][s], r["expert_idx"][s],
+                                         cfg.num_experts)["top1_agree"].tolist()
+    out = {
+        "unit": UNIT,
+        "nll": r["nll"],
+        "bits_per_token": r["bits_per_token"],
+        "eval_tokens": r["tokens"],
+        "eval_examples": n,
+        "drop_rate": r["drop_rate"]["all"],
+        "drop_rate_per_layer": {s: np.asarray(r["drop_rate"][s]).tolist() for s in STACKS},
+        "top1_agree": float(np.mean(windows[name]["top1_agree"])),
+        "topk_agree": float(np.mean(windows[name]["top1_agree"])),  # top-1 routing: k = 1
+        "top1_agree_per_layer": per_layer,
+        "expert_bytes": memory["bytes"],
+        "expert_bits_per_weight": memory["bits_per_weight"],
+        "expert_code_bits": memory["code_bits"],
+        "expert_codes": codes.tolist(),
+    }
+    out["delta_vs_fp"], out["delta_vs_fp_se"] = paired_difference(
+        r["bits_per_example"], raw[REFERENCE]["bits_per_example"])
+    for key, value in compared.get(name, {}).items():
+      out.setdefault(key, value)
+    results[name] = out
+  results[STUDENT]["layer_names"] = sparse_layer_names(state.params)
+  (workdir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+  return results
+
+
+def _se(x) -> str:
+  return "" if x is None else f" ± {x:.4f}"
+
+
+def format_summary(results: dict, workdir: pathlib.Path) -> str:
+  """The eval summary: bits, Δ (± paired s.e.), agreement, drift, drops, expert bits."""
+  lines = [f"{'variant':16s} {'bits/target token':>17s} {'expert b/w':>10s} {'top-1 agree':>11s} "
+           f"{'capacity drops':>14s}"]
+  for name, r in results.items():
+    lines.append(f"{name:16s} {r['bits_per_token']:17.4f} {r['expert_bits_per_weight']:10.3f} "
+                 f"{r['top1_agree']:11.3f} {r['drop_rate']:14.2%}")
+  lines.append("")
+  for name, r in results.items():
+    if name == REFERENCE:
+      continue
+    text = (f"{name}: Δ bits/target token vs teacher {r['delta_vs_teacher']:+.4f}"
+            f"{_se(r['delta_vs_teacher_se'])}")
+    if "delta_vs_control" in r:
+      text += (f", vs control {r['delta_vs_control']:+.4f}{_se(r['delta_vs_control_se'])}; "
+               f"top-1 agreement with the teacher {r['top1_agree']:.3f} (control "
+               f"{r['control_top1_agree']:.3f}): quantization-only drift "
+               f"{r['drift_top1']:+.4f}{_se(r['drift_top1_se'])}")
+    lines.append(text)
+  n = next(iter(results.values()))["eval_examples"]
+  lines.append(f"(paired standard errors over {n} held-out span-corruption examples; capacity "
+               "drops: the share of routed tokens over model.expert_capacity, every sparse layer)")
+  lines.append(f"\nresults in {workdir}")
+  return "\n".join(lines)

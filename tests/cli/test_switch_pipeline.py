@@ -1,0 +1,247 @@
+"""The CLI phases on a Switch Transformer config, end to end: pretrain -> control and ternary QAT ->
+stats -> allocate -> QAT at the allocation -> ptq rtn -> eval, checked against independent oracles."""
+
+import json
+import pathlib
+import textwrap
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from moeqjax.alloc.allocation import achieved
+from moeqjax.cli import main
+from moeqjax.data import load_stdlib_corpus
+from moeqjax.data.seq2seq import span_corruption_batch, t5_sentinel_ids
+from moeqjax.eval import evaluate_seq2seq
+from moeqjax.model import default_quant, init_switch, set_expert_codes
+from moeqjax.pipeline.config import is_switch, load_config, switch_config
+from moeqjax.pipeline.switch_phases import Seq2SeqData, allocation_view
+from moeqjax.train import Checkpointer, OptimConfig, create_state, make_optimizer
+
+PRE_STEPS, QAT_STEPS = 60, 20
+
+# configs/switch_tiny.py at a test's size: 1+1 layers, both sparse, 4 experts, 48-byte windows.
+# Measured on 3 seeds (0, 1, 2: pretrain.seed, qat.seed = seed + 1) before trusting the QAT-vs-RTN
+# check: held-out bits per target token RTN - QAT = 0.022, 0.037, 0.016.
+REPO = pathlib.Path(__file__).resolve().parents[2]
+MICRO = textwrap.dedent(f'''
+    import importlib.util
+
+    def get_config():
+      path = {str(REPO / "configs" / "switch_tiny.py")!r}
+      spec = importlib.util.spec_from_file_location("switch_tiny", path)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      c = module.get_config()
+      c.model.update(dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=1,
+                          num_decoder_layers=1, num_sparse_encoder_layers=1,
+                          num_sparse_decoder_layers=1, num_experts=4, expert_capacity=10,
+                          relative_attention_num_buckets=16, relative_attention_max_distance=64))
+      c.seq2seq.window = 48
+      c.pretrain.update(dict(steps={PRE_STEPS}, batch_size=8, seq_len=48, ckpt_every=0, seed=0))
+      c.qat.update(dict(steps={QAT_STEPS}, batch_size=8, seq_len=48, ckpt_every=0, seed=1))
+      c.eval.update(dict(num_batches=4, batch_size=8))
+      return c
+    ''')
+
+
+def _run(*args):
+  rc = main([str(a) for a in args])
+  assert rc == 0, args
+  return rc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Every phase once, as a user runs them (default flags), in one process (compiles shared)."""
+  w = tmp_path_factory.mktemp("switch")
+  config = w / "switch_micro.py"
+  config.write_text(MICRO)
+  _run("pretrain", "--config", config, "--workdir", w / "pre")
+  _run("qat", "--teacher", w / "pre", "--workdir", w / "ctl", "--config.quant.expert_code=0")
+  _run("qat", "--teacher", w / "pre", "--workdir", w / "qat")
+  _run("stats", "--workdir", w / "ctl")
+  _run("allocate", "--workdir", w / "ctl", "--method", "paper_router", "--budget", "2.9")
+  _run("qat", "--teacher", w / "pre", "--workdir", w / "mix",
+       "--allocation", w / "ctl" / "allocation.json")
+  _run("ptq", "--teacher", w / "pre", "--workdir", w / "rtn", "--method", "rtn")
+  _run("eval", "--workdir", w / "qat", "--teacher", w / "pre", "--control", w / "ctl")
+  _run("eval", "--workdir", w / "rtn")
+  _run("eval", "--workdir", w / "mix")
+  return w
+
+
+def _load(path):
+  return json.loads(path.read_text())
+
+
+def _restore(w, name, phase, codes=None):
+  """(cfg, params, quant) of a run's last checkpoint, restored by the library alone."""
+  config = load_config(w / "switch_micro.py")
+  if phase == "qat" and name == "ctl":
+    config.quant.expert_code = 0
+  cfg = switch_config(config)
+  steps = PRE_STEPS if phase == "pretrain" else QAT_STEPS
+  tx = make_optimizer(OptimConfig(1e-3, 1, steps, 0.1, 0.0, 1.0))
+
+  def build():
+    params = init_switch(cfg, jax.random.key(0))[1]
+    if phase == "pretrain":
+      return create_state(params, tx, None)
+    quant = default_quant(cfg) if codes is None else set_expert_codes(default_quant(cfg), codes)
+    return create_state(params, tx, None, quant=quant, teacher_params=params)
+
+  ckpt = Checkpointer(w / name / "ckpt", every=0)
+  try:
+    assert ckpt.latest_step() == steps
+    parts = ("params",) if phase == "pretrain" else ("params", "quant")
+    state = ckpt.restore(jax.eval_shape(build), steps, parts=parts)
+  finally:
+    ckpt.close()
+  return cfg, state.params, state.quant
+
+
+def _held_out(cfg):
+  """The eval section's batches, made here from the library: 4 x 8 windows of 48 bytes."""
+  valid = load_stdlib_corpus().valid
+  return [span_corruption_batch(valid, 8, 48, 1234, b, sentinel_ids=t5_sentinel_ids(320, 64),
+                                decoder_start_id=0) for b in range(4)]
+
+
+def test_eval_matches_independent_evaluation(runs):
+  cfg, teacher, _ = _restore(runs, "pre", "pretrain")
+  held = _held_out(cfg)
+  result = _load(runs / "qat" / "eval.json")
+  want = evaluate_seq2seq(cfg, {"params": teacher}, held)
+  assert result["full_precision"]["bits_per_token"] == pytest.approx(want["bits_per_token"],
+                                                                     rel=1e-6)
+  assert result["full_precision"]["eval_tokens"] == want["tokens"] == 4 * 8 * 9  # 15% of 48 + 2
+  _, params, quant = _restore(runs, "qat", "qat")
+  student = evaluate_seq2seq(cfg, {"params": params, "quant": quant}, held)
+  assert result["student"]["bits_per_token"] == pytest.approx(student["bits_per_token"], rel=1e-6)
+  agree = np.mean([np.mean(want["expert_idx"][s] == student["expert_idx"][s])
+                   for s in ("encoder", "decoder")])
+  assert result["student"]["top1_agree"] == pytest.approx(agree, abs=1e-9)
+  assert result["student"]["drop_rate"] == pytest.approx(student["drop_rate"]["all"], abs=1e-9)
+  assert 0 < result["full_precision"]["drop_rate"] < 1  # a capacity of 10 drops encoder tokens
+
+
+def test_quantized_student_against_teacher_control_and_rtn(runs):
+  qat, rtn = _load(runs / "qat" / "eval.json"), _load(runs / "rtn" / "eval.json")
+  teacher, control, student = qat["full_precision"], qat["control"], qat["student"]
+  # Equal-length examples: the paired mean difference is the difference of the overall means.
+  assert student["delta_vs_teacher"] == pytest.approx(
+      student["bits_per_token"] - teacher["bits_per_token"], abs=1e-9)
+  assert student["delta_vs_control"] == pytest.approx(
+      student["bits_per_token"] - control["bits_per_token"], abs=1e-9)
+  assert student["delta_vs_control_se"] > 0 and student["delta_vs_teacher_se"] > 0
+  assert student["control_top1_agree"] == pytest.approx(control["top1_agree"], abs=1e-12)
+  assert student["drift_top1"] == pytest.approx(
+      student["top1_agree"] - control["top1_agree"], abs=1e-9)
+  assert teacher["top1_agree"] == 1.0
+  # Ternary experts, 2-bit packing, one fp16 scale per output channel; the control is unquantized.
+  assert student["expert_code_bits"] == 2.0 and control["expert_bits_per_weight"] == 16.0
+  # 2 sparse layers x 4 experts x (w_in [32, 64]: 2048/4 + 64*2, w_out [64, 32]: 2048/4 + 32*2)
+  assert student["expert_bytes"] == 2 * 4 * (640 + 576)
+  # The ternary QAT student beats round-to-nearest of the same teacher on held-out loss.
+  assert rtn["full_precision"]["bits_per_token"] == teacher["bits_per_token"]
+  assert student["bits_per_token"] < rtn["student"]["bits_per_token"]
+
+
+def test_stats_allocation_and_the_mixed_student(runs):
+  stats = _load(runs / "ctl" / "router_stats.json")
+  assert stats["layer_names"] == ["encoder/layers_0", "decoder/layers_0"]
+  # Lambda = the router row norm now minus at the fine-tune's start, which is the teacher.
+  _, teacher, _ = _restore(runs, "pre", "pretrain")
+  _, control, _ = _restore(runs, "ctl", "qat")
+  for row, stack in enumerate(("encoder", "decoder")):
+    start = np.linalg.norm(np.asarray(teacher[stack]["layers_0"]["moe"]["router"]["kernel"]), axis=0)
+    now = np.linalg.norm(np.asarray(control[stack]["layers_0"]["moe"]["router"]["kernel"]), axis=0)
+    np.testing.assert_allclose(stats["router_norm_start"][row], start, rtol=1e-5)
+    np.testing.assert_allclose(stats["lambda"][row], now - start, rtol=1e-4, atol=1e-6)
+  allocation = _load(runs / "ctl" / "allocation.json")
+  codes = np.array([[allocation["codes"][str(l)][str(e)] for e in range(4)] for l in range(2)])
+  view, _ = allocation_view(load_config(runs / "switch_micro.py"))
+  spent = achieved(view, codes)
+  assert codes.shape == (2, 4) and spent["bits_per_weight"] <= 2.9
+  assert len(set(codes.ravel().tolist())) == 2  # two levels: the rule's high and low
+  assert _load(runs / "mix" / "config.json")["expert_codes"] == codes.tolist()
+  mix = _load(runs / "mix" / "eval.json")["student"]
+  assert mix["expert_codes"] == codes.tolist()
+  assert mix["expert_bits_per_weight"] == pytest.approx(spent["bits_per_weight"])
+
+
+def test_runs_record_the_teachers_sections(runs):
+  pre, qat, ctl = (_load(runs / n / "config.json") for n in ("pre", "qat", "ctl"))
+  assert is_switch(load_config(runs / "switch_micro.py"))
+  for record in (qat, ctl):
+    for section in ("model", "data", "seq2seq", "eval"):
+      assert record[section] == pre[section], section
+    assert record["teacher"] == str((runs / "pre").absolute())
+  assert qat["quant"]["expert_code"] == 1 and ctl["quant"]["expert_code"] == 0
+  assert qat["qat"] == ctl["qat"] == pre["defaults"]["qat"]  # no --config: the teacher's config
+
+
+def test_bad_input_is_one_line(runs, capsys, tmp_path):
+  # A decoder-only "teacher" (its record is all check_family reads).
+  tiny = load_config(None)
+  fake = tmp_path / "decoder_only"
+  fake.mkdir()
+  (fake / "config.json").write_text(json.dumps(
+      {k: tiny[k].to_dict() for k in ("model", "data", "pretrain")}))
+  w = runs
+  cases = [
+      (["qat", "--teacher", w / "pre", "--workdir", tmp_path / "a", "--config",
+        REPO / "configs" / "tiny.py"],
+       "is a Switch Transformer (encoder-decoder) run but the config is a decoder-only"),
+      (["qat", "--teacher", fake, "--workdir", tmp_path / "b", "--config", w / "switch_micro.py"],
+       "is a decoder-only MoE run but the config is a Switch Transformer"),
+      (["eval", "--workdir", w / "qat", "--teacher", fake], "is a decoder-only MoE run"),
+      (["allocate", "--workdir", w / "ctl", "--method", "exact", "--budget", "2.5", "--target",
+        "gguf"], "GGUF has no Switch Transformer architecture"),
+      (["ptq", "--teacher", w / "pre", "--workdir", tmp_path / "g", "--method", "gptq"],
+       "for a Switch config use --method rtn"),
+      (["qat", "--teacher", w / "pre", "--workdir", w / "qat", "--config.qat.steps=7"],
+       "was made with another config"),
+      (["pretrain", "--workdir", w / "pre", "--config.seq2seq.window=40"],
+       "was made with another config"),
+      (["pack", "--workdir", w / "qat", "--out", tmp_path / "packed"],
+       "reads decoder-only runs only"),
+  ]
+  # seq2seq pairs without the target field: data.seq2seq.read_pairs's one line, before any work.
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(4)))
+  cases.append((["pretrain", "--config", w / "switch_micro.py", "--workdir", tmp_path / "p",
+                 f"--config.seq2seq.pairs={pairs}", "--config.seq2seq.source_len=16",
+                 "--config.seq2seq.target_len=8"], "no field 'summary'"))
+  for argv, message in cases:
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moeqjax: error:") and "\n" not in err, err
+    assert message in err, err
+  # A finished run is reused, not retrained (the recorded config is the default config).
+  assert main(["qat", "--teacher", str(w / "pre"), "--workdir", str(w / "qat")]) == 0
+  assert f"QAT finished at step {QAT_STEPS}" in capsys.readouterr().out
+
+
+def test_pairs_feed_the_phases_fixed_shape_batches(tmp_path):
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text("".join(json.dumps({"text": f"source {i} " * 3, "summary": f"target {i}"})
+                           + "\n" for i in range(20)))
+  config = load_config(REPO / "configs" / "switch_tiny.py")
+  config.seq2seq.update(dict(pairs=str(pairs), source_len=24, target_len=10))
+  data = Seq2SeqData(config, switch_config(config), corpus=None)
+  assert [len(data.pairs[s]) for s in ("train", "valid")] == [19, 1]  # valid_fraction 0.05
+  batch = data.train_batches(types.SimpleNamespace(batch_size=3, seed=0))(5)
+  assert batch["encoder_ids"].shape == (3, 24) and batch["targets"].shape == (3, 10)
+  for row in np.asarray(batch["targets"]):
+    assert bytes(row[:7].astype(np.uint8)) == b"target "
+  held = data.eval_batches()  # the one held-out record, eval.num_batches x eval.batch_size times
+  assert len(held) == 16
+  for b in held:
+    for enc, tgt, mask in zip(b.encoder_ids, b.targets, b.target_mask):
+      assert bytes(enc[:9].astype(np.uint8)) == b"source 19"
+      assert bytes(tgt[mask].astype(np.uint8)) == b"target 19"
