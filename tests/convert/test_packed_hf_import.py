@@ -1,5 +1,6 @@
 """Packed inference of HF-imported students (Qwen2-MoE with a shared expert, Mixtral) against fake quant."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,8 +27,9 @@ def test_imported_student_packed_equals_fake_quant(tmp_path, family, rules):
   pack(cfg, params, quant, tmp_path / "packed", fp_dtype="float32")
   served = load_packed(tmp_path / "packed")
   toks = jnp.asarray(tokens(2, 10))
-  want = np.asarray(MoETransformer(cfg).apply({"params": params, "quant": quant}, toks))
-  got = np.asarray(served.model.apply(served.variables, toks))
+  # Compiled (op by op, these forwards cost seconds more); one program each side.
+  want = np.asarray(jax.jit(MoETransformer(cfg).apply)({"params": params, "quant": quant}, toks))
+  got = np.asarray(jax.jit(served.model.apply)(served.variables, toks))
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   # Greedy generation from packed weights equals the fake-quant student's.
   student = generate(MoETransformer(cfg), {"params": params, "quant": quant}, tokens(1, 6), 8)

@@ -30,18 +30,37 @@ CASES = [
 IDS = ["E4-cap64", "E8-steps2,3-cap2-bias", "E3-all-sparse-cap4-untied", "E2-steps4,2-cap3-bias-H3"]
 
 
-@pytest.fixture(scope="module", params=list(zip(CASES, IDS)), ids=IDS)
+# One torch model and one import per case for the whole module (the quantized-student test below
+# reuses case 1's).
+_IMPORTED = {}
+
+
+def _import_case(index, tmp_path_factory):
+  if index not in _IMPORTED:
+    hf = build_switch_model(**CASES[index])
+    path = tmp_path_factory.mktemp(IDS[index])
+    hf.save_pretrained(path)
+    model, params = from_hf_switch(path)
+    _IMPORTED[index] = hf, model, params
+  return _IMPORTED[index]
+
+
+@pytest.fixture(scope="module", params=range(len(CASES)), ids=IDS)
 def imported(request, tmp_path_factory):
-  config, name = request.param
-  hf = build_switch_model(**config)
-  path = tmp_path_factory.mktemp(name)
-  hf.save_pretrained(path)
-  model, params = from_hf_switch(path)
-  return hf, model, params
+  return _import_case(request.param, tmp_path_factory)
+
+
+# The unpadded comparisons all run batches of these shapes (encoder 12 tokens, decoder 7: unequal
+# lengths, so a reshape that mixes the stacks up fails), so each model's forward compiles once.
+B, ENC, DEC = 3, 12, 7
+_APPLY = {}
 
 
 def _ours(model, variables, enc, dec, mask=None):
-  logits, aux = jax.jit(model.apply)(variables, jnp.asarray(enc), jnp.asarray(dec),
+  """Our logits and aux, through one jitted apply per model (a new jax.jit wrapper recompiles)."""
+  if id(model) not in _APPLY:
+    _APPLY[id(model)] = model, jax.jit(model.apply)
+  logits, aux = _APPLY[id(model)][1](variables, jnp.asarray(enc), jnp.asarray(dec),
                                      None if mask is None else jnp.asarray(mask))
   return np.asarray(logits), aux
 
@@ -52,9 +71,10 @@ def _hf_sparse_logits(router_logits, sparse_layers):
   return np.stack([r.numpy() for r in router_logits])
 
 
-def test_logits_routing_and_drops_match(imported):
+def test_logits_routing_drops_and_router_losses_match(imported):
+  """One forward of each side: logits, router logits, top-1 experts, drops, z and aux losses."""
   hf, model, params = imported
-  enc, dec = tokens(2, 12), tokens(2, 12, seed=1)
+  enc, dec = tokens(B, ENC), tokens(B, DEC, seed=1)
   theirs = hf_forward(hf, enc, dec)
   ours, aux = _ours(model, {"params": params}, enc, dec)
   assert np.abs(theirs.logits.numpy()).max() > 0.5, "logits too small for a meaningful comparison"
@@ -68,9 +88,18 @@ def test_logits_routing_and_drops_match(imported):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     np.testing.assert_array_equal(np.asarray(aux[stack]["expert_idx"])[..., 0],
                                   want.argmax(-1).reshape(len(layers), -1))
-  if cfg.expert_capacity < 12:
+  if cfg.expert_capacity < ENC:
     # The small capacities drop tokens of these sequences: the comparison covers dropped tokens.
     assert float(np.max(aux["encoder"]["drop_rate"])) > 0
+  for stack, seq in (("encoder", ENC), ("decoder", DEC)):
+    if getattr(hf.config, f"{stack}_sparse_step") == 1:
+      # transformers reports 0 when every layer of a stack is sparse (its `sparse_step > 1`
+      # test); ours computes the losses, so there is nothing to compare.
+      continue
+    logits = np.asarray(aux[stack]["router_logits"])
+    z, lb = switch_router_losses(jnp.asarray(logits.reshape(logits.shape[0], B, seq, -1)))
+    np.testing.assert_allclose(float(z), float(getattr(theirs, f"{stack}_z_loss")), rtol=1e-5)
+    np.testing.assert_allclose(float(lb), float(getattr(theirs, f"{stack}_aux_loss")), rtol=1e-5)
 
 
 def test_padded_encoder_matches(imported):
@@ -81,22 +110,6 @@ def test_padded_encoder_matches(imported):
   theirs = hf_forward(hf, enc, dec, mask).logits.numpy()
   ours, _ = _ours(model, {"params": params}, enc, dec, mask.astype(bool))
   assert np.abs(ours - theirs).max() <= 1e-4
-
-
-def test_router_losses_match(imported):
-  hf, model, params = imported
-  enc, dec = tokens(3, 12, seed=4), tokens(3, 7, seed=5)
-  theirs = hf_forward(hf, enc, dec)
-  _, aux = _ours(model, {"params": params}, enc, dec)
-  for stack, seq in (("encoder", 12), ("decoder", 7)):
-    if getattr(hf.config, f"{stack}_sparse_step") == 1:
-      # transformers reports 0 when every layer of a stack is sparse (its `sparse_step > 1`
-      # test); ours computes the losses, so there is nothing to compare.
-      continue
-    logits = np.asarray(aux[stack]["router_logits"])
-    z, lb = switch_router_losses(jnp.asarray(logits.reshape(logits.shape[0], 3, seq, -1)))
-    np.testing.assert_allclose(float(z), float(getattr(theirs, f"{stack}_z_loss")), rtol=1e-5)
-    np.testing.assert_allclose(float(lb), float(getattr(theirs, f"{stack}_aux_loss")), rtol=1e-5)
 
 
 def test_greedy_generation_matches(imported):
@@ -117,7 +130,7 @@ def test_export_loads_in_transformers(imported, tmp_path):
   hf, model, params = imported
   out = export_hf_switch(model.cfg, params, None, tmp_path / "out")
   back = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(out).eval()
-  enc, dec = tokens(2, 12, seed=7), tokens(2, 6, seed=8)
+  enc, dec = tokens(B, ENC, seed=7), tokens(B, DEC, seed=8)
   ours, _ = _ours(model, {"params": params}, enc, dec)
   theirs = hf.state_dict()
   for name, w in back.state_dict().items():  # every tensor transformers reads comes back exactly
@@ -129,17 +142,15 @@ def test_export_loads_in_transformers(imported, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, again, params)
 
 
-def test_quantized_student_export_matches_fake_quant(tmp_path):
+def test_quantized_student_export_matches_fake_quant(tmp_path, tmp_path_factory):
   """4-bit experts: transformers on the dequantized export computes the fake-quant student."""
   import transformers
-  hf = build_switch_model(**CASES[1])
-  hf.save_pretrained(tmp_path / "teacher")
-  model, params = from_hf_switch(tmp_path / "teacher")
+  _, model, params = _import_case(1, tmp_path_factory)
   student = model.clone(cfg=model.cfg.replace(quant=QuantRules(expert_code=4)))
   quant = student.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32),
                        jnp.zeros((1, 4), jnp.int32))["quant"]
   assert set(quant["encoder"]) == {f"layers_{i}" for i in student.cfg.encoder_sparse_layers}
-  enc, dec = tokens(2, 12, seed=9), tokens(2, 6, seed=10)
+  enc, dec = tokens(B, ENC, seed=9), tokens(B, DEC, seed=10)
   teacher_logits, _ = _ours(model, {"params": params}, enc, dec)
   student_logits, _ = _ours(student, {"params": params, "quant": quant}, enc, dec)
   assert np.abs(student_logits - teacher_logits).max() > 1e-3, "4-bit experts changed nothing"

@@ -1,5 +1,7 @@
 """The Switch Transformer: ReLU experts on every dispatch, config checks, jitter, the quantized student and cached decoding."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,10 +82,16 @@ def _ids(batch, seq, seed):
   return jnp.asarray(np.random.default_rng(seed).integers(2, 40, (batch, seq)), jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "train"))
+def _apply(model, variables, enc, dec, rngs=None, train=False):
+  """model.apply, compiled once per (model, train, input shapes) for the whole module."""
+  return model.apply(variables, enc, dec, train=train, rngs=rngs)
+
+
 def test_aux_has_the_decoder_only_format_per_sparse_layer(switch_model):
   model, params, _ = switch_model
   enc, dec = _ids(2, 10, 0), _ids(2, 6, 1)
-  logits, aux = model.apply({"params": params}, enc, dec)
+  logits, aux = _apply(model, {"params": params}, enc, dec)
   assert logits.shape == (2, 6, 40) and logits.dtype == jnp.float32
   for stack, seq, layers in (("encoder", 10, 1), ("decoder", 6, 1)):
     assert set(aux[stack]) == set(AUX_KEYS)
@@ -105,12 +113,12 @@ def test_router_losses_balanced_value():
 
 def test_jitter_only_in_training(switch_model):
   model, params, _ = switch_model
-  enc, dec = _ids(1, 8, 2), _ids(1, 4, 3)
-  evaluated, aux = model.apply({"params": params}, enc, dec)
-  again, _ = model.apply({"params": params}, enc, dec, rngs={"jitter": jax.random.key(1)})
+  enc, dec = _ids(2, 10, 2), _ids(2, 6, 3)  # the shapes above: the evaluation is compiled
+  evaluated, aux = _apply(model, {"params": params}, enc, dec)
+  again, _ = _apply(model, {"params": params}, enc, dec, rngs={"jitter": jax.random.key(1)})
   np.testing.assert_array_equal(evaluated, again)
-  _, trained = model.apply({"params": params}, enc, dec, train=True,
-                           rngs={"jitter": jax.random.key(1)})
+  _, trained = _apply(model, {"params": params}, enc, dec, train=True,
+                      rngs={"jitter": jax.random.key(1)})
   ratio = trained["encoder"]["router_logits"] - aux["encoder"]["router_logits"]
   assert float(jnp.abs(ratio).max()) > 0
   with pytest.raises(Exception, match="jitter"):
@@ -124,9 +132,9 @@ def test_quantized_student_reads_codes_as_data(switch_model):
   quant = student.init(jax.random.key(0), _ids(1, 4, 0), _ids(1, 4, 0))["quant"]
   assert sorted(quant) == ["decoder", "encoder"]
   assert quant["encoder"]["layers_1"]["moe"]["expert_bits"].tolist() == [2, 2, 2, 2]
-  enc, dec = _ids(2, 8, 4), _ids(2, 5, 5)
+  enc, dec = _ids(2, 10, 4), _ids(2, 6, 5)
   apply = jax.jit(lambda q: student.apply({"params": params, "quant": q}, enc, dec)[0])
-  teacher = model.apply({"params": params}, enc, dec)[0]
+  teacher = _apply(model, {"params": params}, enc, dec)[0]
   two_bit = apply(quant)
   full = apply(jax.tree.map(jnp.zeros_like, quant))  # code 0 everywhere = full precision
   np.testing.assert_allclose(full, teacher, rtol=1e-5, atol=1e-5)

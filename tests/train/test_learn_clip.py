@@ -45,8 +45,8 @@ def test_learned_clip_ratios_stay_in_range_and_keep_learning():
   assert sum(int((r == 1.0).sum()) for r in raw.values()) > 0
   assert sum(int((r < 1.0).sum()) for r in raw.values()) > 0
   batch = jnp.asarray(sample_batch(tokens, 16, 16, seed=1, step=0))
-  grads = jax.grad(lambda p: _loss_fn(p, state, batch[:, :-1], batch[:, 1:], model, JOINT)[0])(
-      state.params)
+  grads = jax.jit(jax.grad(  # compiled: op by op, the gradient costs seconds more
+      lambda p: _loss_fn(p, state, batch[:, :-1], batch[:, 1:], model, JOINT)[0]))(state.params)
   for key, g in _clip_leaves(grads, cfg.num_layers).items():
     assert np.all(g != 0), f"{key}: {int((g == 0).sum())} of {g.size} ratios get no gradient"
 
