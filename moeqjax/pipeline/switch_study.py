@@ -397,7 +397,8 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
   w = summ["winners"].get(f"{OBJECTIVE}|{b:g}")
   if w:
     lines.append(_winner_line(f"- QAT at {b:g}: best **{w['best']}** ({w['best_bpb']:.4f} bits "
-                              "per target token); ranking " + ", ".join(w["ranking"]), w))
+                              "per target token); ranking " + ", ".join(w["ranking"]), w)
+                 .replace("bits/byte", "bits per target token"))
   ranks = sorted((r for r in summ["ptq_table"].values()), key=lambda r: r["rank"])
   if ranks:
     lines.append("- PTQ (RTN) at " + f"{b:g}: ranking " + ", ".join(
@@ -408,3 +409,18 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
   text = "\n".join(lines) + "\n"
   (pathlib.Path(workdir) / "study.md").write_text(text)
   return text
+
+
+def rerender(workdir) -> str:
+  """study.md again from WORKDIR/study.json (the summary recomputed), e.g. after a report change:
+  python -m moeqjax.pipeline.switch_study WORKDIR."""
+  workdir = pathlib.Path(workdir)
+  data = json.loads((workdir / "study.json").read_text())
+  data["summary"] = summarize(data)
+  data["summary"]["paper_vs_others"] = paper_vs_others(data)
+  return write_markdown(workdir, data)
+
+
+if __name__ == "__main__":
+  import sys
+  print(rerender(sys.argv[1]))
