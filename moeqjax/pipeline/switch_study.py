@@ -31,6 +31,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import time
 
 import jax
@@ -305,6 +306,10 @@ def run_switch_study(config, workdir: pathlib.Path, *, quick: bool, config_path:
 # ---- report
 
 
+def _z(row) -> str:
+  return "-" if not row or not row["delta_se"] else f"{row['delta'] / row['delta_se']:+.1f}"
+
+
 def _codes_text(a: dict) -> str:
   codes = np.asarray(a["codes_LxE"])
   values, counts = np.unique(codes, return_counts=True)
@@ -379,21 +384,32 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
   lines += ["", "## The paper's rule against each arm", "",
             "Δ = arm minus paper_combined in bits per target token (positive: paper_combined is "
             "better), ± the standard error paired over the held-out examples; QAT also per seed.",
-            "", "| arm | PTQ Δ | QAT Δ | QAT Δ per seed |", "|---|---|---|---|"]
+            "z = Δ / its standard error.", "",
+            "| arm | PTQ Δ | PTQ z | QAT Δ | QAT z | QAT Δ per seed |", "|---|---|---|---|---|---|"]
   vs = summ.get("paper_vs_others", {})
-  tests = 0
+  tests, identical = 0, []
   for m in st["methods"]:
     if m == "paper_combined":
       continue
     p, q = vs.get(RTN, {}).get(m), vs.get("qat", {}).get(m)
-    tests += (p is not None) + (q is not None)
-    lines.append(f"| {m} | {_pm(p['delta'], p['delta_se']) if p else '-'} | "
-                 f"{_pm(q['delta'], q['delta_se']) if q else '-'} | "
+    same = all(np.array_equal(data["allocations"][f"{m}|{b:g}|{s}"]["codes_LxE"],
+                              data["allocations"][f"paper_combined|{b:g}|{s}"]["codes_LxE"])
+               for s in range(st["seeds"]))
+    if same:  # the same codes: the same runs, no comparison
+      identical.append(m)
+    else:
+      tests += (p is not None) + (q is not None)
+    lines.append(f"| {m}{' (same codes)' if same else ''} | "
+                 f"{_pm(p['delta'], p['delta_se']) if p else '-'} | {_z(p)} | "
+                 f"{_pm(q['delta'], q['delta_se']) if q else '-'} | {_z(q)} | "
                  + (", ".join(f"{d:+.4f}" for d in q["delta_by_seed"]) if q else "-") + " |")
-  lines += ["", f"Multiplicity: this table makes {tests} comparisons; at about two standard "
-            f"errors each, about {0.05 * tests:.1f} would pass by chance if no arm differed, and "
-            "the standard errors count example noise only (not seed or fine-tune noise). Read a "
-            "single pass as a lead to replicate, not a finding.", "", "## Who won", ""]
+  bonferroni = statistics.NormalDist().inv_cdf(1 - 0.025 / max(tests, 1))
+  lines += ["", f"Multiplicity: this table makes {tests} comparisons (arms with paper_combined's "
+            f"own codes left out{': ' + ', '.join(identical) if identical else ''}); at |z| > 1.96 "
+            f"each, about {0.05 * tests:.1f} would pass by chance if no arm differed; Bonferroni "
+            f"over {tests} asks |z| > {bonferroni:.2f}. The standard errors count example noise "
+            "only (not seed, fine-tune or pretrain noise). Read a single pass as a lead to "
+            "replicate, not a finding.", "", "## Who won", ""]
   w = summ["winners"].get(f"{OBJECTIVE}|{b:g}")
   if w:
     lines.append(_winner_line(f"- QAT at {b:g}: best **{w['best']}** ({w['best_bpb']:.4f} bits "
