@@ -6,10 +6,11 @@
 #   2. fine-tune it in full precision on the task slice (task CE + Switch's lb and z losses; the
 #      QAT section's optimizer at study.finetune_learning_rate); the step collects the router
 #      statistics, so Lambda = router row-norm change over this fine-tune (switch_phases.qat at
-#      code 0; WORKDIR/finetune_0). A second fine-tune with another seed (other batches, same
-#      start; WORKDIR/finetune_1) gives a second Lambda: its rank agreement with the first is
-#      Lambda's own noise. The fine-tuned model (the first) is the model that is quantized and
-#      the frozen teacher of every QAT cell (the paper quantizes the fine-tuned model);
+#      code 0; WORKDIR/finetune{steps}_0). A second fine-tune with another seed (other batches,
+#      same start; WORKDIR/finetune{steps}_1) gives a second Lambda: its rank agreement with the
+#      first is Lambda's own noise. The fine-tuned model (the first) is the model that is
+#      quantized and the frozen teacher of every QAT cell (the paper quantizes the fine-tuned
+#      model);
 #   3. allocate every arm from the first fine-tune's statistics at the same expert byte budget
 #      (alloc.allocate on switch_phases.allocation_view: rows = sparse layers, encoder first);
 #   4. PTQ: round-to-nearest of the teacher at each arm's codes (no training);
@@ -22,7 +23,9 @@
 #      agreement with the teacher.
 # study.json keeps the decoder-only study's layout (study_summary.summarize reads it): its
 # "bits_per_byte" / "bits_per_window" fields hold bits per TARGET TOKEN / per EXAMPLE here
-# (meta.unit says so). Every finished cell is saved at once, so a killed study resumes.
+# (meta.unit says so). Every finished cell is saved at once, so a killed study resumes; the runs'
+# folders carry their step counts (finetune150_0, qat60_uniform_s1, control60_s0), so --quick and
+# the default settings share one workdir (and its pretrain).
 
 from __future__ import annotations
 
@@ -99,7 +102,8 @@ def lambda_stats(config, state) -> tuple[dict, object, dict]:
   """(expert_stats [L_sparse, E], allocation view cfg, view params) of a fine-tune's state."""
   params = without_ratios(state.params)
   view, vparams = switch_phases.allocation_view(config, params)
-  return alloc_mod.expert_stats(vparams, jax.device_get(state.stats), view.num_layers), view, vparams
+  stats = alloc_mod.expert_stats(vparams, jax.device_get(state.stats), view.num_layers)
+  return stats, view, vparams
 
 
 def per_layer_agreement(reference: dict, result: dict, num_experts: int) -> list[float]:
@@ -183,7 +187,8 @@ def run_switch_study(config, workdir: pathlib.Path, *, quick: bool, config_path:
   # 1-2: teacher0 (pretrained), two full-precision fine-tunes on the task slice.
   teacher0 = without_ratios(switch_phases.pretrain(config, workdir / "pretrain", pre_corpus,
                                                    resume=True).params)
-  fts = [switch_phases.qat(finetune_config(config, st, r), workdir / f"finetune_{r}", task,
+  fts = [switch_phases.qat(finetune_config(config, st, r),
+                           workdir / f"finetune{st['finetune_steps']}_{r}", task,
                            teacher0, expert_codes_LxE=None, resume=True,
                            provenance={"study": "switch fine-tune", "replicate": r})
          for r in range(2)]
@@ -272,8 +277,8 @@ def run_switch_study(config, workdir: pathlib.Path, *, quick: bool, config_path:
     c_config = cell_config(config, st, seed)
     if str(seed) not in control["by_seed"]:
       t = time.perf_counter()
-      state = switch_phases.qat(c_config, workdir / f"control_s{seed}", task, teacher,
-                                expert_codes_LxE=fp_codes, resume=True)
+      state = switch_phases.qat(c_config, workdir / f"control{st['qat_steps']}_s{seed}", task,
+                                teacher, expert_codes_LxE=fp_codes, resume=True)
       r = score(cfg, {"params": state.params, "quant": state.quant}, batches, ref_raw)
       control["by_seed"][str(seed)] = {**r, "seconds": time.perf_counter() - t}
       store.save()
@@ -282,8 +287,8 @@ def run_switch_study(config, workdir: pathlib.Path, *, quick: bool, config_path:
       if key in store.data["cells"]:
         continue
       a, t = allocs[(m, seed)], time.perf_counter()
-      state = switch_phases.qat(c_config, workdir / f"qat_{m}_s{seed}", task, teacher,
-                                expert_codes_LxE=a.codes_LxE, resume=True)
+      state = switch_phases.qat(c_config, workdir / f"qat{st['qat_steps']}_{m}_s{seed}", task,
+                                teacher, expert_codes_LxE=a.codes_LxE, resume=True)
       r = score(cfg, {"params": state.params, "quant": state.quant}, batches, ref_raw)
       store.data["cells"][key] = {
           "objective": OBJECTIVE, "method": m, "budget": b, "seed": seed, **r,
@@ -369,7 +374,8 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
     q = summ["table"].get(f"{OBJECTIVE}|{m}|{b:g}")
     a = data["allocations"][f"{m}|{b:g}|0"]
     ptq = (["-"] * 3 if p is None else
-           [f"{p['bits_per_byte']['mean']:.4f}", _pm(p["delta_vs_teacher"], p["delta_vs_teacher_se"]),
+           [f"{p['bits_per_byte']['mean']:.4f}",
+            _pm(p["delta_vs_teacher"], p["delta_vs_teacher_se"]),
             f"{p['topk_agree']['mean']:.3f}"])
     if q is None:
       qat = ["-"] * 4

@@ -112,8 +112,8 @@ def test_equal_bytes(study):
 def test_lambda_is_the_router_norm_change(study):
   w, data, config = study
   start = _params(config, w / "s" / "pretrain", "pretrain", PRE)
-  for name, lam in (("finetune_0", data["stats"]["lambda"]),
-                    ("finetune_1", data["lambda_replicate"]["lambda"])):
+  for name, lam in ((f"finetune{FT}_0", data["stats"]["lambda"]),
+                    (f"finetune{FT}_1", data["lambda_replicate"]["lambda"])):
     now = _params(config, w / "s" / name, "qat", FT)
     for row, stack in enumerate(("encoder", "decoder")):
       norm = lambda p: np.linalg.norm(np.asarray(p[stack]["layers_0"]["moe"]["router"]["kernel"]),
@@ -124,7 +124,7 @@ def test_lambda_is_the_router_norm_change(study):
 def test_ptq_uniform_row_is_an_independent_rtn_eval(study):
   w, data, config = study
   cfg = switch_config(config)
-  teacher = _params(config, w / "s" / "finetune_0", "qat", FT)
+  teacher = _params(config, w / "s" / f"finetune{FT}_0", "qat", FT)
   valid = slice_corpus(config.data.task_packages, config.data.valid_fraction).valid
   held = [span_corruption_batch(valid, 8, 48, 1234, b, sentinel_ids=t5_sentinel_ids(320, 64),
                                 decoder_start_id=0) for b in range(2)]
