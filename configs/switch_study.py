@@ -5,7 +5,9 @@ sparse layers x 8 experts of F=64, 64-byte span-corruption windows), pretrained 
 top-level modules and fine-tuned on a DIFFERENT slice (asyncio, email, http, urllib), as the
 decoder-only study does (configs/study_tiny.py). Sized so that the whole --quick study (pretrain,
 two fine-tunes, 7 arms x PTQ + QAT x 2 seeds, 2 controls) runs in at most about 25 minutes niced
-on a loaded 2-core CPU; the default settings take longer (more fine-tune and QAT steps).
+on a loaded 2-core CPU; measured from scratch under `nice -n 10` on a 2-core CPU shared with two
+other jobs (load average 6-8): --quick 6.9 min, the default settings with
+--config.study.seeds=3 (300-step fine-tunes, 120 QAT steps, 24 QAT runs) 10.8 min.
 
 Launch:  moeqjax study --config configs/switch_study.py --workdir ./moeqjax_runs/switch_study [--quick]
 Protocol: moeqjax/pipeline/switch_study.py; results: docs/results/switch_study.md.
