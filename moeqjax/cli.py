@@ -300,9 +300,6 @@ def run_study_command(args, overrides: dict[str, str]) -> int:
     runs.check_family(config, workdir, "--workdir")
     runs.inherit(config, overrides, workdir, "--workdir", runs.RECORDED_SECTIONS,
                  config_given=args.config is not None)
-  elif config_io.is_switch(config):
-    raise UserError("`moeqjax study` runs decoder-only configs only; for a Switch config run the "
-                    "phases (pretrain, qat, stats, allocate, eval)")
   if args.command == "stats":
     from moeqjax.pipeline.stats import format_table, write_stats
     record = write_stats(config, workdir)
@@ -335,8 +332,12 @@ def run_study_command(args, overrides: dict[str, str]) -> int:
       for l, row in enumerate(result.codes_LxE):
         print(f"  layer {l}: " + " ".join(str(int(c)) for c in row))
   elif args.command == "study":
-    from moeqjax.pipeline.study import run_study
-    run_study(config, workdir, quick=args.quick, config_path=args.config)
+    if config_io.is_switch(config):  # the paper's protocol on Switch (pipeline.switch_study)
+      from moeqjax.pipeline.switch_study import run_switch_study
+      run_switch_study(config, workdir, quick=args.quick, config_path=args.config)
+    else:
+      from moeqjax.pipeline.study import run_study
+      run_study(config, workdir, quick=args.quick, config_path=args.config)
   return 0
 
 

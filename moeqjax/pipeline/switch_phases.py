@@ -362,6 +362,9 @@ def _per_example_agreement(reference: dict, result: dict, num_experts: int, n: i
   return total / layers
 
 
+per_example_agreement = _per_example_agreement  # the Switch study's paired agreement
+
+
 def evaluate_run(config, workdir: pathlib.Path, teacher_params, *, control=None,
                  teacher=None) -> dict:
   """`moeqjax eval` on a Switch config: teacher, student (and --control) on the fixed held-out
