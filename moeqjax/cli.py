@@ -490,17 +490,19 @@ def run(argv: list[str]) -> int:
         init_from=_path(getattr(args, "init_from", None)),
         config_given=args.config is not None)
   switch = config_io.is_switch(config)  # the model family, from the model section
-  if switch and args.command == "demo":
-    raise UserError("`moeqjax demo` runs decoder-only configs; for a Switch config run the phases: "
-                    "pretrain, qat (and the control), stats, allocate, ptq --method rtn, eval "
-                    "(docs/guides/training.md)")
+  if switch and args.command == "demo" and args.hf_dir is not None:
+    raise UserError("`moeqjax demo --hf-dir` imports decoder-only checkpoints; a Switch config "
+                    "pretrains its teacher: drop --hf-dir")
   config_io.any_model_config(config)  # validate the model section before any work
   if args.command in ("demo", "pretrain", "qat", "eval"):
     from moeqjax.pipeline.mesh import check_mesh_devices
     check_mesh_devices(config)  # and the mesh against the devices, before data is read
   workdir = _writable_workdir(args.workdir or DEFAULT_WORKDIRS[args.command] or ".")
 
-  if args.command == "demo":
+  if args.command == "demo" and switch:
+    from moeqjax.pipeline.switch_demo import format_demo_summary, run_switch_demo
+    print("\n" + format_demo_summary(run_switch_demo(config, workdir), workdir))
+  elif args.command == "demo":
     from moeqjax.pipeline.demo import run_demo
     metrics = run_demo(config, workdir, hf_dir=args.hf_dir)
     _print_summary(metrics, workdir)
