@@ -144,4 +144,11 @@ def get_config():
       batch_size=16,
       seed=1234,  # batch b is span_corruption_batch(valid, ..., seed, b)
   ))
+
+  # `moeqjax demo` only (pipeline/switch_demo.py): steps that replace pretrain.steps and
+  # qat.steps in the demo alone, so that it finishes in minutes; 0 keeps the section's steps.
+  c.demo = ml_collections.ConfigDict(dict(
+      pretrain_steps=0,
+      qat_steps=0,
+  ))
   return c

@@ -35,7 +35,7 @@ from moeqjax.train.metrics_log import read_metrics
 # Variant name -> what it is; the keys are metrics.json["variants"]'s.
 SWITCH_DEMO_VARIANTS = {
     REFERENCE: "the span-corruption-pretrained teacher, no quantization",
-    CONTROL: "control: the students' QAT objective, steps and batches at full precision "
+    CONTROL: "the students' QAT objective, steps and batches at full precision "
              "(quant.expert_code=0), so extra training is not mistaken for a quantization gain",
     "rtn_ternary": "round-to-nearest ternary experts of the teacher (`ptq --method rtn`), no "
                    "training",
