@@ -64,3 +64,13 @@ def test_report_and_summary(tmp_path):
   assert "qat_ternary: Δ bits/target token vs teacher -0.0500 ± 0.0100, vs control +0.0500" \
       in summary
   assert "compressed-tensors: within 1e-06" in summary and "results in" not in summary
+
+
+def test_hf_dir_is_refused_in_one_line(tmp_path, capsys):
+  from moeqjax.cli import main
+  argv = ["demo", "--config", str(REPO / "configs" / "switch_tiny.py"), "--hf-dir",
+          str(tmp_path), "--workdir", str(tmp_path / "demo")]
+  assert main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("moeqjax: error:") and "\n" not in err and "drop --hf-dir" in err
+  assert not (tmp_path / "demo").exists()
