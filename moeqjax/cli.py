@@ -251,7 +251,6 @@ _SERVE_COMMANDS = ("pack", "generate")
 
 def run_serve(args) -> int:
   """pack / generate: thin wrappers over moeqjax.pipeline.serve."""
-  from moeqjax.model import SwitchConfig
   from moeqjax.pipeline import serve
   if args.command == "pack":
     manifest = serve.pack_workdir(args.workdir, args.out, fp_dtype=args.fp_dtype,
@@ -280,7 +279,7 @@ def run_serve(args) -> int:
     raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
   model, variables, tokenizer, eos_id, label = serve.model_for_generation(
       args.packed, args.workdir, tokenizer=args.tokenizer)
-  if isinstance(model.cfg, SwitchConfig):  # encoder-decoder: the prompt is the encoder input
+  if serve.is_switch_model(model):  # encoder-decoder: the prompt is the encoder input
     out = serve.switch_generate_text(model, variables, tokenizer, eos_id, prompt,
                                      args.max_new_tokens, sampling)
     print(f"[{label}, Switch greedy] {len(out.tokens)} tokens from {out.encoder_tokens} encoder "

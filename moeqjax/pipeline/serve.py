@@ -137,8 +137,8 @@ def model_for_generation(packed: str | None, workdir: str | None, tokenizer: str
       raise
     recorded = None  # moved away: --tokenizer stands in for it
   tok = _generation_tokenizer(workdir, recorded, tokenizer, cfg.vocab_size)
-  return (build_model(cfg), variables, tok,
-          end_of_text_id(tok, isinstance(cfg, SwitchConfig)), label)
+  model = build_model(cfg)
+  return model, variables, tok, end_of_text_id(tok, is_switch_model(model)), label
 
 
 class _Streamer:
@@ -197,6 +197,11 @@ def generate_text(model, variables, tokenizer, eos_id, prompt: str, max_new_toke
 # ---- Switch Transformer (encoder-decoder): the prompt is the encoder input, greedy decoding
 
 SENTINEL_TEXT = re.compile(r"<extra_id_(\d+)>")
+
+
+def is_switch_model(model) -> bool:
+  """Whether a model of model_for_generation is a Switch Transformer (encoder-decoder)."""
+  return isinstance(model.cfg, SwitchConfig)
 
 
 @dataclasses.dataclass
