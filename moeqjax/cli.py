@@ -161,7 +161,9 @@ def _parser() -> argparse.ArgumentParser:
                       "refused and left as it is)")
 
   p = sub.add_parser("generate", help="generate text from a packed checkpoint, a QAT student "
-                     "(fake quant) or a full-precision run, with a KV cache")
+                     "(fake quant) or a full-precision run, with a KV cache (a Switch "
+                     "Transformer: greedy, the prompt is its encoder input, <extra_id_N> its "
+                     "sentinels)")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--packed", default=None, help="a folder written by `moeqjax pack`")
   src.add_argument("--workdir", default=None,
@@ -249,8 +251,7 @@ _SERVE_COMMANDS = ("pack", "generate")
 
 def run_serve(args) -> int:
   """pack / generate: thin wrappers over moeqjax.pipeline.serve."""
-  from moeqjax.pipeline import runs, serve
-  runs.refuse_switch(_path(getattr(args, "workdir", None)), "--workdir", args.command)
+  from moeqjax.pipeline import serve
   if args.command == "pack":
     manifest = serve.pack_workdir(args.workdir, args.out, fp_dtype=args.fp_dtype,
                                       overwrite=args.overwrite)
@@ -278,6 +279,12 @@ def run_serve(args) -> int:
     raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
   model, variables, tokenizer, eos_id, label = serve.model_for_generation(
       args.packed, args.workdir, tokenizer=args.tokenizer)
+  if serve.is_switch_model(model):  # encoder-decoder: the prompt is the encoder input
+    out = serve.switch_generate_text(model, variables, tokenizer, eos_id, prompt,
+                                     args.max_new_tokens, sampling)
+    print(f"[{label}, Switch greedy] {len(out.tokens)} tokens from {out.encoder_tokens} encoder "
+          f"tokens in {out.seconds:.1f} s (compile included)", file=sys.stderr)
+    return 0
   gen = serve.generate_text(model, variables, tokenizer, eos_id, prompt, args.max_new_tokens,
                                sampling, args.seed)
   note = " (stopped at the model's context)" if gen.clamped_to_context else ""
@@ -358,9 +365,7 @@ def run_convert(args, overrides: dict[str, str]) -> int:
     print(f"imported {args.hf_dir} into {out} ({said})\nnext: moeqjax qat --teacher {out} "
           "--workdir <qat workdir>")
   elif args.command == "export":
-    from moeqjax.pipeline import runs
     from moeqjax.pipeline.export import export_student
-    runs.refuse_switch(_path(args.workdir), "--workdir", "export")
     source = args.workdir or args.packed
     common = dict(workdir=args.workdir, packed=args.packed, fmt=args.format, dtype=args.dtype,
                   hf_config_path=args.hf_config, model_type=args.model_type,
@@ -485,17 +490,19 @@ def run(argv: list[str]) -> int:
         init_from=_path(getattr(args, "init_from", None)),
         config_given=args.config is not None)
   switch = config_io.is_switch(config)  # the model family, from the model section
-  if switch and args.command == "demo":
-    raise UserError("`moeqjax demo` runs decoder-only configs; for a Switch config run the phases: "
-                    "pretrain, qat (and the control), stats, allocate, ptq --method rtn, eval "
-                    "(docs/guides/training.md)")
+  if switch and args.command == "demo" and args.hf_dir is not None:
+    raise UserError("`moeqjax demo --hf-dir` imports decoder-only checkpoints; a Switch config "
+                    "pretrains its teacher: drop --hf-dir")
   config_io.any_model_config(config)  # validate the model section before any work
   if args.command in ("demo", "pretrain", "qat", "eval"):
     from moeqjax.pipeline.mesh import check_mesh_devices
     check_mesh_devices(config)  # and the mesh against the devices, before data is read
   workdir = _writable_workdir(args.workdir or DEFAULT_WORKDIRS[args.command] or ".")
 
-  if args.command == "demo":
+  if args.command == "demo" and switch:
+    from moeqjax.pipeline.switch_demo import format_demo_summary, run_switch_demo
+    print("\n" + format_demo_summary(run_switch_demo(config, workdir), workdir))
+  elif args.command == "demo":
     from moeqjax.pipeline.demo import run_demo
     metrics = run_demo(config, workdir, hf_dir=args.hf_dir)
     _print_summary(metrics, workdir)

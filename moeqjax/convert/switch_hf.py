@@ -72,16 +72,25 @@ def switch_state_dict(weights: StudentWeights):
 
 
 def export_hf_switch(cfg: SwitchConfig, params, quant, out_dir: str | pathlib.Path,
-                     family_config_json: dict | None = None, dtype: str = "float32", *,
-                     max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
-                     extra_files: dict | None = None) -> pathlib.Path:
+                     family_config_json: dict | None = None, dtype: str = "float32",
+                     **options) -> pathlib.Path:
+  """`write_hf_switch` of a student given as params and its `quant` collection (None: as they are)."""
+  return write_hf_switch(ParamWeights(cfg, jax.device_get(params), quant), out_dir,
+                         family_config_json, dtype, **options)
+
+
+def write_hf_switch(weights: StudentWeights, out_dir: str | pathlib.Path,
+                    family_config_json: dict | None = None, dtype: str = "float32", *,
+                    max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
+                    extra_files: dict | None = None) -> pathlib.Path:
   """Writes config.json and safetensors that transformers loads as its Switch Transformer.
 
-  The student (params and its `quant` collection; None: as they are) is written dequantized, so
-  transformers computes what the fake-quant student computes (exactly in float32).
+  The student (params + codes, or a packed checkpoint: serve.packed_source.PackedWeights) is
+  written dequantized, so transformers computes what the fake-quant student computes (exactly in
+  float32).
 
   Args:
-    cfg, params, quant: the model.
+    weights: the student; weights.cfg is a SwitchConfig.
     out_dir: output folder; it must not exist, be empty, or (with `overwrite`) be an hf export
       moeqjax wrote.
     family_config_json: the original config.json (keeps token ids and metadata); optional.
@@ -95,9 +104,9 @@ def export_hf_switch(cfg: SwitchConfig, params, quant, out_dir: str | pathlib.Pa
   """
   if dtype not in NP_DTYPES:
     raise ConvertError(f"dtype={dtype!r}; choose from {sorted(NP_DTYPES)}")
+  cfg = weights.cfg
   out_dir = output_guard.check_output(out_dir, KIND, overwrite)
   hf_config = switch_config_to_hf_config(cfg, family_config_json, dtype)
-  weights = ParamWeights(cfg, jax.device_get(params), quant)
   specs = [(e.hf_name, e.hf_shape) for e in switch_entries(cfg)]
   if not cfg.tie_embeddings:
     specs.append((UNTIED_SHARED[0], (cfg.vocab_size, cfg.d_model)))

@@ -29,7 +29,7 @@ PROMPT_TOKENS = 32  # prompt + NEW_TOKENS fit llama.cpp's context of runtimes.LL
 CT_LOGIT_TOL = 1e-5
 
 
-def _not_checked(packages) -> str:
+def not_checked(packages) -> str:
   if "xllamacpp" in packages:  # a core dependency, with wheels for Linux only
     return ("not checked: llama.cpp (xllamacpp) is not installed; it ships wheels for Linux "
             "x86-64 and aarch64 (pip install xllamacpp==2026.10.11549)")
@@ -73,7 +73,7 @@ def _gguf(weights: PackedWeights, out: pathlib.Path, prompt, ours) -> dict:
              widened=list(report["widened"]))
   lacking = runtimes.missing(runtimes.GGUF_PACKAGES)
   if lacking:
-    row["note"] = _not_checked(lacking)
+    row["note"] = not_checked(lacking)
     return row
   want = ours()[0]
   try:
@@ -102,7 +102,7 @@ def _compressed_tensors(weights: PackedWeights, out: pathlib.Path, prompt, ours)
              expert_container=report["expert_container"])
   lacking = runtimes.missing(runtimes.CT_PACKAGES)
   if lacking:
-    row["note"] = _not_checked(lacking)
+    row["note"] = not_checked(lacking)
     return row
   tokens, _ = ours()
   seq = np.asarray(list(prompt) + tokens[:-1], np.int32)[None]

@@ -10,15 +10,19 @@ import ml_collections
 
 from moeqjax.convert import ConvertError, output_guard
 from moeqjax.convert.ct_export import write_compressed_tensors
-from moeqjax.convert.gguf_export import write_gguf
+from moeqjax.convert.gguf_export import SWITCH_REFUSAL, write_gguf
 from moeqjax.convert.hf_export import write_hf
 from moeqjax.convert.hf_tokenizer import tokenizer_files
+from moeqjax.convert.switch_hf import write_hf_switch
 from moeqjax.data import DOC_SEPARATOR
 from moeqjax.convert.student_weights import ParamWeights
+from moeqjax.model import SwitchConfig
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
 from moeqjax.pipeline import runs
 from moeqjax.pipeline.workdirs import CONFIG_RECORD, latest_state, state_template
+from moeqjax.serve.checkpoint import MANIFEST
+from moeqjax.serve.checkpoint import SWITCH as PACKED_SWITCH
 from moeqjax.serve.packed_source import PackedWeights
 
 
@@ -48,7 +52,7 @@ def load_student(workdir: pathlib.Path):
     raise ConvertError(f"--workdir {workdir} is not a `moeqjax qat` run (its config.json has no "
                        "qat section)")
   config = ml_collections.ConfigDict({k: record[k] for k in ("model", "quant", "qat")})
-  cfg = config_io.model_config(config)
+  cfg = config_io.any_model_config(config)
   # Shapes only: the restore brings the recorded codes and the trained student.
   template = state_template(config, "qat", record.get("expert_codes"))
   try:
@@ -82,6 +86,8 @@ def export_student(out, *, workdir=None, packed=None, fmt: str = "hf", dtype: st
   """
   if (workdir is None) == (packed is None):
     raise ConvertError("give exactly one of --workdir (a QAT run) and --packed (a packed folder)")
+  if fmt == "gguf" and _is_switch_source(workdir, packed):
+    raise ConvertError(SWITCH_REFUSAL)  # before anything is read or written
   output_guard.check_output(out, fmt, overwrite)  # before the (slow) restore
   template_json = None
   if fmt != "gguf":
@@ -96,7 +102,9 @@ def export_student(out, *, workdir=None, packed=None, fmt: str = "hf", dtype: st
     workdir = pathlib.Path(workdir).absolute()
     weights = ParamWeights(*load_student(workdir))
     name, recorded = workdir.name, _recorded_tokenizer(workdir)
-    eos_id = DOC_SEPARATOR[0] if recorded is None else None  # a tokenizer's is in its config
+    # A tokenizer's is in its config; a Switch model on bytes has none (pipeline.serve).
+    switch = isinstance(weights.cfg, SwitchConfig)
+    eos_id = DOC_SEPARATOR[0] if recorded is None and not switch else None
   if fmt == "gguf":
     return write_gguf(weights, out, fp_dtype=fp_dtype, all_f32=all_f32,
                       tokenizer=recorded if tokenizer is None else tokenizer, name=name,
@@ -106,8 +114,26 @@ def export_student(out, *, workdir=None, packed=None, fmt: str = "hf", dtype: st
   if fmt == "compressed-tensors":
     return write_compressed_tensors(weights, out, template_json, dtype, model_type=model_type,
                                     overwrite=overwrite, extra_files=files)
+  if isinstance(weights.cfg, SwitchConfig):
+    if model_type not in (None, "switch_transformers"):
+      raise ConvertError(f"--model-type {model_type}: a Switch student is written as "
+                         "switch_transformers; drop --model-type")
+    return write_hf_switch(weights, out, template_json, dtype, overwrite=overwrite,
+                           extra_files=files)
   return write_hf(weights, out, template_json, dtype, model_type=model_type, overwrite=overwrite,
                   extra_files=files)
+
+
+def _is_switch_source(workdir, packed) -> bool:
+  """Whether the run or packed folder holds a Switch Transformer (its recorded model family)."""
+  try:  # a missing or damaged record is reported by the export itself
+    if packed is not None:
+      return json.loads((pathlib.Path(packed) / MANIFEST).read_text()).get(
+          "model_family") == PACKED_SWITCH
+    record = json.loads((pathlib.Path(workdir) / CONFIG_RECORD).read_text())
+    return config_io.is_switch_model(record.get("model"))
+  except (OSError, json.JSONDecodeError, AttributeError):
+    return False
 
 
 def _hf_config_template(hf_config_path, workdir) -> dict | None:

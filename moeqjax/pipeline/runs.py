@@ -313,21 +313,6 @@ def check_family(config: ml_collections.ConfigDict, folder: pathlib.Path, flag: 
         f"or pass a config of the run's family, e.g. {example}")
 
 
-def refuse_switch(folder, flag: str, command: str):
-  """A one-line error when `folder` holds a Switch run, for commands that read decoder-only runs
-  only (pack, generate, export)."""
-  if folder is None or import_hf.is_imported(folder):
-    return
-  try:
-    model = recorded_sections(folder).get("model")
-  except RunMismatch:
-    return  # the command reports a damaged record itself
-  if config_io.is_switch_model(model):
-    raise RunMismatch(f"{flag} {folder} is a Switch Transformer run; `moeqjax {command}` reads "
-                      "decoder-only runs only (Switch: pretrain, qat, stats, allocate, ptq "
-                      "--method rtn, eval)")
-
-
 # The folder whose recorded config a command starts from when no --config is given.
 def _continued_folder(command: str, workdir, teacher):
   if command in ("qat", "ptq"):

@@ -1,23 +1,33 @@
 """`moeqjax pack` and `moeqjax generate` as pipeline phases: workdirs in, packed folders and text out."""
 
+# Both model families (config_io.is_switch) go through the same phases; the family is decided here
+# from the run's recorded model section or the packed manifest (serve.checkpoint.build_model), never
+# inside the model. A Switch Transformer (encoder-decoder) generates greedily from its encoder
+# input (switch_generate_text): `<extra_id_N>` in the prompt is the span-corruption sentinel
+# vocab_size - 1 - N (data.t5_sentinel_ids), and generated ids above the tokenizer's vocabulary
+# (the sentinels) are shown as `<extra_id_N>`.
+
 from __future__ import annotations
 
 import codecs
 import dataclasses
 import json
 import pathlib
+import re
 import sys
+import time
 
 import ml_collections
 
 from moeqjax.data import DOC_SEPARATOR, check_vocab, make_tokenizer
-from moeqjax.model import MoETransformer
+from moeqjax.model import SwitchConfig
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
 from moeqjax.pipeline import runs
 from moeqjax.pipeline.evaluate import UnfinishedRun
 from moeqjax.pipeline.workdirs import CONFIG_RECORD, finished_state, state_template
-from moeqjax.serve import SamplingConfig, generate, load_packed, pack
+from moeqjax.serve import SamplingConfig, generate, load_packed, pack, switch_greedy
+from moeqjax.serve.checkpoint import build_model
 from moeqjax.serve.decode import check_request
 
 
@@ -33,10 +43,15 @@ def _record(workdir: pathlib.Path) -> dict:
   return json.loads(path.read_text())
 
 
-def end_of_text_id(tokenizer) -> int | None:
-  """The id that ends a document: the byte separator, or the tokenizer's end-of-text id."""
+def end_of_text_id(tokenizer, switch: bool = False) -> int | None:
+  """The id that ends a document: the byte separator, or the tokenizer's end-of-text id.
+
+  A Switch model (`switch`) on bytes has none: its span-corruption targets never end with one
+  (and byte 0 is its decoder start), so its generation runs --max-new-tokens; with a tokenizer it
+  is the tokenizer's end-of-text id, which seq2seq.pairs targets end with.
+  """
   if tokenizer.name == "bytes":
-    return DOC_SEPARATOR[0]
+    return None if switch else DOC_SEPARATOR[0]
   return getattr(tokenizer, "separator_id", None)
 
 
@@ -62,8 +77,9 @@ def pack_workdir(workdir, out, *, fp_dtype: str = "float32", overwrite: bool = F
   config, state = finished_student(workdir)
   tokenizer_name = runs.run_tokenizer(workdir)
   tokenizer = make_tokenizer(tokenizer_name)
-  return pack(config_io.model_config(config), state.params, state.quant, out, fp_dtype=fp_dtype,
-              tokenizer=tokenizer_name or None, eos_id=end_of_text_id(tokenizer),
+  return pack(config_io.any_model_config(config), state.params, state.quant, out,
+              fp_dtype=fp_dtype, tokenizer=tokenizer_name or None,
+              eos_id=end_of_text_id(tokenizer, config_io.is_switch(config)),
               overwrite=overwrite, source=str(workdir.absolute()))
 
 
@@ -111,7 +127,7 @@ def model_for_generation(packed: str | None, workdir: str | None, tokenizer: str
       raise UnfinishedRun(f"{workdir} holds no finished pretraining run; finish it with "
                           f"`moeqjax pretrain --workdir {workdir} --resume`")
     variables, label = {"params": state.params}, "full precision"
-  cfg = config_io.model_config(config)
+  cfg = config_io.any_model_config(config)
   try:
     recorded = runs.run_tokenizer(workdir)
     if import_hf.is_imported(workdir) and not recorded:
@@ -121,7 +137,8 @@ def model_for_generation(packed: str | None, workdir: str | None, tokenizer: str
       raise
     recorded = None  # moved away: --tokenizer stands in for it
   tok = _generation_tokenizer(workdir, recorded, tokenizer, cfg.vocab_size)
-  return MoETransformer(cfg), variables, tok, end_of_text_id(tok), label
+  model = build_model(cfg)
+  return model, variables, tok, end_of_text_id(tok, is_switch_model(model)), label
 
 
 class _Streamer:
@@ -175,3 +192,81 @@ def generate_text(model, variables, tokenizer, eos_id, prompt: str, max_new_toke
                  eos_id=eos_id, on_tokens=_Streamer(tokenizer, eos_id, stream))
   stream.write("\n")
   return gen
+
+
+# ---- Switch Transformer (encoder-decoder): the prompt is the encoder input, greedy decoding
+
+SENTINEL_TEXT = re.compile(r"<extra_id_(\d+)>")
+
+
+def is_switch_model(model) -> bool:
+  """Whether a model of model_for_generation is a Switch Transformer (encoder-decoder)."""
+  return isinstance(model.cfg, SwitchConfig)
+
+
+@dataclasses.dataclass
+class SwitchGeneration:
+  """A Switch generation: the generated ids (up to and without an end-of-text id), their text."""
+
+  tokens: list[int]
+  text: str
+  encoder_tokens: int
+  seconds: float
+
+
+def encode_switch_prompt(tokenizer, vocab_size: int, prompt: str) -> list[int]:
+  """The encoder ids of `prompt`: its text through the tokenizer, and each `<extra_id_N>` as the
+  sentinel id vocab_size - 1 - N (data.t5_sentinel_ids), which must lie above the tokenizer's ids."""
+  ids, pos = [], 0
+  for m in SENTINEL_TEXT.finditer(prompt):
+    ids += [int(t) for t in tokenizer.encode(prompt[pos:m.start()])]
+    sentinel = vocab_size - 1 - int(m.group(1))
+    if sentinel < tokenizer.vocab_size:
+      raise BadRequest(f"{m.group(0)} in the prompt would be id {sentinel}, which is not above "
+                       f"the tokenizer's {tokenizer.vocab_size} ids (model vocabulary "
+                       f"{vocab_size}); use <extra_id_0> .. "
+                       f"<extra_id_{vocab_size - 1 - tokenizer.vocab_size}>")
+    ids.append(sentinel)
+    pos = m.end()
+  ids += [int(t) for t in tokenizer.encode(prompt[pos:])]
+  return ids
+
+
+def switch_text(tokenizer, vocab_size: int, ids) -> str:
+  """Text of generated ids: runs of the tokenizer's ids decoded (bytes: invalid UTF-8 becomes
+  U+FFFD), and each id above them (a sentinel) as `<extra_id_N>`, N = vocab_size - 1 - id."""
+  parts, run = [], []
+  for t in (int(i) for i in ids):
+    if t < tokenizer.vocab_size:
+      run.append(t)
+      continue
+    if run:
+      parts.append(tokenizer.decode(run))
+      run = []
+    parts.append(f"<extra_id_{vocab_size - 1 - t}>")
+  if run:
+    parts.append(tokenizer.decode(run))
+  return "".join(parts)
+
+
+def switch_generate_text(model, variables, tokenizer, eos_id, prompt: str, max_new_tokens: int,
+                         sampling: SamplingConfig, stream=None) -> SwitchGeneration:
+  """Greedy output of a Switch model for the encoder input `prompt` (serve.switch_greedy), cut at
+  `eos_id` (None: never), written as text to `stream` (default stdout); sampling is refused."""
+  if sampling.temperature > 0:
+    raise BadRequest("a Switch Transformer generates greedily (serve.switch_greedy); drop "
+                     "--temperature, --top-k and --top-p")
+  stream = sys.stdout if stream is None else stream
+  vocab = model.cfg.vocab_size
+  ids = encode_switch_prompt(tokenizer, vocab, prompt)
+  if not ids:
+    raise BadRequest("the prompt is empty; the encoder needs at least one token")
+  start = time.perf_counter()
+  tokens = [int(t) for t in switch_greedy(model, variables, [ids], max_new_tokens)[0]]
+  seconds = time.perf_counter() - start
+  if eos_id is not None and eos_id in tokens:
+    tokens = tokens[:tokens.index(eos_id)]
+  text = switch_text(tokenizer, vocab, tokens)
+  stream.write(text + "\n")
+  stream.flush()
+  return SwitchGeneration(tokens, text, len(ids), seconds)

@@ -368,14 +368,8 @@ per_example_agreement = _per_example_agreement  # the Switch study's paired agre
 def evaluate_run(config, workdir: pathlib.Path, teacher_params, *, control=None,
                  teacher=None) -> dict:
   """`moeqjax eval` on a Switch config: teacher, student (and --control) on the fixed held-out
-  span-corruption batches; writes workdir/eval.json and returns {name: metrics}.
-
-  Per variant: bits per target token, Δ vs the teacher (and vs the control) paired over held-out
-  examples with its standard error, top-1 routing agreement with the teacher (mean over every
-  sparse layer, and per layer), the capacity drop rate (pooled and per layer) and expert bits
-  per weight. With a control, the student also gets the control's agreement and the
-  quantization-only drift (student - control, paired over examples).
-  """
+  span-corruption batches; writes workdir/eval.json and returns {name: metrics}
+  (evaluate_variants' fields; the student's also has layer_names)."""
   from moeqjax.pipeline.evaluate import control_config, restore_qat_state
   from moeqjax.pipeline.workdirs import load_data
   workdir = pathlib.Path(workdir)
@@ -387,6 +381,30 @@ def evaluate_run(config, workdir: pathlib.Path, teacher_params, *, control=None,
     ctl = restore_qat_state(control_config(config, workdir, control, teacher), control)
     variants[CONTROL] = {"params": init_ratios(cfg, ctl.params, ctl.quant), "quant": ctl.quant}
   variants[STUDENT] = {"params": state.params, "quant": state.quant}
+  results = evaluate_variants(config, variants, batches,
+                              control=CONTROL if control is not None else None)
+  results[STUDENT]["layer_names"] = sparse_layer_names(state.params)
+  (workdir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+  return results
+
+
+def evaluate_variants(config, variants: dict, batches, *, control: str | None = None) -> dict:
+  """Every variant on the held-out `batches` (Seq2SeqData.eval_batches), against REFERENCE (the
+  teacher, the first of `variants`) and `control` (a name among them, or None).
+
+  Per variant: bits per target token, Δ vs the teacher (and vs the control) paired over held-out
+  examples with its standard error, top-1 routing agreement with the teacher (mean over every
+  sparse layer, and per layer), the capacity drop rate (pooled and per layer) and expert bits
+  per weight. With a control, every other variant also gets the control's agreement and the
+  quantization-only drift (variant - control, paired over examples).
+
+  Args:
+    config: the Switch config.
+    variants: name -> variables ({"params"}, plus "quant" for a quantized one); REFERENCE first.
+    batches: the held-out data.Seq2SeqBatch list.
+    control: the full-precision control's name in `variants`, or None.
+  """
+  cfg = config_io.switch_config(config)
   raw = {name: evaluate_seq2seq(cfg, v, batches)
          for name, v in tqdm(variants.items(), desc="eval", dynamic_ncols=True)}
   n = len(raw[REFERENCE]["bits_per_example"])
@@ -394,8 +412,7 @@ def evaluate_run(config, workdir: pathlib.Path, teacher_params, *, control=None,
   for name, r in raw.items():
     agree = _per_example_agreement(raw[REFERENCE], r, cfg.num_experts, n)
     windows[name] = {"bits": r["bits_per_example"], "top1_agree": agree, "topk_agree": agree}
-  compared = control_comparison(windows, teacher=REFERENCE,
-                                control=CONTROL if control is not None else None)
+  compared = control_comparison(windows, teacher=REFERENCE, control=control)
   view, _ = allocation_view(config)
   results = {}
   for name, r in raw.items():
@@ -429,8 +446,6 @@ def evaluate_run(config, workdir: pathlib.Path, teacher_params, *, control=None,
     for key, value in compared.get(name, {}).items():
       out.setdefault(key, value)
     results[name] = out
-  results[STUDENT]["layer_names"] = sparse_layer_names(state.params)
-  (workdir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
   return results
 
 

@@ -2,11 +2,8 @@
 stats -> allocate -> QAT at the allocation -> ptq rtn -> eval, checked against independent oracles."""
 
 import json
-import pathlib
-import textwrap
 import types
 
-import jax
 import numpy as np
 import pytest
 
@@ -15,36 +12,17 @@ from moeqjax.cli import main
 from moeqjax.data import load_stdlib_corpus
 from moeqjax.data.seq2seq import span_corruption_batch, t5_sentinel_ids
 from moeqjax.eval import evaluate_seq2seq
-from moeqjax.model import default_quant, init_switch, set_expert_codes
 from moeqjax.pipeline.config import is_switch, load_config, switch_config
 from moeqjax.pipeline.switch_phases import Seq2SeqData, allocation_view
-from moeqjax.train import Checkpointer, OptimConfig, create_state, make_optimizer
+
+from switch_micro import REPO, micro_config, restore
 
 PRE_STEPS, QAT_STEPS = 60, 20
 
-# configs/switch_tiny.py at a test's size: 1+1 layers, both sparse, 4 experts, 48-byte windows.
-# Measured on 3 seeds (0, 1, 2: pretrain.seed, qat.seed = seed + 1) before trusting the QAT-vs-RTN
-# check: held-out bits per target token RTN - QAT = 0.022, 0.037, 0.016.
-REPO = pathlib.Path(__file__).resolve().parents[2]
-MICRO = textwrap.dedent(f'''
-    import importlib.util
-
-    def get_config():
-      path = {str(REPO / "configs" / "switch_tiny.py")!r}
-      spec = importlib.util.spec_from_file_location("switch_tiny", path)
-      module = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(module)
-      c = module.get_config()
-      c.model.update(dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=1,
-                          num_decoder_layers=1, num_sparse_encoder_layers=1,
-                          num_sparse_decoder_layers=1, num_experts=4, expert_capacity=10,
-                          relative_attention_num_buckets=16, relative_attention_max_distance=64))
-      c.seq2seq.window = 48
-      c.pretrain.update(dict(steps={PRE_STEPS}, batch_size=8, seq_len=48, ckpt_every=0, seed=0))
-      c.qat.update(dict(steps={QAT_STEPS}, batch_size=8, seq_len=48, ckpt_every=0, seed=1))
-      c.eval.update(dict(num_batches=4, batch_size=8))
-      return c
-    ''')
+# configs/switch_tiny.py at a test's size (switch_micro.py): 1+1 layers, both sparse, 4 experts,
+# 48-byte windows. Measured on 3 seeds (0, 1, 2: pretrain.seed, qat.seed = seed + 1) before trusting
+# the QAT-vs-RTN check: held-out bits per target token RTN - QAT = 0.022, 0.037, 0.016.
+MICRO = micro_config(PRE_STEPS, QAT_STEPS)
 
 
 def _run(*args):
@@ -79,28 +57,9 @@ def _load(path):
 
 def _restore(w, name, phase, codes=None):
   """(cfg, params, quant) of a run's last checkpoint, restored by the library alone."""
-  config = load_config(w / "switch_micro.py")
-  if phase == "qat" and name == "ctl":
-    config.quant.expert_code = 0
-  cfg = switch_config(config)
   steps = PRE_STEPS if phase == "pretrain" else QAT_STEPS
-  tx = make_optimizer(OptimConfig(1e-3, 1, steps, 0.1, 0.0, 1.0))
-
-  def build():
-    params = init_switch(cfg, jax.random.key(0))[1]
-    if phase == "pretrain":
-      return create_state(params, tx, None)
-    quant = default_quant(cfg) if codes is None else set_expert_codes(default_quant(cfg), codes)
-    return create_state(params, tx, None, quant=quant, teacher_params=params)
-
-  ckpt = Checkpointer(w / name / "ckpt", every=0)
-  try:
-    assert ckpt.latest_step() == steps
-    parts = ("params",) if phase == "pretrain" else ("params", "quant")
-    state = ckpt.restore(jax.eval_shape(build), steps, parts=parts)
-  finally:
-    ckpt.close()
-  return cfg, state.params, state.quant
+  return restore(w / "switch_micro.py", w / name, steps, phase, codes,
+                 control=phase == "qat" and name == "ctl")
 
 
 def _held_out(cfg):
@@ -207,8 +166,8 @@ def test_bad_input_is_one_line(runs, capsys, tmp_path):
        "was made with another config"),
       (["pretrain", "--workdir", w / "pre", "--config.seq2seq.window=40"],
        "was made with another config"),
-      (["pack", "--workdir", w / "qat", "--out", tmp_path / "packed"],
-       "reads decoder-only runs only"),
+      (["export", "--workdir", w / "qat", "--format", "gguf", "--out", tmp_path / "s.gguf"],
+       "GGUF has no Switch Transformer MoE architecture"),
   ]
   # seq2seq pairs without the target field: data.seq2seq.read_pairs's one line, before any work.
   pairs = tmp_path / "pairs.jsonl"
