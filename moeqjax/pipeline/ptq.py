@@ -158,19 +158,12 @@ def ptq(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher, *, me
   record["ptq"] = {"method": method, "calib_batches": calib_batches if method == "gptq" else 0,
                    "damp": gq.DEFAULT_DAMP, "block_size": gq.DEFAULT_BLOCK}
   record_config(workdir, record, provenance)
-  tx = make_optimizer(optim)
-  report_path = workdir / REPORT
-
-  def build(params):
-    state = create_state(params, tx, cfg.num_layers, quant=quant,
-                         teacher_params=jax.tree.map(jnp.copy, teacher))
-    return state.replace(step=jnp.asarray(loop.steps, jnp.int32))
-
+  build = student_builder(make_optimizer(optim), cfg.num_layers, quant, teacher, loop.steps)
   # Ratio params (stored_ratio) where the rules carry them: 1 or MSE-searched, GPTQ's replace them.
   params = init_ratios(cfg, teacher, quant)
-  done = finished_state(workdir, jax.eval_shape(build, params), loop.steps)
-  if done is not None and report_path.is_file():
-    return done, json.loads(report_path.read_text())
+  done = finished_ptq(workdir, build, params, loop.steps)
+  if done is not None:
+    return done
   report = {"method": method, "expert_codes": codes.tolist()}
   if method == "gptq":
     hessians = expert_hessians(cfg, teacher, corpus.train, batches=calib_batches,
@@ -178,13 +171,38 @@ def ptq(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher, *, me
                                progress=True)
     params, found = gptq_experts(cfg, params, hessians, codes, progress=True)
     report.update(found, calib_tokens_per_expert=hessians.tokens.tolist())
-  state = build(jax.tree.map(jnp.copy, params))
+  return save_ptq(workdir, build(jax.tree.map(jnp.copy, params)), report)
+
+
+def student_builder(tx, num_layers, quant, teacher, steps: int):
+  """params -> the train state a ptq workdir saves: the student at `quant`, the teacher beside it
+  (a copy: the state is donated) and step = `steps`, so that it reads like a finished QAT run."""
+
+  def build(params):
+    state = create_state(params, tx, num_layers, quant=quant,
+                         teacher_params=jax.tree.map(jnp.copy, teacher))
+    return state.replace(step=jnp.asarray(steps, jnp.int32))
+
+  return build
+
+
+def finished_ptq(workdir: pathlib.Path, build, params, steps: int):
+  """(state, report) of a ptq that already finished in `workdir`, else None."""
+  done = finished_state(workdir, jax.eval_shape(build, params), steps)
+  report_path = workdir / REPORT
+  if done is None or not report_path.is_file():
+    return None
+  return done, json.loads(report_path.read_text())
+
+
+def save_ptq(workdir: pathlib.Path, state, report: dict):
+  """Saves the ptq student's state as workdir/ckpt and its report; returns (state, report)."""
   ckpt = Checkpointer(workdir / "ckpt", every=0)
   try:
     ckpt.save(state, force=True)
   finally:
     ckpt.close()
-  report_path.write_text(json.dumps(report, indent=2) + "\n")
+  (workdir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
   return state, report
 
 

@@ -45,7 +45,7 @@ from moeqjax.objectives.seq2seq import STACKS
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import runs
 from moeqjax.pipeline.workdirs import finished_state, record_config
-from moeqjax.train import (Checkpointer, TrainState, batch_arrays, create_state, jit_seq2seq_step,
+from moeqjax.train import (TrainState, batch_arrays, create_state, jit_seq2seq_step,
                            make_optimizer, run_training)
 
 PRETRAIN_SECTIONS = ("model", "data", "seq2seq", "pretrain", "eval")
@@ -302,27 +302,13 @@ def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir, method: str, al
   record["ptq"] = {"method": method, "calib_batches": 0}
   record_config(workdir, record,
                 {"teacher": str(pathlib.Path(teacher_dir).absolute()), **defaults})
-  tx = make_optimizer(optim)
-  report_path = workdir / ptq_mod.REPORT
-
-  def build(params):
-    state = create_state(params, tx, None, quant=quant,
-                         teacher_params=jax.tree.map(jnp.copy, teacher))
-    return state.replace(step=jnp.asarray(loop.steps, jnp.int32))
-
+  build = ptq_mod.student_builder(make_optimizer(optim), None, quant, teacher, loop.steps)
   params = init_ratios(cfg, teacher, quant)
-  done = finished_state(workdir, jax.eval_shape(build, params), loop.steps)
-  if done is not None and report_path.is_file():
-    return done, json.loads(report_path.read_text())
-  state = build(jax.tree.map(jnp.copy, params))
-  ckpt = Checkpointer(workdir / "ckpt", every=0)
-  try:
-    ckpt.save(state, force=True)
-  finally:
-    ckpt.close()
-  report = {"method": method, "expert_codes": codes.tolist()}
-  report_path.write_text(json.dumps(report, indent=2) + "\n")
-  return state, report
+  done = ptq_mod.finished_ptq(workdir, build, params, loop.steps)
+  if done is not None:
+    return done
+  return ptq_mod.save_ptq(workdir, build(jax.tree.map(jnp.copy, params)),
+                          {"method": method, "expert_codes": codes.tolist()})
 
 
 # ---- statistics and allocation: the sparse layers as the rows of a decoder-only view
