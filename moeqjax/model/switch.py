@@ -169,7 +169,8 @@ def init_switch(cfg: SwitchConfig, rng: jax.Array):
   """(model, params, quant): unboxed params and the `quant` collection at the rules' defaults."""
   model = SwitchTransformer(cfg)
   ids = jnp.zeros((1, 4), jnp.int32)
-  variables = nn.meta.unbox(model.init(rng, ids, ids))
+  # Jitted: eagerly, every initializer and reshape is its own XLA compile (seconds on a CPU).
+  variables = nn.meta.unbox(jax.jit(model.init)(rng, ids, ids))
   return model, variables["params"], variables["quant"]
 
 

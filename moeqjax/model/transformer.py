@@ -91,8 +91,8 @@ def init_model(cfg: ModelConfig, rng: jax.Array):
   """
   model = MoETransformer(cfg)
   tokens = jnp.zeros((1, 8), jnp.int32)
-  variables = model.init(rng, tokens)
-  variables = nn.meta.unbox(variables)
+  # Jitted: eagerly, every initializer and reshape is its own XLA compile (seconds on a CPU).
+  variables = nn.meta.unbox(jax.jit(model.init)(rng, tokens))
   return model, variables["params"], variables["quant"]
 
 
