@@ -188,3 +188,12 @@ def torch_logits(model, tokens_BxS) -> np.ndarray:
   import torch
   with torch.no_grad():
     return model(torch.as_tensor(np.asarray(tokens_BxS))).logits.float().numpy()
+
+
+def torch_seq2seq_logits(model, encoder_ids_BxS, decoder_ids_BxT) -> np.ndarray:
+  """float32 logits [B, T, V] of a transformers encoder-decoder (no padding)."""
+  import torch
+  with torch.no_grad():
+    return model(input_ids=torch.as_tensor(np.asarray(encoder_ids_BxS), dtype=torch.long),
+                 decoder_input_ids=torch.as_tensor(np.asarray(decoder_ids_BxT), dtype=torch.long)
+                 ).logits.float().numpy()

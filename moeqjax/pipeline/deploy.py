@@ -89,10 +89,14 @@ def _gguf(weights: PackedWeights, out: pathlib.Path, prompt, ours) -> dict:
   return row
 
 
-def _compressed_tensors(weights: PackedWeights, out: pathlib.Path, prompt, ours) -> dict:
-  """Writes the compressed-tensors folder; then transformers' float32 logits against our packed
-  model's, both over the whole sequence of the prompt and our greedy tokens, at the positions
-  where our packed model (KV cache) chose those tokens."""
+def check_compressed_tensors(weights: PackedWeights, out: pathlib.Path, logits_pair) -> dict:
+  """Writes the compressed-tensors folder; then, with the export extra, transformers' float32
+  logits against ours.
+
+  logits_pair(model) -> (theirs, ours): float32 logits of the loaded transformers model and of our
+  packed model on the same inputs, over whole sequences on both sides (like for like); the
+  bound is CT_LOGIT_TOL x max(1, max |ours|). Both model families' deploy checks use this.
+  """
   row = {"file": None, "file_bytes": None, "loaded": None, "matched": None, "note": ""}
   try:
     report = write_compressed_tensors(weights, out, dtype="float32", overwrite=True)
@@ -105,22 +109,32 @@ def _compressed_tensors(weights: PackedWeights, out: pathlib.Path, prompt, ours)
   if lacking:
     row["note"] = not_checked(lacking)
     return row
-  tokens, logits = ours()
-  seq = np.asarray(list(prompt) + tokens[:-1], np.int32)[None]
   try:
     model = runtimes.load_compressed_tensors(out)
   except (ValueError, RuntimeError, OSError) as e:
     row.update(loaded=False, note=f"transformers did not load it: {e}")
     return row
-  theirs = runtimes.torch_logits(model, seq)[0, len(prompt) - 1:]
-  diff = float(np.abs(theirs - logits).max())
-  bound = CT_LOGIT_TOL * max(1.0, float(np.abs(logits).max()))
+  theirs, ours = logits_pair(model)
+  diff = float(np.abs(theirs - ours).max())
+  bound = CT_LOGIT_TOL * max(1.0, float(np.abs(ours).max()))
   row.update(loaded=True, matched=diff <= bound, max_abs_logit_diff=diff, logit_bound=bound,
              runtime=runtimes.versions(("transformers", "compressed-tensors")),
              note=f"transformers + compressed-tensors logits within {diff:.3g} of ours "
                   f"(bound {bound:.3g} = {CT_LOGIT_TOL:g} x max |logit|"
                   f"{'' if diff <= bound else ': over it'})")
   return row
+
+
+def _compressed_tensors(weights: PackedWeights, out: pathlib.Path, prompt, ours) -> dict:
+  """check_compressed_tensors over the prompt and our greedy tokens, at the positions where our
+  packed model (KV cache) chose those tokens."""
+
+  def logits_pair(model):
+    tokens, logits = ours()
+    seq = np.asarray(list(prompt) + tokens[:-1], np.int32)[None]
+    return runtimes.torch_logits(model, seq)[0, len(prompt) - 1:], logits
+
+  return check_compressed_tensors(weights, out, logits_pair)
 
 
 def deploy_packed(workdir: pathlib.Path, packed: dict, prompt_ids) -> dict:

@@ -15,8 +15,7 @@ import time
 import ml_collections
 import numpy as np
 
-from moeqjax.convert import ConvertError, runtimes
-from moeqjax.convert.ct_export import write_compressed_tensors
+from moeqjax.convert import runtimes
 from moeqjax.data import make_tokenizer
 from moeqjax.eval import plots
 from moeqjax.model import init_ratios
@@ -24,7 +23,7 @@ from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import switch_phases
 from moeqjax.pipeline.allocate import allocate_workdir
 from moeqjax.pipeline.demo import MIXED, MIXED_BUDGET, MIXED_METHOD
-from moeqjax.pipeline.deploy import CT_LOGIT_TOL, not_checked
+from moeqjax.pipeline.deploy import check_compressed_tensors
 from moeqjax.pipeline.serve import switch_text
 from moeqjax.pipeline.switch_phases import CONTROL, REFERENCE, UNIT
 from moeqjax.pipeline.workdirs import load_data
@@ -180,39 +179,19 @@ def demo_sample(cfg, workdir: pathlib.Path, student: dict, batch, tokenizer_name
 
 def deploy_check(workdir: pathlib.Path, serving: dict, batch) -> dict:
   """The packed SERVED student as compressed-tensors (from its stored codes), and, with the
-  `export` extra, transformers' float32 logits against the packed model's on the sample."""
+  `export` extra, transformers' float32 logits against the packed model's on the sample
+  (deploy.check_compressed_tensors: the decoder-only demo's check and bound)."""
   folder = pathlib.Path(serving["folder"])
-  out = workdir / "deploy" / SERVED / "compressed-tensors"
-  row = {"file": None, "file_bytes": None, "loaded": None, "matched": None, "note": ""}
-  try:
-    report = write_compressed_tensors(PackedWeights(folder), out, dtype="float32", overwrite=True)
-  except ConvertError as e:
-    row["note"] = f"not written: {e}"
-    return {SERVED: {"compressed_tensors": row}}
-  row.update(file=str(out), file_bytes=report["file_bytes"],
-             expert_container=report["expert_container"])
-  lacking = runtimes.missing(runtimes.CT_PACKAGES)
-  if lacking:
-    row["note"] = not_checked(lacking)
-    return {SERVED: {"compressed_tensors": row}}
-  served = load_packed(folder)
-  enc = np.asarray([serving["encoder_ids"]])
-  dec = np.asarray([[served.cfg.decoder_start_token_id, *serving["tokens"][:-1]]])
-  ours = np.asarray(served.model.apply(served.variables, enc, dec)[0], np.float32)
-  try:
-    model = runtimes.load_compressed_tensors(out)
-  except (ValueError, RuntimeError, OSError) as e:
-    row.update(loaded=False, note=f"transformers did not load it: {e}")
-    return {SERVED: {"compressed_tensors": row}}
-  import torch
-  with torch.no_grad():
-    theirs = model(input_ids=torch.as_tensor(enc, dtype=torch.long),
-                   decoder_input_ids=torch.as_tensor(dec, dtype=torch.long)).logits.numpy()
-  diff = float(np.abs(theirs - ours).max())
-  row.update(loaded=True, matched=diff <= CT_LOGIT_TOL, max_abs_logit_diff=diff,
-             runtime=runtimes.versions(("transformers", "compressed-tensors")),
-             note=f"transformers + compressed-tensors logits within {diff:.1e} of the packed "
-                  f"model's on the sample (bound {CT_LOGIT_TOL:g})")
+
+  def logits_pair(model):
+    served = load_packed(folder)
+    enc = np.asarray([serving["encoder_ids"]])
+    dec = np.asarray([[served.cfg.decoder_start_token_id, *serving["tokens"][:-1]]])
+    ours = np.asarray(served.model.apply(served.variables, enc, dec)[0], np.float32)
+    return runtimes.torch_seq2seq_logits(model, enc, dec), ours
+
+  row = check_compressed_tensors(PackedWeights(folder),
+                                 workdir / "deploy" / SERVED / "compressed-tensors", logits_pair)
   return {SERVED: {"compressed_tensors": row}}
 
 

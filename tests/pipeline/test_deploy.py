@@ -79,3 +79,31 @@ def test_without_llama_cpp_the_gguf_row_says_which_platforms_have_it(packed, tmp
   assert g["expert_bytes_packed"] == 3 * (64 * 64 * (2 + 2 + 4 + 2) // 8 + 4 * 64 * 2)
   table = "\n".join(_deploy_section({"s": {"gguf": g}}))
   assert "(pip install xllamacpp==2026.10.11549) | 27,648 (16,896) | 3 |" in table
+
+
+def test_switch_demo_deploy_check_uses_the_same_check_and_bound(tmp_path):
+  """The Switch demo's compressed-tensors check: the shared row and relative bound, on a packed
+  ternary Switch student and its greedy span filling."""
+  pytest.importorskip("compressed_tensors", reason="needs the `export` extra")
+  from moeqjax.model import QuantRules as Rules
+  from moeqjax.pipeline import switch_demo
+  from moeqjax.serve import load_packed, switch_greedy
+  from switch_student import ids, switch_cfg, switch_student
+  cfg = switch_cfg(Rules(expert_code=1))
+  params, quant = switch_student(cfg, codes=[[1] * 4, [1] * 4])
+  folder = tmp_path / "packed" / switch_demo.SERVED
+  pack(cfg, params, quant, folder, fp_dtype="float32")
+  served = load_packed(folder)
+  enc = ids(1, 9)
+  tokens = switch_greedy(served.model, served.variables, enc, 6)[0]
+  serving = {"folder": str(folder), "encoder_ids": enc[0].tolist(), "tokens": tokens.tolist()}
+  row = switch_demo.deploy_check(tmp_path, serving, None)[switch_demo.SERVED]["compressed_tensors"]
+  assert row["file_bytes"] == (tmp_path / "deploy" / switch_demo.SERVED / "compressed-tensors" /
+                               "model.safetensors").stat().st_size
+  assert row["loaded"] and row["matched"] and row["expert_container"] == "int2"
+  dec = np.asarray([[cfg.decoder_start_token_id, *tokens[:-1].tolist()]])
+  ours = np.asarray(served.model.apply(served.variables, enc, dec)[0])
+  bound = deploy.CT_LOGIT_TOL * max(1.0, float(np.abs(ours).max()))
+  assert row["logit_bound"] == pytest.approx(bound, rel=1e-6)
+  assert row["max_abs_logit_diff"] <= bound
+  assert "x max |logit|" in row["note"]
