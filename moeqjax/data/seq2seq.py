@@ -16,13 +16,16 @@ class Seq2SeqBatch:
     """One batch for an encoder-decoder: every array is int32 [B, len] (mask: bool).
 
     encoder_ids: the source; decoder_ids: the target shifted right behind decoder_start_id;
-    targets: the tokens the decoder predicts; target_mask: False on padding (no loss there).
+    targets: the tokens the decoder predicts; target_mask: False on padding (no loss there);
+    encoder_mask: False on the source's padding, which attention then skips (as transformers'
+    attention_mask does); None means no padding.
     """
 
     encoder_ids: np.ndarray
     decoder_ids: np.ndarray
     targets: np.ndarray
     target_mask: np.ndarray
+    encoder_mask: np.ndarray | None = None
 
 
 def span_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
@@ -120,8 +123,9 @@ def span_corruption_batch(tokens: np.ndarray, batch_size: int, length: int, seed
         enc.append(e)
         dec.append(d)
     targets = np.stack(dec)
-    return Seq2SeqBatch(np.stack(enc), _shift_right(targets, decoder_start_id), targets,
-                        np.ones(targets.shape, bool))
+    encoder = np.stack(enc)
+    return Seq2SeqBatch(encoder, _shift_right(targets, decoder_start_id), targets,
+                        np.ones(targets.shape, bool), np.ones(encoder.shape, bool))
 
 
 def read_pairs(path: str | pathlib.Path, source_field: str = "text",
@@ -161,6 +165,7 @@ def pair_batch(pairs, batch_size: int, source_len: int, target_len: int, seed: i
     rng = np.random.default_rng([seed, step])
     picks = rng.integers(0, len(pairs), size=batch_size)
     enc = np.full((batch_size, source_len), pad_id, np.int32)
+    enc_mask = np.zeros((batch_size, source_len), bool)
     targets = np.full((batch_size, target_len), pad_id, np.int32)
     mask = np.zeros((batch_size, target_len), bool)
     for row, i in enumerate(picks):
@@ -168,6 +173,7 @@ def pair_batch(pairs, batch_size: int, source_len: int, target_len: int, seed: i
         tgt = list(encode(pairs[i][1]))
         tgt = (tgt[:target_len - 1] + [eos_id]) if eos_id is not None else tgt[:target_len]
         enc[row, :len(src)] = src
+        enc_mask[row, :len(src)] = True
         targets[row, :len(tgt)] = tgt
         mask[row, :len(tgt)] = True
-    return Seq2SeqBatch(enc, _shift_right(targets, decoder_start_id), targets, mask)
+    return Seq2SeqBatch(enc, _shift_right(targets, decoder_start_id), targets, mask, enc_mask)

@@ -20,8 +20,8 @@ def _eval_fn(cfg: SwitchConfig):
   """One compiled function per config; every variant (teacher, RTN, QAT student) reuses it."""
   model = SwitchTransformer(cfg)
 
-  def fn(variables, encoder_ids, decoder_ids, targets, target_mask):
-    logits, aux = model.apply(variables, encoder_ids, decoder_ids)
+  def fn(variables, encoder_ids, decoder_ids, targets, target_mask, encoder_mask):
+    logits, aux = model.apply(variables, encoder_ids, decoder_ids, encoder_mask)
     nll_B = jnp.sum(token_nll(logits, targets) * target_mask, axis=-1)  # per example
     return nll_B, {s: (aux[s]["expert_idx"], aux[s]["drop_rate"]) for s in STACKS}
 
@@ -54,8 +54,16 @@ def evaluate_seq2seq(cfg: SwitchConfig, variables: dict, batches) -> dict:
   for batch in batches:
     get = batch.__getitem__ if isinstance(batch, dict) else lambda k: getattr(batch, k)
     mask = np.asarray(get("target_mask"), bool)
-    part, routing = fn(variables, *(jnp.asarray(get(k)) for k in
-                                    ("encoder_ids", "decoder_ids", "targets")), jnp.asarray(mask))
+    encoder_ids = np.asarray(get("encoder_ids"))
+    try:  # False at the source's padding (pairs); absent or None: no padding
+      encoder_mask = get("encoder_mask")
+    except (KeyError, AttributeError):
+      encoder_mask = None
+    encoder_mask = (np.ones(encoder_ids.shape, bool) if encoder_mask is None
+                    else np.asarray(encoder_mask, bool))
+    part, routing = fn(variables, jnp.asarray(encoder_ids),
+                       *(jnp.asarray(get(k)) for k in ("decoder_ids", "targets")),
+                       jnp.asarray(mask), jnp.asarray(encoder_mask))
     part = np.asarray(part, np.float64)
     nll += float(part.sum())
     tokens += int(mask.sum())

@@ -1,7 +1,11 @@
 """The jitted QAT / full-precision train step of an encoder-decoder (Switch Transformer) on seq2seq batches."""
 
 # A batch is a dict of int32 arrays (data.Seq2SeqBatch's fields): encoder_ids [B, S],
-# decoder_ids [B, T], targets [B, T] and target_mask [B, T] (bool). The state is the decoder-only
+# decoder_ids [B, T], targets [B, T], target_mask [B, T] (bool) and encoder_mask [B, S] (bool, False
+# at the source's padding: encoder self-attention and decoder cross-attention skip it). Padding is
+# still routed and counted in the router statistics and drop rates, as transformers' Switch routes
+# it; it sits after a source's tokens, so the capacity (earlier tokens first) never drops a real
+# token for it. The state is the decoder-only
 # step's TrainState: params, optimizer state, the student's `quant` codes (None: full precision),
 # the frozen teacher's params (None: no teacher terms) and the router statistics over every
 # sparse layer (encoder's, then decoder's; model.moe_paths).
@@ -13,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from moeqjax.model import SwitchTransformer
@@ -23,20 +28,23 @@ from moeqjax.train.step import step_metrics
 from moeqjax.train.router_stats import update_router_stats
 from moeqjax.train.state import TrainState
 
-BATCH_KEYS = ("encoder_ids", "decoder_ids", "targets", "target_mask")
+BATCH_KEYS = ("encoder_ids", "decoder_ids", "targets", "target_mask", "encoder_mask")
 
 
 def batch_arrays(batch) -> dict:
-  """A data.Seq2SeqBatch (or a dict with its fields) as the step's dict of arrays."""
+  """A data.Seq2SeqBatch (or a dict with its fields) as the step's dict of arrays; a missing or
+  None encoder_mask is all True (no padding), so every batch has one structure."""
   fields = dataclasses.asdict(batch) if dataclasses.is_dataclass(batch) else dict(batch)
+  if fields.get("encoder_mask") is None:
+    fields["encoder_mask"] = np.ones(np.shape(fields["encoder_ids"]), bool)
   return {key: jnp.asarray(fields[key]) for key in BATCH_KEYS}
 
 
 def seq2seq_forward(model: SwitchTransformer, variables, batch, train: bool = False, rng=None):
   """(logits [B, T, V], aux) of a batch; train=True draws the router jitter from rng."""
   rngs = {"jitter": rng} if train and model.cfg.router_jitter > 0 else None
-  return model.apply(variables, batch["encoder_ids"], batch["decoder_ids"], train=train,
-                     rngs=rngs)
+  return model.apply(variables, batch["encoder_ids"], batch["decoder_ids"],
+                     batch.get("encoder_mask"), train=train, rngs=rngs)
 
 
 def seq2seq_losses(params, state: TrainState, batch, rng, model: SwitchTransformer,
