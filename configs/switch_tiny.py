@@ -151,6 +151,9 @@ def get_config():
       num_batches=16,
       batch_size=16,
       seed=1234,  # batch b is span_corruption_batch(valid, ..., seed, b)
+      # with seq2seq.pairs: ROUGE-1/2/Lsum of greedy summaries of the first this many held-out
+      # pairs (eval/rouge.py; needs rouge-score, in the `data` extra)
+      rouge_examples=64,
   ))
 
   # `moeqjax demo` only (pipeline/switch_demo.py): steps that replace pretrain.steps and

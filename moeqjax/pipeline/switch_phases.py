@@ -361,7 +361,8 @@ def evaluate_run(config, workdir: pathlib.Path, teacher_params, *, control=None,
   workdir = pathlib.Path(workdir)
   cfg = config_io.switch_config(config)
   state = restore_qat_state(config, workdir)
-  batches = Seq2SeqData(config, cfg, load_data(config)).eval_batches()
+  data = Seq2SeqData(config, cfg, load_data(config))
+  batches = data.eval_batches()
   variants = {REFERENCE: {"params": teacher_params}}
   if control is not None:
     ctl = restore_qat_state(control_config(config, workdir, control, teacher), control)
@@ -370,8 +371,50 @@ def evaluate_run(config, workdir: pathlib.Path, teacher_params, *, control=None,
   results = evaluate_variants(config, variants, batches,
                               control=CONTROL if control is not None else None)
   results[STUDENT]["layer_names"] = sparse_layer_names(state.params)
+  if data.pairs is not None:
+    add_rouge(config, data, variants, results, control=CONTROL if control is not None else None)
   (workdir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
   return results
+
+
+def add_rouge(config, data: Seq2SeqData, variants: dict, results: dict, *,
+              control: str | None = None):
+  """ROUGE-1/2/Lsum of every variant's greedy summaries of the held-out pairs (the first
+  eval.rouge_examples, default 64; at most seq2seq.target_len new tokens), into results[name]
+  ["rouge"], with each difference vs the teacher (and the control) paired over examples.
+
+  Without Google's rouge-score (the `data` extra) results[name]["rouge"] says why instead."""
+  from moeqjax.eval.rouge import ROUGE_TYPES, rouge_eval
+  from moeqjax.pipeline.serve import switch_text
+  cfg = data.cfg
+  tokenizer = make_tokenizer(config.data.tokenizer)
+  limit = int(config.eval.get("rouge_examples", 64))
+  held = data.pairs["valid"][:limit]
+  examples = [(data.encode(src)[:data.lens[0]].tolist() or [0], tgt.decode("utf-8", "replace"))
+              for src, tgt in held]
+  scored = {}
+  for name, v in variants.items():
+    try:
+      scored[name] = rouge_eval(cfg, v, examples, lambda ids: switch_text(tokenizer, cfg.vocab_size,
+                                                                          ids),
+                                max_new_tokens=data.lens[1], eos_id=data.eos,
+                                batch_size=int(config.eval.batch_size))
+    except ImportError as e:
+      for r in results.values():
+        r["rouge"] = {"skipped": str(e).splitlines()[0]}
+      return
+  per = {name: {t: np.asarray([e[t] for e in r["per_example"]]) for t in ROUGE_TYPES}
+         for name, r in scored.items()}
+  for name, r in scored.items():
+    out = {t: float(r[t]) for t in ROUGE_TYPES}
+    out["examples"] = len(examples)
+    for ref, label in ((REFERENCE, "teacher"), (control, "control")):
+      if ref is None or name == ref:
+        continue
+      for t in ROUGE_TYPES:
+        out[f"{t}_delta_vs_{label}"], out[f"{t}_delta_vs_{label}_se"] = paired_difference(
+            per[name][t], per[ref][t])
+    results[name]["rouge"] = out
 
 
 def evaluate_variants(config, variants: dict, batches, *, control: str | None = None) -> dict:
@@ -458,6 +501,22 @@ def format_summary(results: dict, workdir: pathlib.Path) -> str:
                f"{r['control_top1_agree']:.3f}): quantization-only drift "
                f"{r['drift_top1']:+.4f}{_se(r['drift_top1_se'])}")
     lines.append(text)
+  rouge = {name: r["rouge"] for name, r in results.items() if "rouge" in r}
+  if rouge:
+    lines.append("")
+    skipped = next((r["skipped"] for r in rouge.values() if "skipped" in r), None)
+    if skipped:
+      lines.append(f"ROUGE not computed: {skipped}")
+    else:
+      for name, r in rouge.items():
+        text = (f"{name}: ROUGE-1 {r['rouge1']:.4f}, ROUGE-2 {r['rouge2']:.4f}, ROUGE-Lsum "
+                f"{r['rougeLsum']:.4f}")
+        if "rougeLsum_delta_vs_teacher" in r:
+          text += (f"; ROUGE-Lsum vs teacher {r['rougeLsum_delta_vs_teacher']:+.4f}"
+                   f"{_se(r['rougeLsum_delta_vs_teacher_se'])}")
+        lines.append(text)
+      lines.append(f"(greedy summaries of {next(iter(rouge.values()))['examples']} held-out pairs; "
+                   "F-measures, differences paired over examples)")
   n = next(iter(results.values()))["eval_examples"]
   lines.append(f"(paired standard errors over {n} held-out span-corruption examples; capacity "
                "drops: the share of routed tokens over model.expert_capacity, every sparse layer)")

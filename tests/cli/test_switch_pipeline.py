@@ -204,3 +204,53 @@ def test_pairs_feed_the_phases_fixed_shape_batches(tmp_path):
     for enc, tgt, mask in zip(b.encoder_ids, b.targets, b.target_mask):
       assert bytes(enc[:9].astype(np.uint8)) == b"source 19"
       assert bytes(tgt[mask].astype(np.uint8)) == b"target 19"
+
+
+def test_eval_on_pairs_reports_rouge_of_each_variant(tmp_path, capsys):
+  """pretrain and qat on (text, summary) pairs, then eval: ROUGE of teacher and student, equal to
+  eval.rouge's rouge_eval on checkpoints restored here, with paired differences."""
+  pytest.importorskip("rouge_score", reason="needs the `data` extra (rouge-score)")
+  from moeqjax.eval.rouge import rouge_eval
+  from moeqjax.pipeline.serve import switch_text
+  from moeqjax.data import make_tokenizer
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text("".join(json.dumps({"text": f"the report {i} says {i % 3} things",
+                                       "summary": f"report {i}: {i % 3}"}) + "\n"
+                           for i in range(24)))
+  config = tmp_path / "switch_micro.py"
+  config.write_text(micro_config(4, 2))
+  on_pairs = [f"--config.seq2seq.pairs={pairs}", "--config.seq2seq.source_len=32",
+              "--config.seq2seq.target_len=12", "--config.data.valid_fraction=0.25",
+              "--config.eval.num_batches=1", "--config.eval.rouge_examples=5",
+              "--config.pretrain.warmup_steps=1"]
+  _run("pretrain", "--config", config, "--workdir", tmp_path / "pre", *on_pairs)
+  _run("qat", "--teacher", tmp_path / "pre", "--workdir", tmp_path / "q",
+       "--config.qat.warmup_steps=1")
+  capsys.readouterr()
+  _run("eval", "--workdir", tmp_path / "q")
+  said = capsys.readouterr().out
+  result = _load(tmp_path / "q" / "eval.json")
+  recorded = load_config(REPO / "configs" / "switch_tiny.py")  # any Switch config: the split only
+  recorded.seq2seq.update(dict(pairs=str(pairs), source_len=32, target_len=12))
+  recorded.data.valid_fraction = 0.25
+  data = Seq2SeqData(recorded, switch_config(recorded), corpus=None)
+  held = data.pairs["valid"][:5]
+  assert len(data.pairs["valid"]) == 6
+  tokenizer = make_tokenizer("")
+  examples = [(list(src)[:32], tgt.decode()) for src, tgt in held]
+  for name, phase, steps in (("full_precision", "pretrain", 4), ("student", "qat", 2)):
+    cfg, params, quant = restore(config, tmp_path / ("pre" if phase == "pretrain" else "q"),
+                                 steps, phase)
+    variables = {"params": params} if phase == "pretrain" else {"params": params, "quant": quant}
+    want = rouge_eval(cfg, variables, examples,
+                      lambda ids: switch_text(tokenizer, cfg.vocab_size, ids), max_new_tokens=12,
+                      eos_id=data.eos, batch_size=8)
+    got = result[name]["rouge"]
+    assert got["examples"] == 5
+    for t in ("rouge1", "rouge2", "rougeLsum"):
+      assert got[t] == pytest.approx(want[t], abs=1e-12)
+  student, teacher = result["student"]["rouge"], result["full_precision"]["rouge"]
+  assert student["rougeLsum_delta_vs_teacher"] == pytest.approx(
+      student["rougeLsum"] - teacher["rougeLsum"], abs=1e-12)
+  assert student["rougeLsum_delta_vs_teacher_se"] is not None
+  assert "ROUGE-1" in said and "held-out pairs" in said
