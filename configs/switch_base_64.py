@@ -1,20 +1,9 @@
 """google/switch-base-64 (Fedus et al. 2021) at its published shapes: a T5-base encoder-decoder with 64 top-1 experts in every 2nd layer.
 
-Launch (the paper's protocol: fine-tune on text -> summary pairs, e.g. CNN/DailyMail as a jsonl of
-article / highlights records; P = the pairs flags, given to each qat):
-  moeqjax import-hf --hf-dir <local google/switch-base-64> --out W/imp  # + configs/switch_tiny.py's
-                                                                      # other sections
-  P="--config.seq2seq.pairs=cnn_dm.jsonl --config.seq2seq.source_field=article
-     --config.seq2seq.target_field=highlights --config.seq2seq.source_len=512
-     --config.seq2seq.target_len=128 --config.qat.batch_size=8"
-  moeqjax qat --teacher W/imp --workdir W/ctl --config.quant.expert_code=0 $P   # the control
-  moeqjax stats --workdir W/ctl                           # Lambda: router norm change
-  moeqjax allocate --workdir W/ctl --method paper_router --budget 2.5
-  moeqjax qat --teacher W/imp --workdir W/mix --allocation W/ctl/allocation.json $P
-  moeqjax eval --workdir W/mix --control W/ctl            # bits, routing, ROUGE-1/2/Lsum
-Not run at this size here (no accelerator was available); the same commands run on a tiny random
-checkpoint in tests/convert/test_switch_import_cli.py. The model config alone:
-moeqjax.pipeline.config.switch_config(load_config("configs/switch_base_64.py")).
+Launch:  not yet a CLI phase for Switch (see docs/guides/training.md, "Switch Transformer
+(encoder-decoder) QAT, library level"). Build the model config with
+moeqjax.pipeline.config.switch_config(load_config("configs/switch_base_64.py")), or import the
+checkpoint itself with moeqjax.convert.switch_hf.from_hf_switch(<local HF folder>).
 
 Size (computed in tests/pipeline/test_switch_configs.py from the model's param shapes, checked there
 against a closed form and against transformers' own model built on the meta device): 3,790,748,928

@@ -11,14 +11,10 @@ import jax
 import ml_collections
 
 from moeqjax.convert import ConvertError, from_hf, read_hf_config
-from moeqjax.convert.switch_hf import from_hf_switch
-from moeqjax.convert.switch_hf_config import is_switch as is_switch_checkpoint
 from moeqjax.data.tokenizer import TOKENIZER_JSON, copy_tokenizer
-from moeqjax.model import SwitchConfig, init_model, init_switch
+from moeqjax.model import init_model
 
 IMPORT_MARKER = "hf_import.json"  # its presence makes a folder an imported teacher
-SWITCH_BASE = "switch_tiny.py"  # beside configs/tiny.py: the sections a Switch import starts from
-DEFAULTS = "defaults"  # a Switch import's whole config, which later phases start from (runs.py)
 HF_CONFIG = "hf_config.json"  # the original config.json, kept for export
 CONFIG_PY = "config.py"  # the experiment config for `moeqjax qat --config`
 PARAMS_DIR = "params"  # orbax checkpoint of the params tree
@@ -54,40 +50,18 @@ def model_section(cfg) -> dict:
   return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "quant"}
 
 
-def base_config_path(hf_dir, config_path):
-  """The config whose non-model sections an import starts from: --config when given; else
-  configs/switch_tiny.py for a Switch Transformers checkpoint (its seq2seq, eval, ... sections) and
-  None (the default configs/tiny.py) for a decoder-only one."""
-  if config_path is not None:
-    return config_path
-  if is_switch_checkpoint(read_hf_config(hf_dir)):
-    from moeqjax.pipeline.config import DEFAULT_CONFIG
-    return DEFAULT_CONFIG.parent / SWITCH_BASE
-  return None
-
-
 def import_checkpoint(hf_dir, out, base_config: ml_collections.ConfigDict, base_name: str,
                       dtype: str = "float32", allow_unknown: bool = False) -> pathlib.Path:
   """Imports a HF checkpoint into `out`: params (orbax), config.py, hf_config.json, marker.
 
-  `out` is then a teacher folder: `moeqjax qat --config out/config.py --teacher out`. A Switch
-  Transformers checkpoint (config.json model_type switch_transformers) needs a Switch base config
-  (one with seq2seq and eval sections, e.g. configs/switch_tiny.py); its marker keeps the whole
-  config, so `moeqjax qat --teacher out` starts from it without --config.
+  `out` is then a teacher folder: `moeqjax qat --config out/config.py --teacher out`.
   """
   import orbax.checkpoint as ocp
   out = pathlib.Path(out).absolute()
   if (out / PARAMS_DIR).exists():
     raise ConvertError(f"{out} already holds an imported checkpoint; choose another --out")
-  switch = is_switch_checkpoint(read_hf_config(hf_dir))
-  if switch != ("num_decoder_layers" in base_config.get("model", {})):
-    raise ConvertError(
-        f"{hf_dir} is a {'Switch Transformers' if switch else 'decoder-only MoE'} checkpoint but "
-        f"the config {base_name} is {'a decoder-only' if switch else 'a Switch'} one; drop "
-        f"--config or pass a {'Switch config (configs/switch_tiny.py)' if switch else 'decoder-only config (configs/tiny.py)'}")
   out.mkdir(parents=True, exist_ok=True)
-  model, params = (from_hf_switch if switch else from_hf)(hf_dir, dtype,
-                                                          allow_unknown=allow_unknown)
+  model, params = from_hf(hf_dir, dtype, allow_unknown=allow_unknown)
   cfg = model.cfg
   config = ml_collections.ConfigDict(base_config.to_dict())
   with config.unlocked():
@@ -110,8 +84,7 @@ def import_checkpoint(hf_dir, out, base_config: ml_collections.ConfigDict, base_
   (out / IMPORT_MARKER).write_text(json.dumps({
       "hf_dir": str(pathlib.Path(hf_dir).absolute()), "dtype": dtype,
       "model_type": read_hf_config(hf_dir)["model_type"], "params": int(n),
-      "tokenizer": tokenizer, "model": model_section(cfg),
-      **({DEFAULTS: config.to_dict()} if switch else {})}, indent=2) + "\n")
+      "tokenizer": tokenizer, "model": model_section(cfg)}, indent=2) + "\n")
   return out
 
 
@@ -144,8 +117,7 @@ def load_imported_params(folder, cfg, target=None):
                          f"(fields differ: {', '.join(changed)}); pass --config "
                          f"{folder / CONFIG_PY}")
   if target is None:
-    init = init_switch if isinstance(cfg, SwitchConfig) else init_model
-    target = jax.eval_shape(lambda: init(cfg, jax.random.key(0))[1])
+    target = jax.eval_shape(lambda: init_model(cfg, jax.random.key(0))[1])
   return ocp.StandardCheckpointer().restore(folder / PARAMS_DIR, restore_target(target))
 
 

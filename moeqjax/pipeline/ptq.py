@@ -212,10 +212,8 @@ def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path, m
   config: switch_phases.ptq_from_teacher, round-to-nearest only)."""
   if config_io.is_switch(config):
     from moeqjax.pipeline import switch_phases
-    result = switch_phases.ptq_from_teacher(config, workdir, teacher_dir, method,
-                                            allocation_path, calib_batches)
-    import_hf.keep_hf_config(teacher_dir, workdir)
-    return result
+    return switch_phases.ptq_from_teacher(config, workdir, teacher_dir, method, allocation_path,
+                                          calib_batches)
   params, corpus, codes = teacher_inputs(config, teacher_dir, allocation_path)
   result = ptq(config, workdir, corpus, params, method=method, expert_codes_LxE=codes,
                calib_batches=calib_batches,

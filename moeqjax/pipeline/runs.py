@@ -331,11 +331,7 @@ def starting_config(command: str, config_path, *, workdir: pathlib.Path | None =
   if config_path is not None:
     return config_io.load_config(config_path)
   folder = _continued_folder(command, workdir, teacher)
-  if folder is not None and import_hf.is_imported(folder):  # a Switch import keeps its config
-    marker = json.loads((pathlib.Path(folder) / import_hf.IMPORT_MARKER).read_text())
-    if isinstance(marker.get(import_hf.DEFAULTS), dict):
-      return ml_collections.ConfigDict(marker[import_hf.DEFAULTS])
-  elif folder is not None:
+  if folder is not None and not import_hf.is_imported(folder):
     try:
       record = read_record(folder) or {}
     except RunMismatch:

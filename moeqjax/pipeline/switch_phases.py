@@ -273,12 +273,9 @@ def qat_from_teacher(config, workdir, teacher_dir, allocation_path, *, resume: b
   """`moeqjax qat` on a Switch config: the teacher's params, the data, an optional allocation."""
   from moeqjax.pipeline.workdirs import teacher_inputs
   _refuse(init_from, realloc)
-  from moeqjax.pipeline import import_hf
   params, corpus, codes = teacher_inputs(config, teacher_dir, allocation_path)
-  state = qat(config, workdir, corpus, params, expert_codes_LxE=codes, resume=resume,
-              provenance={"teacher": str(pathlib.Path(teacher_dir).absolute())})
-  import_hf.keep_hf_config(teacher_dir, workdir)  # `export` keeps the checkpoint's config.json
-  return state
+  return qat(config, workdir, corpus, params, expert_codes_LxE=codes, resume=resume,
+             provenance={"teacher": str(pathlib.Path(teacher_dir).absolute())})
 
 
 def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir, method: str, allocation_path,
