@@ -82,6 +82,12 @@ def test_import_writes_a_switch_teacher_that_computes_transformers_logits(runs):
   assert config.seq2seq.first_sentinel_id == tok.token_to_id("<extra_id_0>") == cfg.vocab_size - 4
   assert config.seq2seq.num_sentinels == SENTINELS
   assert (w / "imp" / "tokenizer" / "tokenizer.json").is_file()
+  # generate's prompt: <extra_id_0> is the tokenizer's own sentinel, not the padded top row
+  from moeqjax.data import make_tokenizer
+  from moeqjax.pipeline.serve import encode_switch_prompt
+  prompt = encode_switch_prompt(make_tokenizer(str(w / "imp" / "tokenizer")), cfg.vocab_size,
+                                "w1 <extra_id_0> w2")
+  assert prompt == [tok.token_to_id("w1"), tok.token_to_id("<extra_id_0>"), tok.token_to_id("w2")]
   assert json.loads((w / "imp" / "hf_config.json").read_text())["router_z_loss_coef"] == 0.123
   enc, dec = _ids(cfg.vocab_size, 2, 11, 1), _ids(cfg.vocab_size, 2, 6, 2)
   ours, _ = SwitchTransformer(cfg).apply({"params": params}, jnp.asarray(enc), jnp.asarray(dec))
