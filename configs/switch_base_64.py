@@ -1,9 +1,19 @@
 """google/switch-base-64 (Fedus et al. 2021) at its published shapes: a T5-base encoder-decoder with 64 top-1 experts in every 2nd layer.
 
-Launch:  not yet a CLI phase for Switch (see docs/guides/training.md, "Switch Transformer
-(encoder-decoder) QAT, library level"). Build the model config with
-moeqjax.pipeline.config.switch_config(load_config("configs/switch_base_64.py")), or import the
-checkpoint itself with moeqjax.convert.switch_hf.from_hf_switch(<local HF folder>).
+Launch (a local copy of the checkpoint, e.g. `huggingface-cli download google/switch-base-64
+--local-dir ./switch-base-64`; import-hf reads its config.json, safetensors and tokenizer.json):
+  moeqjax import-hf --hf-dir ./switch-base-64 --out W/imp --config configs/switch_base_64.py
+  moeqjax qat --teacher W/imp --workdir W/ctl --config.quant.expert_code=0 \
+      --config.seq2seq.pairs=pairs.jsonl  # the full-precision control on (source, target) pairs
+  moeqjax stats --workdir W/ctl
+  moeqjax allocate --workdir W/ctl --method paper_combined --budget 2.5
+  moeqjax qat --teacher W/imp --workdir W/mix --allocation W/ctl/allocation.json \
+      --config.seq2seq.pairs=pairs.jsonl
+  moeqjax eval --workdir W/mix --control W/ctl
+  moeqjax export --workdir W/mix --format hf --out W/hf  # transformers loads it
+(qat without --config starts from W/imp/config.py: this file's sections, the checkpoint's model
+section and the T5 tokenizer's sentinels <extra_id_0..99> = ids 32099..32000.) Drop
+--config.seq2seq.pairs to span-corrupt data.path (or the bundled corpus) instead.
 
 Size (computed in tests/pipeline/test_switch_configs.py from the model's param shapes, checked there
 against a closed form and against transformers' own model built on the meta device): 3,790,748,928
@@ -12,11 +22,23 @@ experts x 2 x 768 x 3072): 7.58 GB at bf16; 1.25 GB with ternary experts (2-bit 
 scale per output channel) and everything else bf16.
 """
 
+import importlib.util
+import pathlib
+
 import ml_collections
 
 
+def _switch_tiny():
+  path = pathlib.Path(__file__).with_name("switch_tiny.py")
+  spec = importlib.util.spec_from_file_location("moeqjax_config_switch_tiny", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def get_config():
-  c = ml_collections.ConfigDict()
+  # switch_tiny's data / seq2seq / pretrain / qat / eval sections, resized below for the base model.
+  c = _switch_tiny()
 
   # HF config.json key in brackets where the name differs. Verified against transformers'
   # SwitchTransformersConfig (its defaults) and HF's google/switch-base-* naming; see the notes.
@@ -81,4 +103,17 @@ def get_config():
       struct_margin=0.1,
       struct_rank_weight=0.0,
   ))
+
+  c.data.tokenizer = ""  # import-hf sets the checkpoint's own tokenizer.json (T5 SentencePiece)
+  c.seq2seq.update(dict(
+      window=512,  # raw tokens per span-corrupted example (T5 pretrained on 512-token inputs)
+      num_sentinels=100,  # T5's <extra_id_0..99>
+      first_sentinel_id=32099,  # <extra_id_0> in T5's 32100-id tokenizer (rows 32100.. are padding)
+      source_len=512,  # with seq2seq.pairs: tokens per source and target
+      target_len=128,
+  ))
+  c.qat.update(dict(steps=1000, batch_size=8, seq_len=512, learning_rate=1e-4, warmup_steps=50,
+                    log_every=10, ckpt_every=200))
+  c.pretrain.update(dict(seq_len=512))  # unused: the teacher is the imported checkpoint
+  c.eval.update(dict(num_batches=32, batch_size=8))
   return c

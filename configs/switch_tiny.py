@@ -91,6 +91,9 @@ def get_config():
       noise_density=0.15,  # T5's default
       mean_span_length=3.0,  # T5's default
       num_sentinels=NUM_SENTINELS,
+      # id of <extra_id_0>, the others counting down; -1 = model.vocab_size - 1 (above the bytes).
+      # A T5 tokenizer's own: 32099 for switch-base-*'s 32100 ids in 32128 rows (import-hf sets it)
+      first_sentinel_id=-1,
       # "" = span corruption of the corpus; else a .jsonl/.parquet/.arrow/.feather file of
       # (source_field, target_field) records to train and evaluate on, the last
       # data.valid_fraction of them held out, cut/padded to source_len / target_len tokens

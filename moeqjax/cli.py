@@ -101,12 +101,14 @@ def _parser() -> argparse.ArgumentParser:
   distributed(p)
 
   p = sub.add_parser("import-hf", help="import a local Hugging Face MoE checkpoint (Mixtral, "
-                     "Qwen2-MoE, Qwen3-MoE, OLMoE) as a teacher folder for `moeqjax qat`")
+                     "Qwen2-MoE, Qwen3-MoE, OLMoE, Switch Transformers) as a teacher folder for "
+                     "`moeqjax qat`")
   p.add_argument("--hf-dir", required=True, help="folder with config.json and *.safetensors")
   p.add_argument("--out", required=True, help="output folder: params, config.py, hf_config.json")
   p.add_argument("--config", default=None,
                  help="config whose non-model sections (quant, qat, ...) the written config.py "
-                      "starts from (default: configs/tiny.py)")
+                      "starts from (default: configs/tiny.py; configs/switch_tiny.py for a "
+                      "switch_transformers checkpoint)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--allow-unknown-config", action="store_true",
                  help="ignore config.json keys moeqjax does not know (default: error)")
@@ -354,9 +356,11 @@ def run_convert(args, overrides: dict[str, str]) -> int:
   if args.command == "import-hf":
     from moeqjax.pipeline import import_hf
     from moeqjax.pipeline.import_hf import import_checkpoint
-    base = config_io.load_config(args.config)
+    # Without --config the base is the checkpoint family's (configs/tiny.py, or switch_tiny.py).
+    base_path = args.config or import_hf.default_base(args.hf_dir)
+    base = config_io.load_config(base_path)
     config_io.apply_overrides(base, overrides)
-    out = import_checkpoint(args.hf_dir, args.out, base, args.config or "configs/tiny.py",
+    out = import_checkpoint(args.hf_dir, args.out, base, base_path or "configs/tiny.py",
                             args.dtype, args.allow_unknown_config)
     tokenizer = import_hf.imported_tokenizer(out)
     said = (f"its tokenizer in {tokenizer}" if tokenizer else

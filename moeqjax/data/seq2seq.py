@@ -87,11 +87,15 @@ def corrupt_spans(tokens: np.ndarray, mask: np.ndarray, sentinel_ids) -> tuple[n
     return enc.astype(np.int32), np.asarray(dec, np.int32)
 
 
-def t5_sentinel_ids(vocab_size: int, count: int) -> list[int]:
-    """T5's sentinels <extra_id_0>, <extra_id_1>, ...: the last `count` ids, from the top down."""
-    if count < 1 or count >= vocab_size:
-        raise DataError(f"{count} sentinel ids do not fit a vocabulary of {vocab_size}")
-    return [vocab_size - 1 - i for i in range(count)]
+def t5_sentinel_ids(vocab_size: int, count: int, first: int = -1) -> list[int]:
+    """T5's sentinels <extra_id_0>, <extra_id_1>, ...: `count` ids counting down from `first`
+    (the id of <extra_id_0>; -1: the top id, vocab_size - 1). A T5 tokenizer puts them at the top
+    of its own ids, which can sit below a padded model vocabulary (32099 in 32128 for T5/Switch)."""
+    top = vocab_size - 1 if first < 0 else first
+    if count < 1 or top >= vocab_size or count > top + 1 or count >= vocab_size:
+        raise DataError(f"{count} sentinel ids from id {top} down do not fit a vocabulary of "
+                        f"{vocab_size}")
+    return [top - i for i in range(count)]
 
 
 def _shift_right(targets_BxT: np.ndarray, decoder_start_id: int) -> np.ndarray:

@@ -128,6 +128,11 @@ class HFTokenizer:
         out = self._tok.encode_batch(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int32) for e in out]
 
+    def token_id(self, token: str) -> int | None:
+        """The id of one token of the vocabulary (e.g. a T5 sentinel `<extra_id_0>`), or None."""
+        i = self._tok.token_to_id(token)
+        return None if i is None else int(i)
+
     def decode(self, ids) -> str:
         """Text of token ids (any array-like of shape [T]); special tokens are kept."""
         ids = np.asarray(ids).reshape(-1)

@@ -37,7 +37,7 @@ def load_student(workdir: pathlib.Path):
     record = json.loads((workdir / import_hf.IMPORT_MARKER).read_text())
     config = ml_collections.ConfigDict(
         {"model": record["model"], "quant": config_io.load_config(None).quant.to_dict()})
-    cfg = config_io.model_config(config)
+    cfg = config_io.any_model_config(config)
     return cfg, import_hf.load_imported_params(workdir, cfg), None
   record_path = workdir / CONFIG_RECORD
   if not record_path.is_file() or not (workdir / "ckpt").is_dir():

@@ -10,9 +10,11 @@ import shutil
 import jax
 import ml_collections
 
-from moeqjax.convert import ConvertError, from_hf, read_hf_config
+from moeqjax.convert import ConvertError, from_hf, from_hf_switch, read_hf_config
 from moeqjax.data.tokenizer import TOKENIZER_JSON, copy_tokenizer
-from moeqjax.model import init_model
+from moeqjax.model import SwitchConfig, init_model, init_switch
+from moeqjax.pipeline import config as config_io
+from moeqjax.pipeline import import_switch
 
 IMPORT_MARKER = "hf_import.json"  # its presence makes a folder an imported teacher
 HF_CONFIG = "hf_config.json"  # the original config.json, kept for export
@@ -26,7 +28,8 @@ Launch QAT from the imported weights (the model section and tokenizer come from 
   moeqjax qat --teacher {out} --workdir ./moeqjax_runs/qat_imported
 Then export:  moeqjax export --workdir ./moeqjax_runs/qat_imported --format hf --out ./exported
 The model section mirrors the checkpoint's config.json; the other sections come from {base}.
-Pass this file as --config to use its other sections (quant, qat, ...) too.
+Pass this file as --config to use its other sections (quant, qat, ...) too (a Switch import's
+qat starts from it without --config).
 """
 
 import json
@@ -54,25 +57,43 @@ def import_checkpoint(hf_dir, out, base_config: ml_collections.ConfigDict, base_
                       dtype: str = "float32", allow_unknown: bool = False) -> pathlib.Path:
   """Imports a HF checkpoint into `out`: params (orbax), config.py, hf_config.json, marker.
 
-  `out` is then a teacher folder: `moeqjax qat --config out/config.py --teacher out`.
+  `out` is then a teacher folder: `moeqjax qat --config out/config.py --teacher out`. The family
+  comes from config.json's model_type: a switch_transformers checkpoint needs a Switch
+  `base_config` (import_switch.default_base) and gets span-corruption sentinels that fit its
+  vocabulary and tokenizer (import_switch.sentinel_fields), recorded in the marker too.
   """
   import orbax.checkpoint as ocp
   out = pathlib.Path(out).absolute()
-  if (out / PARAMS_DIR).exists():
+  if (out / PARAMS_DIR).exists() or is_imported(out):
     raise ConvertError(f"{out} already holds an imported checkpoint; choose another --out")
-  out.mkdir(parents=True, exist_ok=True)
-  model, params = from_hf(hf_dir, dtype, allow_unknown=allow_unknown)
+  switch = import_switch.is_switch_checkpoint(read_hf_config(hf_dir))
+  if switch != config_io.is_switch(base_config) or (switch and "seq2seq" not in base_config):
+    kind = "a switch_transformers (encoder-decoder)" if switch else "a decoder-only MoE"
+    raise ConvertError(f"{hf_dir} is {kind} checkpoint but the config {base_name} is not a full "
+                       "config of its family; drop --config or pass e.g. "
+                       f"{'configs/switch_tiny.py' if switch else 'configs/tiny.py'}")
+  model, params = (from_hf_switch if switch else from_hf)(hf_dir, dtype,
+                                                          allow_unknown=allow_unknown)
   cfg = model.cfg
+  has_tokenizer = (pathlib.Path(hf_dir) / TOKENIZER_JSON).is_file()
+  seq2seq = {}
+  if switch:  # checked before anything is written
+    seq2seq = import_switch.sentinel_fields(str(hf_dir) if has_tokenizer else "", cfg.vocab_size,
+                                            base_config.seq2seq.num_sentinels)
+  out.mkdir(parents=True, exist_ok=True)
   config = ml_collections.ConfigDict(base_config.to_dict())
   with config.unlocked():
     config.model = ml_collections.ConfigDict(model_section(cfg))
   # The tokenizer travels with the weights: later phases (qat, eval, generate, export) read it.
   tokenizer = ""
-  if (pathlib.Path(hf_dir) / TOKENIZER_JSON).is_file():
+  if has_tokenizer:
     tokenizer = TOKENIZER_DIR
     copy_tokenizer(hf_dir, out / TOKENIZER_DIR)
   with config.unlocked():
     config.data.tokenizer = str(out / TOKENIZER_DIR) if tokenizer else ""
+  if switch:
+    with config.unlocked():
+      config.seq2seq.update(seq2seq)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(out / PARAMS_DIR, params)
   ckptr.wait_until_finished()
@@ -84,8 +105,25 @@ def import_checkpoint(hf_dir, out, base_config: ml_collections.ConfigDict, base_
   (out / IMPORT_MARKER).write_text(json.dumps({
       "hf_dir": str(pathlib.Path(hf_dir).absolute()), "dtype": dtype,
       "model_type": read_hf_config(hf_dir)["model_type"], "params": int(n),
-      "tokenizer": tokenizer, "model": model_section(cfg)}, indent=2) + "\n")
+      "tokenizer": tokenizer, "model": model_section(cfg),
+      **({"seq2seq": seq2seq} if switch else {})}, indent=2) + "\n")
   return out
+
+
+def default_base(hf_dir) -> str | None:
+  """The base config path for `import-hf` without --config: None (configs/tiny.py) for a
+  decoder-only checkpoint, configs/switch_tiny.py for a switch_transformers one."""
+  return import_switch.default_base(read_hf_config(hf_dir))
+
+
+def imported_config(folder):
+  """An imported folder's config.py (every section), or None for a decoder-only import (whose
+  phases start from configs/tiny.py, as they always did)."""
+  folder = pathlib.Path(folder)
+  record = json.loads((folder / IMPORT_MARKER).read_text())
+  if not config_io.is_switch_model(record.get("model")):
+    return None
+  return config_io.load_config(folder / CONFIG_PY)
 
 
 def imported_tokenizer(folder) -> str:
@@ -117,7 +155,8 @@ def load_imported_params(folder, cfg, target=None):
                          f"(fields differ: {', '.join(changed)}); pass --config "
                          f"{folder / CONFIG_PY}")
   if target is None:
-    target = jax.eval_shape(lambda: init_model(cfg, jax.random.key(0))[1])
+    init = init_switch if isinstance(cfg, SwitchConfig) else init_model
+    target = jax.eval_shape(lambda: init(cfg, jax.random.key(0))[1])
   return ocp.StandardCheckpointer().restore(folder / PARAMS_DIR, restore_target(target))
 
 

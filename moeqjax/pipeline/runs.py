@@ -112,7 +112,10 @@ def recorded_sections(folder: pathlib.Path) -> dict:
   if import_hf.is_imported(folder):
     marker = json.loads((folder / import_hf.IMPORT_MARKER).read_text())
     tokenizer = run_tokenizer(folder)  # none recorded when the checkpoint came without one
-    return {"model": marker["model"], "data": {"tokenizer": tokenizer} if tokenizer else {}}
+    sections = {"model": marker["model"], "data": {"tokenizer": tokenizer} if tokenizer else {}}
+    if "seq2seq" in marker:  # a Switch import's sentinels: where its tokenizer has them
+      sections["seq2seq"] = marker["seq2seq"]
+    return sections
   record = read_record(folder) or {}
   sections = {k: v for k, v in record.items() if isinstance(v, dict) and k not in PROVENANCE}
   if "data" in sections:
@@ -326,12 +329,17 @@ def starting_config(command: str, config_path, *, workdir: pathlib.Path | None =
                     teacher: pathlib.Path | None = None) -> ml_collections.ConfigDict:
   """The config a command starts from, before its overrides: `--config` when given; else, when the
   run it continues (qat / ptq: --teacher; pretrain, eval, stats, allocate: --workdir) is a Switch
-  run, the whole config that run recorded (DEFAULTS), so that `moeqjax qat --teacher SWITCH_RUN`
-  needs no --config; else the default config (configs/tiny.py), as always."""
+  run, the whole config that run recorded (DEFAULTS), or a Switch import's config.py, so that
+  `moeqjax qat --teacher SWITCH_RUN` needs no --config; else the default config
+  (configs/tiny.py), as always."""
   if config_path is not None:
     return config_io.load_config(config_path)
   folder = _continued_folder(command, workdir, teacher)
-  if folder is not None and not import_hf.is_imported(folder):
+  if folder is not None and import_hf.is_imported(folder):
+    imported = import_hf.imported_config(folder)
+    if imported is not None:
+      return imported
+  elif folder is not None:
     try:
       record = read_record(folder) or {}
     except RunMismatch:

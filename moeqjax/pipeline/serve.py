@@ -216,10 +216,16 @@ class SwitchGeneration:
 
 def encode_switch_prompt(tokenizer, vocab_size: int, prompt: str) -> list[int]:
   """The encoder ids of `prompt`: its text through the tokenizer, and each `<extra_id_N>` as the
-  sentinel id vocab_size - 1 - N (data.t5_sentinel_ids), which must lie above the tokenizer's ids."""
+  tokenizer's own token of that name (a T5 tokenizer's, e.g. of an imported Switch checkpoint)
+  or else the sentinel id vocab_size - 1 - N (data.t5_sentinel_ids), above the tokenizer's ids."""
   ids, pos = [], 0
+  own = getattr(tokenizer, "token_id", lambda token: None)
   for m in SENTINEL_TEXT.finditer(prompt):
     ids += [int(t) for t in tokenizer.encode(prompt[pos:m.start()])]
+    if own(m.group(0)) is not None:
+      ids.append(own(m.group(0)))
+      pos = m.end()
+      continue
     sentinel = vocab_size - 1 - int(m.group(1))
     if sentinel < tokenizer.vocab_size:
       raise BadRequest(f"{m.group(0)} in the prompt would be id {sentinel}, which is not above "

@@ -43,6 +43,7 @@ from moeqjax.model.moe_paths import at_path, moe_paths, path_name
 from moeqjax.objectives import LossWeights
 from moeqjax.objectives.seq2seq import STACKS
 from moeqjax.pipeline import config as config_io
+from moeqjax.pipeline import import_hf
 from moeqjax.pipeline import runs
 from moeqjax.pipeline.workdirs import finished_state, record_config
 from moeqjax.train import (TrainState, batch_arrays, create_state, jit_seq2seq_step,
@@ -90,11 +91,14 @@ def _loop(config, phase: str):
 
 
 def sentinels(config, cfg) -> list[int]:
-  return t5_sentinel_ids(cfg.vocab_size, int(config.seq2seq.num_sentinels))
+  """The span-corruption sentinel ids: seq2seq.num_sentinels down from seq2seq.first_sentinel_id
+  (-1, or absent in a run recorded before the field: the top id, model.vocab_size - 1)."""
+  first = int(config.seq2seq.get("first_sentinel_id", -1))
+  return t5_sentinel_ids(cfg.vocab_size, int(config.seq2seq.num_sentinels), first)
 
 
 def check_corpus(config, cfg, corpus: TokenCorpus):
-  """The corpus' token ids must sit below the sentinels (data.t5_sentinel_ids: the top ids)."""
+  """The corpus' token ids must sit below the sentinels (sentinels(): <extra_id_0> down)."""
   if pairs_path(config):
     return  # pairs are checked when they are read (Seq2SeqData)
   lowest = min(sentinels(config, cfg))
@@ -103,8 +107,9 @@ def check_corpus(config, cfg, corpus: TokenCorpus):
     raise SwitchPhaseError(
         f"the data hold token id {top}, but ids from {lowest} up are the "
         f"{config.seq2seq.num_sentinels} span-corruption sentinels (model.vocab_size="
-        f"{cfg.vocab_size}); raise model.vocab_size to the tokenizer's vocabulary + "
-        "seq2seq.num_sentinels")
+        f"{cfg.vocab_size}, seq2seq.first_sentinel_id={config.seq2seq.get('first_sentinel_id', -1)}"
+        "); raise model.vocab_size to the tokenizer's vocabulary + seq2seq.num_sentinels, or "
+        "point seq2seq.first_sentinel_id at the tokenizer's <extra_id_0>")
 
 
 def span_batch(config, cfg, tokens: np.ndarray, batch_size: int, seed: int, step: int):
@@ -274,8 +279,10 @@ def qat_from_teacher(config, workdir, teacher_dir, allocation_path, *, resume: b
   from moeqjax.pipeline.workdirs import teacher_inputs
   _refuse(init_from, realloc)
   params, corpus, codes = teacher_inputs(config, teacher_dir, allocation_path)
-  return qat(config, workdir, corpus, params, expert_codes_LxE=codes, resume=resume,
-             provenance={"teacher": str(pathlib.Path(teacher_dir).absolute())})
+  state = qat(config, workdir, corpus, params, expert_codes_LxE=codes, resume=resume,
+              provenance={"teacher": str(pathlib.Path(teacher_dir).absolute())})
+  import_hf.keep_hf_config(teacher_dir, workdir)  # an imported teacher's config.json, for export
+  return state
 
 
 def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir, method: str, allocation_path,
@@ -304,6 +311,7 @@ def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir, method: str, al
                 {"teacher": str(pathlib.Path(teacher_dir).absolute()), **defaults})
   build = ptq_mod.student_builder(make_optimizer(optim), None, quant, teacher, loop.steps)
   params = init_ratios(cfg, teacher, quant)
+  import_hf.keep_hf_config(teacher_dir, workdir)  # an imported teacher's config.json, for export
   done = ptq_mod.finished_ptq(workdir, build, params, loop.steps)
   if done is not None:
     return done

@@ -168,7 +168,7 @@ def teacher_params(config, teacher_dir: pathlib.Path):
   # On a mesh every array is restored straight into its shards (nothing whole on one device).
   template = sharded_template(config, state_template(config, "pretrain"))
   if import_hf.is_imported(teacher_dir):
-    return import_hf.load_imported_params(teacher_dir, config_io.model_config(config),
+    return import_hf.load_imported_params(teacher_dir, config_io.any_model_config(config),
                                           template.params)
   steps = int(runs.recorded_sections(teacher_dir)["pretrain"]["steps"])
   if not (teacher_dir / "ckpt").is_dir():
