@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -58,7 +57,29 @@ def runs(tmp_path_factory):
   _run("stats", "--workdir", w / "qat")
   _run("eval", "--workdir", w / "qat", "--teacher", w / "imp")
   _run("export", "--workdir", w / "qat", "--format", "hf", "--out", w / "hf")
+  # The paper's protocol: fine-tune the import on (text, summary) pairs, then eval (ROUGE).
+  pairs = w / "pairs.jsonl"
+  pairs.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS, 10)),
+                                       "summary": " ".join(rng.choice(WORDS, 3))}) + "\n"
+                           for _ in range(20)))
+  _run("qat", "--teacher", w / "imp", "--workdir", w / "pairs", *SMALL,
+       f"--config.seq2seq.pairs={pairs}", "--config.seq2seq.source_len=12",
+       "--config.seq2seq.target_len=5")
+  _run("eval", "--workdir", w / "pairs")
   return w, hf, tok
+
+
+def test_qat_on_pairs_from_the_import_and_eval_with_rouge(runs):
+  w, _, _ = runs
+  record = json.loads((w / "pairs" / "config.json").read_text())
+  assert record["seq2seq"]["pairs"] == str(w / "pairs.jsonl") and record["teacher"] == str(w / "imp")
+  result = json.loads((w / "pairs" / "eval.json").read_text())
+  assert result["student"]["eval_examples"] > 0
+  rouge = result["student"]["rouge"]
+  if "skipped" not in rouge:  # rouge-score installed (the `data` extra)
+    assert rouge["examples"] == 4  # the held-out fifth of 20 pairs
+    assert rouge["rougeLsum_delta_vs_teacher"] == pytest.approx(
+        rouge["rougeLsum"] - result["full_precision"]["rouge"]["rougeLsum"], abs=1e-12)
 
 
 def _imported(w):
