@@ -13,6 +13,7 @@ from moeqjax.eval.routing_metrics import routing_agreement
 from moeqjax.model import SwitchConfig, SwitchTransformer
 from moeqjax.objectives import token_nll
 from moeqjax.objectives.seq2seq import STACKS
+from moeqjax.train.seq2seq_step import BATCH_KEYS, batch_arrays
 
 
 @functools.lru_cache(maxsize=None)
@@ -20,7 +21,7 @@ def _eval_fn(cfg: SwitchConfig):
   """One compiled function per config; every variant (teacher, RTN, QAT student) reuses it."""
   model = SwitchTransformer(cfg)
 
-  def fn(variables, encoder_ids, decoder_ids, targets, target_mask, encoder_mask):
+  def fn(variables, encoder_ids, decoder_ids, targets, target_mask, encoder_mask):  # BATCH_KEYS
     logits, aux = model.apply(variables, encoder_ids, decoder_ids, encoder_mask)
     nll_B = jnp.sum(token_nll(logits, targets) * target_mask, axis=-1)  # per example
     return nll_B, {s: (aux[s]["expert_idx"], aux[s]["drop_rate"]) for s in STACKS}
@@ -52,18 +53,9 @@ def evaluate_seq2seq(cfg: SwitchConfig, variables: dict, batches) -> dict:
   idx = {s: [] for s in STACKS}
   drops = {s: [] for s in STACKS}
   for batch in batches:
-    get = batch.__getitem__ if isinstance(batch, dict) else lambda k: getattr(batch, k)
-    mask = np.asarray(get("target_mask"), bool)
-    encoder_ids = np.asarray(get("encoder_ids"))
-    try:  # False at the source's padding (pairs); absent or None: no padding
-      encoder_mask = get("encoder_mask")
-    except (KeyError, AttributeError):
-      encoder_mask = None
-    encoder_mask = (np.ones(encoder_ids.shape, bool) if encoder_mask is None
-                    else np.asarray(encoder_mask, bool))
-    part, routing = fn(variables, jnp.asarray(encoder_ids),
-                       *(jnp.asarray(get(k)) for k in ("decoder_ids", "targets")),
-                       jnp.asarray(mask), jnp.asarray(encoder_mask))
+    arrays = batch_arrays(batch)  # the train step's arrays: a missing encoder_mask is all True
+    mask = np.asarray(arrays["target_mask"], bool)
+    part, routing = fn(variables, *(arrays[k] for k in BATCH_KEYS))
     part = np.asarray(part, np.float64)
     nll += float(part.sum())
     tokens += int(mask.sum())

@@ -526,7 +526,8 @@ def format_summary(results: dict, workdir: pathlib.Path) -> str:
       lines.append(f"(greedy summaries of {next(iter(rouge.values()))['examples']} held-out pairs; "
                    "F-measures, differences paired over examples)")
   n = next(iter(results.values()))["eval_examples"]
-  lines.append(f"(paired standard errors over {n} held-out span-corruption examples; capacity "
+  kind = "pair" if "rouge" in next(iter(results.values())) else "span-corruption"
+  lines.append(f"(paired standard errors over {n} held-out {kind} examples; capacity "
                "drops: the share of routed tokens over model.expert_capacity, every sparse layer)")
   lines.append(f"\nresults in {workdir}")
   return "\n".join(lines)
