@@ -228,8 +228,9 @@ def test_ptq_gptq_student_evaluates_and_packs_exactly(runs, capsys):
   gq, rtn = _load(w / "gq" / "eval.json"), _load(w / "rtn" / "eval.json")
   assert gq["full_precision"]["bits_per_token"] == rtn["full_precision"]["bits_per_token"]
   assert gq["student"]["expert_codes"] == rtn["student"]["expert_codes"]  # ternary, both
-  # Held-out bits, GPTQ - RTN paired over examples (reported, not asserted: no oracle says which
-  # wins on held-out loss at this scale).
+  # Held-out bits, GPTQ - RTN paired over examples. No oracle says GPTQ wins on held-out loss, so
+  # only "not worse beyond the paired s.e." is asserted; measured on 3 seeds (pretrain.seed 0, 1, 2;
+  # qat.seed = seed + 1): -0.0111 ± 0.0053, -0.0086 ± 0.0036, -0.0009 ± 0.0039.
   held = _held_out(cfg)
   per = {}
   for name in ("gq", "rtn"):
@@ -240,6 +241,7 @@ def test_ptq_gptq_student_evaluates_and_packs_exactly(runs, capsys):
   print(f"held-out bits/target token: GPTQ {gq['student']['bits_per_token']:.4f}, RTN "
         f"{rtn['student']['bits_per_token']:.4f}, GPTQ - RTN {diff:+.4f} ± {se:.4f}; calibration "
         f"output error GPTQ {err['gptq']:.4g}, RTN {err['rtn']:.4g}")
+  assert diff <= se
   # The pack of the GPTQ student serves the fake-quant student's logits.
   _run("pack", "--workdir", w / "gq", "--out", w / "gq_packed")
   gq_cfg, params, quant = load_student(w / "gq")
