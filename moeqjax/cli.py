@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--allocation", default=None,
                  help="allocation.json from `moeqjax allocate` (default: quant.expert_code everywhere)")
   p.add_argument("--calib-batches", type=int, default=8,
-                 help="calibration batches of qat.batch_size x qat.seq_len train tokens (gptq)")
+                 help="calibration batches of qat.batch_size x qat.seq_len train tokens (gptq; a "
+                      "Switch config: the qat phase's first training batches of seq2seq examples)")
 
   p = sub.add_parser("eval", help="evaluate a QAT run against its full-precision teacher")
   common(p, "workdir of a finished `moeqjax qat` or `moeqjax ptq`")

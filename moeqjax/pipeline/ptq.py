@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 from moeqjax.data import TokenCorpus
 from moeqjax.model import default_quant, init_ratios, set_expert_codes
 from moeqjax.model.codes import expert_codes
+from moeqjax.model.moe_paths import at_path
 from moeqjax.model.projection_codes import layer_codes
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
-from moeqjax.pipeline.ptq_calib import expert_hessians
+from moeqjax.pipeline.ptq_calib import expert_blocks, expert_hessians
 from moeqjax.pipeline.workdirs import (CONFIG_RECORD, finished_state, record_config, state_template,
                                       teacher_inputs)
 from moeqjax.quant import QuantSpec, quantize_dequantize
@@ -36,7 +37,9 @@ from moeqjax.train import Checkpointer, create_state, make_optimizer
 
 METHODS = ("rtn", "gptq")
 REPORT = "ptq_report.json"
-_MATRICES = (("in", ("w_in", "w_gate")), ("out", ("w_out",)))  # by the input they read
+# The expert matrices by the input they read; a block GPTQs those its params hold (ReLU experts,
+# e.g. Switch's, have no w_gate).
+_MATRICES = (("in", ("w_in", "w_gate")), ("out", ("w_out",)))
 
 
 class PtqError(config_io.ConfigError):
@@ -47,7 +50,9 @@ def _warn(text: str):
   print(f"moeqjax: warning: {text}", file=sys.stderr)
 
 
-def _check(config, corpus: TokenCorpus, method: str, calib_batches: int):
+def _check(config, corpus: TokenCorpus | None, method: str, calib_batches: int):
+  """One-line errors before any work; corpus None: the calibration data are not corpus windows
+  (a Switch config's seq2seq.pairs), so there is no window length to check."""
   if method not in METHODS:
     raise PtqError(f"--method {method!r} is unknown; use one of {', '.join(METHODS)}")
   if calib_batches < 1:
@@ -56,7 +61,7 @@ def _check(config, corpus: TokenCorpus, method: str, calib_batches: int):
     raise PtqError("ptq trains nothing, so it has no learned clip ratios or scales; drop "
                    "--config.quant.learn_clip=True / --config.quant.learn_scale=True")
   need = config.qat.seq_len + 1
-  if method == "gptq" and len(corpus.train) < need:
+  if method == "gptq" and corpus is not None and len(corpus.train) < need:
     raise PtqError(f"no calibration data: the train split has {len(corpus.train)} tokens, fewer "
                    f"than one window of {need}; give --data with more text or lower "
                    "--config.qat.seq_len")
@@ -68,13 +73,25 @@ def _output_error(w, w_q, h) -> float:
   return float(np.einsum("eio,eij,ejo->", delta, h, delta))
 
 
+def _with_node(tree, path: tuple[str, ...], node):
+  """`tree` with the node at `path` replaced: new dicts along the path, every other entry shared."""
+  if not path:
+    return node
+  return {**tree, path[0]: _with_node(tree[path[0]], path[1:], node)}
+
+
 def gptq_experts(cfg, params, hessians, codes_LxE: np.ndarray, *, block_size=gq.DEFAULT_BLOCK,
                  damp=gq.DEFAULT_DAMP, progress: bool = False):
-  """GPTQ of every layer's routed experts at their codes; returns (new params, report dict).
+  """GPTQ of every MoE block's routed experts at their codes; returns (new params, report dict).
 
+  The blocks are the params' dicts holding a "w_in" (ptq_calib.expert_blocks: model.moe_paths
+  order, the rows of `codes_LxE` and of `hessians`), so a decoder-only model's layers_i/moe and a
+  Switch Transformer's encoder/decoder sparse blocks go through the same loop; each block's
+  matrices are those of _MATRICES it holds (w_in, w_out and, for SwiGLU experts, w_gate).
   Experts that got no calibration tokens are quantized with H = I, which is round-to-nearest (on
-  GPTQ's grid). `cfg.quant.stored_ratio` must be True: each expert weight's `*_clip` param gets
-  GPTQ's ratios. `progress` draws a bar over the layers.
+  GPTQ's grid). `cfg` (a ModelConfig or SwitchConfig) gives quant and param_dtype;
+  `cfg.quant.stored_ratio` must be True: each expert weight's `*_clip` param gets GPTQ's ratios.
+  `progress` draws a bar over the blocks.
   """
   spec: QuantSpec = cfg.quant.spec()
   if not spec.stored_ratio:
@@ -84,16 +101,22 @@ def gptq_experts(cfg, params, hessians, codes_LxE: np.ndarray, *, block_size=gq.
     _warn(f"model.param_dtype is {cfg.param_dtype}: GPTQ's experts are stored rounded to it, so the "
           "student equals GPTQ's result only up to that rounding; use "
           "--config.model.param_dtype=float32 for the exact result")
-  params = jax.tree.map(lambda x: x, params)  # new containers; leaves replaced below
+  paths = expert_blocks(params)
+  if len(paths) != len(hessians.tokens) or len(paths) != len(codes_LxE):
+    raise ValueError(f"the params hold {len(paths)} MoE blocks but the Hessians "
+                     f"{len(hessians.tokens)} and the codes {len(codes_LxE)} rows")
   no_tokens, damped, errors = [], [], {"gptq": 0.0, "rtn": 0.0}
   searched = []  # per matrix: the fraction of columns that kept the MSE grid
-  for layer in tqdm(range(cfg.num_layers), desc="gptq layers", disable=not progress,
-                    dynamic_ncols=True):
+  for layer, path in enumerate(tqdm(paths, desc="gptq layers", disable=not progress,
+                                    dynamic_ncols=True)):
     counts = hessians.tokens[layer]
     empty = counts == 0
     no_tokens += [[layer, int(e)] for e in np.flatnonzero(empty)]
-    moe = dict(params[f"layers_{layer}"]["moe"])
-    for which, names in _MATRICES:
+    moe = dict(at_path(params, path))
+    for which, all_names in _MATRICES:
+      names = tuple(n for n in all_names if n in moe)
+      if not names:
+        continue
       h = hessians.h_in[layer] if which == "in" else hessians.h_out[layer]
       h = np.where(empty[:, None, None], np.eye(h.shape[-1]), h)
       u, dead, used = gq.inverse_hessian_factor(h, damp)  # once per input, shared by its matrices
@@ -108,7 +131,7 @@ def gptq_experts(cfg, params, hessians, codes_LxE: np.ndarray, *, block_size=gq.
         searched.append(float(np.mean(np.asarray(res.searched))))
         moe[name] = gq.exact_latent(res, codes, spec).astype(w.dtype)
         moe[name + "_clip"] = gq.exact_ratio(res, np.asarray(codes), spec).astype(w.dtype)
-    params[f"layers_{layer}"] = dict(params[f"layers_{layer}"], moe=moe)
+    params = _with_node(params, path, moe)
   if no_tokens:
     _warn(f"{len(no_tokens)} experts got no calibration tokens and were rounded to nearest "
           f"(layer, expert): {', '.join(f'({l}, {e})' for l, e in no_tokens)}; raise --calib-batches")
@@ -120,6 +143,31 @@ def gptq_experts(cfg, params, hessians, codes_LxE: np.ndarray, *, block_size=gq.
             "calib_output_error": errors, "scale_init": spec.scale_init,
             "mse_grid_columns": float(np.mean(searched)) if searched else 0.0}
   return params, report
+
+
+def gptq_student(cfg, params, hessians, codes_LxE: np.ndarray, report: dict):
+  """gptq_experts with a progress bar; adds its findings and the calibration token counts to
+  `report` (the ptq report) and returns the new params. Shared by both model families."""
+  params, found = gptq_experts(cfg, params, hessians, codes_LxE, progress=True)
+  report.update(found, calib_tokens_per_expert=hessians.tokens.tolist())
+  return params
+
+
+def ptq_record(method: str, calib_batches: int) -> dict:
+  """config.json's ptq section."""
+  return {"method": method, "calib_batches": calib_batches if method == "gptq" else 0,
+          "damp": gq.DEFAULT_DAMP, "block_size": gq.DEFAULT_BLOCK}
+
+
+def gptq_config(config, method: str):
+  """The config a ptq run records and uses: GPTQ's scale ratios live in the experts' *_clip
+  params, so a gptq run sets quant.stored_ratio=True (on a copy)."""
+  if method != "gptq":
+    return config
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.quant.stored_ratio = True
+  return config
 
 
 def ptq(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher, *, method: str,
@@ -142,10 +190,7 @@ def ptq(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher, *, me
     (state, report): the saved student state (step = qat.steps) and the ptq report.
   """
   _check(config, corpus, method, calib_batches)
-  if method == "gptq":  # GPTQ's scale ratios live in the experts' *_clip params
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.quant.stored_ratio = True
+  config = gptq_config(config, method)
   workdir = pathlib.Path(workdir)
   cfg = config_io.model_config(config)
   loop, optim = config_io.phase_configs(config.qat, "qat")
@@ -155,8 +200,7 @@ def ptq(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher, *, me
   codes = expert_codes(quant, cfg.num_layers)
   record = {k: config[k].to_dict() for k in ("model", "quant", "data", "qat", "loss")}
   record["expert_codes"] = None if expert_codes_LxE is None else codes.tolist()
-  record["ptq"] = {"method": method, "calib_batches": calib_batches if method == "gptq" else 0,
-                   "damp": gq.DEFAULT_DAMP, "block_size": gq.DEFAULT_BLOCK}
+  record["ptq"] = ptq_record(method, calib_batches)
   record_config(workdir, record, provenance)
   build = student_builder(make_optimizer(optim), cfg.num_layers, quant, teacher, loop.steps)
   # Ratio params (stored_ratio) where the rules carry them: 1 or MSE-searched, GPTQ's replace them.
@@ -169,8 +213,7 @@ def ptq(config, workdir: str | pathlib.Path, corpus: TokenCorpus, teacher, *, me
     hessians = expert_hessians(cfg, teacher, corpus.train, batches=calib_batches,
                                batch_size=loop.batch_size, seq_len=loop.seq_len, seed=loop.seed,
                                progress=True)
-    params, found = gptq_experts(cfg, params, hessians, codes, progress=True)
-    report.update(found, calib_tokens_per_expert=hessians.tokens.tolist())
+    params = gptq_student(cfg, params, hessians, codes, report)
   return save_ptq(workdir, build(jax.tree.map(jnp.copy, params)), report)
 
 
@@ -209,7 +252,7 @@ def save_ptq(workdir: pathlib.Path, state, report: dict):
 def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path, method: str,
                      allocation_path: str | None, calib_batches: int):
   """`moeqjax ptq`: the teacher's params, the data and an optional allocation.json (a Switch
-  config: switch_phases.ptq_from_teacher, round-to-nearest only)."""
+  config: switch_phases.ptq_from_teacher)."""
   if config_io.is_switch(config):
     from moeqjax.pipeline import switch_phases
     return switch_phases.ptq_from_teacher(config, workdir, teacher_dir, method, allocation_path,

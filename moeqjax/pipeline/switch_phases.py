@@ -1,4 +1,4 @@
-"""The pipeline's phases for a Switch Transformer config (encoder-decoder, T5 span corruption): pretrain, qat, ptq rtn, stats/allocate views, eval."""
+"""The pipeline's phases for a Switch Transformer config (encoder-decoder, T5 span corruption): pretrain, qat, ptq (rtn, gptq), stats/allocate views, eval."""
 
 # The family is decided from the config (config_io.is_switch: the model section has
 # `num_decoder_layers`); the decoder-only phases (pretrain.py, qat.py, ptq.py, evaluate.py,
@@ -45,6 +45,7 @@ from moeqjax.objectives.seq2seq import STACKS
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
 from moeqjax.pipeline import runs
+from moeqjax.pipeline.ptq_calib import CalibBatch, model_hessians
 from moeqjax.pipeline.workdirs import finished_state, record_config
 from moeqjax.train import (TrainState, batch_arrays, create_state, jit_seq2seq_step,
                            make_optimizer, run_training)
@@ -229,8 +230,8 @@ def pretrain(config, workdir: pathlib.Path, corpus: TokenCorpus, *, resume: bool
 
 def _refuse(init_from, realloc):
   if init_from is not None:
-    raise SwitchPhaseError("qat --init-from starts from a `moeqjax ptq --method gptq` student, "
-                           "which a Switch config does not have yet; drop --init-from")
+    raise SwitchPhaseError("qat --init-from (QAT from a `moeqjax ptq` student) is not wired for a "
+                           "Switch config yet; drop --init-from")
   if realloc is not None:
     raise SwitchPhaseError("re-allocation during QAT (realloc.every > 0) is not wired for a Switch "
                            "config yet; set --config.realloc.every=0")
@@ -285,18 +286,28 @@ def qat_from_teacher(config, workdir, teacher_dir, allocation_path, *, resume: b
   return state
 
 
+def _calib_batch(batch):
+  """A Seq2SeqBatch as GPTQ's calibration batch: the source's and the target's padding do not
+  count (nothing reads their outputs)."""
+  arrays = batch_arrays(batch)
+  return CalibBatch((arrays["encoder_ids"], arrays["decoder_ids"], arrays["encoder_mask"]),
+                    {"encoder": arrays["encoder_mask"], "decoder": arrays["target_mask"]})
+
+
 def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir, method: str, allocation_path,
                      calib_batches: int):
-  """`moeqjax ptq --method rtn` on a Switch config: the teacher at the codes, read like a finished
-  QAT run (a checkpoint at step qat.steps). GPTQ is refused (its calibration is decoder-only)."""
+  """`moeqjax ptq` on a Switch config: the teacher at the codes (round-to-nearest, or GPTQ of the
+  sparse layers' experts), read like a finished QAT run (a checkpoint at step qat.steps).
+
+  GPTQ calibrates on `calib_batches` training batches of the QAT phase (Seq2SeqData: span
+  corruption or pairs, qat.batch_size and qat.seed, steps 0..calib_batches-1) through the
+  teacher's forward; pipeline.ptq_calib and pipeline.ptq.gptq_experts serve both model families.
+  """
   from moeqjax.pipeline import ptq as ptq_mod
   from moeqjax.pipeline.workdirs import teacher_inputs
-  if method == "gptq":
-    raise ptq_mod.PtqError("ptq --method gptq calibrates decoder-only models only (its per-expert "
-                           "Hessians come from the decoder-only forward); for a Switch config use "
-                           "--method rtn, or QAT")
   teacher, corpus, codes_in = teacher_inputs(config, teacher_dir, allocation_path)
-  ptq_mod._check(config, corpus, method, calib_batches)
+  ptq_mod._check(config, None if pairs_path(config) else corpus, method, calib_batches)
+  config = ptq_mod.gptq_config(config, method)
   workdir = pathlib.Path(workdir)
   cfg = config_io.switch_config(config)
   loop, optim = _loop(config, "qat")
@@ -306,7 +317,7 @@ def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir, method: str, al
   codes = expert_codes(quant)
   record, defaults = _record(config, STUDENT_SECTIONS)
   record["expert_codes"] = None if codes_in is None else codes.tolist()
-  record["ptq"] = {"method": method, "calib_batches": 0}
+  record["ptq"] = ptq_mod.ptq_record(method, calib_batches)
   record_config(workdir, record,
                 {"teacher": str(pathlib.Path(teacher_dir).absolute()), **defaults})
   build = ptq_mod.student_builder(make_optimizer(optim), None, quant, teacher, loop.steps)
@@ -315,8 +326,15 @@ def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir, method: str, al
   done = ptq_mod.finished_ptq(workdir, build, params, loop.steps)
   if done is not None:
     return done
-  return ptq_mod.save_ptq(workdir, build(jax.tree.map(jnp.copy, params)),
-                          {"method": method, "expert_codes": codes.tolist()})
+  report = {"method": method, "expert_codes": codes.tolist()}
+  if method == "gptq":
+    data = Seq2SeqData(config, cfg, corpus)
+    batches = (_calib_batch(data.batch("train", loop.batch_size, loop.seed, step))
+               for step in range(calib_batches))
+    hessians = model_hessians(SwitchTransformer(cfg), cfg.moe_config(), teacher, batches,
+                              num_batches=calib_batches, progress=True)
+    params = ptq_mod.gptq_student(cfg, params, hessians, codes, report)
+  return ptq_mod.save_ptq(workdir, build(jax.tree.map(jnp.copy, params)), report)
 
 
 # ---- statistics and allocation: the sparse layers as the rows of a decoder-only view
