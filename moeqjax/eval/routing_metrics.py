@@ -12,10 +12,21 @@ def _membership(idx_LxTxK: np.ndarray, num_experts: int) -> np.ndarray:
   return member
 
 
-def routing_agreement(ref_idx_LxTxK: np.ndarray, idx_LxTxK: np.ndarray, num_experts: int) -> dict:
+def _token_mean(values_LxT: np.ndarray, token_mask_T) -> np.ndarray:
+  """[L]: the mean over tokens, or over the tokens where token_mask_T is True."""
+  if token_mask_T is None:
+    return np.mean(values_LxT, axis=1)
+  w_T = np.asarray(token_mask_T, np.float64).reshape(-1)
+  return np.sum(values_LxT * w_T, axis=1) / max(float(w_T.sum()), 1.0)
+
+
+def routing_agreement(ref_idx_LxTxK: np.ndarray, idx_LxTxK: np.ndarray, num_experts: int,
+                      token_mask_T=None) -> dict:
   """Per-layer agreement of a model's routing with the reference (full-precision) routing.
 
   Expert ids must be ordered by gate, as lax.top_k returns them, so column 0 is top-1.
+  token_mask_T (bool [T], optional) restricts the means to the tokens where it is True (e.g. not
+  padding).
 
   Returns:
     {"topk_agree": [L], "top1_agree": [L], "changed_frac": [L]}: the mean over tokens of
@@ -28,19 +39,21 @@ def routing_agreement(ref_idx_LxTxK: np.ndarray, idx_LxTxK: np.ndarray, num_expe
   overlap_LxT = np.sum(_membership(ref_idx_LxTxK, num_experts) *
                        _membership(idx_LxTxK, num_experts), axis=-1)
   return {
-      "topk_agree": np.mean(overlap_LxT / k, axis=1),
-      "top1_agree": np.mean(ref_idx_LxTxK[..., 0] == idx_LxTxK[..., 0], axis=1),
-      "changed_frac": np.mean(overlap_LxT < k, axis=1),
+      "topk_agree": _token_mean(overlap_LxT / k, token_mask_T),
+      "top1_agree": _token_mean(ref_idx_LxTxK[..., 0] == idx_LxTxK[..., 0], token_mask_T),
+      "changed_frac": _token_mean(overlap_LxT < k, token_mask_T),
   }
 
 
 def window_agreement(ref_idx_LxTxK: np.ndarray, idx_LxTxK: np.ndarray, num_experts: int,
-                     num_windows: int) -> dict:
+                     num_windows: int, token_mask_T=None) -> dict:
   """Agreement with the reference routing per evaluation window, averaged over layers and tokens.
 
   Tokens are in window order (as evaluate_lm returns them), T = num_windows * S. Windows have equal
   length, so the mean over windows equals the mean of routing_agreement's per-layer values; the
-  per-window values are what a paired standard error over windows needs.
+  per-window values are what a paired standard error over windows needs. With token_mask_T
+  (bool [T]) a window's value is its mean over the tokens where the mask is True (0 when none
+  is), so windows weigh equally whatever their padding.
 
   Returns:
     {"topk_agree": [N], "top1_agree": [N]}.
@@ -55,8 +68,13 @@ def window_agreement(ref_idx_LxTxK: np.ndarray, idx_LxTxK: np.ndarray, num_exper
                        _membership(idx_LxTxK, num_experts), axis=-1)
   top1_LxT = ref_idx_LxTxK[..., 0] == idx_LxTxK[..., 0]
   shape = (num_layers, num_windows, tokens // num_windows)
-  return {"topk_agree": np.mean(overlap_LxT.reshape(shape) / k, axis=(0, 2)),
-          "top1_agree": np.mean(top1_LxT.reshape(shape), axis=(0, 2))}
+  if token_mask_T is None:
+    return {"topk_agree": np.mean(overlap_LxT.reshape(shape) / k, axis=(0, 2)),
+            "top1_agree": np.mean(top1_LxT.reshape(shape), axis=(0, 2))}
+  w_NxS = np.asarray(token_mask_T, np.float64).reshape(shape[1:])
+  count_N = np.maximum(num_layers * w_NxS.sum(axis=1), 1.0)
+  return {"topk_agree": np.sum(overlap_LxT.reshape(shape) / k * w_NxS, axis=(0, 2)) / count_N,
+          "top1_agree": np.sum(top1_LxT.reshape(shape) * w_NxS, axis=(0, 2)) / count_N}
 
 
 def expert_load(idx_LxTxK: np.ndarray, num_experts: int) -> np.ndarray:

@@ -46,3 +46,23 @@ def capacity_keep(idx_BxSxK: jax.Array, num_experts: int, *, capacity_factor: fl
   keep_BxKxS = jax.vmap(lambda i: _keep_one_sequence(i, num_experts, cap))(
       jnp.swapaxes(idx_BxSxK, 1, 2))
   return jnp.swapaxes(keep_BxKxS, 1, 2)
+
+
+def real_token_drop_rate(idx_LxMxK: jax.Array, token_mask_BxS: jax.Array, num_experts: int, *,
+                         capacity_factor: float = 0.0, capacity: int = 0) -> jax.Array:
+  """[L]: the share of real tokens' (token, k) pairs that the capacity drops, per layer.
+
+  The keep rule is capacity_keep on the routing the MoE block returned (M = B*S tokens, row by
+  row), so it is the forward's own; only the count leaves out the tokens where token_mask_BxS
+  is False (padding), which the forward routes as transformers does.
+  """
+  b, s = token_mask_BxS.shape
+  num_layers, _, k = idx_LxMxK.shape
+  if num_layers == 0:
+    return jnp.zeros((0,), jnp.float32)
+  keep_LxMxK = jax.vmap(lambda i: capacity_keep(
+      i.reshape(b, s, k), num_experts, capacity_factor=capacity_factor,
+      capacity=capacity).reshape(b * s, k))(idx_LxMxK)
+  w_M = token_mask_BxS.reshape(-1).astype(jnp.float32)
+  kept_L = jnp.einsum("lmk,m->l", keep_LxMxK.astype(jnp.float32), w_M)
+  return 1.0 - kept_L / (k * jnp.maximum(jnp.sum(w_M), 1.0))

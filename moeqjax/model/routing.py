@@ -50,7 +50,7 @@ def router_z_loss(logits_TxE: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(jax.nn.logsumexp(logits_TxE.astype(jnp.float32), axis=-1)))
 
 
-def switch_router_losses(router_logits_LxBxSxE: jax.Array):
+def switch_router_losses(router_logits_LxBxSxE: jax.Array, token_mask_BxS=None):
   """Hugging Face Switch's router losses of one stack (encoder or decoder): (z_loss, aux_loss).
 
   transformers pools every sparse layer's tokens of a sequence together: z_loss is the mean
@@ -60,11 +60,22 @@ def switch_router_losses(router_logits_LxBxSxE: jax.Array):
 
   Args:
     router_logits_LxBxSxE: the stack's router logits, stacked over its sparse layers.
+    token_mask_BxS: bool, the tokens to count (False: padding); None counts every token, as
+      transformers does (its Switch losses count padding too).
   """
   num_layers, b, s, e = router_logits_LxBxSxE.shape
   logits_BxMxE = jnp.swapaxes(router_logits_LxBxSxE, 0, 1).reshape(b, num_layers * s, e)
   logits_BxMxE = logits_BxMxE.astype(jnp.float32)
-  z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits_BxMxE, axis=-1)))
-  frac_BxE = jnp.mean(jax.nn.one_hot(jnp.argmax(logits_BxMxE, axis=-1), e), axis=1)
-  prob_BxE = jnp.mean(jax.nn.softmax(logits_BxMxE, axis=-1), axis=1)
+  onehot_BxMxE = jax.nn.one_hot(jnp.argmax(logits_BxMxE, axis=-1), e)
+  probs_BxMxE = jax.nn.softmax(logits_BxMxE, axis=-1)
+  lse2_BxM = jnp.square(jax.nn.logsumexp(logits_BxMxE, axis=-1))
+  if token_mask_BxS is None:
+    z_loss = jnp.mean(lse2_BxM)
+    frac_BxE, prob_BxE = jnp.mean(onehot_BxMxE, axis=1), jnp.mean(probs_BxMxE, axis=1)
+  else:  # the same tokens in every layer, as the logits are laid out: layer-major per sequence
+    w_BxM = jnp.tile(token_mask_BxS.astype(jnp.float32), (1, num_layers))
+    count_Bx1 = jnp.maximum(jnp.sum(w_BxM, axis=1, keepdims=True), 1.0)
+    z_loss = jnp.sum(lse2_BxM * w_BxM) / jnp.maximum(jnp.sum(w_BxM), 1.0)
+    frac_BxE = jnp.einsum("bme,bm->be", onehot_BxMxE, w_BxM) / count_Bx1
+    prob_BxE = jnp.einsum("bme,bm->be", probs_BxMxE, w_BxM) / count_Bx1
   return z_loss, e**2 * jnp.mean(frac_BxE * prob_BxE)

@@ -6,10 +6,16 @@ import jax
 import jax.numpy as jnp
 
 
-def block_reconstruction(student_out_LxBxSxD: jax.Array, teacher_out_LxBxSxD: jax.Array):
-  """MSE of each MoE block's output against the teacher's, averaged over layers."""
+def block_reconstruction(student_out_LxBxSxD: jax.Array, teacher_out_LxBxSxD: jax.Array,
+                         token_mask_BxS=None):
+  """MSE of each MoE block's output against the teacher's, averaged over layers (and over the
+  tokens where token_mask_BxS is True, when given)."""
   diff = student_out_LxBxSxD.astype(jnp.float32) - teacher_out_LxBxSxD.astype(jnp.float32)
-  return jnp.mean(jnp.square(diff))
+  if token_mask_BxS is None:
+    return jnp.mean(jnp.square(diff))
+  w_BxS = token_mask_BxS.astype(jnp.float32)
+  per_token_LxBxS = jnp.mean(jnp.square(diff), axis=-1)
+  return jnp.sum(per_token_LxBxS * w_BxS) / (diff.shape[0] * jnp.maximum(jnp.sum(w_BxS), 1.0))
 
 
 def kl_divergence(teacher_logits, student_logits, temperature: float = 1.0, axis: int = -1):

@@ -8,14 +8,24 @@ import jax.numpy as jnp
 from moeqjax.objectives.distill import kl_divergence
 
 
-def value_alignment(teacher_logits_LxTxE, student_logits_LxTxE, temperature: float = 1.0):
-  """L_value = KL(softmax(z/t) || softmax(z_hat/t)), averaged over tokens and layers."""
-  return jnp.mean(kl_divergence(jax.lax.stop_gradient(teacher_logits_LxTxE),
-                                student_logits_LxTxE, temperature))
+def token_mean(values_LxT, token_mask_T=None):
+  """The mean over layers and the tokens where token_mask_T is True (None: every token)."""
+  if token_mask_T is None:
+    return jnp.mean(values_LxT)
+  w_T = token_mask_T.astype(jnp.float32)
+  return jnp.sum(values_LxT * w_T) / (values_LxT.shape[0] * jnp.maximum(jnp.sum(w_T), 1.0))
+
+
+def value_alignment(teacher_logits_LxTxE, student_logits_LxTxE, temperature: float = 1.0,
+                    token_mask_T=None):
+  """L_value = KL(softmax(z/t) || softmax(z_hat/t)), averaged over tokens (those where
+  token_mask_T is True, when given) and layers."""
+  return token_mean(kl_divergence(jax.lax.stop_gradient(teacher_logits_LxTxE),
+                                  student_logits_LxTxE, temperature), token_mask_T)
 
 
 def structure_alignment(teacher_logits_LxTxE, student_logits_LxTxE, top_k: int, margin: float,
-                        rank_weight: float = 0.0):
+                        rank_weight: float = 0.0, token_mask_T=None):
   """Hinge on the teacher's top-k decision boundary, applied to the student's logits.
 
   L_struct = mean_{i in T_k, j not in T_k} relu(m - (z_hat_i - z_hat_j)), with T_k the
@@ -29,6 +39,7 @@ def structure_alignment(teacher_logits_LxTxE, student_logits_LxTxE, top_k: int, 
     top_k: k of the routing.
     margin: m, the logit gap the student must keep across the boundary.
     rank_weight: weight of the in-set ranking term.
+    token_mask_T: bool [T], the tokens to average over (e.g. not padding); None: all.
 
   Returns:
     A scalar loss.
@@ -42,8 +53,13 @@ def structure_alignment(teacher_logits_LxTxE, student_logits_LxTxE, top_k: int, 
   gaps = chosen[..., :, None] - student[..., None, :]  # z_hat_i - z_hat_j, [L, T, K, E]
   hinge = jax.nn.relu(margin - gaps) * (1.0 - in_set)[..., None, :]
   num_pairs = top_k * (num_experts - top_k)
-  loss = jnp.sum(hinge) / (hinge.shape[0] * hinge.shape[1] * max(num_pairs, 1))
+  if token_mask_T is None:  # the unmasked sums as they always were (golden metrics pin them)
+    loss = jnp.sum(hinge) / (hinge.shape[0] * hinge.shape[1] * max(num_pairs, 1))
+  else:
+    loss = token_mean(jnp.sum(hinge, axis=(-2, -1)), token_mask_T) / max(num_pairs, 1)
   if rank_weight and top_k > 1:
     rank = jax.nn.relu(margin - (chosen[..., :-1] - chosen[..., 1:]))
-    loss = loss + rank_weight * jnp.mean(rank)
+    rank_mean = (jnp.mean(rank) if token_mask_T is None
+                 else token_mean(jnp.mean(rank, axis=-1), token_mask_T))
+    loss = loss + rank_weight * rank_mean
   return loss

@@ -266,7 +266,8 @@ def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path, m
 
 
 def ptq_student(config, ptq_dir: pathlib.Path):
-  """(params, codes [L, E]) of a finished `moeqjax ptq` workdir made with this model and quant config.
+  """(params, codes [L, E]) of a finished `moeqjax ptq` workdir made with this model and quant config
+  (either model family: a Switch run's rows are its sparse layers, encoder first).
 
   Raises:
     PtqError: not a ptq workdir, another model or quant config, or no finished checkpoint.
@@ -286,4 +287,5 @@ def ptq_student(config, ptq_dir: pathlib.Path):
                          parts=("params", "quant"))
   if state is None:
     raise PtqError(f"--init-from {ptq_dir} has no finished checkpoint; rerun `moeqjax ptq` into it")
-  return state.params, expert_codes(state.quant, config_io.model_config(config).num_layers)
+  num_layers = None if config_io.is_switch(config) else config_io.model_config(config).num_layers
+  return state.params, expert_codes(state.quant, num_layers)

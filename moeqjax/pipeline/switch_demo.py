@@ -158,7 +158,12 @@ def demo_sample(cfg, workdir: pathlib.Path, student: dict, batch, tokenizer_name
                   tokenizer=tokenizer_name or None, eos_id=None, overwrite=True,
                   source=str((workdir / SERVED).absolute()))
   served = load_packed(folder)
-  enc = np.asarray(batch.encoder_ids[:1])
+  # The example's real source tokens only (pairs are right-padded), so the sample, and the
+  # deploy check that reruns it unmasked, read no padding.
+  enc = np.asarray(batch.encoder_ids[0])
+  if batch.encoder_mask is not None:
+    enc = enc[np.asarray(batch.encoder_mask[0], bool)]
+  enc = enc[None]
   target = np.asarray(batch.targets[0])[np.asarray(batch.target_mask[0])]
   t = time.perf_counter()
   tokens = switch_greedy(served.model, served.variables, enc, len(target))[0]

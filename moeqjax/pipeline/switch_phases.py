@@ -228,18 +228,18 @@ def pretrain(config, workdir: pathlib.Path, corpus: TokenCorpus, *, resume: bool
                       batches=data.train_batches(loop))
 
 
-def _refuse(init_from, realloc):
-  if init_from is not None:
-    raise SwitchPhaseError("qat --init-from (QAT from a `moeqjax ptq` student) is not wired for a "
-                           "Switch config yet; drop --init-from")
+def _refuse(realloc):
   if realloc is not None:
     raise SwitchPhaseError("re-allocation during QAT (realloc.every > 0) is not wired for a Switch "
                            "config yet; set --config.realloc.every=0")
 
 
 def qat(config, workdir: pathlib.Path, corpus: TokenCorpus, teacher_params, *,
-        expert_codes_LxE, resume: bool, provenance: dict | None = None) -> TrainState:
-  """QAT of a Switch student from `teacher_params` (codes [L_sparse, E] or quant.expert_code)."""
+        expert_codes_LxE, resume: bool, init_from: tuple[str, object] | None = None,
+        provenance: dict | None = None) -> TrainState:
+  """QAT of a Switch student from `teacher_params` (codes [L_sparse, E] or quant.expert_code);
+  init_from (name, params), e.g. a `moeqjax ptq --method gptq` student, starts the student there
+  instead (the name is recorded in config.json)."""
   workdir = pathlib.Path(workdir)
   cfg = config_io.switch_config(config)
   loop, optim = _loop(config, "qat")
@@ -248,13 +248,15 @@ def qat(config, workdir: pathlib.Path, corpus: TokenCorpus, teacher_params, *,
   record, defaults = _record(config, STUDENT_SECTIONS)
   record["expert_codes"] = (None if expert_codes_LxE is None
                             else np.asarray(expert_codes_LxE).tolist())
+  if init_from is not None:
+    record["init_from"] = init_from[0]
   record_config(workdir, record, {**(provenance or {}), **defaults})
   quant = default_quant(cfg)
   if expert_codes_LxE is not None:
     quant = set_expert_codes(quant, expert_codes_LxE)
   tx = make_optimizer(optim)
   teacher = without_ratios(teacher_params)
-  start = init_ratios(cfg, teacher, quant)
+  start = init_ratios(cfg, teacher if init_from is None else init_from[1], quant)
   state = create_state(jax.tree.map(jnp.copy, start), tx, None, quant=quant,
                        teacher_params=jax.tree.map(jnp.copy, teacher))
   done = finished_state(workdir, state, loop.steps)
@@ -276,12 +278,21 @@ def read_switch_allocation(config, path) -> np.ndarray:
 
 def qat_from_teacher(config, workdir, teacher_dir, allocation_path, *, resume: bool,
                      init_from=None, realloc=None) -> TrainState:
-  """`moeqjax qat` on a Switch config: the teacher's params, the data, an optional allocation."""
+  """`moeqjax qat` on a Switch config: the teacher's params, the data, an optional allocation.
+
+  With `init_from` (a `moeqjax ptq` workdir) the student starts from that PTQ student, at its codes
+  unless an allocation is given (ptq.ptq_student, as for a decoder-only run)."""
+  from moeqjax.pipeline.ptq import ptq_student
   from moeqjax.pipeline.workdirs import teacher_inputs
-  _refuse(init_from, realloc)
+  _refuse(realloc)
   params, corpus, codes = teacher_inputs(config, teacher_dir, allocation_path)
+  start = None
+  if init_from is not None:
+    start_params, start_codes = ptq_student(config, pathlib.Path(init_from))
+    start = (str(pathlib.Path(init_from).absolute()), start_params)
+    codes = start_codes if codes is None else codes
   state = qat(config, workdir, corpus, params, expert_codes_LxE=codes, resume=resume,
-              provenance={"teacher": str(pathlib.Path(teacher_dir).absolute())})
+              init_from=start, provenance={"teacher": str(pathlib.Path(teacher_dir).absolute())})
   import_hf.keep_hf_config(teacher_dir, workdir)  # an imported teacher's config.json, for export
   return state
 
@@ -363,13 +374,15 @@ def sparse_layer_names(params) -> list[str]:
 
 def _per_example_agreement(reference: dict, result: dict, num_experts: int, n: int) -> np.ndarray:
   """Top-1 agreement with the reference per example, the mean over every sparse layer (each
-  stack's per-example agreement weighted by its sparse layer count)."""
+  stack's per-example agreement, over the example's real tokens, weighted by its sparse layer
+  count)."""
   total, layers = 0.0, 0
   for s in STACKS:
     ref, idx = reference["expert_idx"][s], result["expert_idx"][s]
     if ref.shape[0] == 0:
       continue
-    total = total + ref.shape[0] * window_agreement(ref, idx, num_experts, n)["top1_agree"]
+    total = total + ref.shape[0] * window_agreement(
+        ref, idx, num_experts, n, reference["token_mask"][s])["top1_agree"]
     layers += ref.shape[0]
   return total / layers
 

@@ -107,12 +107,12 @@ def lambda_stats(config, state) -> tuple[dict, object, dict]:
 
 
 def per_layer_agreement(reference: dict, result: dict, num_experts: int) -> list[float]:
-  """Top-1 agreement with the reference per sparse layer, encoder first."""
+  """Top-1 agreement with the reference per sparse layer (real tokens only), encoder first."""
   out = []
   for s in STACKS:
     if reference["expert_idx"][s].shape[0]:
-      out += routing_agreement(reference["expert_idx"][s], result["expert_idx"][s],
-                               num_experts)["top1_agree"].tolist()
+      out += routing_agreement(reference["expert_idx"][s], result["expert_idx"][s], num_experts,
+                               reference["token_mask"][s])["top1_agree"].tolist()
   return out
 
 

@@ -41,14 +41,16 @@ def init_router_stats(params, num_layers: int | None = None) -> dict:
   }
 
 
-def _routing_sums(idx_LxTxK, gates_LxTxK, num_experts: int):
+def _routing_sums(idx_LxTxK, gates_LxTxK, num_experts: int, token_mask_T=None):
   onehot = jax.nn.one_hot(idx_LxTxK, num_experts, dtype=jnp.float32)  # [L, T, K, E]
+  if token_mask_T is not None:  # padding counts toward no expert
+    onehot = onehot * token_mask_T.astype(jnp.float32)[None, :, None, None]
   return (jnp.sum(onehot, axis=(1, 2)),
           jnp.einsum("ltke,ltk->le", onehot, gates_LxTxK.astype(jnp.float32)))
 
 
 def update_router_stats(stats: dict, grads, idx_LxTxK, gates_LxTxK,
-                        num_layers: int | None = None) -> dict:
+                        num_layers: int | None = None, token_masks=None) -> dict:
   """Adds one step's router-gradient norms and routing counts to the accumulators.
 
   Args:
@@ -58,12 +60,15 @@ def update_router_stats(stats: dict, grads, idx_LxTxK, gates_LxTxK,
       stacks route different token counts (a Switch encoder and decoder), a tuple of one such
       array per stack, in model.moe_paths order (encoder first).
     num_layers: the MoE layers expected (checked), or None.
+    token_masks: None (every routed token counts), or one bool [T] per stack (the routing's
+      token order), False where a token is padding and counts toward no expert.
   """
   grad_norm = router_row_norms(grads, num_layers)
   num_experts = grad_norm.shape[-1]
   if not isinstance(idx_LxTxK, (tuple, list)):
     idx_LxTxK, gates_LxTxK = (idx_LxTxK,), (gates_LxTxK,)
-  sums = [_routing_sums(i, g, num_experts) for i, g in zip(idx_LxTxK, gates_LxTxK)]
+  masks = token_masks if token_masks is not None else (None,) * len(idx_LxTxK)
+  sums = [_routing_sums(i, g, num_experts, m) for i, g, m in zip(idx_LxTxK, gates_LxTxK, masks)]
   count = jnp.concatenate([c for c, _ in sums])
   gate_sum = jnp.concatenate([g for _, g in sums])
   return {

@@ -3,9 +3,11 @@
 # A batch is a dict of int32 arrays (data.Seq2SeqBatch's fields): encoder_ids [B, S],
 # decoder_ids [B, T], targets [B, T], target_mask [B, T] (bool) and encoder_mask [B, S] (bool, False
 # at the source's padding: encoder self-attention and decoder cross-attention skip it). Padding is
-# still routed and counted in the router statistics and drop rates, as transformers' Switch routes
-# it; it sits after a source's tokens, so the capacity (earlier tokens first) never drops a real
-# token for it. The state is the decoder-only
+# still routed, as transformers' Switch routes it; it sits after a source's tokens, so the
+# capacity (earlier tokens first) never drops a real token for it. The objective, the router
+# statistics and the drop rate count real tokens only: the encoder's where encoder_mask is True,
+# the decoder's where target_mask is (a position past the target predicts nothing). The state is
+# the decoder-only
 # step's TrainState: params, optimizer state, the student's `quant` codes (None: full precision),
 # the frozen teacher's params (None: no teacher terms) and the router statistics over every
 # sparse layer (encoder's, then decoder's; model.moe_paths).
@@ -21,6 +23,7 @@ import numpy as np
 import optax
 
 from moeqjax.model import SwitchTransformer
+from moeqjax.model.capacity import real_token_drop_rate
 from moeqjax.objectives import LossWeights, seq2seq_loss_terms, total_loss
 from moeqjax.objectives.seq2seq import STACKS
 from moeqjax.train.optim import apply_gradients
@@ -63,18 +66,36 @@ def seq2seq_losses(params, state: TrainState, batch, rng, model: SwitchTransform
     teacher = jax.lax.stop_gradient(state.teacher_params)
     teacher_logits, teacher_aux = seq2seq_forward(model, {"params": teacher}, batch)
   terms = seq2seq_loss_terms(weights, batch["targets"].shape[0], logits, aux, batch["targets"],
-                             batch["target_mask"], teacher_logits, teacher_aux)
+                             batch["target_mask"], teacher_logits, teacher_aux,
+                             batch.get("encoder_mask"))
   return total_loss(weights, terms), (terms, aux)
 
 
-def _pooled_drop_rate(aux):
-  """The fraction of all routed tokens (every sparse layer of both stacks) the capacity dropped."""
-  dropped, routed = 0.0, 0
+def token_masks(batch) -> dict:
+  """Each stack's real tokens, bool [B, len]: the encoder's by encoder_mask (all True when the
+  batch has none), the decoder's by target_mask (a position past the target predicts nothing)."""
+  encoder = batch.get("encoder_mask")
+  if encoder is None:
+    encoder = jnp.ones(batch["encoder_ids"].shape, bool)
+  return {"encoder": encoder, "decoder": batch["target_mask"]}
+
+
+def _pooled_drop_rate(model: SwitchTransformer, aux, masks):
+  """The share of real routed tokens (every sparse layer of both stacks) the capacity dropped;
+  padding is left out of the count (it ranks last in its row, so it never displaces a real
+  token)."""
+  moe = model.cfg.moe_config()
+  dropped, routed = 0.0, 0.0
   for stack in STACKS:
-    num_layers, tokens = aux[stack]["expert_idx"].shape[:2]
-    dropped = dropped + jnp.sum(aux[stack]["drop_rate"]) * tokens
-    routed += num_layers * tokens
-  return dropped / routed
+    mask = masks[stack]
+    num_layers = aux[stack]["expert_idx"].shape[0]
+    rate_L = real_token_drop_rate(aux[stack]["expert_idx"], mask, moe.num_experts,
+                                  capacity_factor=moe.capacity_factor,
+                                  capacity=moe.expert_capacity)
+    real = jnp.sum(mask.astype(jnp.float32))
+    dropped = dropped + jnp.sum(rate_L) * real
+    routed = routed + num_layers * real
+  return dropped / jnp.maximum(routed, 1.0)
 
 
 def seq2seq_train_step(state: TrainState, batch, rng, *, model: SwitchTransformer,
@@ -83,20 +104,22 @@ def seq2seq_train_step(state: TrainState, batch, rng, *, model: SwitchTransforme
   """One optimizer step: (state, batch dict, rng) -> (state, metrics).
 
   rng feeds the router jitter (model.cfg.router_jitter > 0); fold the step into it per step.
-  Router statistics take the student's routing of every sparse layer (encoder then decoder) and
-  the routers' gradients, as the decoder-only step does.
+  Router statistics take the student's routing of every sparse layer (encoder then decoder; real
+  tokens only, token_masks) and the routers' gradients, as the decoder-only step does.
   """
   grad_fn = jax.value_and_grad(seq2seq_losses, has_aux=True)
   (loss, (terms, aux)), grads = grad_fn(state.params, state, batch, rng, model, weights)
   params, opt_state = apply_gradients(state.params, grads, state.opt_state, tx,
                                       model.cfg.quant.spec())
   stats = state.stats
+  masks = token_masks(batch)
   if collect_stats:
     stats = update_router_stats(stats, grads, tuple(aux[s]["expert_idx"] for s in STACKS),
-                                tuple(aux[s]["gates"] for s in STACKS))
+                                tuple(aux[s]["gates"] for s in STACKS),
+                                token_masks=tuple(masks[s].reshape(-1) for s in STACKS))
   metrics = step_metrics(loss, grads, terms)
   if model.cfg.expert_capacity:
-    metrics["train/drop_rate"] = _pooled_drop_rate(aux)
+    metrics["train/drop_rate"] = _pooled_drop_rate(model, aux, masks)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
   return new_state, metrics
 

@@ -254,6 +254,13 @@ def test_ptq_gptq_student_evaluates_and_packs_exactly(runs, capsys):
   np.testing.assert_allclose(got, fake, atol=1e-5, rtol=0)
   # The codes matter (the equality is not vacuous): the student's held-out loss is not the teacher's.
   assert abs(gq["student"]["bits_per_token"] - gq["full_precision"]["bits_per_token"]) > 1e-3
+  # QAT from the GPTQ student (--init-from; its quant section, GPTQ's stored ratios, is inherited
+  # without --config): at step 0 the warmup learning rate is 0, so a 1-step run keeps it.
+  _run("qat", "--teacher", w / "pre", "--workdir", w / "q_init", "--init-from", w / "gq",
+       "--config.qat.steps=1", "--config.qat.warmup_steps=1")
+  _, started, started_quant = load_student(w / "q_init")
+  jax.tree.map(np.testing.assert_array_equal, (started, started_quant), (params, quant))
+  assert _load(w / "q_init" / "config.json")["init_from"] == str((w / "gq").absolute())
 
 
 def test_pairs_feed_the_phases_fixed_shape_batches(tmp_path):
