@@ -159,6 +159,11 @@ def get_config():
       rouge_examples=64,
   ))
 
+  # Progressive QAT (re-allocation during QAT from the run's own router statistics); off: every = 0.
+  # On: e.g. --config.realloc.every=50 --config.realloc.budget=2.5 (the sparse layers' codes).
+  c.realloc = ml_collections.ConfigDict(dict(every=0, method="paper_combined", budget=2.5,
+                                             budget_unit="code_bits", seed=0, levels=()))
+
   # `moeqjax demo` only (pipeline/switch_demo.py): steps that replace pretrain.steps and
   # qat.steps in the demo alone, so that it finishes in minutes; 0 keeps the section's steps.
   # The demo pretrains its teacher for 200 of the 600 steps (600 took 462 s of its 1032 s under

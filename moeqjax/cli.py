@@ -165,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("generate", help="generate text from a packed checkpoint, a QAT student "
                      "(fake quant) or a full-precision run, with a KV cache (a Switch "
-                     "Transformer: greedy, the prompt is its encoder input, <extra_id_N> its "
+                     "Transformer: the prompt is its encoder input, <extra_id_N> its "
                      "sentinels)")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--packed", default=None, help="a folder written by `moeqjax pack`")
@@ -284,8 +284,9 @@ def run_serve(args) -> int:
       args.packed, args.workdir, tokenizer=args.tokenizer)
   if serve.is_switch_model(model):  # encoder-decoder: the prompt is the encoder input
     out = serve.switch_generate_text(model, variables, tokenizer, eos_id, prompt,
-                                     args.max_new_tokens, sampling)
-    print(f"[{label}, Switch greedy] {len(out.tokens)} tokens from {out.encoder_tokens} encoder "
+                                     args.max_new_tokens, sampling, seed=args.seed)
+    how = "greedy" if sampling.temperature == 0 else f"sampled, seed {args.seed}"
+    print(f"[{label}, Switch {how}] {len(out.tokens)} tokens from {out.encoder_tokens} encoder "
           f"tokens in {out.seconds:.1f} s (compile included)", file=sys.stderr)
     return 0
   gen = serve.generate_text(model, variables, tokenizer, eos_id, prompt, args.max_new_tokens,

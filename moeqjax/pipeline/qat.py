@@ -69,13 +69,18 @@ def realloc_from_config(config) -> ReallocConfig | None:
   return rc if rc.every > 0 else None
 
 
-def progressive_step(step_fn, cfg, realloc: ReallocConfig, log=None):
+def progressive_step(step_fn, cfg, realloc: ReallocConfig, log=None, params_view=None):
   """`step_fn` re-allocating with `realloc`'s method and budget every `realloc.every` steps.
 
   See moeqjax.train.progressive.progressive_step; `log` gets (step, codes [L, E]) per re-allocation.
+  `cfg` is the ModelConfig the allocator reads; `params_view` maps the state's params to the params
+  it reads (a Switch model's sparse layers as layers_i: switch_phases.allocation_view), None: as
+  they are.
   """
 
   def allocate_codes(params, stats):
+    if params_view is not None:
+      params = params_view(params)
     return allocate(realloc.method, cfg, params, stats, realloc.budget, realloc.budget_unit,
                     seed=realloc.seed, levels=realloc.levels).codes_LxE
 

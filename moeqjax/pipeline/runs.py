@@ -34,6 +34,11 @@ FREE_SECTIONS = ("eval",)
 RUNTIME_MODEL_FIELDS = import_hf.HOW_IT_RUNS
 # Data fields a new phase may change (evaluate or fine-tune on other text); the tokenizer it may not.
 DATA_DEFAULTS = ("path", "valid_fraction", "text_field")
+# Seq2seq fields that say which task a phase trains or evaluates on, not what the model is: a
+# phase may fine-tune a span-corruption teacher on (source, target) pairs (the paper's protocol:
+# pretrained model -> summarization); the sentinel ids are the model's and stay.
+SEQ2SEQ_TASK_FIELDS = ("pairs", "source_field", "target_field", "source_len", "target_len",
+                       "window", "noise_density", "mean_span_length")
 
 # What each kind of folder is, for messages.
 KIND_TEXT = {
@@ -198,13 +203,15 @@ def _same(a, b) -> bool:
 
 
 def inherit(config: ml_collections.ConfigDict, overrides: dict[str, str], folder: pathlib.Path,
-            flag: str, sections: tuple[str, ...], *, config_given: bool = False):
+            flag: str, sections: tuple[str, ...], *, config_given: bool = False,
+            same_task: bool = False):
   """Sets `sections` of `config` to what the run in `folder` recorded (in place).
 
   Explicit overrides (`--config.<section>.<key>`, `--data`, `--tokenizer`) that differ from the
   record are an error naming every such field, except the fields a new phase may set: the model's
-  runtime fields (dispatch, max_seq_len, capacity_factor) and data.path / valid_fraction /
-  text_field (another corpus). The tokenizer is compared by content, not by path.
+  runtime fields (dispatch, max_seq_len, capacity_factor), data.path / valid_fraction /
+  text_field (another corpus) and a Switch run's seq2seq task (SEQ2SEQ_TASK_FIELDS: e.g. pairs
+  to fine-tune a span-corruption teacher on). The tokenizer is compared by content, not by path.
 
   Args:
     config: the new phase's config, with `overrides` already applied.
@@ -213,6 +220,8 @@ def inherit(config: ml_collections.ConfigDict, overrides: dict[str, str], folder
     flag: the flag that named it (for messages), e.g. "--teacher".
     sections: the sections to take ("model", "quant", "data", "pretrain", "qat").
     config_given: whether --config was given (its differing fields are then named in a note).
+    same_task: the phase continues this run itself (a rerun or --resume), so the seq2seq task
+      fields are not free.
   """
   recorded = recorded_sections(folder)
   given = _given_sections(overrides)
@@ -222,8 +231,10 @@ def inherit(config: ml_collections.ConfigDict, overrides: dict[str, str], folder
       continue
     record = recorded[section]
     now = config[section].to_dict() if section in config else {}
-    free = RUNTIME_MODEL_FIELDS if section == "model" else (
-        DATA_DEFAULTS if section == "data" else tuple(record) if section in FREE_SECTIONS else ())
+    free = {"model": RUNTIME_MODEL_FIELDS, "data": DATA_DEFAULTS,
+            "seq2seq": () if same_task else SEQ2SEQ_TASK_FIELDS}.get(section, ())
+    if section in FREE_SECTIONS:
+      free = tuple(record)
     for key, value in record.items():
       if section == "data" and key == "tokenizer":
         continue  # compared by content below
@@ -369,7 +380,7 @@ def continue_config(command: str, config: ml_collections.ConfigDict, overrides: 
     if resumes:
       check_family(config, workdir, "--workdir")
       inherit(config, overrides, workdir, "--workdir", OWN_SECTIONS[command],
-              config_given=config_given)
+              config_given=config_given, same_task=True)
 
   if command == "pretrain":
     inherit_own()

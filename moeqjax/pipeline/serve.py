@@ -26,7 +26,7 @@ from moeqjax.pipeline import import_hf
 from moeqjax.pipeline import runs
 from moeqjax.pipeline.evaluate import UnfinishedRun
 from moeqjax.pipeline.workdirs import CONFIG_RECORD, finished_state, state_template
-from moeqjax.serve import SamplingConfig, generate, load_packed, pack, switch_greedy
+from moeqjax.serve import SamplingConfig, generate, load_packed, pack, switch_generate
 from moeqjax.serve.checkpoint import build_model
 from moeqjax.serve.decode import check_request
 
@@ -194,7 +194,7 @@ def generate_text(model, variables, tokenizer, eos_id, prompt: str, max_new_toke
   return gen
 
 
-# ---- Switch Transformer (encoder-decoder): the prompt is the encoder input, greedy decoding
+# ---- Switch Transformer (encoder-decoder): the prompt is the encoder input
 
 SENTINEL_TEXT = re.compile(r"<extra_id_(\d+)>")
 
@@ -238,10 +238,18 @@ def encode_switch_prompt(tokenizer, vocab_size: int, prompt: str) -> list[int]:
   return ids
 
 
+def has_own_sentinels(tokenizer) -> bool:
+  """Whether the tokenizer holds T5's sentinels itself (`<extra_id_0>` is one of its tokens)."""
+  return getattr(tokenizer, "token_id", lambda token: None)("<extra_id_0>") is not None
+
+
 def switch_text(tokenizer, vocab_size: int, ids) -> str:
   """Text of generated ids: runs of the tokenizer's ids decoded (bytes: invalid UTF-8 becomes
-  U+FFFD), and each id above them (a sentinel) as `<extra_id_N>`, N = vocab_size - 1 - id."""
+  U+FFFD); an id above them is a sentinel `<extra_id_N>`, N = vocab_size - 1 - id, when the
+  sentinels sit above the tokenizer (data.t5_sentinel_ids), and otherwise an embedding row no
+  token names (a T5 checkpoint's padding rows: `<unused_id_ID>`)."""
   parts, run = [], []
+  own = has_own_sentinels(tokenizer)
   for t in (int(i) for i in ids):
     if t < tokenizer.vocab_size:
       run.append(t)
@@ -249,26 +257,29 @@ def switch_text(tokenizer, vocab_size: int, ids) -> str:
     if run:
       parts.append(tokenizer.decode(run))
       run = []
-    parts.append(f"<extra_id_{vocab_size - 1 - t}>")
+    parts.append(f"<unused_id_{t}>" if own else f"<extra_id_{vocab_size - 1 - t}>")
   if run:
     parts.append(tokenizer.decode(run))
   return "".join(parts)
 
 
 def switch_generate_text(model, variables, tokenizer, eos_id, prompt: str, max_new_tokens: int,
-                         sampling: SamplingConfig, stream=None) -> SwitchGeneration:
-  """Greedy output of a Switch model for the encoder input `prompt` (serve.switch_greedy), cut at
-  `eos_id` (None: never), written as text to `stream` (default stdout); sampling is refused."""
-  if sampling.temperature > 0:
-    raise BadRequest("a Switch Transformer generates greedily (serve.switch_greedy); drop "
-                     "--temperature, --top-k and --top-p")
+                         sampling: SamplingConfig, stream=None, seed: int = 0) -> SwitchGeneration:
+  """Output of a Switch model for the encoder input `prompt` (serve.switch_generate: greedy, or
+  sampled with `sampling` and `seed`), cut at `eos_id` (None: never), written as text to `stream`
+  (default stdout). When the tokenizer holds its own sentinels (T5's), the ids above its
+  vocabulary are padding rows and are never drawn (SamplingConfig.vocab_limit); when the
+  sentinels sit above the tokenizer, every id is one."""
+  if has_own_sentinels(tokenizer):
+    sampling = dataclasses.replace(sampling, vocab_limit=tokenizer.vocab_size)
   stream = sys.stdout if stream is None else stream
   vocab = model.cfg.vocab_size
   ids = encode_switch_prompt(tokenizer, vocab, prompt)
   if not ids:
     raise BadRequest("the prompt is empty; the encoder needs at least one token")
   start = time.perf_counter()
-  tokens = [int(t) for t in switch_greedy(model, variables, [ids], max_new_tokens)[0]]
+  tokens = [int(t) for t in switch_generate(model, variables, [ids], max_new_tokens,
+                                            sampling=sampling, seed=seed)[0]]
   seconds = time.perf_counter() - start
   if eos_id is not None and eos_id in tokens:
     tokens = tokens[:tokens.index(eos_id)]

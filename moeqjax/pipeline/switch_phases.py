@@ -228,18 +228,14 @@ def pretrain(config, workdir: pathlib.Path, corpus: TokenCorpus, *, resume: bool
                       batches=data.train_batches(loop))
 
 
-def _refuse(realloc):
-  if realloc is not None:
-    raise SwitchPhaseError("re-allocation during QAT (realloc.every > 0) is not wired for a Switch "
-                           "config yet; set --config.realloc.every=0")
-
-
 def qat(config, workdir: pathlib.Path, corpus: TokenCorpus, teacher_params, *,
         expert_codes_LxE, resume: bool, init_from: tuple[str, object] | None = None,
-        provenance: dict | None = None) -> TrainState:
+        realloc=None, provenance: dict | None = None) -> TrainState:
   """QAT of a Switch student from `teacher_params` (codes [L_sparse, E] or quant.expert_code);
   init_from (name, params), e.g. a `moeqjax ptq --method gptq` student, starts the student there
-  instead (the name is recorded in config.json)."""
+  instead (the name is recorded in config.json); realloc (qat.ReallocConfig) re-allocates the
+  sparse layers' codes every realloc.every steps from the run's own router statistics, as a
+  decoder-only run does (progressive_step)."""
   workdir = pathlib.Path(workdir)
   cfg = config_io.switch_config(config)
   loop, optim = _loop(config, "qat")
@@ -250,6 +246,8 @@ def qat(config, workdir: pathlib.Path, corpus: TokenCorpus, teacher_params, *,
                             else np.asarray(expert_codes_LxE).tolist())
   if init_from is not None:
     record["init_from"] = init_from[0]
+  if realloc is not None:
+    record["realloc"] = dataclasses.asdict(realloc)
   record_config(workdir, record, {**(provenance or {}), **defaults})
   quant = default_quant(cfg)
   if expert_codes_LxE is not None:
@@ -263,8 +261,20 @@ def qat(config, workdir: pathlib.Path, corpus: TokenCorpus, teacher_params, *,
   if done is not None:
     return done
   desc = workdir.name if "qat" in workdir.name else f"qat {workdir.name}"
-  return run_training(state, _compiled_step(cfg, optim, weights), None, loop, workdir,
-                      resume=resume, desc=desc, batches=data.train_batches(loop))
+  step_fn = _compiled_step(cfg, optim, weights)
+  if realloc is not None:
+    step_fn = progressive_step(step_fn, config, realloc)
+  return run_training(state, step_fn, None, loop, workdir, resume=resume, desc=desc,
+                      batches=data.train_batches(loop))
+
+
+def progressive_step(step_fn, config, realloc, log=None):
+  """A Switch QAT step that re-allocates every realloc.every steps: qat.progressive_step over the
+  allocation view (the sparse layers as the allocator's layers, encoder first)."""
+  from moeqjax.pipeline import qat as qat_mod
+  view, _ = allocation_view(config)
+  return qat_mod.progressive_step(step_fn, view, realloc, log=log,
+                                  params_view=lambda params: allocation_view(config, params)[1])
 
 
 def read_switch_allocation(config, path) -> np.ndarray:
@@ -284,7 +294,6 @@ def qat_from_teacher(config, workdir, teacher_dir, allocation_path, *, resume: b
   unless an allocation is given (ptq.ptq_student, as for a decoder-only run)."""
   from moeqjax.pipeline.ptq import ptq_student
   from moeqjax.pipeline.workdirs import teacher_inputs
-  _refuse(realloc)
   params, corpus, codes = teacher_inputs(config, teacher_dir, allocation_path)
   start = None
   if init_from is not None:
@@ -292,7 +301,8 @@ def qat_from_teacher(config, workdir, teacher_dir, allocation_path, *, resume: b
     start = (str(pathlib.Path(init_from).absolute()), start_params)
     codes = start_codes if codes is None else codes
   state = qat(config, workdir, corpus, params, expert_codes_LxE=codes, resume=resume,
-              init_from=start, provenance={"teacher": str(pathlib.Path(teacher_dir).absolute())})
+              init_from=start, realloc=realloc,
+              provenance={"teacher": str(pathlib.Path(teacher_dir).absolute())})
   import_hf.keep_hf_config(teacher_dir, workdir)  # an imported teacher's config.json, for export
   return state
 

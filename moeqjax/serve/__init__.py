@@ -11,4 +11,5 @@ from moeqjax.serve.decode import init_cache
 from moeqjax.serve.sampling import SamplingConfig
 from moeqjax.serve.sampling import sample
 from moeqjax.serve.switch_decode import init_switch_cache
+from moeqjax.serve.switch_decode import switch_generate
 from moeqjax.serve.switch_decode import switch_greedy

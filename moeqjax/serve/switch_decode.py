@@ -1,4 +1,4 @@
-"""Greedy generation for the Switch Transformer: the encoder once, then one cached decoder step a token."""
+"""Generation for the Switch Transformer (greedy or sampled): the encoder once, then one cached decoder step a token."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moeqjax.model import SwitchTransformer
+from moeqjax.serve.sampling import SamplingConfig, sample
 
 
 def init_switch_cache(model: SwitchTransformer, batch: int, length: int, memory_len: int):
@@ -24,23 +25,31 @@ def init_switch_cache(model: SwitchTransformer, batch: int, length: int, memory_
 
 
 @functools.lru_cache(maxsize=None)
-def _greedy_fns(model_class, cfg):
-  """(encode, first step, later step), compiled once per config (batches of one shape reuse them)."""
+def _decode_fns(model_class, cfg, sampling: SamplingConfig):
+  """(encode, first step, later step), compiled once per config and sampling rule (batches of one
+  shape reuse them)."""
   model = model_class(cfg)
 
-  def step(v, cache, token_B, memory, mask):
+  def step(v, cache, token_B, memory, mask, rng):
     (logits, _), state = model.apply({**v, "cache": cache}, token_B[:, None], memory, mask,
                                      decode=True, method="decode", mutable=["cache"])
-    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), state["cache"]
+    return sample(logits[:, -1], rng, sampling), state["cache"]
 
   encode = jax.jit(lambda v, ids, m: model.apply(v, ids, m, method="encode"))
-  later = jax.jit(lambda v, cache, token_B, mask: step(v, cache, token_B, None, mask))
+  later = jax.jit(lambda v, cache, token_B, mask, rng: step(v, cache, token_B, None, mask, rng))
   return encode, jax.jit(step), later
 
 
 def switch_greedy(model: SwitchTransformer, variables, encoder_ids_BxS, max_new_tokens: int,
                   encoder_mask_BxS=None) -> np.ndarray:
-  """Greedy decoding: int32 [B, max_new_tokens], the tokens after model.cfg.decoder_start_token_id.
+  """Greedy decoding: switch_generate with the default (greedy) sampling."""
+  return switch_generate(model, variables, encoder_ids_BxS, max_new_tokens, encoder_mask_BxS)
+
+
+def switch_generate(model: SwitchTransformer, variables, encoder_ids_BxS, max_new_tokens: int,
+                    encoder_mask_BxS=None, *, sampling: SamplingConfig = SamplingConfig(),
+                    seed: int = 0) -> np.ndarray:
+  """Decoding: int32 [B, max_new_tokens], the tokens after model.cfg.decoder_start_token_id.
 
   The first step stores the cross-attention keys/values of the encoder output; every step feeds
   one token and extends the self-attention cache. A cached step routes one token per sequence,
@@ -52,19 +61,23 @@ def switch_greedy(model: SwitchTransformer, variables, encoder_ids_BxS, max_new_
     encoder_ids_BxS: int token ids.
     max_new_tokens: how many tokens to generate (no early stop).
     encoder_mask_BxS: bool, False at encoder padding; None: no padding.
+    sampling: greedy by default; else temperature / top-k / top-p (serve.sampling.sample), the
+      token of step i drawn with jax.random.fold_in(key(seed), i), as serve.generate draws.
+    seed: the sampling seed.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
   encoder_ids = jnp.asarray(encoder_ids_BxS, jnp.int32)
   mask = None if encoder_mask_BxS is None else jnp.asarray(encoder_mask_BxS, bool)
   b, s = encoder_ids.shape
-  encode, first, later = _greedy_fns(type(model), model.cfg)
+  encode, first, later = _decode_fns(type(model), model.cfg, sampling)
+  rng = jax.random.key(seed)
   memory, _ = encode(variables, encoder_ids, mask)
   cache = init_switch_cache(model, b, max_new_tokens, s)
   token = jnp.full((b,), model.cfg.decoder_start_token_id, jnp.int32)
-  token, cache = first(variables, cache, token, memory, mask)
+  token, cache = first(variables, cache, token, memory, mask, jax.random.fold_in(rng, 0))
   out = [token]
-  for _ in range(1, max_new_tokens):
-    token, cache = later(variables, cache, token, mask)
+  for i in range(1, max_new_tokens):
+    token, cache = later(variables, cache, token, mask, jax.random.fold_in(rng, i))
     out.append(token)
   return np.asarray(jnp.stack(out, axis=1))

@@ -13,6 +13,7 @@ from moeqjax.cli import main
 from moeqjax.data import load_stdlib_corpus
 from moeqjax.data.seq2seq import span_corruption_batch, t5_sentinel_ids
 from moeqjax.eval import evaluate_seq2seq
+from moeqjax.model import expert_codes
 from moeqjax.pipeline.config import is_switch, load_config, switch_config
 from moeqjax.pipeline.switch_phases import Seq2SeqData, allocation_view
 
@@ -131,6 +132,16 @@ def test_stats_allocation_and_the_mixed_student(runs):
   mix = _load(runs / "mix" / "eval.json")["student"]
   assert mix["expert_codes"] == codes.tolist()
   assert mix["expert_bits_per_weight"] == pytest.approx(spent["bits_per_weight"])
+  # Progressive QAT (realloc): from ternary, the codes are re-allocated at step 10 from the run's
+  # own statistics, within the budget (the allocator itself is checked in test_progressive_realloc).
+  _run("qat", "--teacher", runs / "pre", "--workdir", runs / "prog", "--config.realloc.every=10",
+       "--config.realloc.budget=2.9", "--config.realloc.budget_unit=bits")
+  assert _load(runs / "prog" / "config.json")["realloc"]["every"] == 10
+  from moeqjax.pipeline.export import load_student
+  _, _, quant = load_student(runs / "prog")
+  moved = expert_codes(quant)
+  assert moved.shape == (2, 4) and not (moved == 1).all()
+  assert achieved(view, moved)["bits_per_weight"] <= 2.9
 
 
 def test_runs_record_the_teachers_sections(runs):
@@ -284,8 +295,10 @@ def test_pairs_feed_the_phases_fixed_shape_batches(tmp_path):
 
 
 def test_eval_on_pairs_reports_rouge_of_each_variant(tmp_path, capsys):
-  """pretrain and qat on (text, summary) pairs, then eval: ROUGE of teacher and student, equal to
-  eval.rouge's rouge_eval on checkpoints restored here, with paired differences."""
+  """The paper's protocol: pretrain by span corruption (the default), fine-tune (qat) on (text,
+  summary) pairs given as overrides, then eval with no flag but --workdir: ROUGE of teacher and
+  student on the pairs, equal to eval.rouge's rouge_eval on checkpoints restored here, with paired
+  differences."""
   pytest.importorskip("rouge_score", reason="needs the `data` extra (rouge-score)")
   from moeqjax.eval.rouge import rouge_eval
   from moeqjax.pipeline.serve import switch_text
@@ -300,9 +313,12 @@ def test_eval_on_pairs_reports_rouge_of_each_variant(tmp_path, capsys):
               "--config.seq2seq.target_len=12", "--config.data.valid_fraction=0.25",
               "--config.eval.num_batches=1", "--config.eval.rouge_examples=5",
               "--config.pretrain.warmup_steps=1"]
-  _run("pretrain", "--config", config, "--workdir", tmp_path / "pre", *on_pairs)
+  _run("pretrain", "--config", config, "--workdir", tmp_path / "pre",
+       "--config.pretrain.warmup_steps=1")
+  assert _load(tmp_path / "pre" / "config.json")["seq2seq"]["pairs"] == ""  # span corruption
   _run("qat", "--teacher", tmp_path / "pre", "--workdir", tmp_path / "q",
-       "--config.qat.warmup_steps=1")
+       "--config.qat.warmup_steps=1", *on_pairs[:-1])
+  assert _load(tmp_path / "q" / "config.json")["seq2seq"]["pairs"] == str(pairs)
   capsys.readouterr()
   _run("eval", "--workdir", tmp_path / "q")
   said = capsys.readouterr().out

@@ -9,7 +9,7 @@ import pytest
 
 from moeqjax.cli import main
 from moeqjax.model import SwitchTransformer
-from moeqjax.serve import switch_greedy
+from moeqjax.serve import SamplingConfig, switch_generate, switch_greedy
 
 from switch_micro import micro_config, restore
 
@@ -86,8 +86,17 @@ def test_generate_from_pack_and_workdir_equals_switch_greedy(runs, student, caps
     out = capsys.readouterr()
     assert out.out == _text(want) + "\n", source
     assert label in out.err and f"{NEW} tokens from {len(_prompt_ids())} encoder tokens" in out.err
-  # Sampling is refused in one line; a sentinel the model does not have too.
-  for extra, message in ((["--temperature", "0.7"], "generates greedily"),
+  # Sampled: the library's switch_generate with the flags' rule and seed.
+  rule = SamplingConfig(temperature=0.7, top_k=5)
+  want = [int(t) for t in switch_generate(model, fake_quant, [_prompt_ids()], NEW, sampling=rule,
+                                          seed=3)[0]]
+  capsys.readouterr()
+  assert main(["generate", "--workdir", str(runs / "qat"), "--prompt", PROMPT, "--max-new-tokens",
+               str(NEW), "--temperature", "0.7", "--top-k", "5", "--seed", "3"]) == 0
+  out = capsys.readouterr()
+  assert out.out == _text(want) + "\n" and "Switch sampled, seed 3" in out.err
+  # A bad sampling flag is one line; a sentinel the model does not have too.
+  for extra, message in ((["--temperature", "0.7", "--top-p", "0"], "--top-p 0"),
                          (["--prompt", "x <extra_id_64>"], "use <extra_id_0> .. <extra_id_63>")):
     argv = ["generate", "--packed", str(runs / "packed"), "--max-new-tokens", "2", *extra]
     if "--prompt" not in extra:

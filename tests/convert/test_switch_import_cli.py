@@ -109,6 +109,11 @@ def test_import_writes_a_switch_teacher_that_computes_transformers_logits(runs):
   prompt = encode_switch_prompt(make_tokenizer(str(w / "imp" / "tokenizer")), cfg.vocab_size,
                                 "w1 <extra_id_0> w2")
   assert prompt == [tok.token_to_id("w1"), tok.token_to_id("<extra_id_0>"), tok.token_to_id("w2")]
+  # and its output: the sentinel is the tokenizer's token, a padding row above it names no token
+  from moeqjax.pipeline.serve import switch_text
+  text = switch_text(make_tokenizer(str(w / "imp" / "tokenizer")), cfg.vocab_size,
+                     [tok.token_to_id("<extra_id_0>"), cfg.vocab_size - 1])
+  assert "<extra_id_0>" in text and text.endswith(f"<unused_id_{cfg.vocab_size - 1}>")
   assert json.loads((w / "imp" / "hf_config.json").read_text())["router_z_loss_coef"] == 0.123
   enc, dec = _ids(cfg.vocab_size, 2, 11, 1), _ids(cfg.vocab_size, 2, 6, 2)
   ours, _ = SwitchTransformer(cfg).apply({"params": params}, jnp.asarray(enc), jnp.asarray(dec))

@@ -1,5 +1,6 @@
 """A packed Switch student: the manifest names its family, the bytes are packed, and the packed
-forward and greedy decoding equal the fake-quant student's (the oracle) in float32."""
+forward and greedy decoding equal the fake-quant student's (the oracle) in float32, and sampled
+decoding draws what the uncached forward's logits give."""
 
 import json
 
@@ -9,7 +10,7 @@ import pytest
 
 from moeqjax.convert.student_weights import ParamWeights
 from moeqjax.model import QuantRules, SwitchConfig, SwitchTransformer
-from moeqjax.serve import load_packed, pack, switch_greedy
+from moeqjax.serve import SamplingConfig, load_packed, pack, sample, switch_generate, switch_greedy
 from moeqjax.serve.checkpoint import PackedCheckpointError, moe_blocks, open_packed
 from moeqjax.serve.packed_source import PackedWeights
 
@@ -51,6 +52,29 @@ def test_packed_logits_and_greedy_tokens_equal_fake_quant(packed):
   assert len(np.unique(want_tokens)) > 1  # not a constant token
   np.testing.assert_array_equal(switch_greedy(served.model, served.variables, enc, new),
                                 want_tokens)
+
+
+@pytest.mark.parametrize("rule", [SamplingConfig(temperature=0.8, top_k=6),
+                                  SamplingConfig(temperature=1.3, top_p=0.9, vocab_limit=30)])
+def test_sampled_tokens_are_the_uncached_forwards_draws(packed, rule):
+  """The packed model's sampled decoding (cached steps) draws, at every step i, what `sample` draws
+  with fold_in(key(seed), i) from the fake-quant student's full forward over the tokens so far."""
+  params, quant, out, _ = packed
+  served = load_packed(out)
+  enc, new, seed = ids(2, 9, seed=4), 6, 11
+  got = switch_generate(served.model, served.variables, enc, new, sampling=rule, seed=seed)
+  student, variables = SwitchTransformer(CFG), {"params": params, "quant": quant}
+  forward = jax.jit(student.apply)
+  rng = jax.random.key(seed)
+  prefix = np.full((2, 1), CFG.decoder_start_token_id, np.int32)
+  for i in range(new):
+    logits = forward(variables, enc, prefix)[0][:, -1]
+    want = np.asarray(sample(logits, jax.random.fold_in(rng, i), rule))
+    np.testing.assert_array_equal(got[:, i], want, err_msg=f"step {i}")
+    prefix = np.concatenate([prefix, got[:, i:i + 1]], axis=1)
+  assert rule.vocab_limit == 0 or got.max() < rule.vocab_limit
+  greedy = switch_greedy(served.model, served.variables, enc, new)
+  assert not np.array_equal(got, greedy)  # the draws are not the argmax path
 
 
 def test_manifest_records_the_family_and_the_packed_bytes(packed):
