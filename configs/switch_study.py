@@ -55,6 +55,8 @@ def get_config():
       budget_unit="code_bits",  # average stored bits per expert weight, scales excluded
       choices=(1, 2, 3, 4, 8),
       levels=(),  # () = the two codes whose bytes bracket the budget (int2 / int3 at 2.5)
+      ptq=("rtn", "gptq"),  # post-training rows: round-to-nearest and GPTQ at every arm's codes
+      ptq_calib_batches=8,  # GPTQ's Hessians: this many qat-phase training batches of the task
       quick=dict(seeds=2, finetune_steps=150, qat_steps=60),
   ))
   return c

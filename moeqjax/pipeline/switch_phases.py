@@ -307,7 +307,7 @@ def qat_from_teacher(config, workdir, teacher_dir, allocation_path, *, resume: b
   return state
 
 
-def _calib_batch(batch):
+def calib_batch(batch):
   """A Seq2SeqBatch as GPTQ's calibration batch: the source's and the target's padding do not
   count (nothing reads their outputs)."""
   arrays = batch_arrays(batch)
@@ -350,7 +350,7 @@ def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir, method: str, al
   report = {"method": method, "expert_codes": codes.tolist()}
   if method == "gptq":
     data = Seq2SeqData(config, cfg, corpus)
-    batches = (_calib_batch(data.batch("train", loop.batch_size, loop.seed, step))
+    batches = (calib_batch(data.batch("train", loop.batch_size, loop.seed, step))
                for step in range(calib_batches))
     hessians = model_hessians(SwitchTransformer(cfg), cfg.moe_config(), teacher, batches,
                               num_batches=calib_batches, progress=True)

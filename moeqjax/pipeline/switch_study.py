@@ -30,6 +30,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import pathlib
@@ -44,16 +45,20 @@ from moeqjax.alloc import allocation as alloc_mod
 from moeqjax.eval import evaluate_seq2seq
 from moeqjax.eval.paired import paired_difference
 from moeqjax.eval.routing_metrics import routing_agreement
-from moeqjax.model import default_quant, init_ratios, set_expert_codes, without_ratios
+from moeqjax.model import (SwitchTransformer, default_quant, init_ratios, set_expert_codes,
+                           without_ratios)
 from moeqjax.objectives.seq2seq import STACKS
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import switch_phases
+from moeqjax.pipeline.ptq import gptq_experts
+from moeqjax.pipeline.ptq_calib import model_hessians
 from moeqjax.pipeline.study import _Store, slice_corpus  # pylint: disable=protected-access
 from moeqjax.pipeline.study_report import METHOD_LABELS, _lambda_noise_lines, _pm, _winner_line
 from moeqjax.pipeline.study_summary import summarize
 
 OBJECTIVE = "joint"  # the config's loss section: one objective per Switch study
-RTN = "rtn"
+RTN, GPTQ = "rtn", "gptq"
+PTQ_LABELS = {RTN: "RTN", GPTQ: "GPTQ"}
 UNIT = switch_phases.UNIT  # "target token"
 DEFAULT_CONFIG = "configs/switch_study.py"
 
@@ -71,7 +76,16 @@ def settings(config, quick: bool) -> dict:
           "qat_steps": int(q.get("qat_steps", config.qat.steps)),
           "finetune_steps": int(q.get("finetune_steps", s["finetune_steps"])),
           "finetune_learning_rate": float(s["finetune_learning_rate"]),
-          "ptq": (RTN,), "quick": quick, "family": "switch"}
+          "ptq": tuple(s.get("ptq", (RTN,))),
+          "ptq_calib_batches": int(s.get("ptq_calib_batches", 8)), "quick": quick,
+          "family": "switch"}
+
+
+def _fingerprint_settings(st: dict) -> dict:
+  """The settings that decide the trained cells. PTQ rows are keyed by their method and train
+  nothing, so which PTQ methods run (and GPTQ's calibration) is left out: adding GPTQ rows to a
+  finished study keeps its QAT cells (the key keeps its first value, so older studies match)."""
+  return {**{k: v for k, v in st.items() if k != "ptq_calib_batches"}, "ptq": (RTN,)}
 
 
 def _with(config, **sections) -> object:
@@ -136,6 +150,26 @@ def quantized(cfg, teacher, codes) -> dict:
   return {"params": init_ratios(cfg, teacher, quant), "quant": quant}
 
 
+def gptq_quantized(cfg, teacher, hessians, codes) -> tuple[object, dict, dict]:
+  """(the GPTQ row's config, variables, GPTQ's report): the teacher's experts by GPTQ at `codes`
+  (pipeline.ptq.gptq_experts, shared with `moeqjax ptq`); the config stores GPTQ's ratios."""
+  row_cfg = cfg.replace(quant=dataclasses.replace(cfg.quant, stored_ratio=True))
+  quant = set_expert_codes(default_quant(row_cfg), np.asarray(codes, np.int32))
+  params, report = gptq_experts(row_cfg, init_ratios(row_cfg, teacher, quant), hessians, codes)
+  return row_cfg, {"params": params, "quant": quant}, report
+
+
+def _calibration(config, cfg, task, teacher, num_batches: int):
+  """GPTQ's per-expert Hessians of the teacher: the QAT phase's first `num_batches` training
+  batches of the task slice (switch_phases' calibration, padding left out)."""
+  data = switch_phases.Seq2SeqData(config, cfg, task)
+  loop = config.qat
+  batches = (switch_phases.calib_batch(data.batch("train", loop.batch_size, loop.seed, step))
+             for step in range(num_batches))
+  return model_hessians(SwitchTransformer(cfg), cfg.moe_config(), teacher, batches,
+                        num_batches=num_batches, progress=True)
+
+
 def paper_vs_others(data: dict) -> dict:
   """Per regime (rtn, qat): each other arm minus paper_combined in bits per target token, paired
   over examples (QAT: each arm's seed-averaged examples; random: its seeds' average), and for QAT
@@ -144,8 +178,9 @@ def paper_vs_others(data: dict) -> dict:
   if "paper_combined" not in methods:
     return {}
   out = {}
-  regimes = {RTN: [c for c in data.get("ptq_cells", {}).values()],
-             "qat": [c for c in data.get("cells", {}).values()]}
+  regimes = {p: [c for c in data.get("ptq_cells", {}).values() if c["ptq"] == p]
+             for p in data["meta"]["settings"].get("ptq", [RTN])}
+  regimes["qat"] = list(data.get("cells", {}).values())
   for regime, cells in regimes.items():
     by = {}
     for c in cells:
@@ -198,7 +233,8 @@ def run_switch_study(config, workdir: pathlib.Path, *, quick: bool, config_path:
 
   fingerprint = json.dumps({k: config[k].to_dict() for k in ("model", "quant", "data", "seq2seq",
                                                               "pretrain", "qat", "loss", "eval")},
-                           sort_keys=True, default=str) + json.dumps(st, sort_keys=True, default=str)
+                           sort_keys=True, default=str) + json.dumps(
+                               _fingerprint_settings(st), sort_keys=True, default=str)
   meta = {"fingerprint": fingerprint, "settings": st, "config_path": config_path,
           "family": "switch", "unit": UNIT,
           "unit_note": "bits_per_byte / bits_per_window hold bits per target token / per example",
@@ -252,18 +288,32 @@ def run_switch_study(config, workdir: pathlib.Path, *, quick: bool, config_path:
       for m in st["methods"] if m not in ("uniform", "random")}
   store.save()
 
-  # 4: PTQ (RTN) rows.
+  # 4: PTQ rows (RTN; GPTQ with per-expert Hessians from the task's training batches through the
+  # teacher, once, as `moeqjax ptq --method gptq` calibrates).
   ptq_cells = store.data.setdefault("ptq_cells", {})
-  for (m, seed), a in allocs.items():
-    key = f"{RTN}|{m}|{b:g}|{seed}"
-    if key in ptq_cells or (seed > 0 and m != "random"):
-      continue
-    r = score(cfg, quantized(cfg, teacher, a.codes_LxE), batches, ref_raw)
-    ptq_cells[key] = {"ptq": RTN, "method": m, "budget": b, "seed": seed, **r,
-                      "expert_bytes": a.achieved["bytes"],
-                      "expert_bits_per_weight": a.achieved["bits_per_weight"],
-                      "expert_code_bits": a.achieved["code_bits"]}
-    store.save()
+  hessians = None
+  for p in st["ptq"]:
+    if p not in PTQ_LABELS:
+      raise config_io.ConfigError(f"study.ptq has {p!r}; use {', '.join(PTQ_LABELS)}")
+    for (m, seed), a in allocs.items():
+      key = f"{p}|{m}|{b:g}|{seed}"
+      if key in ptq_cells or (seed > 0 and m != "random"):
+        continue
+      report = {}
+      if p == GPTQ:
+        if hessians is None:
+          hessians = _calibration(config, cfg, task, teacher, st["ptq_calib_batches"])
+        row_cfg, variables, report = gptq_quantized(cfg, teacher, hessians, a.codes_LxE)
+      else:
+        row_cfg, variables = cfg, quantized(cfg, teacher, a.codes_LxE)
+      r = score(row_cfg, variables, batches, ref_raw)
+      ptq_cells[key] = {"ptq": p, "method": m, "budget": b, "seed": seed, **r,
+                        "expert_bytes": a.achieved["bytes"],
+                        "expert_bits_per_weight": a.achieved["bits_per_weight"],
+                        "expert_code_bits": a.achieved["code_bits"],
+                        "calib_output_error": report.get("calib_output_error"),
+                        "rtn_fallback_no_tokens": report.get("rtn_fallback_no_tokens", [])}
+      store.save()
 
   # 5: QAT cells and the same-objective full-precision control, seed by seed.
   controls = store.data["controls"]
@@ -326,6 +376,7 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
   noise and the multiplicity caveat."""
   st, summ, ref, meta = data["meta"]["settings"], data["summary"], data["reference"], data["meta"]
   b = st["main_budget"]
+  extra_ptq = [x for x in st.get("ptq", (RTN,)) if x != RTN]
   tc, pc = meta["task_corpus"], meta["pretrain_corpus"]
   lines = [f"# Switch study: the paper's protocol ({'QUICK' if st['quick'] else 'default'} "
            "settings)", "", f"Command: `{data['command']}`  ", f"Machine: {meta['machine']}  ",
@@ -345,7 +396,11 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
            f"rows = sparse layers {', '.join(meta['layer_names'])}; the rule-based arms use the "
            "paper's two levels per layer (n_high rounded down), mc_moe solves its integer "
            "program, uniform is the largest single code within the budget (fewer bytes).",
-           f"- PTQ: round-to-nearest of the teacher at the arm's codes. QAT: {st['qat_steps']} "
+           "- PTQ: round-to-nearest of the teacher at the arm's codes"
+           + (f"; GPTQ of its experts at those codes (Hessians from {st['ptq_calib_batches']} "
+              "training batches of the task slice through the teacher, capacity-dropped and "
+              "padded tokens left out)" if GPTQ in st.get("ptq", ()) else "")
+           + f". QAT: {st['qat_steps']} "
            f"steps of the config's joint objective from the teacher, {st['seeds']} seed(s) per "
            "arm (random: one order per seed); control: the same QAT with every expert at full "
            "precision, per seed.",
@@ -387,27 +442,34 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
              f"{q['top1_agree']['mean']:.3f}"]
     lines.append(f"| {m} | {a['bytes']:,} | {a['bits_per_weight']:.3f} | {_codes_text(a)} | "
                  + " | ".join(ptq + qat) + " |")
+  lines += _gptq_lines(data, st, b)
   lines += ["", "## The paper's rule against each arm", "",
             "Δ = arm minus paper_combined in bits per target token (positive: paper_combined is "
             "better), ± the standard error paired over the held-out examples; QAT also per seed.",
             "z = Δ / its standard error.", "",
-            "| arm | PTQ Δ | PTQ z | QAT Δ | QAT z | QAT Δ per seed |", "|---|---|---|---|---|---|"]
+            "| arm | PTQ Δ | PTQ z | " + "".join(f"{PTQ_LABELS[x]} Δ | {PTQ_LABELS[x]} z | "
+                                                for x in extra_ptq)
+            + "QAT Δ | QAT z | QAT Δ per seed |",
+            "|---|---|---|" + "---|---|" * len(extra_ptq) + "---|---|---|"]
   vs = summ.get("paper_vs_others", {})
   tests, identical = 0, []
   for m in st["methods"]:
     if m == "paper_combined":
       continue
     p, q = vs.get(RTN, {}).get(m), vs.get("qat", {}).get(m)
+    more = [vs.get(x, {}).get(m) for x in extra_ptq]
     same = all(np.array_equal(data["allocations"][f"{m}|{b:g}|{s}"]["codes_LxE"],
                               data["allocations"][f"paper_combined|{b:g}|{s}"]["codes_LxE"])
                for s in range(st["seeds"]))
     if same:  # the same codes: the same runs, no comparison
       identical.append(m)
     else:
-      tests += (p is not None) + (q is not None)
+      tests += (p is not None) + (q is not None) + sum(r is not None for r in more)
     lines.append(f"| {m}{' (same codes)' if same else ''} | "
                  f"{_pm(p['delta'], p['delta_se']) if p else '-'} | {_z(p)} | "
-                 f"{_pm(q['delta'], q['delta_se']) if q else '-'} | {_z(q)} | "
+                 + "".join(f"{_pm(r['delta'], r['delta_se']) if r else '-'} | {_z(r)} | "
+                           for r in more)
+                 + f"{_pm(q['delta'], q['delta_se']) if q else '-'} | {_z(q)} | "
                  + (", ".join(f"{d:+.4f}" for d in q["delta_by_seed"]) if q else "-") + " |")
   bonferroni = statistics.NormalDist().inv_cdf(1 - 0.025 / max(tests, 1))
   lines += ["", f"Multiplicity: this table makes {tests} comparisons (arms with paper_combined's "
@@ -421,16 +483,53 @@ def write_markdown(workdir: pathlib.Path, data: dict) -> str:
     lines.append(_winner_line(f"- QAT at {b:g}: best **{w['best']}** ({w['best_bpb']:.4f} bits "
                               "per target token); ranking " + ", ".join(w["ranking"]), w)
                  .replace("bits/byte", "bits per target token"))
-  ranks = sorted((r for r in summ["ptq_table"].values()), key=lambda r: r["rank"])
-  if ranks:
-    lines.append("- PTQ (RTN) at " + f"{b:g}: ranking " + ", ".join(
-        f"{r['method']} {r['bits_per_byte']['mean']:.4f}" for r in ranks) + ".")
+  for x in st.get("ptq", (RTN,)):
+    ranks = sorted((r for r in summ["ptq_table"].values() if r["ptq"] == x),
+                   key=lambda r: r["rank"])
+    if ranks:
+      lines.append(f"- PTQ ({PTQ_LABELS[x]}) at {b:g}: ranking " + ", ".join(
+          f"{r['method']} {r['bits_per_byte']['mean']:.4f}" for r in ranks) + ".")
   lines += _lambda_noise_lines(summ.get("lambda_noise"), b)
   lines += ["", "Arms: " + "; ".join(f"{m} = {METHOD_LABELS.get(m, m)}" for m in st["methods"])
             + ".", ""]
   text = "\n".join(lines) + "\n"
   (pathlib.Path(workdir) / "study.md").write_text(text)
   return text
+
+
+def _gptq_lines(data: dict, st: dict, b: float) -> list[str]:
+  """The GPTQ rows' table: bits, Δ vs the teacher, agreement, GPTQ minus RTN at the same codes
+  (paired over examples; random: seed-averaged) and GPTQ's calibration output error vs RTN's."""
+  if GPTQ not in st.get("ptq", ()):
+    return []
+  summ, ref = data["summary"], np.asarray(data["reference"]["bits_per_window"])
+  cells = data.get("ptq_cells", {})
+
+  def windows(p, m):
+    rows = [c["bits_per_window"] for c in cells.values()
+            if c["ptq"] == p and c["method"] == m and c["budget"] == b]
+    return np.mean(rows, axis=0) if rows else None
+
+  lines = ["", f"## PTQ by GPTQ at {b:g} {st['budget_unit']}", "",
+           "GPTQ of the teacher's experts at each arm's codes; Δ ± the standard error paired over "
+           "held-out examples; calibration output error = sum over experts of "
+           "(W - Q)^T H (W - Q), GPTQ's and round-to-nearest's on the same Hessians.", "",
+           "| arm | GPTQ bits | Δ vs teacher | GPTQ − RTN | agree | calib. error GPTQ / RTN |",
+           "|---|---|---|---|---|---|"]
+  for m in st["methods"]:
+    row = summ["ptq_table"].get(f"{GPTQ}|{m}|{b:g}")
+    g, r = windows(GPTQ, m), windows(RTN, m)
+    if row is None or g is None:
+      continue
+    vs_teacher = paired_difference(g, ref)
+    vs_rtn = paired_difference(g, r) if r is not None else None
+    errs = [c["calib_output_error"] for c in cells.values()
+            if c["ptq"] == GPTQ and c["method"] == m and c.get("calib_output_error")]
+    err = (f"{np.mean([e['gptq'] for e in errs]):.4g} / {np.mean([e['rtn'] for e in errs]):.4g}"
+           if errs else "-")
+    lines.append(f"| {m} | {row['bits_per_byte']['mean']:.4f} | {_pm(*vs_teacher)} | "
+                 f"{_pm(*vs_rtn) if vs_rtn else '-'} | {row['topk_agree']['mean']:.3f} | {err} |")
+  return lines
 
 
 def rerender(workdir) -> str:

@@ -1,6 +1,7 @@
 """`moeqjax study` on a tiny Switch config, end to end through the CLI: the structure of study.json
 and study.md, and numerical oracles (equal bytes, Lambda, the PTQ row of uniform, the paired Δs)."""
 
+import dataclasses
 import json
 import pathlib
 import textwrap
@@ -21,6 +22,7 @@ from moeqjax.train import Checkpointer
 
 PRE, FT, QAT = 12, 4, 4
 METHODS = ("paper_combined", "frequency", "random", "uniform")
+PTQ = ("rtn", "gptq")  # configs/switch_study.py's post-training rows
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # configs/switch_study.py at a test's size: 1+1 sparse layers of 4 experts, 48-byte windows. The
 # QAT objective is the task loss alone (+ lb, z) and the fine-tune has QAT's steps and learning
@@ -73,18 +75,18 @@ def test_structure(study):
   st = data["meta"]["settings"]
   assert st["seeds"] == 2 and st["qat_steps"] == QAT and st["finetune_steps"] == FT
   assert sorted(data["cells"]) == sorted(f"joint|{m}|2.5|{s}" for m in METHODS for s in (0, 1))
-  # one RTN row per arm, random one per seed (its order changes with the seed)
-  assert sorted(data["ptq_cells"]) == sorted([f"rtn|{m}|2.5|0" for m in METHODS]
-                                             + ["rtn|random|2.5|1"])
+  # one RTN and one GPTQ row per arm, random one per seed (its order changes with the seed)
+  assert sorted(data["ptq_cells"]) == sorted([f"{p}|{m}|2.5|0" for m in METHODS for p in PTQ]
+                                             + [f"{p}|random|2.5|1" for p in PTQ])
   assert sorted(data["controls"]["joint"]["by_seed"]) == ["0", "1"]
   assert data["meta"]["layer_names"] == ["encoder/layers_0", "decoder/layers_0"]
   summ = data["summary"]
-  assert set(summ["paper_vs_others"]) == {"rtn", "qat"}
+  assert set(summ["paper_vs_others"]) == {"rtn", "gptq", "qat"}
   assert set(summ["paper_vs_others"]["qat"]) == set(METHODS) - {"paper_combined"}
   assert len(summ["lambda_noise"]["lambda_spearman_per_layer"]) == 2
   md = (w / "s" / "study.md").read_text()
   assert "## Arms at 2.5 code_bits" in md and "## The paper's rule against each arm" in md
-  assert "Multiplicity" in md and "Lambda's own noise" in md
+  assert "Multiplicity" in md and "Lambda's own noise" in md and "## PTQ by GPTQ" in md
   # finished phases and cells are reused: a second invocation trains nothing
   assert main(["study", "--config", str(w / "micro.py"), "--workdir", str(w / "s"), "--quick"]) == 0
   again = json.loads((w / "s" / "study.json").read_text())
@@ -150,3 +152,34 @@ def test_ptq_uniform_row_is_an_independent_rtn_eval(study):
       np.mean([c["bits_per_byte"] for c in cells])
       - np.mean([ctl[s]["bits_per_byte"] for s in ("0", "1")]), abs=1e-9)
   assert q["delta_vs_teacher_se"] > 0
+
+
+def test_ptq_gptq_row_is_an_independent_gptq_eval(study):
+  """The GPTQ row of uniform: GPTQ (the library's, shared with `moeqjax ptq`) of the teacher
+  restored here, on Hessians from the qat phase's first span-corruption training batches, scores
+  the row's bits; GPTQ's calibration error is below round-to-nearest's."""
+  from moeqjax.model import SwitchTransformer
+  from moeqjax.pipeline.ptq import gptq_experts
+  from moeqjax.pipeline.ptq_calib import CalibBatch, model_hessians
+  w, data, config = study
+  cfg = switch_config(config)
+  gq_cfg = cfg.replace(quant=dataclasses.replace(cfg.quant, stored_ratio=True))
+  teacher = _params(config, w / "s" / f"finetune{FT}_0", "qat", FT)
+  task = slice_corpus(config.data.task_packages, config.data.valid_fraction)
+  calib = []
+  for step in range(config.study.ptq_calib_batches):
+    b = span_corruption_batch(task.train, 4, 48, config.qat.seed, step,
+                              sentinel_ids=t5_sentinel_ids(320, 64), decoder_start_id=0)
+    calib.append(CalibBatch((b.encoder_ids, b.decoder_ids)))
+  hessians = model_hessians(SwitchTransformer(cfg), cfg.moe_config(), teacher, calib)
+  codes = np.asarray(data["allocations"]["uniform|2.5|0"]["codes_LxE"])
+  quant = set_expert_codes(default_quant(gq_cfg), codes)
+  params, report = gptq_experts(gq_cfg, init_ratios(gq_cfg, teacher, quant), hessians, codes)
+  held = [span_corruption_batch(task.valid, 8, 48, 1234, b, sentinel_ids=t5_sentinel_ids(320, 64),
+                                decoder_start_id=0) for b in range(2)]
+  got = evaluate_seq2seq(gq_cfg, {"params": params, "quant": quant}, held)
+  row = data["ptq_cells"]["gptq|uniform|2.5|0"]
+  assert row["bits_per_byte"] == pytest.approx(got["bits_per_token"], rel=1e-6)
+  assert row["calib_output_error"] == pytest.approx(report["calib_output_error"], rel=1e-6)
+  assert row["calib_output_error"]["gptq"] < row["calib_output_error"]["rtn"]
+  assert row["bits_per_byte"] != data["ptq_cells"]["rtn|uniform|2.5|0"]["bits_per_byte"]
