@@ -33,7 +33,7 @@ from moeqjax.train.metrics_log import read_metrics
 
 # Variant name -> what it is; the keys are metrics.json["variants"]'s.
 SWITCH_DEMO_VARIANTS = {
-    REFERENCE: "the span-corruption-pretrained teacher, no quantization",
+    REFERENCE: "the pretrained teacher (span corruption, or the pairs), no quantization",
     CONTROL: "the students' QAT objective, steps and batches at full precision "
              "(quant.expert_code=0), so extra training is not mistaken for a quantization gain",
     "rtn_ternary": "round-to-nearest ternary experts of the teacher (`ptq --method rtn`), no "
@@ -104,9 +104,12 @@ def run_switch_demo(config, workdir: str | pathlib.Path) -> dict:
                                    out=workdir / f"{MIXED}_allocation.json")
   variants[MIXED] = student(MIXED, config, np.asarray(allocation.codes_LxE))
 
-  batches = switch_phases.Seq2SeqData(config, cfg, corpus).eval_batches()
+  data = switch_phases.Seq2SeqData(config, cfg, corpus)
+  batches = data.eval_batches()
   results = timed("eval", switch_phases.evaluate_variants, config, variants, batches,
                   control=CONTROL)
+  if data.pairs is not None:  # summarization pairs: ROUGE of every variant, as `moeqjax eval`
+    timed("rouge", switch_phases.add_rouge, config, data, variants, results, control=CONTROL)
   serving = timed("serve", demo_sample, cfg, workdir, variants[SERVED], batches[0],
                   config.data.tokenizer)
   deploy = timed("deploy", deploy_check, workdir, serving, batches[0])
@@ -133,12 +136,17 @@ def run_switch_demo(config, workdir: str | pathlib.Path) -> dict:
 
 def demo_notes(config, results: dict, steps: dict) -> list[str]:
   n = results[REFERENCE]["eval_examples"]
+  pairs = switch_phases.pairs_path(config)
+  examples = (f"(source, target) pairs of {pairs} (sources cut or padded to "
+              f"{config.seq2seq.source_len}, targets to {config.seq2seq.target_len} tokens; the "
+              f"last data.valid_fraction held out)" if pairs else
+              f"span-corruption examples of {config.seq2seq.window} raw tokens (validation split)")
+  unit = "examples" if pairs else "windows"
   return [
       f"Evaluation: {results[REFERENCE]['eval_tokens']:,} held-out target tokens in {n} "
-      f"span-corruption examples of {config.seq2seq.window} raw tokens (validation split); Δs "
-      "and drifts are paired over those examples (± one standard error).",
-      f"Pretraining: {steps['pretrain_steps']} steps of {config.pretrain.batch_size} windows; QAT "
-      f"(control and students): {steps['qat_steps']} steps of {config.qat.batch_size} windows "
+      f"{examples}; Δs and drifts are paired over those examples (± one standard error).",
+      f"Pretraining: {steps['pretrain_steps']} steps of {config.pretrain.batch_size} {unit}; QAT "
+      f"(control and students): {steps['qat_steps']} steps of {config.qat.batch_size} {unit} "
       "from the teacher, on the training split.",
       "QAT continues training, so read the quantized rows against `control` (same objective, "
       "steps and batches, no quantization); `full_precision` is the teacher RTN starts from.",
@@ -221,6 +229,28 @@ def report_table(metrics: dict) -> list[str]:
   return lines
 
 
+def rouge_table(metrics: dict) -> list[str]:
+  """The ROUGE table of a demo on (source, target) pairs (none on span corruption)."""
+  rows = {name: r["rouge"] for name, r in metrics["variants"].items() if "rouge" in r}
+  if not rows:
+    return []
+  skipped = next((r["skipped"] for r in rows.values() if "skipped" in r), None)
+  if skipped:
+    return ["## ROUGE", "", f"Not scored: {skipped}", ""]
+  lines = ["## ROUGE", "",
+           f"Greedy summaries of {next(iter(rows.values()))['examples']} held-out pairs (at most "
+           "seq2seq.target_len tokens) against their references; Δ ± the standard error paired "
+           "over those examples.", "",
+           "| variant | ROUGE-1 | ROUGE-2 | ROUGE-Lsum | Lsum Δ vs teacher | Lsum Δ vs control |",
+           "|---|---|---|---|---|---|"]
+  for name, r in rows.items():
+    lines.append(
+        f"| `{name}` | {r['rouge1']:.4f} | {r['rouge2']:.4f} | {r['rougeLsum']:.4f} | "
+        f"{_pm(r.get('rougeLsum_delta_vs_teacher'), r.get('rougeLsum_delta_vs_teacher_se'))} | "
+        f"{_pm(r.get('rougeLsum_delta_vs_control'), r.get('rougeLsum_delta_vs_control_se'))} |")
+  return lines + [""]
+
+
 def write_switch_report(workdir: pathlib.Path, metrics: dict, curves: dict, config_text: str):
   """report.md, metrics.json and plots/ (training curves, the mixed student's bit map)."""
   plot_dir = workdir / "plots"
@@ -231,8 +261,9 @@ def write_switch_report(workdir: pathlib.Path, metrics: dict, curves: dict, conf
                      f"{MIXED}: expert codes (rows: sparse layers, encoder first)")
   (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
   s, ct = metrics["serving"], metrics["deploy"][SERVED]["compressed_tensors"]
-  lines = ["# moeqjax demo: Switch Transformer (encoder-decoder, span corruption)", "",
-           *report_table(metrics), "",
+  task = "summarization pairs" if rouge_table(metrics) else "span corruption"
+  lines = [f"# moeqjax demo: Switch Transformer (encoder-decoder, {task})", "",
+           *report_table(metrics), "", *rouge_table(metrics),
            *[f"- `{name}`: {text}" for name, text in metrics["descriptions"].items()], "",
            *[f"- {note}" for note in metrics["notes"]], "",
            f"- `{MIXED}` rows (sparse layers, encoder first): "
@@ -241,7 +272,8 @@ def write_switch_report(workdir: pathlib.Path, metrics: dict, curves: dict, conf
            f"`{s['variant']}` packed into `{s['folder']}`: {s['tensor_bytes']:,} tensor bytes, "
            f"expert tensors {s['expert_tensor_bytes']:,} bytes "
            f"({s['expert_bits_per_weight']:.3f} bits per weight with scales).", "",
-           f"Greedy span filling of the first held-out example from the packed folder "
+           f"Greedy {'summary' if task != 'span corruption' else 'span filling'} of the first "
+           "held-out example from the packed folder "
            f"({s['target_tokens_matched']} of {s['target_tokens']} target tokens matched, "
            f"{s['seconds']:.1f} s with compile):", "",
            "```", f"input:     {s['input']!r}", f"target:    {s['target']!r}",
@@ -260,9 +292,10 @@ def write_switch_report(workdir: pathlib.Path, metrics: dict, curves: dict, conf
 def format_demo_summary(metrics: dict, workdir: pathlib.Path) -> str:
   """The CLI's summary: the eval table, the sample and the deploy check."""
   s, ct = metrics["serving"], metrics["deploy"][SERVED]["compressed_tensors"]
+  sample = "summary" if any("rouge" in r for r in metrics["variants"].values()) else "span filling"
   return "\n".join([
       switch_phases.format_summary(metrics["variants"], workdir).rsplit("\n", 1)[0],
-      f"packed {s['variant']}: {s['tensor_bytes']:,} tensor bytes; greedy span filling of a "
+      f"packed {s['variant']}: {s['tensor_bytes']:,} tensor bytes; greedy {sample} of a "
       f"held-out example ({s['target_tokens_matched']}/{s['target_tokens']} target tokens):",
       f"  input:     {s['input']!r}", f"  target:    {s['target']!r}",
       f"  generated: {s['generated']!r}",

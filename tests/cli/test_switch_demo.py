@@ -74,3 +74,32 @@ def test_hf_dir_is_refused_in_one_line(tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert err.startswith("moeqjax: error:") and "\n" not in err and "drop --hf-dir" in err
   assert not (tmp_path / "demo").exists()
+
+
+def test_report_on_pairs_has_the_rouge_table(tmp_path):
+  """A demo on (text, summary) pairs: its report names the task and has every variant's ROUGE,
+  with the paired differences add_rouge wrote."""
+  rouge = lambda r1, d=None: {"rouge1": r1, "rouge2": r1 / 2, "rougeLsum": r1 - 0.01,
+                              "examples": 64, **({} if d is None else {
+                                  "rougeLsum_delta_vs_teacher": d,
+                                  "rougeLsum_delta_vs_teacher_se": 0.004})}
+  variants = {"full_precision": {**_row(3.5), "rouge": rouge(0.31)},
+              "qat_ternary": {**_row(3.45, -0.05), "rouge": rouge(0.29, -0.02)},
+              "qat_mixed": {**_row(3.41, -0.09), "rouge": rouge(0.30, -0.01)}}
+  metrics = {
+      "model_family": "switch", "unit": "target token", "descriptions": SWITCH_DEMO_VARIANTS,
+      "variants": variants, "notes": [], "timings_s": {"total": 2.0},
+      "serving": {"variant": "qat_ternary", "folder": "P", "tensor_bytes": 1000,
+                  "expert_tensor_bytes": 100, "expert_bits_per_weight": 2.25, "input": "a",
+                  "target": "b", "generated": "c", "target_tokens_matched": 0,
+                  "target_tokens": 1, "seconds": 0.5},
+      "deploy": {"qat_ternary": {"compressed_tensors": {"file": None, "note": "not written"}}}}
+  write_switch_report(tmp_path, metrics, {"pretrain": []}, "{}")
+  report = (tmp_path / "report.md").read_text()
+  assert report.startswith("# moeqjax demo: Switch Transformer (encoder-decoder, summarization")
+  assert "| `qat_ternary` | 0.2900 | 0.1450 | 0.2800 | -0.0200 ± 0.0040 | – |" in report
+  assert "Greedy summaries of 64 held-out pairs" in report
+  metrics["variants"] = {k: {**v, "rouge": {"skipped": "needs rouge-score"}}
+                         for k, v in variants.items()}
+  write_switch_report(tmp_path, metrics, {"pretrain": []}, "{}")
+  assert "Not scored: needs rouge-score" in (tmp_path / "report.md").read_text()
