@@ -22,6 +22,8 @@ measured figures; tests/cli/test_switch_pipeline.py runs the same commands at a 
 
 import ml_collections
 
+from moeqjax.train.mesh import DEFAULT_RULES
+
 VOCAB_BYTES = 256  # UTF-8 bytes are token ids 0..255
 NUM_SENTINELS = 64  # T5 sentinels <extra_id_0..63>: the top 64 ids, 319 down to 256
 
@@ -163,6 +165,14 @@ def get_config():
   # On: e.g. --config.realloc.every=50 --config.realloc.budget=2.5 (the sparse layers' codes).
   c.realloc = ml_collections.ConfigDict(dict(every=0, method="paper_combined", budget=2.5,
                                              budget_unit="code_bits", seed=0, levels=()))
+
+  # Device mesh of pretrain / qat (as configs/tiny.py's): axis sizes (-1 = the devices left over)
+  # and the logical-axis rules; e.g. --config.mesh.data=2 --config.mesh.expert=4 on 8 devices
+  # splits the batch and the experts (GSPMD's collectives; evaluation runs on one device).
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, expert=1, tensor=1,
+      logical_axis_rules=DEFAULT_RULES,
+  ))
 
   # `moeqjax demo` only (pipeline/switch_demo.py): steps that replace pretrain.steps and
   # qat.steps in the demo alone, so that it finishes in minutes; 0 keeps the section's steps.

@@ -179,3 +179,11 @@ def switch_param_shapes(cfg: SwitchConfig):
   ids = jnp.zeros((1, 4), jnp.int32)
   abstract = jax.eval_shape(SwitchTransformer(cfg).init, jax.random.key(0), ids, ids)
   return nn.meta.unbox(abstract)["params"]
+
+
+def switch_param_axes(cfg: SwitchConfig):
+  """Logical axis names of every parameter (a pytree of PartitionSpec of logical names), as
+  transformer.param_axes gives them for the decoder-only model."""
+  ids = jnp.zeros((1, 8), jnp.int32)
+  abstract = jax.eval_shape(SwitchTransformer(cfg).init, jax.random.key(0), ids, ids)
+  return nn.get_partition_spec(abstract)["params"]

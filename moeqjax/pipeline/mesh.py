@@ -23,23 +23,31 @@ def _several_devices(config, devices):
   return None if len(devices) == 1 else (mesh_cfg, devices)
 
 
+def _model_config(config):
+  """The config's ModelConfig, or SwitchConfig for a Switch config."""
+  if config_io.is_switch(config):
+    return config_io.switch_config(config)
+  return config_io.model_config(config)
+
+
 def run_placement(config, abstract_state, batch_size: int, devices=None) -> Placement | None:
-  """The placement of a pretrain/QAT run, or None on one device (today's unsharded path)."""
+  """The placement of a pretrain/QAT run (either model family), or None on one device (today's
+  unsharded path)."""
   several = _several_devices(config, devices)
   if several is None:
     return None
   mesh_cfg, devices = several
-  return placement(mesh_cfg, config_io.model_config(config), abstract_state, batch_size, devices)
+  return placement(mesh_cfg, _model_config(config), abstract_state, batch_size, devices)
 
 
 def sharded_template(config, abstract_state):
   """`abstract_state` with each leaf's sharding on this run's mesh, so that orbax restores every
   array straight into its shards; unchanged on one device."""
-  if jax.device_count() == 1 or config_io.is_switch(config):  # Switch runs on one device
+  if jax.device_count() == 1:
     return abstract_state
   mesh_cfg = config_io.mesh_config(config)
   # The batch does not matter for a restore: 0 rows split over any mesh.
-  place = placement(mesh_cfg, config_io.model_config(config), abstract_state, 0)
+  place = placement(mesh_cfg, _model_config(config), abstract_state, 0)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract_state, place.state)
 

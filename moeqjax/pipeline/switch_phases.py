@@ -45,10 +45,12 @@ from moeqjax.objectives.seq2seq import STACKS
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
 from moeqjax.pipeline import runs
+from moeqjax.pipeline.mesh import run_placement
 from moeqjax.pipeline.ptq_calib import CalibBatch, model_hessians
 from moeqjax.pipeline.workdirs import finished_state, record_config
 from moeqjax.train import (TrainState, batch_arrays, create_state, jit_seq2seq_step,
                            make_optimizer, run_training)
+from moeqjax.train.sharding import init_sharded
 
 PRETRAIN_SECTIONS = ("model", "data", "seq2seq", "pretrain", "eval")
 STUDENT_SECTIONS = ("model", "quant", "data", "seq2seq", "qat", "loss", "eval")
@@ -209,6 +211,25 @@ def _jitted_step(cfg, optim, weights):
   return jit_seq2seq_step(SwitchTransformer(cfg), make_optimizer(optim), weights)
 
 
+def _placed(config, cfg, build, batch_size: int, *args):
+  """(the state build(*args) makes, its Placement): on one device build's state and None; on
+  several, the config's mesh (pipeline.mesh.run_placement) and the state created in its
+  shardings."""
+  place = run_placement(config, jax.eval_shape(build, *args), batch_size)
+  if place is None:
+    return build(*args), None
+  return init_sharded(build, place.state, *args), place
+
+
+def _step_for(cfg, optim, weights, place):
+  """The compiled step: shared by runs of one (model, optimizer, objective) on one device
+  (_compiled_step), compiled for the placement's mesh on several."""
+  if place is None:
+    return _compiled_step(cfg, optim, weights)
+  return jit_seq2seq_step(SwitchTransformer(cfg), make_optimizer(optim), weights,
+                          placement=place)
+
+
 def pretrain(config, workdir: pathlib.Path, corpus: TokenCorpus, *, resume: bool) -> TrainState:
   """Full-precision span-corruption pretraining of the teacher; reuses a finished run."""
   workdir = pathlib.Path(workdir)
@@ -218,14 +239,15 @@ def pretrain(config, workdir: pathlib.Path, corpus: TokenCorpus, *, resume: bool
   record_config(workdir, *_record(config, PRETRAIN_SECTIONS))
   tx = make_optimizer(optim)
   params = without_ratios(init_switch(cfg, jax.random.key(loop.seed))[1])
-  state = create_state(params, tx, None)
+  state, place = _placed(config, cfg, lambda p: create_state(p, tx, None), loop.batch_size,
+                         params)
   done = finished_state(workdir, state, loop.steps)
   if done is not None:
     return done
   weights = LossWeights(rec=0, kd=0, value=0, struct=0, lb=config.loss.lb, z=config.loss.z)
-  step_fn = _compiled_step(cfg, optim, weights)
+  step_fn = _step_for(cfg, optim, weights, place)
   return run_training(state, step_fn, None, loop, workdir, resume=resume, desc="pretrain",
-                      batches=data.train_batches(loop))
+                      batches=data.train_batches(loop), placement=place)
 
 
 def qat(config, workdir: pathlib.Path, corpus: TokenCorpus, teacher_params, *,
@@ -255,17 +277,20 @@ def qat(config, workdir: pathlib.Path, corpus: TokenCorpus, teacher_params, *,
   tx = make_optimizer(optim)
   teacher = without_ratios(teacher_params)
   start = init_ratios(cfg, teacher if init_from is None else init_from[1], quant)
-  state = create_state(jax.tree.map(jnp.copy, start), tx, None, quant=quant,
-                       teacher_params=jax.tree.map(jnp.copy, teacher))
+  # Separate buffers: the state is donated.
+  build = lambda student, codes, fixed: create_state(
+      jax.tree.map(jnp.copy, student), tx, None, quant=codes,
+      teacher_params=jax.tree.map(jnp.copy, fixed))
+  state, place = _placed(config, cfg, build, loop.batch_size, start, quant, teacher)
   done = finished_state(workdir, state, loop.steps)
   if done is not None:
     return done
   desc = workdir.name if "qat" in workdir.name else f"qat {workdir.name}"
-  step_fn = _compiled_step(cfg, optim, weights)
+  step_fn = _step_for(cfg, optim, weights, place)
   if realloc is not None:
     step_fn = progressive_step(step_fn, config, realloc)
   return run_training(state, step_fn, None, loop, workdir, resume=resume, desc=desc,
-                      batches=data.train_batches(loop))
+                      batches=data.train_batches(loop), placement=place)
 
 
 def progressive_step(step_fn, config, realloc, log=None):

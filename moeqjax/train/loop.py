@@ -140,7 +140,8 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray | None
       (orbax multi-host) and process 0 alone writes metrics.jsonl and the progress bar.
     batches: instead of windows of `tokens`, the batch of each step: batches(step) -> what
       step_fn takes (e.g. a seq2seq batch dict); it must be a pure function of the step, so that
-      a resumed run sees the same batches. Single device only (no placement).
+      a resumed run sees the same batches. On a mesh every array of it is split by rows, and each
+      process keeps its block of the global batch's rows.
 
   Returns:
     The final state (checkpointed).
@@ -152,8 +153,6 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray | None
   """
   if (batches is None) == (tokens is None):
     raise ValueError("run_training takes either a token stream or a batches(step) function")
-  if batches is not None and placement is not None:
-    raise ValueError("run_training: a batches(step) function runs on one device (no placement)")
   workdir = pathlib.Path(workdir)
   ckpt = Checkpointer(workdir / "ckpt", loop.ckpt_every)
   latest = ckpt.latest_step()
@@ -176,12 +175,15 @@ def run_training(state: TrainState, step_fn: Callable, tokens: np.ndarray | None
                                      dynamic_ncols=True, leave=True, disable=not primary) as bar:
       for step in range(start, loop.steps):
         # The global batch is a function of (seed, step) alone, whatever the process count.
-        if batches is not None:
+        if batches is not None:  # the global batch; this process keeps its block of rows
           batch = batches(step)
+          if placement is not None:
+            block = loop.batch_size // rows[1]
+            batch = jax.tree.map(lambda a: a[rows[0] * block:(rows[0] + 1) * block], batch)
         else:
           batch = sample_batch(tokens, loop.batch_size, loop.seq_len, loop.seed, step, *rows)
         if placement is not None:
-          batch = placement.put_process_rows(batch, loop.batch_size)
+          batch = jax.tree.map(lambda a: placement.put_process_rows(a, loop.batch_size), batch)
         state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
         metrics = to_python(jax.device_get(metrics))
         loss = metrics["train/loss"]

@@ -21,11 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from moeqjax.model import SwitchTransformer
 from moeqjax.model.capacity import real_token_drop_rate
 from moeqjax.objectives import LossWeights, seq2seq_loss_terms, total_loss
 from moeqjax.objectives.seq2seq import STACKS
+from moeqjax.train.mesh import traced_in_mesh
 from moeqjax.train.optim import apply_gradients
 from moeqjax.train.step import step_metrics
 from moeqjax.train.router_stats import update_router_stats
@@ -125,12 +127,19 @@ def seq2seq_train_step(state: TrainState, batch, rng, *, model: SwitchTransforme
 
 
 def jit_seq2seq_step(model: SwitchTransformer, tx: optax.GradientTransformation,
-                     weights: LossWeights, collect_stats: bool = True):
+                     weights: LossWeights, collect_stats: bool = True, placement=None):
   """seq2seq_train_step compiled once for this model/optimizer/objective, with the state donated.
 
   The `quant` codes are data, so a new allocation (train.with_quant) reuses the compiled step.
-  (No mesh placement yet: single device.)
+  With a `placement` (moeqjax.train.sharding.Placement) the step is compiled for its mesh as the
+  decoder-only jit_train_step is: the state keeps its shardings, every array of the batch dict
+  comes split by rows, the metrics come back replicated, and GSPMD inserts the collectives.
   """
   fn = functools.partial(seq2seq_train_step, model=model, tx=tx, weights=weights,
                          collect_stats=collect_stats)
-  return jax.jit(fn, donate_argnums=0)
+  if placement is None:
+    return jax.jit(fn, donate_argnums=0)
+  rep = NamedSharding(placement.mesh, PartitionSpec())
+  return jax.jit(traced_in_mesh(fn, placement.mesh),
+                 in_shardings=(placement.state, placement.batch, rep),
+                 out_shardings=(placement.state, rep), donate_argnums=0)

@@ -7,7 +7,8 @@ import dataclasses
 import jax
 from jax.sharding import Mesh, NamedSharding
 
-from moeqjax.model import ModelConfig, init_model, without_ratios
+from moeqjax.model import ModelConfig, SwitchConfig, init_model, without_ratios
+from moeqjax.model.switch import switch_param_axes
 from moeqjax.model.transformer import param_axes
 from moeqjax.train import mesh as mesh_lib
 from moeqjax.train.state import TrainState
@@ -87,13 +88,19 @@ def state_shardings(model_shardings, mesh: Mesh, abstract_state: TrainState) -> 
       stats=replicate(abstract_state.stats))
 
 
-def placement(config: mesh_lib.MeshConfig, cfg: ModelConfig, abstract_state: TrainState,
+def model_param_axes(cfg):
+  """Logical axes of every param of either model family (a ModelConfig or a SwitchConfig)."""
+  return switch_param_axes(cfg) if isinstance(cfg, SwitchConfig) else param_axes(cfg)
+
+
+def placement(config: mesh_lib.MeshConfig, cfg, abstract_state: TrainState,
               batch_size: int, devices=None) -> Placement:
   """The mesh over `devices` and the shardings of this state and batch, after checking that the
-  mesh fits the devices, the model's parameter shapes and the global batch."""
+  mesh fits the devices, the model's parameter shapes and the global batch. `cfg`: a ModelConfig
+  or a SwitchConfig (every leaf of a seq2seq batch dict is split by rows alike)."""
   devices = jax.devices() if devices is None else list(devices)
   sizes = config.sizes(len(devices))
-  axes = param_axes(cfg)
+  axes = model_param_axes(cfg)
   mesh_lib.check_params(config, sizes, abstract_state.params, axes)
   mesh_lib.check_batch(config, sizes, batch_size)
   mesh = mesh_lib.make_mesh(config, devices)

@@ -308,6 +308,108 @@ def moves(tmp, live):
   return out
 
 
+# A Switch Transformer (encoder-decoder, top-1 routing with Switch's expert capacity) on meshes vs
+# one device: the seq2seq QAT step, then the pipeline's own pretrain + qat on a mesh.
+SWITCH_MESHES = [dict(data=2, expert=4), dict(data=4, tensor=2)]
+
+
+def _switch_cfg():
+  from moeqjax.model import SwitchConfig
+  return SwitchConfig(vocab_size=64, d_model=32, d_kv=8, num_heads=4, d_ff=32, num_layers=2,
+                      num_decoder_layers=1, num_sparse_encoder_layers=1,
+                      num_sparse_decoder_layers=1, num_experts=8, expert_capacity=3,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                      router_jitter=0.0, quant=QuantRules(expert_code=1, granularity="channel"))
+
+
+def _switch_batch(step):
+  r = np.random.default_rng(step)
+  dec = r.integers(1, 64, (BATCH, 5))
+  mask = np.ones((BATCH, 9), bool)
+  mask[::3, 6:] = False  # padded sources
+  return {"encoder_ids": r.integers(1, 64, (BATCH, 9)).astype(np.int32),
+          "decoder_ids": dec.astype(np.int32),
+          "targets": np.roll(dec, -1, axis=1).astype(np.int32),
+          "target_mask": np.ones((BATCH, 5), bool), "encoder_mask": mask}
+
+
+def switch_run(mesh_cfg):
+  """3 seq2seq QAT steps from one teacher (mixed codes, every objective term): (metrics, state)."""
+  from moeqjax.model import default_quant, init_switch, SwitchTransformer
+  from moeqjax.train import jit_seq2seq_step
+  cfg = _switch_cfg()
+  _, teacher, _ = init_switch(cfg, jax.random.key(0))
+  quant = set_expert_codes(default_quant(cfg), np.asarray([[1, 2, 4, 8, 0, 3, 1, 2],
+                                                           [2, 1, 3, 0, 8, 4, 1, 1]]))
+  tx = make_optimizer(OPTIM)
+  build = lambda s, q, f: create_state(jax.tree.map(jnp.copy, s), tx, None, quant=q,
+                                       teacher_params=f)
+  place = None
+  if mesh_cfg is None:
+    state = jax.jit(build)(teacher, quant, teacher)
+  else:
+    place = placement(mesh_cfg, cfg, jax.eval_shape(build, teacher, quant, teacher), BATCH)
+    state = init_sharded(build, place.state, teacher, quant, teacher)
+  step = jit_seq2seq_step(SwitchTransformer(cfg), tx, WEIGHTS, placement=place)
+  history = []
+  for i in range(STEPS):
+    batch = _switch_batch(i)
+    if place is not None:
+      batch = place.put_batch(batch)
+    state, metrics = step(state, batch, jax.random.key(i))
+    history.append({k: float(v) for k, v in metrics.items()})
+  return history, state
+
+
+def switch_pipeline(tmp):
+  """`moeqjax pretrain` and `qat` of a tiny Switch config on the 8 devices (mesh data=2 x
+  expert=4): the runs finish, and the state's experts are split over the expert axis."""
+  from moeqjax.cli import main as cli_main
+  from moeqjax.pipeline import switch_phases
+  from moeqjax.pipeline.config import load_config
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  sys.path.insert(0, str(repo / "tests"))
+  from switch_micro import micro_config  # pylint: disable=import-outside-toplevel
+  (tmp / "switch.py").write_text(micro_config(3, 2))
+  mesh = ["--config.mesh.data=2", "--config.mesh.expert=4", "--config.model.num_experts=8",
+          "--config.pretrain.warmup_steps=1", "--config.qat.warmup_steps=1"]
+  rcs = [cli_main(["pretrain", "--config", str(tmp / "switch.py"), "--workdir",
+                   str(tmp / "sw_pre"), *mesh])]
+  rcs.append(cli_main(["qat", "--teacher", str(tmp / "sw_pre"), "--workdir", str(tmp / "sw_qat")]))
+  from moeqjax.pipeline.workdirs import load_data
+  config = load_config(tmp / "switch.py")
+  with config.unlocked():
+    config.mesh.data, config.mesh.expert, config.model.num_experts = 2, 4, 8
+    config.pretrain.warmup_steps = 1
+  # The finished run, restored into its shardings on this mesh.
+  teacher = switch_phases.pretrain(config, tmp / "sw_pre", load_data(config), resume=True)
+  w_in = teacher.params["encoder"]["layers_0"]["moe"]["w_in"]
+  metrics = [json.loads(line) for line in (tmp / "sw_qat" / "metrics.jsonl").read_text().splitlines()]
+  return {"rcs": rcs, "w_in_global": list(w_in.shape),
+          "w_in_shard": list(w_in.addressable_shards[0].data.shape),
+          "qat_losses": [m["train/loss"] for m in metrics]}
+
+
+def switch_on_meshes(tmp):
+  ref_hist, ref_state = switch_run(None)
+  ref_state = jax.device_get(ref_state)
+  out = []
+  for sizes in SWITCH_MESHES:
+    hist, state = switch_run(MeshConfig(**sizes))
+    got = jax.device_get(state)
+    # Per param: how many elements are off by more than 1e-5 of the param's scale (see the test).
+    off = {jax.tree_util.keystr(path): int(np.sum(
+        np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+        > 1e-5 * max(np.max(np.abs(np.asarray(b, np.float64))), 1e-30)))
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got.params),
+                                jax.tree.leaves(ref_state.params))}
+    out.append({"sizes": sizes, **compare((ref_hist, ref_state), (hist, got)), "params_off": off,
+                "w_in_shard": list(state.params["encoder"]["layers_1"]["moe"]["w_in"]
+                                   .addressable_shards[0].data.shape),
+                "drop_rate": [h.get("train/drop_rate") for h in hist]})
+  return {"steps": out, "pipeline": switch_pipeline(tmp)}
+
+
 def main():
   t0 = time.perf_counter()
   results, refs = [], {}
@@ -347,7 +449,8 @@ def main():
   print(json.dumps({"devices": len(jax.devices()), "seconds": time.perf_counter() - t0,
                     "results": results, "moves": moved, "ep_blocks": ep,
                     "ep_seconds": ep_seconds, "ep_errors": ep_errors(),
-                    "ep_capacity": ep_capacity(), "eval": eval_on_meshes()}))
+                    "ep_capacity": ep_capacity(), "eval": eval_on_meshes(),
+                    "switch": switch_on_meshes(pathlib.Path(sys.argv[1]))}))
 
 
 if __name__ == "__main__":

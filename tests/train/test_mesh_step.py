@@ -199,3 +199,35 @@ def test_evaluation_on_a_mesh_equals_one_device(mesh_out):
     assert {"student.expert_load", "student.expert_bytes", "student.eval_tokens"} <= set(r["equal"])
     assert r["student_topk_agree"] < 1.0, where  # the student routes differently somewhere
   assert seen == {("mixtral", "ep"), ("mixtral", "ragged"), ("qwen2moe", "ep")}
+
+
+# A Switch Transformer's sharded step: one element of an int4 expert's w_out moved by 4.2e-5 of the
+# param's scale after 3 steps (1 of 1,024; identical after step 1), the other 1,023 within 1e-7. As
+# for the key biases above, Adam scales a gradient that is a difference of nearly equal sums to a
+# step of about the learning rate, so the summation order a sharded reduction changes shows there.
+# Such elements are counted: at most 2 per param may exceed RTOL, by at most RTOL_ADAM.
+RTOL_ADAM = 2e-4
+
+
+def test_switch_sharded_steps_equal_single_device_and_the_pipeline_runs_on_a_mesh(mesh_out):
+  """The seq2seq QAT step (every objective term, Switch's capacity, padded sources, mixed codes) on
+  data=2 x expert=4 and data=4 x tensor=2 equals the single-device step; `moeqjax pretrain` and
+  `qat` of a Switch config run on the mesh their config names, experts split over its expert axis."""
+  out = mesh_out["switch"]
+  assert [s["sizes"] for s in out["steps"]] == [dict(data=2, expert=4), dict(data=4, tensor=2)]
+  for s in out["steps"]:
+    where = s["sizes"]
+    for key, err in s["metrics"].items():
+      assert err <= RTOL, (where, key, err)
+    for key, err in s["stats"].items():
+      assert err <= RTOL, (where, key, err)
+    for path, err in s["params"].items():
+      assert err <= RTOL_ADAM and s["params_off"][path] <= 2, (where, path, err)
+    assert sum(s["params_off"].values()) <= 4, where
+    assert min(s["drop_rate"]) > 0  # the capacity dropped tokens: the per-sequence rule ran
+  # experts split 4 ways on the expert axis (8 experts -> 2 a shard); tensor=2 splits their mlp
+  assert out["steps"][0]["w_in_shard"] == [2, 32, 32] and out["steps"][1]["w_in_shard"] == [8, 32, 16]
+  pipe = out["pipeline"]
+  assert pipe["rcs"] == [0, 0] and pipe["w_in_global"] == [8, 32, 64]
+  assert pipe["w_in_shard"] == [2, 32, 64]  # restored into the config's mesh
+  assert len(pipe["qat_losses"]) >= 1 and all(np.isfinite(pipe["qat_losses"]))
