@@ -544,7 +544,7 @@ def run(argv: list[str]) -> int:
 
 
 def _print_summary(metrics: dict, workdir: pathlib.Path):
-  from moeqjax.eval.report import capacity_note
+  from moeqjax.pipeline.evaluate import capacity_note
   unit = metrics.get("unit", "token")
   print(f"\n{'variant':16s} {'bits/' + unit:>12s} {'expert b/w':>10s} {'top-k agree':>11s} "
         f"{'top-1 agree':>11s}")

@@ -18,6 +18,7 @@ from moeqjax.pipeline.workdirs import (finished_state, load_data, recorded_exper
                                        state_template)
 from moeqjax.data import eval_windows
 from moeqjax.eval import evaluate_variants
+from moeqjax.eval.report import capacity_note  # the CLI (pipeline modules only) prints it  # noqa: F401
 
 
 class UnfinishedRun(config_io.ConfigError):
