@@ -265,6 +265,16 @@ def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path, m
   return result
 
 
+def init_from_student(config, init_from, codes):
+  """(qat's init_from, codes) for `qat --init-from PTQ_DIR`: (its absolute path, its student's
+  params) and the PTQ student's codes unless an allocation already gave `codes`; (None, codes)
+  without --init-from. Either model family."""
+  if init_from is None:
+    return None, codes
+  params, ptq_codes = ptq_student(config, pathlib.Path(init_from))
+  return (str(pathlib.Path(init_from).absolute()), params), (ptq_codes if codes is None else codes)
+
+
 def ptq_student(config, ptq_dir: pathlib.Path):
   """(params, codes [L, E]) of a finished `moeqjax ptq` workdir made with this model and quant config
   (either model family: a Switch run's rows are its sparse layers, encoder first).

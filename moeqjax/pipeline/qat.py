@@ -17,7 +17,7 @@ from moeqjax.model import (MoETransformer, default_quant, init_ratios, set_exper
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import import_hf
 from moeqjax.pipeline.mesh import run_placement
-from moeqjax.pipeline.ptq import ptq_student
+from moeqjax.pipeline.ptq import init_from_student
 from moeqjax.pipeline.workdirs import finished_state, record_config, teacher_inputs
 from moeqjax.train import (TrainState, create_state, jit_train_step, make_optimizer,
                            run_training)
@@ -179,11 +179,7 @@ def qat_from_teacher(config, workdir: pathlib.Path, teacher_dir: pathlib.Path,
         f"--allocation {allocation_path} holds per-projection codes (allocate --target gguf), "
         "which re-allocation (realloc.every > 0) would replace by per-expert ones; set "
         "--config.realloc.every=0")
-  start = None
-  if init_from is not None:
-    start_params, start_codes = ptq_student(config, pathlib.Path(init_from))
-    start = (str(pathlib.Path(init_from).absolute()), start_params)
-    codes = start_codes if codes is None else codes
+  start, codes = init_from_student(config, init_from, codes)
   state = qat(config, workdir, corpus, params, expert_codes_LxE=codes, resume=resume,
               realloc=realloc, init_from=start,
               provenance={"teacher": str(pathlib.Path(teacher_dir).absolute())})

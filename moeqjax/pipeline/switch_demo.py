@@ -229,6 +229,11 @@ def report_table(metrics: dict) -> list[str]:
   return lines
 
 
+def _on_pairs(metrics: dict) -> bool:
+  """Whether the demo ran on (source, target) pairs: its variants then carry ROUGE."""
+  return any("rouge" in r for r in metrics["variants"].values())
+
+
 def rouge_table(metrics: dict) -> list[str]:
   """The ROUGE table of a demo on (source, target) pairs (none on span corruption)."""
   rows = {name: r["rouge"] for name, r in metrics["variants"].items() if "rouge" in r}
@@ -261,7 +266,7 @@ def write_switch_report(workdir: pathlib.Path, metrics: dict, curves: dict, conf
                      f"{MIXED}: expert codes (rows: sparse layers, encoder first)")
   (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
   s, ct = metrics["serving"], metrics["deploy"][SERVED]["compressed_tensors"]
-  task = "summarization pairs" if rouge_table(metrics) else "span corruption"
+  task = "summarization pairs" if _on_pairs(metrics) else "span corruption"
   lines = [f"# moeqjax demo: Switch Transformer (encoder-decoder, {task})", "",
            *report_table(metrics), "", *rouge_table(metrics),
            *[f"- `{name}`: {text}" for name, text in metrics["descriptions"].items()], "",
@@ -292,7 +297,7 @@ def write_switch_report(workdir: pathlib.Path, metrics: dict, curves: dict, conf
 def format_demo_summary(metrics: dict, workdir: pathlib.Path) -> str:
   """The CLI's summary: the eval table, the sample and the deploy check."""
   s, ct = metrics["serving"], metrics["deploy"][SERVED]["compressed_tensors"]
-  sample = "summary" if any("rouge" in r for r in metrics["variants"].values()) else "span filling"
+  sample = "summary" if _on_pairs(metrics) else "span filling"
   return "\n".join([
       switch_phases.format_summary(metrics["variants"], workdir).rsplit("\n", 1)[0],
       f"packed {s['variant']}: {s['tensor_bytes']:,} tensor bytes; greedy {sample} of a "

@@ -316,20 +316,26 @@ def qat_from_teacher(config, workdir, teacher_dir, allocation_path, *, resume: b
   """`moeqjax qat` on a Switch config: the teacher's params, the data, an optional allocation.
 
   With `init_from` (a `moeqjax ptq` workdir) the student starts from that PTQ student, at its codes
-  unless an allocation is given (ptq.ptq_student, as for a decoder-only run)."""
-  from moeqjax.pipeline.ptq import ptq_student
+  unless an allocation is given (ptq.init_from_student, as for a decoder-only run)."""
+  from moeqjax.pipeline.ptq import init_from_student
   from moeqjax.pipeline.workdirs import teacher_inputs
   params, corpus, codes = teacher_inputs(config, teacher_dir, allocation_path)
-  start = None
-  if init_from is not None:
-    start_params, start_codes = ptq_student(config, pathlib.Path(init_from))
-    start = (str(pathlib.Path(init_from).absolute()), start_params)
-    codes = start_codes if codes is None else codes
+  start, codes = init_from_student(config, init_from, codes)
   state = qat(config, workdir, corpus, params, expert_codes_LxE=codes, resume=resume,
               init_from=start, realloc=realloc,
               provenance={"teacher": str(pathlib.Path(teacher_dir).absolute())})
   import_hf.keep_hf_config(teacher_dir, workdir)  # an imported teacher's config.json, for export
   return state
+
+
+def switch_hessians(config, cfg, corpus, teacher, num_batches: int):
+  """GPTQ's per-expert Hessians of the teacher over the QAT phase's first `num_batches` training
+  batches (Seq2SeqData: span corruption or pairs; qat.batch_size and qat.seed), padding left out."""
+  data, loop = Seq2SeqData(config, cfg, corpus), config.qat
+  batches = (calib_batch(data.batch("train", loop.batch_size, loop.seed, step))
+             for step in range(num_batches))
+  return model_hessians(SwitchTransformer(cfg), cfg.moe_config(), teacher, batches,
+                        num_batches=num_batches, progress=True)
 
 
 def calib_batch(batch):
@@ -374,11 +380,7 @@ def ptq_from_teacher(config, workdir: pathlib.Path, teacher_dir, method: str, al
     return done
   report = {"method": method, "expert_codes": codes.tolist()}
   if method == "gptq":
-    data = Seq2SeqData(config, cfg, corpus)
-    batches = (calib_batch(data.batch("train", loop.batch_size, loop.seed, step))
-               for step in range(calib_batches))
-    hessians = model_hessians(SwitchTransformer(cfg), cfg.moe_config(), teacher, batches,
-                              num_batches=calib_batches, progress=True)
+    hessians = switch_hessians(config, cfg, corpus, teacher, calib_batches)
     params = ptq_mod.gptq_student(cfg, params, hessians, codes, report)
   return ptq_mod.save_ptq(workdir, build(jax.tree.map(jnp.copy, params)), report)
 

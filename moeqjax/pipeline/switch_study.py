@@ -30,7 +30,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import pathlib
@@ -45,13 +44,12 @@ from moeqjax.alloc import allocation as alloc_mod
 from moeqjax.eval import evaluate_seq2seq
 from moeqjax.eval.paired import paired_difference
 from moeqjax.eval.routing_metrics import routing_agreement
-from moeqjax.model import (SwitchTransformer, default_quant, init_ratios, set_expert_codes,
-                           without_ratios)
+from moeqjax.model import default_quant, init_ratios, set_expert_codes, without_ratios
 from moeqjax.objectives.seq2seq import STACKS
 from moeqjax.pipeline import config as config_io
 from moeqjax.pipeline import switch_phases
 from moeqjax.pipeline.ptq import gptq_experts
-from moeqjax.pipeline.ptq_calib import model_hessians
+from moeqjax.pipeline.study_ptq import row_config
 from moeqjax.pipeline.study import _Store, slice_corpus  # pylint: disable=protected-access
 from moeqjax.pipeline.study_report import METHOD_LABELS, _lambda_noise_lines, _pm, _winner_line
 from moeqjax.pipeline.study_summary import summarize
@@ -153,21 +151,10 @@ def quantized(cfg, teacher, codes) -> dict:
 def gptq_quantized(cfg, teacher, hessians, codes) -> tuple[object, dict, dict]:
   """(the GPTQ row's config, variables, GPTQ's report): the teacher's experts by GPTQ at `codes`
   (pipeline.ptq.gptq_experts, shared with `moeqjax ptq`); the config stores GPTQ's ratios."""
-  row_cfg = cfg.replace(quant=dataclasses.replace(cfg.quant, stored_ratio=True))
+  row_cfg = row_config(cfg, GPTQ)
   quant = set_expert_codes(default_quant(row_cfg), np.asarray(codes, np.int32))
   params, report = gptq_experts(row_cfg, init_ratios(row_cfg, teacher, quant), hessians, codes)
   return row_cfg, {"params": params, "quant": quant}, report
-
-
-def _calibration(config, cfg, task, teacher, num_batches: int):
-  """GPTQ's per-expert Hessians of the teacher: the QAT phase's first `num_batches` training
-  batches of the task slice (switch_phases' calibration, padding left out)."""
-  data = switch_phases.Seq2SeqData(config, cfg, task)
-  loop = config.qat
-  batches = (switch_phases.calib_batch(data.batch("train", loop.batch_size, loop.seed, step))
-             for step in range(num_batches))
-  return model_hessians(SwitchTransformer(cfg), cfg.moe_config(), teacher, batches,
-                        num_batches=num_batches, progress=True)
 
 
 def paper_vs_others(data: dict) -> dict:
@@ -302,7 +289,8 @@ def run_switch_study(config, workdir: pathlib.Path, *, quick: bool, config_path:
       report = {}
       if p == GPTQ:
         if hessians is None:
-          hessians = _calibration(config, cfg, task, teacher, st["ptq_calib_batches"])
+          hessians = switch_phases.switch_hessians(config, cfg, task, teacher,
+                                                   st["ptq_calib_batches"])
         row_cfg, variables, report = gptq_quantized(cfg, teacher, hessians, a.codes_LxE)
       else:
         row_cfg, variables = cfg, quantized(cfg, teacher, a.codes_LxE)
